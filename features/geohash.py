@@ -1,0 +1,152 @@
+"""Geohash encoding, decoding and neighbour cells, vectorised over numpy arrays.
+
+A geohash of precision p interleaves 5p bits, longitude first: ceil(5p/2) longitude bits and
+floor(5p/2) latitude bits, each the binary expansion of the coordinate within its range. Working on
+the integer cell coordinates (not on strings) makes neighbours exact: a neighbour is the cell whose
+integer longitude/latitude differs by one, with longitude wrapping around the antimeridian.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BASE32 = "0123456789bcdefghjkmnpqrstuvwxyz"
+_BASE32_BYTES = np.frombuffer(BASE32.encode(), dtype=np.uint8)
+_DECODE = np.full(256, 255, dtype=np.uint8)
+_DECODE[_BASE32_BYTES] = np.arange(32, dtype=np.uint8)
+
+EARTH_RADIUS_M = 6_371_000.0
+
+# Offsets (dlon, dlat) of the 8 neighbours, clockwise from north.
+NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = (
+    (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1),
+)
+
+
+def _bit_split(precision: int) -> tuple[int, int]:
+    if not 1 <= precision <= 12:
+        raise ValueError(f"geohash precision must be in 1..12, got {precision}")
+    bits = 5 * precision
+    return (bits + 1) // 2, bits // 2
+
+
+def _spread(v: np.ndarray, nbits: int) -> np.ndarray:
+    """Place bit i of v (MSB first among nbits) at even positions 2*i of a 2*nbits-bit word."""
+    out = np.zeros_like(v)
+    for i in range(nbits):
+        out |= ((v >> i) & 1) << (2 * i)
+    return out
+
+
+def _gather(code: np.ndarray, nbits: int, offset: int) -> np.ndarray:
+    out = np.zeros_like(code)
+    for i in range(nbits):
+        out |= ((code >> (2 * i + offset)) & 1) << i
+    return out
+
+
+def _cells_to_code(lon_cell: np.ndarray, lat_cell: np.ndarray, precision: int) -> np.ndarray:
+    lon_bits, lat_bits = _bit_split(precision)
+    bits = lon_bits + lat_bits
+    # Longitude bits sit at the odd positions counted from the least significant end when the total
+    # bit count is odd (p odd), at even positions otherwise; align so the first bit is longitude.
+    if bits % 2 == 0:
+        return (_spread(lon_cell, lon_bits) << 1) | _spread(lat_cell, lat_bits)
+    return _spread(lon_cell, lon_bits) | (_spread(lat_cell, lat_bits) << 1)
+
+
+def _code_to_cells(code: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray]:
+    lon_bits, lat_bits = _bit_split(precision)
+    if (lon_bits + lat_bits) % 2 == 0:
+        return _gather(code, lon_bits, 1), _gather(code, lat_bits, 0)
+    return _gather(code, lon_bits, 0), _gather(code, lat_bits, 1)
+
+
+def _code_to_strings(code: np.ndarray, precision: int) -> np.ndarray:
+    chars = np.empty((code.size, precision), dtype=np.uint8)
+    for k in range(precision):
+        shift = 5 * (precision - 1 - k)
+        chars[:, k] = _BASE32_BYTES[(code >> shift) & 31]
+    return chars.view(f"S{precision}").ravel().astype(f"U{precision}")
+
+
+def _strings_to_code(hashes: np.ndarray) -> tuple[np.ndarray, int]:
+    arr = np.asarray(hashes, dtype=str)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64), 1
+    precision = int(np.char.str_len(arr).max())
+    if np.any(np.char.str_len(arr) != precision):
+        raise ValueError("geohashes in one call must share a precision")
+    raw = np.char.lower(arr).astype(f"S{precision}").view(np.uint8).reshape(-1, precision)
+    digits = _DECODE[raw]
+    if np.any(digits == 255):
+        raise ValueError("invalid geohash character")
+    code = np.zeros(arr.size, dtype=np.int64)
+    for k in range(precision):
+        code = (code << 5) | digits[:, k].astype(np.int64)
+    return code, precision
+
+
+def encode(lat: np.ndarray | float, lon: np.ndarray | float, precision: int = 12) -> np.ndarray:
+    """Geohash strings of the given points (numpy array of str)."""
+    lat = np.atleast_1d(np.asarray(lat, dtype=np.float64))
+    lon = np.atleast_1d(np.asarray(lon, dtype=np.float64))
+    if np.any(~np.isfinite(lat)) or np.any(np.abs(lat) > 90) or np.any(~np.isfinite(lon)) or np.any(np.abs(lon) > 180):
+        raise ValueError("latitude must be in [-90, 90] and longitude in [-180, 180]")
+    lon_bits, lat_bits = _bit_split(precision)
+    lon_cell = np.minimum(((lon + 180.0) / 360.0 * (1 << lon_bits)).astype(np.int64), (1 << lon_bits) - 1)
+    lat_cell = np.minimum(((lat + 90.0) / 180.0 * (1 << lat_bits)).astype(np.int64), (1 << lat_bits) - 1)
+    return _code_to_strings(_cells_to_code(lon_cell, lat_cell, precision), precision)
+
+
+def decode(hashes: np.ndarray | list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (lat, lon) of each geohash cell."""
+    code, precision = _strings_to_code(np.atleast_1d(hashes))
+    lon_bits, lat_bits = _bit_split(precision)
+    lon_cell, lat_cell = _code_to_cells(code, precision)
+    lat = (lat_cell + 0.5) / (1 << lat_bits) * 180.0 - 90.0
+    lon = (lon_cell + 0.5) / (1 << lon_bits) * 360.0 - 180.0
+    return lat, lon
+
+
+def cell_size_m(precision: int, lat: float = 0.0) -> tuple[float, float]:
+    """(height, width) in metres of a cell of this precision at a latitude."""
+    lon_bits, lat_bits = _bit_split(precision)
+    height = math.radians(180.0 / (1 << lat_bits)) * EARTH_RADIUS_M
+    width = math.radians(360.0 / (1 << lon_bits)) * EARTH_RADIUS_M * math.cos(math.radians(lat))
+    return height, width
+
+
+def neighbours(hashes: np.ndarray | list[str]) -> np.ndarray:
+    """The 8 neighbour cells of each geohash, shape (n, 8), clockwise from north.
+
+    Longitude wraps around the antimeridian; at the poles a missing neighbour is returned as "".
+    """
+    code, precision = _strings_to_code(np.atleast_1d(hashes))
+    lon_bits, lat_bits = _bit_split(precision)
+    lon_cell, lat_cell = _code_to_cells(code, precision)
+    out = np.empty((code.size, len(NEIGHBOUR_OFFSETS)), dtype=f"U{precision}")
+    for j, (dlon, dlat) in enumerate(NEIGHBOUR_OFFSETS):
+        nlon = (lon_cell + dlon) % (1 << lon_bits)
+        nlat = lat_cell + dlat
+        valid = (nlat >= 0) & (nlat < (1 << lat_bits))
+        col = _code_to_strings(_cells_to_code(nlon, np.clip(nlat, 0, (1 << lat_bits) - 1), precision), precision)
+        out[:, j] = np.where(valid, col, "")
+    return out
+
+
+def pattern(precision: int) -> str:
+    """Regular expression matching a geohash of exactly this precision (used by the validator)."""
+    _bit_split(precision)
+    return f"^[{BASE32}]{{{precision}}}$"
+
+
+def haversine_m(lat1, lon1, lat2, lon2) -> np.ndarray:
+    """Great-circle distance in metres (broadcasts)."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dp = p2 - p1
+    dl = np.radians(np.asarray(lon2) - np.asarray(lon1))
+    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.minimum(a, 1.0)))

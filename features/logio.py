@@ -1,0 +1,55 @@
+"""Reading and writing contract log folders.
+
+A log folder holds one file per world table (`shops.parquet`, ...) and one folder per log table
+(`behaviours/date=YYYY-MM-DD/*.parquet`), plus `manifest.json`. Tables may also be given as CSV
+(`shops.csv`, `behaviours/*.csv`), read as text so that the validator sees and quarantines values of
+the wrong type instead of failing on them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from features import contract
+
+
+def table_files(root: str | Path, name: str) -> list[Path]:
+    """The files of one table in a log folder, in a stable order (empty when absent)."""
+    root = Path(root)
+    files = [p for ext in ("parquet", "csv") for p in [root / f"{name}.{ext}"] if p.is_file()]
+    folder = root / name
+    if folder.is_dir():
+        files += sorted(p for p in folder.rglob("*") if p.suffix in (".parquet", ".csv") and p.is_file())
+    return files
+
+
+def _read_file(path: Path) -> pl.DataFrame:
+    if path.suffix == ".csv":
+        return pl.read_csv(path, infer_schema=False)  # every column as text; the validator casts
+    return pl.read_parquet(path, hive_partitioning=False)
+
+
+def read_raw(root: str | Path, name: str) -> pl.DataFrame | None:
+    """All rows of a table as stored, or None when the folder has no such table.
+
+    Files whose column types disagree are combined with the most general type (text if needed),
+    so nothing is lost before validation.
+    """
+    files = table_files(root, name)
+    if not files:
+        return None
+    frames = [_read_file(p) for p in files]
+    return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+
+
+def read_manifest(root: str | Path) -> dict | None:
+    path = Path(root) / contract.MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None

@@ -1,0 +1,152 @@
+"""Typed configuration of the log simulator. Every knob has a default; files override any subset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class CityConfig:
+    city_id: int = 1
+    name: str = "Shanghai"
+    lat: float = 31.2304
+    lon: float = 121.4737
+    utc_offset_hours: float = 8.0
+    radius_km: float = 9.0
+    districts: int = 8
+    aois: int = 150
+    # shares of residential, office and campus AOIs
+    aoi_type_shares: tuple[float, float, float] = (0.6, 0.3, 0.1)
+
+
+@dataclass(frozen=True)
+class ShopConfig:
+    shops: int = 1500
+    brands: int = 300
+    categories: int = 12
+    items_per_shop: float = 4.0  # mean
+    spread_m: float = 500.0  # shops scatter around the AOI they serve
+    bid_median: float = 0.5  # currency per click
+    bid_sigma: float = 0.5
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    users: int = 2000
+    events_per_year_median: float = 600.0  # heavy tail: lognormal around this median
+    activity_sigma: float = 1.0
+    student_share: float = 0.1
+    no_work_share: float = 0.15
+    taste_concentration: float = 6.0  # Dirichlet concentration around the city's meal-slot profile
+    place_jitter_m: float = 60.0  # where within their place a user stands at each request
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    local_shops: int = 64  # the shops a place can order from (nearest to its AOI)
+    clicks_per_session: float = 0.8  # extra clicks on the chosen shop, Poisson mean
+    explore_prob: float = 0.3  # a click on a second shop in the session
+    order_prob: float = 0.55
+    ad_conversion_prob: float = 0.5  # an ad click makes that shop the session's choice
+    random_place_prob: float = 0.05  # the user is somewhere unusual (no habits there)
+    habit_half_life_days: float = 120.0
+    recent_half_life_days: float = 2.0
+    # weights of the organic shop choice (softmax over the local shops open in the slot)
+    choice_taste: float = 1.0
+    choice_price: float = 1.0
+    choice_distance_per_km: float = 0.8
+    choice_habit: float = 1.2
+    choice_recent: float = 0.2
+    choice_quality: float = 0.5
+    # event weight added to the habit state
+    order_weight: float = 1.0
+    click_weight: float = 0.3
+
+
+@dataclass(frozen=True)
+class AdConfig:
+    request_prob: float = 0.6  # a session opens the ad slot
+    candidates: int = 30  # nearby ads per request
+    slots: int = 5  # shown per request
+    logging_epsilon: float = 0.3  # logging policy: uniform random ranking with this probability
+    examination: tuple[float, ...] = (1.0, 0.8, 0.66, 0.56, 0.5)  # P(looked at) per position
+
+
+@dataclass(frozen=True)
+class ClickModelConfig:
+    """Weights of the true click logit. The habit terms are the lifelong spatial-temporal signal."""
+
+    bias: float = -3.0
+    taste: float = 0.8  # log of the user's taste for the category in this meal slot (x categories)
+    price: float = 1.0  # times price sensitivity times |log(price / preferred price)|
+    distance_per_km: float = 0.6
+    habit_shop: float = 1.1  # log1p(history with this shop at this place in this meal slot)
+    habit_category: float = 0.4  # log1p(history with this category at this place in this meal slot)
+    recent: float = 0.3  # log1p(category interest of the last few days)
+    quality: float = 0.5
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    seed: int = 7
+    days: int = 120
+    start_date: str = "2026-03-02"
+    chunk_users: int = 4000  # users simulated together; bounds memory
+    workers: int = 1  # processes simulating chunks in parallel
+    city: CityConfig = field(default_factory=CityConfig)
+    shops: ShopConfig = field(default_factory=ShopConfig)
+    users: UserConfig = field(default_factory=UserConfig)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
+    ads: AdConfig = field(default_factory=AdConfig)
+    click: ClickModelConfig = field(default_factory=ClickModelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown simulator config key(s) {', '.join(where + k for k in unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"simulator config {where}{name} must be a mapping")
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = type(default)(value)
+    return cls(**kwargs)
+
+
+def sim_config_from_dict(data: dict[str, Any]) -> SimConfig:
+    return _build(SimConfig, data, "")
+
+
+def load_sim_config(path: str | Path | None = None, **overrides: Any) -> SimConfig:
+    """Defaults, then a YAML/JSON file, then explicit overrides (dotted keys allowed: 'users.users')."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: simulator config must be a mapping")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return sim_config_from_dict(data)

@@ -1,0 +1,201 @@
+"""Validation of log folders against the contract: bad rows go to quarantine with a reason, never vanish.
+
+Checks per table, all declared by its `contract.TableSpec`:
+    missing_column:C   a required column is absent from the table
+    bad_type:C         a value that does not parse as the column's type (e.g. text in a number column)
+    null:C             a required column is null
+    out_of_range:C     outside the declared range, not finite, or too large for the column's type
+    bad_geohash:C      not a geohash of the declared precision
+    ts_outside_window  timestamp outside the data's window (the manifest's, or a given one)
+    duplicate_id:C     the row id was already seen (the first occurrence is kept)
+    unknown_fk:C       refers to a row absent from the (validated) referenced table
+A row failing several checks lists every reason, joined by ';'. Each quarantined row keeps all of its
+original columns as they were read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from features import contract, geohash, logio
+from features.contract import TableSpec
+
+REASON = "reason"
+_PLAUSIBLE_START_MS = int(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc).timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    max_bad_fraction: float = 0.01  # per table; above it validation fails
+    window_start_ms: int | None = None  # default: the manifest's window, else 2000-01-01 .. now + 1 day
+    window_end_ms: int | None = None
+
+
+@dataclass
+class TableResult:
+    name: str
+    rows: int
+    clean: pl.DataFrame
+    quarantine: pl.DataFrame
+    reasons: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.quarantine.height / self.rows if self.rows else 0.0
+
+    def summary(self) -> dict:
+        return {"rows": self.rows, "clean": self.clean.height, "quarantined": self.quarantine.height,
+                "bad_fraction": round(self.bad_fraction, 6), "reasons": dict(sorted(self.reasons.items())),
+                "notes": self.notes}
+
+
+@dataclass
+class ValidationReport:
+    logs: str
+    window: tuple[int, int]
+    max_bad_fraction: float
+    tables: dict[str, TableResult]
+
+    @property
+    def failed_tables(self) -> list[str]:
+        return [n for n, t in self.tables.items() if t.bad_fraction > self.max_bad_fraction]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_tables
+
+    def summary(self) -> dict:
+        return {"logs": self.logs, "window_start_ms": self.window[0], "window_end_ms": self.window[1],
+                "max_bad_fraction": self.max_bad_fraction, "passed": self.passed,
+                "failed_tables": self.failed_tables,
+                "tables": {n: t.summary() for n, t in self.tables.items()}}
+
+
+def _polars_type(arrow_type: pa.DataType) -> pl.DataType:
+    return pl.from_arrow(pa.table({"x": pa.array([], type=arrow_type)}))["x"].dtype
+
+
+def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int],
+                   known_keys: dict[str, pl.Series | None]) -> TableResult:
+    """Validate one table. `known_keys[table]` holds the clean ids of each referenced table (None: absent)."""
+    notes: list[str] = []
+    extra = [c for c in raw.columns if c not in spec.schema.names]
+    if extra:
+        notes.append(f"ignored columns not in the contract: {', '.join(extra)}")
+    checks: list[tuple[str, pl.Expr]] = []
+    typed: dict[str, pl.Expr] = {}
+    for f in spec.schema:
+        target = _polars_type(f.type)
+        wide = pl.Int64 if target.is_integer() else pl.Float64 if target.is_float() else pl.String
+        if f.name not in raw.columns:
+            if f.name in spec.required:
+                checks.append((f"missing_column:{f.name}", pl.lit(True)))
+            typed[f.name] = pl.lit(None, dtype=target)
+            continue
+        src = pl.col(f.name)
+        value = src.cast(wide, strict=False)
+        if wide == pl.String:
+            bad_type = pl.lit(False)
+        else:
+            bad_type = src.is_not_null() & value.is_null()
+            if raw.schema[f.name].is_float() and wide == pl.Int64:  # 1.5 in an id column is not an id
+                bad_type = bad_type | (src.is_not_null() & (src != src.floor()))
+        checks.append((f"bad_type:{f.name}", bad_type))
+        if f.name in spec.required:
+            checks.append((f"null:{f.name}", src.is_null()))
+        out_of_range = pl.lit(False)
+        if target.is_float():
+            out_of_range = value.is_nan() | value.is_infinite()
+        rng = spec.ranges.get(f.name)
+        if rng is not None:
+            if rng.lo is not None:
+                out_of_range = out_of_range | ((value <= rng.lo) if rng.lo_open else (value < rng.lo))
+            if rng.hi is not None:
+                out_of_range = out_of_range | (value > rng.hi)
+        narrow = value.cast(target, strict=False)
+        out_of_range = out_of_range | (value.is_not_null() & narrow.is_null())  # does not fit the column type
+        checks.append((f"out_of_range:{f.name}", out_of_range.fill_null(False)))
+        if f.name in spec.geohashes:
+            ok = value.str.contains(geohash.pattern(spec.geohashes[f.name]))
+            checks.append((f"bad_geohash:{f.name}", value.is_not_null() & ~ok.fill_null(False)))
+        if f.name == spec.timestamp:
+            checks.append(("ts_outside_window", value.is_not_null() & ((value < window[0]) | (value >= window[1]))))
+        if f.name == spec.key:
+            checks.append((f"duplicate_id:{f.name}", value.is_not_null() & ~value.is_first_distinct()))
+        if f.name in spec.foreign_keys:
+            ref = spec.foreign_keys[f.name]
+            keys = known_keys.get(ref)
+            if keys is None:
+                notes.append(f"skipped unknown_fk:{f.name} (no {ref} table)")
+            else:
+                checks.append((f"unknown_fk:{f.name}", value.is_not_null() & ~value.is_in(keys.implode())))
+        typed[f.name] = narrow
+
+    reason = pl.concat_str([pl.when(bad).then(pl.lit(name)) for name, bad in checks], separator=";",
+                           ignore_nulls=True)
+    flagged = raw.lazy().with_columns(reason.alias(REASON)).collect()
+    flagged = flagged.with_columns(pl.when(pl.col(REASON) == "").then(None).otherwise(pl.col(REASON)).alias(REASON))
+    bad_rows = flagged[REASON].is_not_null()
+    quarantine = flagged.filter(bad_rows)
+    clean = flagged.filter(~bad_rows).lazy().select(**typed).collect()
+    reasons = (quarantine.select(pl.col(REASON).str.split(";").explode()).group_by(REASON).len()
+               if quarantine.height else pl.DataFrame({REASON: [], "len": []}))
+    return TableResult(spec.name, raw.height, clean, quarantine,
+                       {r: int(n) for r, n in reasons.iter_rows()}, notes)
+
+
+def data_window(root: str | Path, config: ValidationConfig) -> tuple[int, int]:
+    manifest = logio.read_manifest(root) or {}
+    now_ms = int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
+    start = config.window_start_ms if config.window_start_ms is not None else manifest.get("window_start_ms", _PLAUSIBLE_START_MS)
+    end = config.window_end_ms if config.window_end_ms is not None else manifest.get("window_end_ms", now_ms + 86_400_000)
+    if start >= end:
+        raise ValueError(f"empty data window [{start}, {end})")
+    return int(start), int(end)
+
+
+def validate_logs(root: str | Path, config: ValidationConfig = ValidationConfig()) -> ValidationReport:
+    """Validate every contract table present in a log folder (world tables first, for foreign keys)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"log folder {root} does not exist")
+    window = data_window(root, config)
+    results: dict[str, TableResult] = {}
+    known: dict[str, pl.Series | None] = {}
+    for name in (*contract.WORLD_TABLES, *contract.LOG_TABLES):
+        spec = contract.TABLES[name]
+        raw = logio.read_raw(root, name)
+        if raw is None:
+            known[name] = None
+            continue
+        result = validate_table(raw, spec, window=window, known_keys=known)
+        results[name] = result
+        known[name] = result.clean[spec.key] if spec.key else None
+    if not any(n in results for n in contract.LOG_TABLES):
+        raise ValueError(f"{root} holds no behaviours or impressions (expected {root}/behaviours/...)")
+    return ValidationReport(str(root), window, config.max_bad_fraction, results)
+
+
+def write_report(report: ValidationReport, out: str | Path) -> Path:
+    """Write quarantine/<table>.parquet for every table with bad rows, and validation.json; returns the JSON path."""
+    out = Path(out)
+    qdir = out / "quarantine"
+    qdir.mkdir(parents=True, exist_ok=True)
+    for name, result in report.tables.items():
+        path = qdir / f"{name}.parquet"
+        if result.quarantine.height:
+            tmp = path.with_suffix(".parquet.tmp")
+            result.quarantine.write_parquet(tmp)
+            tmp.replace(path)
+        elif path.exists():
+            path.unlink()  # from an earlier run of different input
+    summary = out / "validation.json"
+    summary.write_text(json.dumps(report.summary(), indent=2))
+    return summary

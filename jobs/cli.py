@@ -1,0 +1,169 @@
+"""The `fin` command line. Each subcommand is a thin shell over a library function.
+
+Errors are printed as one line (`fin <command>: error: ...`) with a non-zero exit status; set
+FIN_DEBUG=1 to see the traceback instead. Progress bars go to stderr and only on a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+EXIT_ERROR = 1
+EXIT_VALIDATION_FAILED = 3
+
+
+class CommandError(Exception):
+    """An expected failure: printed as one line, exits with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def _progress(total: int, unit: str, desc: str) -> tqdm:
+    return tqdm(total=total, unit=unit, desc=desc, disable=None, file=sys.stderr, dynamic_ncols=True)
+
+
+def _time_ms(text: str) -> int:
+    """Milliseconds since the epoch, from an integer or an ISO date/time (UTC unless an offset is given)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (use milliseconds or ISO like 2026-03-02T00:00+08:00)")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp() * 1000)
+
+
+# ---------------------------------------------------------------------------- simulate
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from features.simulator import load_sim_config, simulate
+    from features.simulator.run import chunk_bounds
+
+    config = load_sim_config(args.config, **{
+        "seed": args.seed, "days": args.days, "start_date": args.start_date, "users.users": args.users,
+        "chunk_users": args.chunk_users, "workers": args.workers,
+    })
+    total = config.days * len(chunk_bounds(config))
+    with _progress(total, "chunk-day", "simulate") as bar:
+        manifest = simulate(config, args.out, overwrite=args.overwrite, progress=bar.update)
+    rows = manifest["rows"]
+    print(f"wrote {args.out}: {rows['behaviours']:,} behaviours, {rows['impressions']:,} impressions "
+          f"({manifest['requests']:,} requests, {manifest['clicks']:,} clicks), {rows['users']:,} users, "
+          f"{config.days} days, in {manifest['wall_s']:.1f}s")
+    if args.report:
+        from features.simulator import properties
+
+        print(json.dumps(properties.signal_report(args.out), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------- validate
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from features.validate import ValidationConfig, validate_logs, write_report
+
+    config = ValidationConfig(max_bad_fraction=args.max_bad_fraction, window_start_ms=args.window_start,
+                              window_end_ms=args.window_end)
+    report = validate_logs(args.logs, config)
+    summary_path = write_report(report, args.out or args.logs)
+    for name, t in report.tables.items():
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(t.reasons.items())) or "-"
+        print(f"{name:12s} rows={t.rows:<10,} quarantined={t.quarantine.height:<8,} ({t.bad_fraction:.2%})  {reasons}")
+        for note in t.notes:
+            print(f"{'':12s} note: {note}")
+    print(f"summary: {summary_path}")
+    if not report.passed:
+        raise CommandError(f"bad-row fraction above {args.max_bad_fraction:.2%} in: {', '.join(report.failed_tables)}",
+                           EXIT_VALIDATION_FAILED)
+    return 0
+
+
+# ---------------------------------------------------------------------------- convert-eleme
+def _cmd_convert_eleme(args: argparse.Namespace) -> int:
+    from features.eleme import ElemeConfig, convert_eleme
+
+    config = ElemeConfig(timediff_unit=args.timediff_unit, utc_offset_hours=args.utc_offset_hours)
+    manifest = convert_eleme(args.csv, args.out, config, overwrite=args.overwrite)
+    rows = manifest["rows"]
+    print(f"wrote {args.out}: {rows['impressions']:,} impressions, {rows['behaviours']:,} behaviours from histories, "
+          f"{manifest['quarantined_rows']:,} malformed rows in {args.out}/quarantine/eleme_rows.parquet")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fin", description="FIN ads ranking system: simulate, validate and "
+                                     "convert food-ordering ad logs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate a city's food-ordering ad logs",
+                       description="Simulate users, shops and ads of a city and write contract log tables "
+                                   "(partitioned parquet) and a manifest. Deterministic for a seed.")
+    p.add_argument("--out", required=True, type=Path, help="output log folder")
+    p.add_argument("--config", type=Path, help="YAML/JSON simulator config (any subset of keys; see configs/)")
+    p.add_argument("--seed", type=int, help="random seed (default 7)")
+    p.add_argument("--users", type=int, help="number of users (default 2000)")
+    p.add_argument("--days", type=int, help="number of days (default 120)")
+    p.add_argument("--start-date", help="first local date, YYYY-MM-DD (default 2026-03-02)")
+    p.add_argument("--chunk-users", type=int, help="users simulated together; bounds memory (default 4000)")
+    p.add_argument("--workers", type=int, help="processes simulating chunks in parallel (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--report", action="store_true", help="print the signal properties measured on the output")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("validate", help="check a log folder against the data contract",
+                       description="Check every table of a log folder against the data contract. Bad rows go to "
+                                   "OUT/quarantine/<table>.parquet with a reason; counts go to OUT/validation.json. "
+                                   f"Exits {EXIT_VALIDATION_FAILED} when a table's bad fraction passes the threshold.")
+    p.add_argument("--logs", required=True, type=Path, help="log folder to check")
+    p.add_argument("--out", type=Path, help="where quarantine/ and validation.json go (default: --logs)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01, help="per-table threshold (default 0.01)")
+    p.add_argument("--window-start", type=_time_ms, help="earliest valid timestamp (ms or ISO; default: manifest)")
+    p.add_argument("--window-end", type=_time_ms, help="first invalid timestamp (ms or ISO; default: manifest)")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("convert-eleme", help="convert the public Ele.me CTR dataset CSV into contract logs",
+                       description="Map the Ele.me CTR dataset layout (one impression per row, per-request "
+                                   "history lists) into contract tables: rows become impressions, their history "
+                                   "lists become de-duplicated behaviours, and the world tables are derived. "
+                                   "Malformed rows go to OUT/quarantine/eleme_rows.parquet with a reason.")
+    p.add_argument("--csv", required=True, type=Path, help="dataset CSV file (with header)")
+    p.add_argument("--out", required=True, type=Path, help="output log folder")
+    p.add_argument("--timediff-unit", choices=["s", "min", "ms"], default="s",
+                   help="unit of timediff_list (default s)")
+    p.add_argument("--utc-offset-hours", type=float, default=8.0, help="local time of the data (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_convert_eleme)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CommandError as e:
+        print(f"fin {args.command}: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"fin {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line for the user; the traceback on request
+        if os.environ.get("FIN_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"fin {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
