@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from features.simulator import load_sim_config, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def default_logs(tmp_path_factory) -> Path:
+    """The embedded default simulation (what `make demo` generates)."""
+    out = tmp_path_factory.mktemp("default") / "logs"
+    simulate(load_sim_config(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_logs(tmp_path_factory) -> Path:
+    """A few users over a week: fast to build, enough rows of every table."""
+    out = tmp_path_factory.mktemp("small") / "logs"
+    simulate(load_sim_config(days=7, **{"users.users": 40}), out)
+    return out
+
+
+def run_fin(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The installed console command, as a user runs it (stdout/stderr are pipes, not a terminal)."""
+    env = {k: v for k, v in os.environ.items() if k != "FIN_DEBUG"}
+    fin = Path(sys.executable).parent / "fin"
+    return subprocess.run([str(fin), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)

@@ -1,0 +1,63 @@
+"""The Ele.me dataset converter, on a fixture in that layout with good and malformed rows."""
+
+import polars as pl
+import pytest
+
+from features.eleme import ElemeConfig, convert_eleme
+from features.validate import validate_logs
+from tests.conftest import ROOT, run_fin
+
+FIXTURE = ROOT / "tests" / "fixtures" / "eleme_sample.csv"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eleme") / "logs"
+    manifest = convert_eleme(FIXTURE, out)
+    return out, manifest
+
+
+def test_malformed_rows_go_to_quarantine_with_reasons(converted):
+    out, manifest = converted
+    q = pl.read_parquet(out / "quarantine" / "eleme_rows.parquet")
+    assert dict(zip(q["user_id"].fill_null("").to_list(), q["reason"].to_list())) == {
+        "103": "bad_label", "104": "bad_times", "105": "list_length_mismatch",
+        "106": "bad_list_value:item_id_list", "107": "bad_time_fields", "108": "bad_geohash12", "": "bad_id:user_id"}
+    assert manifest["source_rows"] == 12 and manifest["quarantined_rows"] == 7
+    assert manifest["rows"]["impressions"] == 5  # every good row is kept
+
+
+def test_rows_become_impressions_and_histories_become_deduplicated_behaviours(converted):
+    out, _ = converted
+    imp = pl.read_parquet(out / "impressions" / "*.parquet")
+    beh = pl.read_parquet(out / "behaviours" / "*.parquet")
+    assert imp["request_id"].n_unique() == 3  # two rows share user, time and place
+    assert imp.filter(pl.col("user_id") == 102)["time_type"].to_list() == [2, 2]
+    # user 101's three rows repeat two history events; one more event is new
+    assert beh.filter(pl.col("user_id") == 101).height == 3
+    assert beh.filter(pl.col("user_id") == 102).height == 1
+    assert beh["event_id"].n_unique() == beh.height
+    # every request's history is strictly before it
+    first_req = imp.group_by("user_id").agg(pl.col("ts").max())
+    assert beh.join(first_req, on="user_id").filter(pl.col("ts") >= pl.col("ts_right")).height == 0
+    assert (imp["distance_m"] > 0).all()
+
+
+def test_converted_logs_pass_validation(converted):
+    out, _ = converted
+    report = validate_logs(out)
+    assert report.passed and all(t.quarantine.height == 0 for t in report.tables.values())
+
+
+def test_timediff_unit_changes_event_times(tmp_path):
+    s = convert_eleme(FIXTURE, tmp_path / "s", ElemeConfig(timediff_unit="s"))
+    m = convert_eleme(FIXTURE, tmp_path / "m", ElemeConfig(timediff_unit="min"))
+    assert m["window_start_ms"] < s["window_start_ms"]
+
+
+def test_cli_on_a_file_of_the_wrong_layout(tmp_path):
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    r = run_fin("convert-eleme", "--csv", str(bad), "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and r.stderr.startswith("fin convert-eleme: error: not the Ele.me CTR layout")
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,141 @@
+"""The validator against every kind of bad row: each is quarantined with its reason, nothing is lost."""
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from features import contract
+from features.validate import ValidationConfig, validate_logs
+from tests.conftest import run_fin
+
+
+@pytest.fixture()
+def logs(small_logs, tmp_path) -> Path:
+    out = tmp_path / "logs"
+    shutil.copytree(small_logs, out)
+    return out
+
+
+def _behaviours(root: Path) -> pl.DataFrame:
+    return pl.read_parquet(root / "behaviours" / "**" / "*.parquet", hive_partitioning=False)
+
+
+def _add_bad_file(root: Path, table: str, df: pl.DataFrame, fmt: str = "parquet") -> None:
+    path = root / table / "date=2099-01-01" / f"bad.{fmt}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.write_parquet(path) if fmt == "parquet" else df.write_csv(path)
+
+
+def _reasons(report, table: str) -> list[str]:
+    return report.tables[table].quarantine["reason"].to_list()
+
+
+def test_simulated_logs_are_clean(small_logs):
+    report = validate_logs(small_logs)
+    assert report.passed
+    for name, t in report.tables.items():
+        assert t.quarantine.height == 0, (name, t.reasons)
+        assert t.clean.schema == pl.from_arrow(contract.TABLES[name].schema.empty_table()).schema
+
+
+def test_every_kind_of_bad_behaviour_row_is_quarantined_with_its_reason(logs):
+    good = _behaviours(logs)
+    base = good.head(1)
+    manifest = json.loads((logs / "manifest.json").read_text())
+    max_id = good["event_id"].max()
+    cases = {
+        "null:user_id": base.with_columns(pl.lit(None, pl.Int64).alias("user_id")),
+        "out_of_range:price": base.with_columns(pl.lit(-1.0, pl.Float32).alias("price")),
+        "out_of_range:hours": base.with_columns(pl.lit(25, pl.Int8).alias("hours")),
+        "out_of_range:time_type": base.with_columns(pl.lit(7, pl.Int8).alias("time_type")),
+        "ts_outside_window": base.with_columns(pl.lit(manifest["window_end_ms"] + 1, pl.Int64).alias("ts")),
+        "unknown_fk:user_id": base.with_columns(pl.lit(10**9, pl.Int64).alias("user_id")),
+        "unknown_fk:shop_id": base.with_columns(pl.lit(10**9, pl.Int64).alias("shop_id")),
+        "unknown_fk:item_id": base.with_columns(pl.lit(10**9, pl.Int64).alias("item_id")),
+        "bad_geohash:geohash_6": base.with_columns(pl.lit("wtw3a!").alias("geohash_6")),
+        "duplicate_id:event_id": base,  # same event id as the original
+    }
+    frames = []
+    for i, (reason, df) in enumerate(cases.items()):
+        if reason != "duplicate_id:event_id":
+            df = df.with_columns(pl.lit(max_id + 1 + i, pl.Int64).alias("event_id"))
+        frames.append(df.with_columns(pl.lit(reason).alias("_expected")))
+    bad = pl.concat(frames)
+    _add_bad_file(logs, "behaviours", bad.drop("_expected"))
+
+    report = validate_logs(logs, ValidationConfig(max_bad_fraction=1.0))
+    t = report.tables["behaviours"]
+    assert t.rows == good.height + bad.height
+    assert t.clean.height + t.quarantine.height == t.rows  # nothing vanishes
+    assert t.clean.height == good.height
+    assert sorted(_reasons(report, "behaviours")) == sorted(cases)
+    assert t.reasons == {r: 1 for r in cases}
+    # the quarantined duplicate is the later copy, with its original values kept
+    dup = t.quarantine.filter(pl.col("reason") == "duplicate_id:event_id")
+    assert dup.drop("reason").equals(base)
+
+
+def test_bad_types_from_text_files(logs):
+    """A CSV part with unparseable values: each goes to quarantine as bad_type, the rest are read."""
+    good = _behaviours(logs).head(3).with_columns(pl.col("event_id") + 10**12)
+    text = good.select(pl.all().cast(pl.String)).with_columns(
+        pl.Series("ts", [str(good["ts"][0]), "yesterday", str(good["ts"][2])]),
+        pl.Series("price", ["12.5", "12.5", "cheap"]),
+    )
+    _add_bad_file(logs, "behaviours", text, fmt="csv")
+    report = validate_logs(logs, ValidationConfig(max_bad_fraction=1.0))
+    assert sorted(_reasons(report, "behaviours")) == ["bad_type:price", "bad_type:ts"]
+    assert report.tables["behaviours"].clean["event_id"].is_in(good["event_id"].implode()).sum() == 1
+
+
+def test_impression_ranges_and_multiple_reasons(logs):
+    imp = pl.read_parquet(logs / "impressions" / "**" / "*.parquet", hive_partitioning=False)
+    base = imp.head(1)
+    nxt = imp["impression_id"].max() + 1
+    bad = pl.concat([
+        base.with_columns(impression_id=pl.lit(nxt, pl.Int64), bid=pl.lit(-0.5, pl.Float32)),
+        base.with_columns(impression_id=pl.lit(nxt + 1, pl.Int64), propensity=pl.lit(0.0, pl.Float32)),
+        base.with_columns(impression_id=pl.lit(nxt + 2, pl.Int64), propensity=pl.lit(1.5, pl.Float32)),
+        base.with_columns(impression_id=pl.lit(nxt + 3, pl.Int64), label=pl.lit(2, pl.Int8)),
+        base.with_columns(impression_id=pl.lit(nxt + 4, pl.Int64), price=pl.lit(float("nan"), pl.Float32)),
+        base.with_columns(impression_id=pl.lit(nxt + 5, pl.Int64), bid=pl.lit(-1.0, pl.Float32), user_id=pl.lit(None, pl.Int64)),
+    ])
+    _add_bad_file(logs, "impressions", bad)
+    report = validate_logs(logs, ValidationConfig(max_bad_fraction=1.0))
+    assert _reasons(report, "impressions") == [
+        "out_of_range:bid", "out_of_range:propensity", "out_of_range:propensity", "out_of_range:label",
+        "out_of_range:price", "null:user_id;out_of_range:bid"]
+    assert report.tables["impressions"].reasons["out_of_range:bid"] == 2
+
+
+def test_missing_required_column_and_bad_world_rows(logs):
+    items = pl.read_parquet(logs / "items.parquet")
+    bad_items = pl.concat([items, items.head(1).with_columns(item_id=pl.lit(10**9, pl.Int64), shop_id=pl.lit(10**9, pl.Int64))])
+    bad_items.write_parquet(logs / "items.parquet")
+    users = pl.read_parquet(logs / "users.parquet").drop("user_id")
+    users.write_parquet(logs / "users.parquet")
+    report = validate_logs(logs, ValidationConfig(max_bad_fraction=1.0))
+    assert _reasons(report, "items") == ["unknown_fk:shop_id"]
+    assert set(report.tables["users"].reasons) == {"missing_column:user_id"}
+    # with no valid user, every behaviour's user is unknown: quarantined, not dropped
+    assert report.tables["behaviours"].reasons == {"unknown_fk:user_id": report.tables["behaviours"].rows}
+
+
+def test_cli_writes_quarantine_and_summary_and_fails_over_threshold(logs, tmp_path):
+    base = _behaviours(logs).head(5).with_columns(pl.col("event_id") + 10**12, pl.lit(-3.0, pl.Float32).alias("price"))
+    _add_bad_file(logs, "behaviours", base)
+    out = tmp_path / "report"
+    tiny = run_fin("validate", "--logs", str(logs), "--out", str(out), "--max-bad-fraction", "0.0")
+    assert tiny.returncode == 3
+    assert tiny.stderr.strip().count("\n") == 0 and "behaviours" in tiny.stderr
+    summary = json.loads((out / "validation.json").read_text())
+    assert summary["tables"]["behaviours"]["reasons"] == {"out_of_range:price": 5}
+    assert summary["passed"] is False
+    q = pl.read_parquet(out / "quarantine" / "behaviours.parquet")
+    assert q.height == 5 and set(q["reason"]) == {"out_of_range:price"}
+    ok = run_fin("validate", "--logs", str(logs), "--out", str(out), "--max-bad-fraction", "0.5")
+    assert ok.returncode == 0, ok.stderr
+    assert "out_of_range:price=5" in ok.stdout
