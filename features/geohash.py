@@ -32,22 +32,23 @@ def _bit_split(precision: int) -> tuple[int, int]:
     return (bits + 1) // 2, bits // 2
 
 
-def _spread(v: np.ndarray, nbits: int) -> np.ndarray:
-    """Place bit i of v (MSB first among nbits) at even positions 2*i of a 2*nbits-bit word."""
-    out = np.zeros_like(v)
+# The bit helpers below use only integer operators, so they work on numpy arrays and torch tensors alike.
+def _spread(v, nbits: int):
+    """Place bit i of v at position 2*i of a 2*nbits-bit word."""
+    out = v & 0
     for i in range(nbits):
-        out |= ((v >> i) & 1) << (2 * i)
+        out = out | (((v >> i) & 1) << (2 * i))
     return out
 
 
-def _gather(code: np.ndarray, nbits: int, offset: int) -> np.ndarray:
-    out = np.zeros_like(code)
+def _gather(code, nbits: int, offset: int):
+    out = code & 0
     for i in range(nbits):
-        out |= ((code >> (2 * i + offset)) & 1) << i
+        out = out | (((code >> (2 * i + offset)) & 1) << i)
     return out
 
 
-def _cells_to_code(lon_cell: np.ndarray, lat_cell: np.ndarray, precision: int) -> np.ndarray:
+def _cells_to_code(lon_cell, lat_cell, precision: int):
     lon_bits, lat_bits = _bit_split(precision)
     bits = lon_bits + lat_bits
     # Longitude bits sit at the odd positions counted from the least significant end when the total
@@ -57,7 +58,7 @@ def _cells_to_code(lon_cell: np.ndarray, lat_cell: np.ndarray, precision: int) -
     return _spread(lon_cell, lon_bits) | (_spread(lat_cell, lat_bits) << 1)
 
 
-def _code_to_cells(code: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray]:
+def _code_to_cells(code, precision: int):
     lon_bits, lat_bits = _bit_split(precision)
     if (lon_bits + lat_bits) % 2 == 0:
         return _gather(code, lon_bits, 1), _gather(code, lat_bits, 0)
@@ -70,6 +71,39 @@ def _code_to_strings(code: np.ndarray, precision: int) -> np.ndarray:
         shift = 5 * (precision - 1 - k)
         chars[:, k] = _BASE32_BYTES[(code >> shift) & 31]
     return chars.view(f"S{precision}").ravel().astype(f"U{precision}")
+
+
+def to_codes(hashes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Integer codes (5 bits per character) of geohashes sharing one precision, and that precision."""
+    return _strings_to_code(hashes)
+
+
+def from_codes(codes: np.ndarray, precision: int) -> np.ndarray:
+    return _code_to_strings(np.asarray(codes, dtype=np.int64), precision)
+
+
+def _namespace(x):
+    """numpy for arrays, torch for tensors (imported only when a tensor is passed)."""
+    if isinstance(x, np.ndarray):
+        return np
+    import torch
+
+    return torch
+
+
+def neighbour_codes(code, precision: int):
+    """Codes of the 8 neighbour cells, shape (..., 8), clockwise from north, for numpy arrays or torch
+    tensors of codes. Longitude wraps around the antimeridian; a neighbour beyond a pole is -1."""
+    xp = _namespace(code)
+    lon_bits, lat_bits = _bit_split(precision)
+    lon_cell, lat_cell = _code_to_cells(code, precision)
+    out = []
+    for dlon, dlat in NEIGHBOUR_OFFSETS:
+        nlat = lat_cell + dlat
+        valid = (nlat >= 0) & (nlat < (1 << lat_bits))
+        n = _cells_to_code((lon_cell + dlon) % (1 << lon_bits), nlat.clip(0, (1 << lat_bits) - 1), precision)
+        out.append(xp.where(valid, n, -1))
+    return xp.stack(out, -1)
 
 
 def _strings_to_code(hashes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -120,21 +154,11 @@ def cell_size_m(precision: int, lat: float = 0.0) -> tuple[float, float]:
 
 
 def neighbours(hashes: np.ndarray | list[str]) -> np.ndarray:
-    """The 8 neighbour cells of each geohash, shape (n, 8), clockwise from north.
-
-    Longitude wraps around the antimeridian; at the poles a missing neighbour is returned as "".
-    """
+    """The 8 neighbour cells of each geohash, shape (n, 8), clockwise from north ("" beyond a pole)."""
     code, precision = _strings_to_code(np.atleast_1d(hashes))
-    lon_bits, lat_bits = _bit_split(precision)
-    lon_cell, lat_cell = _code_to_cells(code, precision)
-    out = np.empty((code.size, len(NEIGHBOUR_OFFSETS)), dtype=f"U{precision}")
-    for j, (dlon, dlat) in enumerate(NEIGHBOUR_OFFSETS):
-        nlon = (lon_cell + dlon) % (1 << lon_bits)
-        nlat = lat_cell + dlat
-        valid = (nlat >= 0) & (nlat < (1 << lat_bits))
-        col = _code_to_strings(_cells_to_code(nlon, np.clip(nlat, 0, (1 << lat_bits) - 1), precision), precision)
-        out[:, j] = np.where(valid, col, "")
-    return out
+    nbr = neighbour_codes(code, precision)
+    strings = _code_to_strings(np.maximum(nbr, 0).ravel(), precision).reshape(nbr.shape)
+    return np.where(nbr >= 0, strings, "")
 
 
 def pattern(precision: int) -> str:
