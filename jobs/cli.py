@@ -99,10 +99,34 @@ def _cmd_convert_eleme(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- features
+def _cmd_features(args: argparse.Namespace) -> int:
+    from jobs.features_job import FeaturesConfig, run_features
+
+    config = FeaturesConfig(max_seq_len=args.max_seq_len, partitions=args.partitions,
+                            validation_days=args.validation_days, test_days=args.test_days,
+                            max_bad_fraction=args.max_bad_fraction, ray_address=args.ray_address,
+                            num_cpus=args.num_cpus, online_store=args.online_store,
+                            redis_connection=args.redis, materialize=not args.no_materialize)
+    steps = 3 + config.partitions  # Ray start, sharding, one per partition, Feast
+    with _progress(steps, "step", "features") as bar:
+        def progress(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update(1)
+
+        stats = run_features(args.logs, args.out, config, progress)
+    v = stats["validation"]
+    print(f"wrote {args.out}/data: {stats['users']:,} users, examples "
+          + ", ".join(f"{s}={n:,}" for s, n in stats["examples"].items())
+          + f"; quarantined behaviours={v['behaviours']['quarantined']:,} impressions={v['impressions']['quarantined']:,}; "
+          f"Feast repo {stats['feast_repo']}; {stats['timings_s']['total_s']:.1f}s")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fin", description="FIN ads ranking system: simulate, validate and "
-                                     "convert food-ordering ad logs.")
+                                     "convert food-ordering ad logs, and build features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="simulate a city's food-ordering ad logs",
@@ -130,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-start", type=_time_ms, help="earliest valid timestamp (ms or ISO; default: manifest)")
     p.add_argument("--window-end", type=_time_ms, help="first invalid timestamp (ms or ISO; default: manifest)")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("features", help="build timelines, training examples and the Feast store (a Ray job)",
+                       description="Turn a log folder into per-user timelines, point-in-time training examples "
+                                   "split by day, item/shop statistics, and a Feast repository whose online store "
+                                   "holds each user's last --max-seq-len events. Runs on a local Ray unless "
+                                   "--ray-address is given.")
+    p.add_argument("--logs", required=True, type=Path, help="log folder (contract tables, parquet)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (data/ is replaced, feast/ is kept)")
+    p.add_argument("--max-seq-len", type=int, default=1000, help="events per user in the online store (default 1000)")
+    p.add_argument("--partitions", type=int, default=8, help="user partitions, one build task each (default 8)")
+    p.add_argument("--validation-days", type=int, default=7, help="days before the test days (default 7)")
+    p.add_argument("--test-days", type=int, default=7, help="last days of the data (default 7)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail above this bad-row share (default 0.01)")
+    p.add_argument("--ray-address", help="existing Ray cluster (default: start a local one)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--online-store", choices=["sqlite", "redis"], default="sqlite", help="Feast online store")
+    p.add_argument("--redis", default="127.0.0.1:6379", help="Redis host:port for --online-store redis")
+    p.add_argument("--no-materialize", action="store_true", help="apply the Feast repository but skip materialising")
+    p.set_defaults(func=_cmd_features)
 
     p = sub.add_parser("convert-eleme", help="convert the public Ele.me CTR dataset CSV into contract logs",
                        description="Map the Ele.me CTR dataset layout (one impression per row, per-request "

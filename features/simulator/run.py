@@ -75,8 +75,8 @@ def simulate(config: SimConfig, out: str | Path, *, overwrite: bool = False,
         "contract_version": contract.CONTRACT_VERSION,
         "producer": "fin simulate",
         "window_start_ms": day_start_ms(config.start_date, 0, offset),
-        # night-time sessions of the last day run until 05:00 the next morning
-        "window_end_ms": day_start_ms(config.start_date, config.days, offset) + 5 * 3600 * 1000,
+        # night-time sessions of the last day run into the next morning
+        "window_end_ms": day_start_ms(config.start_date, config.days + 1, offset),
         "utc_offset_hours": offset,
         "rows": {name: t.num_rows for name, t in world.tables().items()} | {
             "behaviours": sum(s.behaviours for s in stats),

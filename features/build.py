@@ -1,0 +1,74 @@
+"""The per-partition work of the features job, as pure functions over polars frames.
+
+A partition holds every log row of a set of users (rows are partitioned by user). For it we validate
+rows against the contract, build timelines, point training examples into them, split examples by day,
+and count impressions and clicks per item and shop for the point-in-time statistics. Nothing here
+knows about Ray; `jobs.features_job` runs it across partitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from features import aggregates, contract, sequences
+from features.validate import TableResult, validate_table
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class SplitDays:
+    """Local days (since 1970-01-01): validation from `validation_start`, test from `test_start`."""
+
+    validation_start: int
+    test_start: int
+
+    @classmethod
+    def last_days(cls, last_day: int, validation_days: int, test_days: int) -> "SplitDays":
+        test_start = last_day - test_days + 1
+        return cls(validation_start=test_start - validation_days, test_start=test_start)
+
+    def split_of(self, day: pl.Expr) -> pl.Expr:
+        return (pl.when(day >= self.test_start).then(pl.lit("test"))
+                .when(day >= self.validation_start).then(pl.lit("validation")).otherwise(pl.lit("train")))
+
+
+@dataclass
+class PartitionOutput:
+    timelines: pl.DataFrame  # one row per user, full timelines as lists
+    online_timelines: pl.DataFrame  # the last max_seq_len events + event_timestamp, for the online store
+    examples: dict[str, pl.DataFrame]  # split -> examples
+    item_counts: pl.DataFrame
+    shop_counts: pl.DataFrame
+    validation: dict[str, TableResult]
+
+
+def _stable_order(raw: pl.DataFrame) -> pl.DataFrame:
+    """Rows in an order that does not depend on how the input was sharded (first duplicate wins)."""
+    return raw.sort(raw.columns, nulls_last=True, maintain_order=True)
+
+
+def build_partition(behaviours: pl.DataFrame, impressions: pl.DataFrame, *, known_keys: dict[str, pl.Series | None],
+                    window: tuple[int, int], split: SplitDays, max_seq_len: int,
+                    utc_offset_hours: float) -> PartitionOutput:
+    beh = validate_table(_stable_order(behaviours), contract.BEHAVIOURS, window=window, known_keys=known_keys)
+    imp = validate_table(_stable_order(impressions), contract.IMPRESSIONS, window=window, known_keys=known_keys)
+    events = sequences.timeline_events(beh.clean)
+    timelines = sequences.build_timelines(events)
+    online = sequences.tail_timelines(timelines, max_seq_len).with_columns(
+        event_timestamp=pl.col("ts").list.last().cast(pl.Datetime("ms", "UTC")))
+
+    day = aggregates.local_day(pl.col("ts"), utc_offset_hours)
+    clean_imp = imp.clean.lazy().with_columns(day=day)
+    examples = (sequences.history_lengths(clean_imp, events)
+                .with_columns(split=split.split_of(pl.col("day")))
+                .sort("user_id", "ts", "impression_id").collect())
+    by_split = {s: examples.filter(pl.col("split") == s).drop("split") for s in SPLITS}
+    return PartitionOutput(
+        timelines=timelines, online_timelines=online, examples=by_split,
+        item_counts=aggregates.daily_counts(clean_imp, "item_id").collect(),
+        shop_counts=aggregates.daily_counts(clean_imp, "shop_id").collect(),
+        validation={"behaviours": beh, "impressions": imp},
+    )

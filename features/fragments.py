@@ -1,0 +1,122 @@
+"""`fragment()`: FIN's spatial-temporal sub-sequences of a user's timeline, for a batch of requests.
+
+One pure, vectorised torch function used by both the training data loader and the server, so train and
+serve cannot cut sub-sequences differently. It works on any device.
+
+Input: a jagged batch of histories (the user's timeline events, oldest first, with flat `values` per
+field and `offsets`), and one request context per history. Output: for each sub-sequence, flat indices
+into the history's values plus a length per request (KeyedJaggedTensor-ready: gather any field with
+`values[field][index]`).
+
+Sub-sequences (DESIGN.md section 2; the exact rules are our reconstruction, not the paper's text):
+    full        every event before the request, the most recent `full_len`
+    recent      the most recent `recent_len` events before the request
+    location    events at the request's place: same geohash6 cell, or (optional) one of its 8
+                neighbours, or (optional) the same AOI when both are known; the most recent `location_len`
+    meal        events in the request's meal slot (time_type); the most recent `meal_len`
+    integrated  the union of the location and meal sub-sequences, each event tagged with its set
+                membership (TAG_BOTH, TAG_LOCATION_ONLY, TAG_MEAL_ONLY); the most recent `integrated_len`
+Only events strictly before the request time are ever used. Every sub-sequence keeps time order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from features import geohash
+
+# Fields of a history that fragment() reads, and of a request context.
+HISTORY_FIELDS = ("ts", "place_geohash6", "aoi_id", "time_type")
+CONTEXT_FIELDS = ("ts", "geohash6", "aoi_id", "time_type")
+GEOHASH_PRECISION = 6
+MISSING = -1  # an unknown AOI or cell
+
+TAG_BOTH, TAG_LOCATION_ONLY, TAG_MEAL_ONLY = 1, 2, 3  # 0 is left for padding
+FRAGMENTS = ("full", "recent", "location", "meal", "integrated")
+
+
+@dataclass(frozen=True)
+class FragmentConfig:
+    full_len: int = 1000
+    recent_len: int = 50
+    location_len: int = 200
+    meal_len: int = 200
+    integrated_len: int = 100
+    neighbour_cells: bool = True
+    match_aoi: bool = True
+
+    def cap(self, name: str) -> int:
+        return getattr(self, f"{name}_len")
+
+
+@dataclass
+class Fragment:
+    index: torch.Tensor  # flat int64 indices into the history values, grouped by request, oldest first
+    lengths: torch.Tensor  # int64 per request
+    tags: torch.Tensor | None = None  # integrated only: set-membership tag per index
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
+
+
+def _keep_last(mask: torch.Tensor, cap: int) -> torch.Tensor:
+    """Within each row, keep the last `cap` True entries of `mask`."""
+    from_end = torch.flip(torch.cumsum(torch.flip(mask.to(torch.int32), [1]), 1), [1])
+    return mask & (from_end <= cap)
+
+
+def fragment(offsets: torch.Tensor, history: dict[str, torch.Tensor], context: dict[str, torch.Tensor],
+             config: FragmentConfig = FragmentConfig()) -> dict[str, Fragment]:
+    """Cut every FIN sub-sequence for a batch of requests.
+
+    offsets: int64 [B+1], request b's history is values[offsets[b]:offsets[b+1]], oldest first.
+    history: HISTORY_FIELDS -> int64 [offsets[-1]] (geohash as `geohash.to_codes` codes, MISSING if unknown).
+    context: CONTEXT_FIELDS -> int64 [B].
+    """
+    missing = [f for f in HISTORY_FIELDS if f not in history] + [f"context.{f}" for f in CONTEXT_FIELDS if f not in context]
+    if missing:
+        raise ValueError(f"fragment() needs {', '.join(missing)}")
+    lengths = offsets[1:] - offsets[:-1]
+    n = lengths.numel()
+    width = int(lengths.max()) if n else 0
+    col = torch.arange(width, device=offsets.device)
+    # right-aligned padded view: column j of row b is event offsets[b+1] - width + j
+    pos = offsets[1:, None] - width + col[None, :]
+    valid = col[None, :] >= (width - lengths)[:, None]
+    pos = torch.where(valid, pos, torch.zeros_like(pos))
+
+    def field(name: str) -> torch.Tensor:
+        return history[name][pos] if pos.numel() else pos
+
+    before = valid & (field("ts") < context["ts"][:, None])
+    cell = field("place_geohash6")
+    request_cell = context["geohash6"]
+    at_place = (cell == request_cell[:, None]) & (request_cell[:, None] != MISSING)
+    if config.neighbour_cells:
+        ring = geohash.neighbour_codes(request_cell.clamp(min=0), GEOHASH_PRECISION)  # [B, 8]
+        ring = torch.where(request_cell[:, None] == MISSING, torch.full_like(ring, MISSING), ring)
+        at_place |= ((cell[:, :, None] == ring[:, None, :]) & (ring[:, None, :] != MISSING)).any(-1)
+    if config.match_aoi:
+        aoi = field("aoi_id")
+        at_place |= (aoi == context["aoi_id"][:, None]) & (aoi != MISSING)
+    in_slot = field("time_type") == context["time_type"][:, None]
+
+    keep = {
+        "full": _keep_last(before, config.full_len),
+        "recent": _keep_last(before, config.recent_len),
+        "location": _keep_last(before & at_place, config.location_len),
+        "meal": _keep_last(before & in_slot, config.meal_len),
+    }
+    union = keep["location"] | keep["meal"]
+    keep["integrated"] = _keep_last(union, config.integrated_len)
+    tag_grid = torch.where(keep["location"] & keep["meal"], TAG_BOTH,
+                           torch.where(keep["location"], TAG_LOCATION_ONLY, TAG_MEAL_ONLY))
+    out = {}
+    for name in FRAGMENTS:
+        k = keep[name]
+        out[name] = Fragment(index=pos[k], lengths=k.sum(1).to(torch.int64),
+                             tags=tag_grid[k] if name == "integrated" else None)
+    return out

@@ -1,0 +1,337 @@
+"""`fin features`: logs -> timelines, point-in-time examples, item/shop statistics, and the Feast store.
+
+A Ray job in two stages of Ray tasks, both vectorised with polars:
+  1. shard: each task reads a group of log files and splits the rows by user partition into parquet
+     shards (rows of one user always land in the same partition);
+  2. build (one Ray task per partition): validate the partition's rows against the contract
+     (quarantining bad ones), build its users' timelines, point examples into them, split by day,
+     and count impressions/clicks per item and shop.
+The driver then turns the counts into point-in-time statistics, writes the stats JSON, moves the new
+dataset into place in one rename, and applies and materialises the Feast repository.
+
+Output folder:
+    OUT/data/            the dataset of this run (replaced as a whole by the next run)
+        timelines/part-PPPPP.parquet          one row per user, list columns (full history)
+        examples/{train,validation,test}/part-PPPPP.parquet   one row per impression + history_len
+        feast_sources/user_timeline.parquet   last max_seq_len events per user (what serving reads)
+        feast_sources/{item,shop}_stats.parquet   point-in-time daily stats (training joins these too)
+        quarantine/<table>/part-*.parquet     bad rows with a reason
+        stats.json
+    OUT/feast/           Feast repository: feature_store.yaml, registry, sqlite online store (kept across runs)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+from features import aggregates, contract, logio
+from features.build import SPLITS, SplitDays, build_partition
+from features.validate import ValidationConfig, data_window, validate_table
+
+DATA, FEAST = "data", "feast"
+_MAX_RAY_TEMP_LEN = 60  # Ray's unix socket paths under its temp dir must stay under ~107 characters
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    max_seq_len: int = 1000  # events per user kept in the online store (and per example history)
+    partitions: int = 8  # user partitions; fixed for a given output so runs are byte-identical
+    validation_days: int = 7
+    test_days: int = 7
+    max_bad_fraction: float = 0.01
+    ray_address: str | None = None  # None: start (and stop) a local Ray
+    num_cpus: int | None = None  # local Ray only; default: all cores
+    online_store: str = "sqlite"  # or "redis"
+    redis_connection: str = "127.0.0.1:6379"
+    materialize: bool = True
+
+
+# ---------------------------------------------------------------------------- Ray
+class _RaySession:
+    """Starts a local Ray (temp dir inside the output folder, usage stats off) or joins a cluster."""
+
+    def __init__(self, config: FeaturesConfig, out: Path):
+        import ray
+
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        self.ray, self.started = ray, False
+        self.temp_dir: Path | None = None
+        if ray.is_initialized():
+            return
+        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                      configure_logging=False)
+        if config.ray_address:
+            ray.init(address=config.ray_address, **kwargs)
+        else:
+            temp = (out / ".ray").resolve()
+            if len(str(temp)) > _MAX_RAY_TEMP_LEN:  # too long for Ray's sockets: use a short private dir
+                temp = Path(tempfile.mkdtemp(prefix="fin-ray-"))
+            temp.mkdir(parents=True, exist_ok=True)
+            self.temp_dir = temp
+            ray.init(num_cpus=config.num_cpus, _temp_dir=str(temp), **kwargs)
+        self.started = True
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+            if self.temp_dir is not None:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _partition_of(user_id: pl.Series, partitions: int) -> np.ndarray:
+    """User -> partition, stable across runs and machines (a multiplicative hash of the id)."""
+    ids = user_id.fill_null(0).to_numpy().astype(np.uint64)
+    return ((ids * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) % np.uint64(partitions)
+
+
+def _shard_task(files: list[str], table: str, group: int, work: str, partitions: int) -> int:
+    """Ray task: read a group of log files and split their rows by user partition into parquet shards."""
+    frames = [pl.read_parquet(f, hive_partitioning=False) for f in files]
+    rows = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+    part = (_partition_of(rows["user_id"], partitions) if "user_id" in rows.columns
+            else np.zeros(rows.height, dtype=np.uint64))
+    rows = rows.with_columns(_p=pl.Series(part.astype(np.int32)))
+    for (p,), shard in rows.partition_by("_p", as_dict=True).items():
+        path = Path(work) / table / f"p={p:05d}" / f"g-{group:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shard.drop("_p").write_parquet(path, compression="lz4")
+    return rows.height
+
+
+def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple[int, int], split: SplitDays,
+                max_seq_len: int, utc_offset_hours: float) -> dict:
+    """Ray task: build one user partition and write its parts; returns counts and small tables."""
+    def read(table: str) -> pl.DataFrame:
+        files = sorted((Path(work) / table / f"p={p:05d}").glob("*.parquet"))
+        if not files:
+            return pl.from_arrow(contract.TABLES[table].schema.empty_table())
+        return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+
+    t0 = time.perf_counter()
+    behaviours, impressions = read("behaviours"), read("impressions")
+    t1 = time.perf_counter()
+    out = build_partition(behaviours, impressions, known_keys=known_keys, window=window,
+                          split=split, max_seq_len=max_seq_len, utc_offset_hours=utc_offset_hours)
+    t2 = time.perf_counter()
+    root, name = Path(staging), f"part-{p:05d}.parquet"
+
+    def write(df: pl.DataFrame, *parts: str) -> None:
+        path = root.joinpath(*parts, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.write_parquet(path)
+
+    write(out.timelines, "timelines")
+    write(out.online_timelines, "feast_sources", "user_timeline")
+    for s, df in out.examples.items():
+        write(df, "examples", s)
+    for table, result in out.validation.items():
+        if result.quarantine.height:
+            write(result.quarantine, "quarantine", table)
+    lengths = out.timelines.select(pl.col("ts").list.len()).to_series().to_numpy()
+    return {
+        "partition": p,
+        "seconds": {"read": t1 - t0, "build": t2 - t1, "write": time.perf_counter() - t2},
+        "validation": {t: {"rows": r.rows, "quarantined": r.quarantine.height, "reasons": r.reasons}
+                       for t, r in out.validation.items()},
+        "examples": {s: df.height for s, df in out.examples.items()},
+        "labels": {s: int(df["label"].sum()) for s, df in out.examples.items()},
+        "timeline_lengths": lengths,
+        "item_counts": out.item_counts,
+        "shop_counts": out.shop_counts,
+    }
+
+
+# ---------------------------------------------------------------------------- the job
+def _world(logs: Path, window: tuple[int, int], staging: Path) -> tuple[dict, dict]:
+    known, summary = {}, {}
+    for name in contract.WORLD_TABLES:
+        raw = logio.read_raw(logs, name)
+        if raw is None:
+            known[name] = None
+            continue
+        spec = contract.TABLES[name]
+        result = validate_table(raw, spec, window=window, known_keys=known)
+        known[name] = result.clean[spec.key]
+        summary[name] = {"rows": result.rows, "quarantined": result.quarantine.height, "reasons": result.reasons}
+        if result.quarantine.height:
+            path = staging / "quarantine" / name / "part-00000.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            result.quarantine.write_parquet(path)
+    return known, summary
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Replace `target` by `staging` with renames only: readers see the old or the new dataset, never a mix."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _feast(out: Path, data: Path, config: FeaturesConfig, start: datetime, end: datetime) -> dict:
+    """Apply the repository; materialise everything on the first run, then incrementally."""
+    from feast import FeatureStore
+
+    from features.feast_repo import definitions
+
+    repo = out / FEAST
+    repo.mkdir(parents=True, exist_ok=True)
+    yaml = repo / "feature_store.yaml"
+    yaml.write_text(definitions.store_yaml(config.online_store, config.redis_connection))
+    started = time.perf_counter()
+    store = FeatureStore(repo_path=str(repo))
+    store.apply(definitions.objects((data / "feast_sources").resolve()))
+    applied = time.perf_counter()
+    if config.materialize:
+        with contextlib.redirect_stdout(io.StringIO()):  # Feast prints its progress
+            if store.get_feature_view("user_timeline").most_recent_end_time is None:
+                store.materialize(start_date=start, end_date=end)
+            else:
+                store.materialize_incremental(end_date=end)
+    return {"repo": str(repo), "apply_s": round(applied - started, 3),
+            "materialize_s": round(time.perf_counter() - applied, 3)}
+
+
+def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = FeaturesConfig(),
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Run the whole job; returns the stats also written to OUT/data/stats.json."""
+    logs, out = Path(logs), Path(out)
+    say = progress or (lambda _: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if not logs.is_dir():
+        raise FileNotFoundError(f"log folder {logs} does not exist")
+    for table in contract.LOG_TABLES:
+        files = logio.table_files(logs, table)
+        if not files:
+            raise ValueError(f"{logs} has no {table} (expected {logs}/{table}/**/*.parquet)")
+        if any(f.suffix != ".parquet" for f in files):
+            raise ValueError(f"{table}: the features job reads parquet only; convert CSV logs first")
+    manifest = logio.read_manifest(logs) or {}
+    offset = float(manifest.get("utc_offset_hours", 8.0))
+    window = data_window(logs, ValidationConfig())
+    last_day = int((window[1] - 1 + offset * 3_600_000) // aggregates.DAY_MS)
+    split = SplitDays.last_days(last_day, config.validation_days, config.test_days)
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".{DATA}.staging"
+    work = out / ".shards"
+    for d in (staging, work):
+        shutil.rmtree(d, ignore_errors=True)
+    staging.mkdir()
+    known, world_summary = _world(logs, window, staging)
+    timings["world_s"] = time.perf_counter() - t0
+
+    say("starting Ray")
+    t = time.perf_counter()
+    session = _RaySession(config, out)
+    timings["ray_start_s"] = time.perf_counter() - t
+    try:
+        import ray
+
+        t = time.perf_counter()
+        say("sharding the logs by user")
+        shard = ray.remote(num_cpus=1)(_shard_task)
+        shard_refs = []
+        for table in contract.LOG_TABLES:
+            files = [str(f) for f in logio.table_files(logs, table)]
+            groups = np.array_split(np.array(files), min(len(files), 4 * config.partitions))
+            shard_refs += [shard.remote(g.tolist(), table, i, str(work.resolve()), config.partitions)
+                           for i, g in enumerate(groups)]
+        ray.get(shard_refs)
+        timings["shard_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        keys_ref = ray.put(known)
+        task = ray.remote(num_cpus=1)(_build_task)
+        pending = [task.remote(p, str(work.resolve()), str(staging.resolve()), keys_ref, window, split,
+                               config.max_seq_len, offset) for p in range(config.partitions)]
+        results = []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.extend(ray.get(done))
+            say(f"built partition {len(results)}/{config.partitions}")
+        timings["build_s"] = time.perf_counter() - t
+    finally:
+        t = time.perf_counter()
+        session.close()
+        shutil.rmtree(work, ignore_errors=True)
+        timings["ray_stop_s"] = time.perf_counter() - t
+    results.sort(key=lambda r: r["partition"])
+
+    t = time.perf_counter()
+    first_day = int((window[0] + offset * 3_600_000) // aggregates.DAY_MS)
+    for key, name in (("item_id", "item_stats"), ("shop_id", "shop_stats")):
+        counts = pl.concat([r[f"{key.split('_')[0]}_counts"] for r in results])
+        stats = aggregates.point_in_time_stats(counts, key, first_day, last_day, offset)
+        stats.write_parquet(staging / "feast_sources" / f"{name}.parquet")
+    online = pl.concat([pl.read_parquet(f) for f in sorted((staging / "feast_sources" / "user_timeline").glob("*.parquet"))])
+    shutil.rmtree(staging / "feast_sources" / "user_timeline")
+    online.write_parquet(staging / "feast_sources" / "user_timeline.parquet")
+    timings["aggregate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+
+    stats = _stats(logs, config, window, split, world_summary, results)
+    failed = [t for t, s in stats["validation"].items() if s["bad_fraction"] > config.max_bad_fraction]
+    if failed:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ValueError(f"bad-row fraction above {config.max_bad_fraction:.2%} in {', '.join(failed)}: "
+                         f"nothing written (run fin validate for details)")
+    (staging / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
+    _swap_into_place(staging, out / DATA)
+    timings["stats_and_swap_s"] = time.perf_counter() - t
+
+    say("applying and materialising the Feast repository")
+    start, end = (datetime.fromtimestamp(w / 1000, tz=timezone.utc) for w in window)
+    feast = _feast(out, out / DATA, config, start, end)
+    timings.update(feast_apply_s=feast["apply_s"], feast_materialize_s=feast["materialize_s"])
+    timings["total_s"] = time.perf_counter() - t0
+    per_task = {k: round(sum(r["seconds"][k] for r in results), 3) for k in ("read", "build", "write")}
+    run = {"timings_s": {k: round(v, 3) for k, v in timings.items()}, "build_task_seconds_total": per_task,
+           "feast_repo": feast["repo"]}
+    (out / DATA / "run.json").write_text(json.dumps(run, indent=2, sort_keys=True))
+    return stats | run
+
+
+def _stats(logs: Path, config: FeaturesConfig, window, split: SplitDays, world: dict, results: list[dict]) -> dict:
+    validation = dict(world)
+    for table in contract.LOG_TABLES:
+        rows = sum(r["validation"][table]["rows"] for r in results)
+        quarantined = sum(r["validation"][table]["quarantined"] for r in results)
+        reasons: dict[str, int] = {}
+        for r in results:
+            for k, v in r["validation"][table]["reasons"].items():
+                reasons[k] = reasons.get(k, 0) + v
+        validation[table] = {"rows": rows, "quarantined": quarantined, "reasons": dict(sorted(reasons.items()))}
+    for s in validation.values():
+        s["bad_fraction"] = round(s["quarantined"] / s["rows"], 6) if s["rows"] else 0.0
+    lengths = np.concatenate([r["timeline_lengths"] for r in results]) if results else np.zeros(0)
+    pct = {f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)} if lengths.size else {}
+    return {
+        "logs": str(logs.resolve()),
+        "config": asdict(config),
+        "window_start_ms": window[0], "window_end_ms": window[1],
+        "split_days": {"validation_start": split.validation_start, "test_start": split.test_start},
+        "validation": validation,
+        "users": int(lengths.size),
+        "timeline_length": pct | {"max": int(lengths.max()) if lengths.size else 0,
+                                  "over_max_seq_len": int((lengths > config.max_seq_len).sum())},
+        "examples": {s: sum(r["examples"][s] for r in results) for s in SPLITS},
+        "clicks": {s: sum(r["labels"][s] for r in results) for s in SPLITS},
+    }

@@ -1,0 +1,102 @@
+"""Property tests of fragment(): the FIN sub-sequences against a plain per-request reference."""
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from features import geohash
+from features.fragments import (MISSING, TAG_BOTH, TAG_LOCATION_ONLY, TAG_MEAL_ONLY, FragmentConfig, fragment)
+from features.sequences import history_batch
+
+CENTRE = int(geohash.to_codes(np.array(["wtw3sj"]))[0][0])
+RING = geohash.neighbour_codes(np.array([CENTRE]), 6)[0].tolist()
+FAR = int(geohash.to_codes(np.array(["wtw9zz"]))[0][0])
+CELLS = [CENTRE, *RING[:3], FAR, MISSING]
+
+
+@st.composite
+def batches(draw):
+    n = draw(st.integers(1, 6))
+    histories, contexts = [], []
+    for _ in range(n):
+        length = draw(st.integers(0, 40))
+        ts = sorted(draw(st.lists(st.integers(0, 1000), min_size=length, max_size=length)))
+        events = [dict(ts=t, place_geohash6=draw(st.sampled_from(CELLS)), aoi_id=draw(st.sampled_from([MISSING, 1, 2])),
+                       time_type=draw(st.integers(0, 4))) for t in ts]
+        histories.append(events)
+        contexts.append(dict(ts=draw(st.integers(0, 1100)), geohash6=draw(st.sampled_from([CENTRE, FAR, MISSING])),
+                             aoi_id=draw(st.sampled_from([MISSING, 1, 2])), time_type=draw(st.integers(0, 4))))
+    config = FragmentConfig(full_len=draw(st.integers(1, 30)), recent_len=draw(st.integers(1, 10)),
+                            location_len=draw(st.integers(1, 10)), meal_len=draw(st.integers(1, 10)),
+                            integrated_len=draw(st.integers(1, 12)), neighbour_cells=draw(st.booleans()),
+                            match_aoi=draw(st.booleans()))
+    return histories, contexts, config
+
+
+def _tensors(histories, contexts):
+    lengths = [len(h) for h in histories]
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+    fields = ("ts", "place_geohash6", "aoi_id", "time_type")
+    history = {f: torch.tensor([e[f] for h in histories for e in h], dtype=torch.int64) for f in fields}
+    context = {f: torch.tensor([c[f] for c in contexts], dtype=torch.int64) for f in ("ts", "geohash6", "aoi_id", "time_type")}
+    return offsets, history, context
+
+
+def _reference(events, ctx, config):
+    """Plain per-request rules (positions within the request's history)."""
+    before = [i for i, e in enumerate(events) if e["ts"] < ctx["ts"]]
+    cells = {ctx["geohash6"]} | (set(geohash.neighbour_codes(np.array([ctx["geohash6"]]), 6)[0].tolist())
+                                 if config.neighbour_cells and ctx["geohash6"] != MISSING else set())
+    cells.discard(MISSING)
+
+    def at_place(e):
+        return e["place_geohash6"] in cells or (config.match_aoi and e["aoi_id"] != MISSING and e["aoi_id"] == ctx["aoi_id"])
+
+    loc = [i for i in before if at_place(events[i])][-config.location_len:]
+    meal = [i for i in before if events[i]["time_type"] == ctx["time_type"]][-config.meal_len:]
+    union = sorted(set(loc) | set(meal))[-config.integrated_len:]
+    tags = [TAG_BOTH if i in loc and i in meal else TAG_LOCATION_ONLY if i in loc else TAG_MEAL_ONLY for i in union]
+    return {"full": before[-config.full_len:], "recent": before[-config.recent_len:], "location": loc, "meal": meal,
+            "integrated": union}, tags
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches())
+def test_fragments_match_the_rules(batch):
+    histories, contexts, config = batch
+    offsets, history, context = _tensors(histories, contexts)
+    out = fragment(offsets, history, context, config)
+    for b, (events, ctx) in enumerate(zip(histories, contexts)):
+        expected, tags = _reference(events, ctx, config)
+        for name, frag in out.items():
+            got = (frag.index[frag.offsets[b]:frag.offsets[b + 1]] - offsets[b]).tolist()
+            assert got == expected[name], (name, b)
+            assert len(got) <= config.cap(name)
+            assert all(history["ts"][offsets[b] + i] < ctx["ts"] for i in got)  # strictly before the request
+        integ = out["integrated"]
+        assert integ.tags[integ.offsets[b]:integ.offsets[b + 1]].tolist() == tags
+
+
+def test_empty_batch_and_empty_histories():
+    offsets = torch.tensor([0, 0, 0])
+    history = {f: torch.zeros(0, dtype=torch.int64) for f in ("ts", "place_geohash6", "aoi_id", "time_type")}
+    context = {f: torch.zeros(2, dtype=torch.int64) for f in ("ts", "geohash6", "aoi_id", "time_type")}
+    out = fragment(offsets, history, context)
+    assert all(f.lengths.tolist() == [0, 0] and f.index.numel() == 0 for f in out.values())
+
+
+def test_missing_fields_are_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="place_geohash6"):
+        fragment(torch.tensor([0]), {"ts": torch.zeros(0)}, {})
+
+
+def test_history_batch_takes_the_last_events_before_the_pointer():
+    # two users' timelines, flat: user 0 has events 10..14, user 1 has 20..22
+    values = {"ts": np.array([10, 11, 12, 13, 14, 20, 21, 22])}
+    starts = np.array([0, 5, 8])
+    offsets, hist = history_batch(values, starts, rows=np.array([0, 1, 0]), history_len=np.array([4, 2, 0]), max_len=3)
+    assert offsets.tolist() == [0, 3, 5, 5]
+    assert hist["ts"].tolist() == [11, 12, 13, 20, 21]
