@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -184,26 +184,28 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _feast(out: Path, data: Path, config: FeaturesConfig, start: datetime, end: datetime) -> dict:
-    """Apply the repository; materialise everything on the first run, then incrementally."""
+def _feast(out: Path, data: Path, config: FeaturesConfig, start: datetime, ends: dict[str, datetime]) -> dict:
+    """Apply the repository, then materialise each view up to its newest row: everything on the first run,
+    incrementally afterwards. Per-view watermarks at the newest row (not the window end) make sure a
+    later run's newer rows always lie after the store's watermark."""
     from feast import FeatureStore
 
     from features.feast_repo import definitions
 
     repo = out / FEAST
     repo.mkdir(parents=True, exist_ok=True)
-    yaml = repo / "feature_store.yaml"
-    yaml.write_text(definitions.store_yaml(config.online_store, config.redis_connection))
+    (repo / "feature_store.yaml").write_text(definitions.store_yaml(config.online_store, config.redis_connection))
     started = time.perf_counter()
     store = FeatureStore(repo_path=str(repo))
     store.apply(definitions.objects((data / "feast_sources").resolve()))
     applied = time.perf_counter()
     if config.materialize:
         with contextlib.redirect_stdout(io.StringIO()):  # Feast prints its progress
-            if store.get_feature_view("user_timeline").most_recent_end_time is None:
-                store.materialize(start_date=start, end_date=end)
-            else:
-                store.materialize_incremental(end_date=end)
+            for view, end in ends.items():
+                if store.get_feature_view(view).most_recent_end_time is None:
+                    store.materialize(start_date=start, end_date=end, feature_views=[view])
+                else:
+                    store.materialize_incremental(end_date=end, feature_views=[view])
     return {"repo": str(repo), "apply_s": round(applied - started, 3),
             "materialize_s": round(time.perf_counter() - applied, 3)}
 
@@ -277,13 +279,16 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
 
     t = time.perf_counter()
     first_day = int((window[0] + offset * 3_600_000) // aggregates.DAY_MS)
+    newest: dict[str, datetime] = {}
     for key, name in (("item_id", "item_stats"), ("shop_id", "shop_stats")):
         counts = pl.concat([r[f"{key.split('_')[0]}_counts"] for r in results])
         stats = aggregates.point_in_time_stats(counts, key, first_day, last_day, offset)
         stats.write_parquet(staging / "feast_sources" / f"{name}.parquet")
+        newest[name] = stats["event_timestamp"].max()
     online = pl.concat([pl.read_parquet(f) for f in sorted((staging / "feast_sources" / "user_timeline").glob("*.parquet"))])
     shutil.rmtree(staging / "feast_sources" / "user_timeline")
     online.write_parquet(staging / "feast_sources" / "user_timeline.parquet")
+    newest["user_timeline"] = online["event_timestamp"].max()
     timings["aggregate_s"] = time.perf_counter() - t
     t = time.perf_counter()
 
@@ -298,8 +303,9 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
     timings["stats_and_swap_s"] = time.perf_counter() - t
 
     say("applying and materialising the Feast repository")
-    start, end = (datetime.fromtimestamp(w / 1000, tz=timezone.utc) for w in window)
-    feast = _feast(out, out / DATA, config, start, end)
+    start = datetime.fromtimestamp(window[0] / 1000, tz=timezone.utc)
+    ends = {view: (t or start) + timedelta(milliseconds=1) for view, t in newest.items()}
+    feast = _feast(out, out / DATA, config, start, ends)
     timings.update(feast_apply_s=feast["apply_s"], feast_materialize_s=feast["materialize_s"])
     timings["total_s"] = time.perf_counter() - t0
     per_task = {k: round(sum(r["seconds"][k] for r in results), 3) for k in ("read", "build", "write")}

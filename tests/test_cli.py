@@ -5,7 +5,7 @@ import pytest
 from jobs.cli import build_parser
 from tests.conftest import run_fin
 
-SUBCOMMANDS = ["simulate", "validate", "convert-eleme"]
+SUBCOMMANDS = ["simulate", "validate", "features", "convert-eleme"]
 
 
 def test_every_subcommand_has_help():

@@ -1,0 +1,159 @@
+"""The features job end to end on a real local Ray and a real Feast (file offline, sqlite online) store."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from feast import FeatureStore
+
+from features.online import read_timelines
+from features.sequences import TIMELINE_FIELDS
+from features.simulator import load_sim_config, simulate
+from jobs.features_job import FeaturesConfig, run_features
+from tests.conftest import run_fin
+
+CONFIG = FeaturesConfig(max_seq_len=50, partitions=3, validation_days=3, test_days=3, num_cpus=2)
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("flogs") / "logs"
+    simulate(load_sim_config(days=14, **{"users.users": 60}), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def job(logs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fout") / "out"
+    stats = run_features(logs, out, CONFIG)
+    return out, stats
+
+
+def _read(root: Path, *parts: str) -> pl.DataFrame:
+    return pl.read_parquet(root.joinpath(*parts) / "*.parquet")
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "run.json"}
+
+
+def test_timelines_hold_every_behaviour_in_time_order(job, logs):
+    out, stats = job
+    beh = pl.read_parquet(logs / "behaviours" / "**" / "*.parquet", hive_partitioning=False)
+    tl = _read(out / "data", "timelines")
+    assert tl["user_id"].n_unique() == tl.height == beh["user_id"].n_unique() == stats["users"]
+    counts = beh.group_by("user_id").len().join(tl.select("user_id", n=pl.col("ts").list.len()), on="user_id")
+    assert (counts["len"] == counts["n"]).all()
+    assert tl.select(pl.col("ts").list.eval(pl.element().diff().fill_null(0) >= 0).list.all()).to_series().all()
+    assert set(tl.columns) == {"user_id", *TIMELINE_FIELDS}
+
+
+def test_examples_point_into_timelines_without_copies(job, logs):
+    out, stats = job
+    imp = pl.read_parquet(logs / "impressions" / "**" / "*.parquet", hive_partitioning=False)
+    ex = pl.concat([_read(out / "data", "examples", s) for s in ("train", "validation", "test")])
+    assert ex.height == imp.height and ex["impression_id"].n_unique() == ex.height
+    assert not any(dt == pl.List for dt in ex.schema.dtypes())  # pointers only
+    tl = _read(out / "data", "timelines").select("user_id", "ts")
+    sample = ex.sample(300, seed=1).join(tl, on="user_id", suffix="_timeline")
+    expected = sample.select(pl.col("ts_timeline").list.eval(pl.element() < pl.col("").first()).list.sum())
+    brute = [int(np.sum(np.asarray(t) < ts)) for t, ts in zip(sample["ts_timeline"], sample["ts"])]
+    assert sample["history_len"].to_list() == brute
+    del expected
+
+
+def test_split_is_by_day(job):
+    out, stats = job
+    days = {s: _read(out / "data", "examples", s)["day"] for s in ("train", "validation", "test")}
+    assert days["train"].max() < days["validation"].min() <= days["validation"].max() < days["test"].min()
+    assert days["test"].n_unique() == CONFIG.test_days and days["validation"].n_unique() == CONFIG.validation_days
+    assert stats["examples"] == {s: len(d) for s, d in days.items()}
+
+
+def test_item_stats_are_point_in_time(job, logs):
+    out, _ = job
+    stats = pl.read_parquet(out / "data" / "feast_sources" / "item_stats.parquet")
+    ex = pl.concat([_read(out / "data", "examples", s) for s in ("train", "validation", "test")])
+    row = stats.filter(pl.col("impressions_7d") > 0).sample(1, seed=3).row(0, named=True)
+    window = ex.filter((pl.col("item_id") == row["item_id"]) & (pl.col("day") >= row["day"] - 7) & (pl.col("day") < row["day"]))
+    assert row["impressions_7d"] == window.height and row["clicks_7d"] == window["label"].sum()
+    # nothing from the day itself or later
+    first_day = stats.filter(pl.col("item_id") == row["item_id"])["day"].min()
+    assert stats.filter((pl.col("item_id") == row["item_id"]) & (pl.col("day") == first_day))["impressions_30d"].item() == 0
+
+
+def test_online_store_holds_the_latest_timeline(job):
+    out, _ = job
+    store = FeatureStore(repo_path=str(out / "feast"))
+    tl = _read(out / "data", "timelines").sort("user_id")
+    users = tl["user_id"].to_list()[:10]
+    online = read_timelines(store, users + [10**9])
+    assert online[-1] is None  # an unknown user: nothing, not an error
+    for user, got in zip(users, online[:-1]):
+        row = tl.filter(pl.col("user_id") == user).row(0, named=True)
+        for f in TIMELINE_FIELDS:
+            assert got[f].tolist() == row[f][-CONFIG.max_seq_len:], (user, f)
+
+
+def test_rerun_is_byte_identical(job, logs, tmp_path):
+    out, stats = job
+    again = tmp_path / "again"
+    run_features(logs, again, CONFIG)
+    assert _digest(again / "data") == _digest(out / "data")
+
+
+def test_bad_rows_are_quarantined_and_counted(logs, tmp_path):
+    bad_logs = tmp_path / "logs"
+    shutil.copytree(logs, bad_logs)
+    beh = pl.read_parquet(bad_logs / "behaviours" / "**" / "*.parquet", hive_partitioning=False).head(3)
+    bad = beh.with_columns(event_id=pl.col("event_id") + 10**15, price=pl.lit(-1.0, pl.Float32))
+    (bad_logs / "behaviours" / "date=2099-01-01").mkdir()
+    bad.write_parquet(bad_logs / "behaviours" / "date=2099-01-01" / "bad.parquet")
+    stats = run_features(bad_logs, tmp_path / "out", FeaturesConfig(**{**CONFIG.__dict__, "materialize": False}))
+    assert stats["validation"]["behaviours"]["reasons"] == {"out_of_range:price;ts_outside_window": 3} or \
+        stats["validation"]["behaviours"]["quarantined"] == 3
+    q = _read(tmp_path / "out" / "data", "quarantine", "behaviours")
+    assert q.height == 3 and q["event_id"].sort().to_list() == bad["event_id"].sort().to_list()
+
+
+def test_a_failed_run_leaves_the_previous_dataset(logs, tmp_path):
+    out = tmp_path / "out"
+    cfg = FeaturesConfig(**{**CONFIG.__dict__, "materialize": False})
+    run_features(logs, out, cfg)
+    before = _digest(out / "data")
+    broken = tmp_path / "broken"
+    shutil.copytree(logs, broken)
+    next(iter((broken / "impressions").rglob("*.parquet"))).write_bytes(b"not parquet")
+    with pytest.raises(Exception):
+        run_features(broken, out, cfg)
+    assert _digest(out / "data") == before
+    r = run_fin("features", "--logs", str(broken), "--out", str(out), "--no-materialize", "--partitions", "2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert _digest(out / "data") == before
+
+
+def test_materialisation_is_incremental(logs, tmp_path):
+    """A later run over more days updates the online timelines of users with new events."""
+    out = tmp_path / "out"
+    short = tmp_path / "short"
+    simulate(load_sim_config(days=10, **{"users.users": 60}), short)  # the same city, 4 days fewer
+    run_features(short, out, CONFIG)
+    store = FeatureStore(repo_path=str(out / "feast"))
+    before = read_timelines(store, list(range(1, 61)))
+    run_features(logs, out, CONFIG)
+    after = read_timelines(FeatureStore(repo_path=str(out / "feast")), list(range(1, 61)))
+    tl = _read(out / "data", "timelines")
+    changed = 0
+    for user, (b, a) in enumerate(zip(before, after), start=1):
+        row = tl.filter(pl.col("user_id") == user)
+        if row.height == 0:
+            continue
+        assert a["ts"].tolist() == row["ts"].item().to_list()[-CONFIG.max_seq_len:]
+        changed += b is None or b["ts"][-1] != a["ts"][-1]
+    assert changed > 30
+    assert json.loads((out / "data" / "run.json").read_text())["timings_s"]["feast_materialize_s"] >= 0
