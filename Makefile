@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 FIN    := $(VENV)/bin/fin
 DEMO   ?= demo_out
 
-.PHONY: demo test install bench-simulate clean
+.PHONY: demo test install bench-simulate bench-features clean
 
 install: $(VENV)/.installed
 
@@ -20,12 +20,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 demo: install
 	$(FIN) simulate --out $(DEMO)/logs --overwrite --report
 	$(FIN) validate --logs $(DEMO)/logs
+	$(FIN) features --logs $(DEMO)/logs --out $(DEMO)/features
 
 test: install
 	$(PY) -m pytest -q
 
 bench-simulate: install
 	$(PY) benchmarks/simulate_scale.py
+
+bench-features: install
+	$(PY) benchmarks/features_scale.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
