@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import pandas as pd
 import pyarrow.dataset as ds
 
 GEOHASH = "0123456789bcdefghjkmnpqrstuvwxyz"

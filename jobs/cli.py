@@ -38,7 +38,8 @@ def _time_ms(text: str) -> int:
     try:
         t = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a time: {text!r} (use milliseconds or ISO like 2026-03-02T00:00+08:00)")
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (use milliseconds or ISO like 2026-03-02T00:00+08:00)") from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.timezone.utc)
     return int(t.timestamp() * 1000)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import ray
 from feast import FeatureStore
 
 from features.online import read_timelines
@@ -61,10 +62,8 @@ def test_examples_point_into_timelines_without_copies(job, logs):
     assert not any(dt == pl.List for dt in ex.schema.dtypes())  # pointers only
     tl = _read(out / "data", "timelines").select("user_id", "ts")
     sample = ex.sample(300, seed=1).join(tl, on="user_id", suffix="_timeline")
-    expected = sample.select(pl.col("ts_timeline").list.eval(pl.element() < pl.col("").first()).list.sum())
     brute = [int(np.sum(np.asarray(t) < ts)) for t, ts in zip(sample["ts_timeline"], sample["ts"])]
     assert sample["history_len"].to_list() == brute
-    del expected
 
 
 def test_split_is_by_day(job):
@@ -115,8 +114,8 @@ def test_bad_rows_are_quarantined_and_counted(logs, tmp_path):
     (bad_logs / "behaviours" / "date=2099-01-01").mkdir()
     bad.write_parquet(bad_logs / "behaviours" / "date=2099-01-01" / "bad.parquet")
     stats = run_features(bad_logs, tmp_path / "out", FeaturesConfig(**{**CONFIG.__dict__, "materialize": False}))
-    assert stats["validation"]["behaviours"]["reasons"] == {"out_of_range:price;ts_outside_window": 3} or \
-        stats["validation"]["behaviours"]["quarantined"] == 3
+    assert stats["validation"]["behaviours"]["reasons"] == {"out_of_range:price": 3}
+    assert stats["validation"]["behaviours"]["quarantined"] == 3
     q = _read(tmp_path / "out" / "data", "quarantine", "behaviours")
     assert q.height == 3 and q["event_id"].sort().to_list() == bad["event_id"].sort().to_list()
 
@@ -129,7 +128,7 @@ def test_a_failed_run_leaves_the_previous_dataset(logs, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(logs, broken)
     next(iter((broken / "impressions").rglob("*.parquet"))).write_bytes(b"not parquet")
-    with pytest.raises(Exception):
+    with pytest.raises(ray.exceptions.RayTaskError, match="parquet"):
         run_features(broken, out, cfg)
     assert _digest(out / "data") == before
     r = run_fin("features", "--logs", str(broken), "--out", str(out), "--no-materialize", "--partitions", "2")
