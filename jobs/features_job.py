@@ -13,7 +13,7 @@ Output folder:
     OUT/data/            the dataset of this run (replaced as a whole by the next run)
         timelines/part-PPPPP.parquet          one row per user, list columns (full history)
         examples/{train,validation,test}/part-PPPPP.parquet   one row per impression + history_len
-        feast_sources/user_timeline.parquet   last max_seq_len events per user (what serving reads)
+        feast_sources/user_timeline/part-PPPPP.parquet   last max_seq_len events per user (what serving reads)
         feast_sources/{item,shop}_stats.parquet   point-in-time daily stats (training joins these too)
         quarantine/<table>/part-*.parquet     bad rows with a reason
         stats.json
@@ -143,6 +143,7 @@ def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple
             write(result.quarantine, "quarantine", table)
     lengths = out.timelines.select(pl.col("ts").list.len()).to_series().to_numpy()
     return {
+        "newest_event": out.online_timelines["event_timestamp"].max(),
         "partition": p,
         "seconds": {"read": t1 - t0, "build": t2 - t1, "write": time.perf_counter() - t2},
         "validation": {t: {"rows": r.rows, "quarantined": r.quarantine.height, "reasons": r.reasons}
@@ -285,10 +286,7 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
         stats = aggregates.point_in_time_stats(counts, key, first_day, last_day, offset)
         stats.write_parquet(staging / "feast_sources" / f"{name}.parquet")
         newest[name] = stats["event_timestamp"].max()
-    online = pl.concat([pl.read_parquet(f) for f in sorted((staging / "feast_sources" / "user_timeline").glob("*.parquet"))])
-    shutil.rmtree(staging / "feast_sources" / "user_timeline")
-    online.write_parquet(staging / "feast_sources" / "user_timeline.parquet")
-    newest["user_timeline"] = online["event_timestamp"].max()
+    newest["user_timeline"] = max((r["newest_event"] for r in results if r["newest_event"] is not None), default=None)
     timings["aggregate_s"] = time.perf_counter() - t
     t = time.perf_counter()
 

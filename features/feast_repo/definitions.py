@@ -30,9 +30,10 @@ def _stats_schema() -> list[Field]:
 
 
 def feature_views(sources: Path) -> list[FeatureView]:
-    """Feature views over the parquet files the features job writes under `sources`."""
+    """Feature views over the parquet the features job writes under `sources` (a file, or a folder of parts)."""
     def source(name: str) -> FileSource:
-        return FileSource(name=name, path=str(sources / f"{name}.parquet"), timestamp_field=TIMESTAMP)
+        path = sources / name if (sources / name).is_dir() else sources / f"{name}.parquet"
+        return FileSource(name=name, path=str(path), timestamp_field=TIMESTAMP)
 
     return [
         FeatureView(name="user_timeline", entities=[user], ttl=timedelta(0), source=source("user_timeline"),
