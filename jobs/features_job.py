@@ -43,7 +43,7 @@ from features.build import SPLITS, SplitDays, build_partition
 from features.validate import ValidationConfig, data_window, validate_table
 
 DATA, FEAST = "data", "feast"
-_MAX_RAY_TEMP_LEN = 60  # Ray's unix socket paths under its temp dir must stay under ~107 characters
+_MAX_RAY_TEMP_LEN = 40  # Ray puts ~65 more characters of session and socket names under it; AF_UNIX allows 107
 
 
 @dataclass(frozen=True)
