@@ -57,15 +57,16 @@ def build_partition(behaviours: pl.DataFrame, impressions: pl.DataFrame, *, know
     online = sequences.tail_timelines(timelines, max_seq_len).with_columns(
         event_timestamp=pl.col("ts").list.last().cast(pl.Datetime("ms", "UTC")))
 
-    day = aggregates.local_day(pl.col("ts"), utc_offset_hours)
-    clean_imp = imp.clean.lazy().with_columns(day=day)
-    examples = (sequences.history_lengths(clean_imp, events)
-                .with_columns(split=split.split_of(pl.col("day")))
-                .sort("user_id", "ts", "impression_id").collect())
+    clean_imp = imp.clean.sort("user_id", "ts", "impression_id")
+    examples = clean_imp.with_columns(
+        history_len=pl.Series(sequences.history_lengths(clean_imp["user_id"].to_numpy(), clean_imp["ts"].to_numpy(),
+                                                        events), dtype=pl.Int64),
+        day=aggregates.local_day(pl.col("ts"), utc_offset_hours),
+    ).with_columns(split=split.split_of(pl.col("day")))
     by_split = {s: examples.filter(pl.col("split") == s).drop("split") for s in SPLITS}
     return PartitionOutput(
         timelines=timelines, online_timelines=online, examples=by_split,
-        item_counts=aggregates.daily_counts(clean_imp, "item_id").collect(),
-        shop_counts=aggregates.daily_counts(clean_imp, "shop_id").collect(),
+        item_counts=aggregates.daily_counts(examples.lazy(), "item_id").collect(),
+        shop_counts=aggregates.daily_counts(examples.lazy(), "shop_id").collect(),
         validation={"behaviours": beh, "impressions": imp},
     )

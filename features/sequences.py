@@ -33,7 +33,7 @@ def price_bucket(expr: pl.Expr) -> pl.Expr:
     return b.clip(1, PRICE_BUCKETS - 1).fill_null(0)
 
 
-def timeline_events(behaviours: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+def timeline_events(behaviours: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     """Contract behaviours -> timeline events (user_id + TIMELINE_FIELDS), sorted by user then time.
 
     The place of an event is where the user was (`geohash_6`); sources that do not know it (the Ele.me
@@ -52,22 +52,35 @@ def timeline_events(behaviours: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
         pl.col("aoi_id").fill_null(MISSING),
         *(pl.col(c).cast(pl.Int64) for c in ("time_type", "weekdays", "hours")),
         pl.col("event_id"),
-    ).sort("user_id", "ts", "event_id").drop("event_id")
+    ).sort("user_id", "ts", "event_id").drop("event_id").collect()
 
 
-def build_timelines(events: pl.LazyFrame) -> pl.DataFrame:
-    """Timeline events -> one row per user with a list column per field (time order kept)."""
-    return events.group_by("user_id", maintain_order=True).agg(*TIMELINE_FIELDS).sort("user_id").collect()
+def build_timelines(events: pl.DataFrame) -> pl.DataFrame:
+    """Timeline events (sorted by user, then time) -> one row per user with a list column per field."""
+    return events.group_by("user_id", maintain_order=True).agg(*TIMELINE_FIELDS)
 
 
-def history_lengths(impressions: pl.LazyFrame, events: pl.LazyFrame) -> pl.LazyFrame:
-    """Adds `history_len` to impressions: how many of the user's timeline events are strictly earlier."""
-    indexed = events.select("user_id", "ts").with_columns(
-        history_len=pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("user_id")).sort("ts")
-    return (impressions.sort("ts")
-            .join_asof(indexed, on="ts", by="user_id", strategy="backward", allow_exact_matches=False,
-                       check_sortedness=False)
-            .with_columns(pl.col("history_len").fill_null(0)))
+def history_lengths(user_id: np.ndarray, ts: np.ndarray, events: pl.DataFrame) -> np.ndarray:
+    """For each (user_id, ts): how many of the user's timeline events are strictly earlier.
+
+    `events` must be sorted by user then time (as `timeline_events` returns them). One binary search
+    per request over a combined (user rank, time) key; no joins, no copies of sequences.
+    """
+    ev_user = events["user_id"].to_numpy()
+    ev_ts = events["ts"].to_numpy()
+    if ev_user.size == 0 or user_id.size == 0:
+        return np.zeros(user_id.size, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, ev_user[1:] != ev_user[:-1]])
+    users = ev_user[starts]
+    if starts.size >= 1 << 21:
+        raise ValueError("more than 2M users in one partition: use more partitions")
+    t0 = min(int(ev_ts.min()), int(ts.min()))
+    rank = np.repeat(np.arange(starts.size, dtype=np.int64), np.diff(np.r_[starts, ev_user.size]))
+    event_key = (rank << 42) | (ev_ts - t0)  # sorted, because events are sorted by (user, ts)
+    pos = np.minimum(np.searchsorted(users, user_id), users.size - 1)
+    known = users[pos] == user_id
+    first_not_earlier = np.searchsorted(event_key, (pos.astype(np.int64) << 42) | (ts - t0), side="left")
+    return np.where(known, first_not_earlier - starts[pos], 0)
 
 
 def tail_timelines(timelines: pl.DataFrame, max_len: int) -> pl.DataFrame:

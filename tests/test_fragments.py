@@ -100,3 +100,18 @@ def test_history_batch_takes_the_last_events_before_the_pointer():
     offsets, hist = history_batch(values, starts, rows=np.array([0, 1, 0]), history_len=np.array([4, 2, 0]), max_len=3)
     assert offsets.tolist() == [0, 3, 5, 5]
     assert hist["ts"].tolist() == [11, 12, 13, 20, 21]
+
+
+@settings(max_examples=100, deadline=None)
+@given(events=st.lists(st.tuples(st.integers(1, 5), st.integers(0, 50)), max_size=60),
+       requests=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 55)), min_size=1, max_size=20))
+def test_history_lengths_count_strictly_earlier_events(events, requests):
+    import polars as pl
+
+    from features.sequences import history_lengths
+
+    ev = pl.DataFrame(sorted(events), schema=["user_id", "ts"], orient="row")
+    users = np.array([u for u, _ in requests], dtype=np.int64)
+    ts = np.array([t for _, t in requests], dtype=np.int64)
+    got = history_lengths(users, ts, ev)
+    assert got.tolist() == [sum(1 for eu, et in events if eu == u and et < t) for u, t in requests]
