@@ -99,10 +99,18 @@ def _partition_of(user_id: pl.Series, partitions: int) -> np.ndarray:
     return ((ids * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) % np.uint64(partitions)
 
 
+def _read_parquet_files(files: list[str]) -> pl.DataFrame:
+    """Many parquet files as one frame: one parallel scan when their schemas agree, else file by file with
+    the most general type per column (so the validator sees, and quarantines, what does not fit)."""
+    try:
+        return pl.scan_parquet(files, hive_partitioning=False).collect()
+    except (pl.exceptions.SchemaError, pl.exceptions.ComputeError):
+        return pl.concat([pl.read_parquet(f, hive_partitioning=False) for f in files], how="diagonal_relaxed")
+
+
 def _shard_task(files: list[str], table: str, group: int, work: str, partitions: int) -> int:
     """Ray task: read a group of log files and split their rows by user partition into parquet shards."""
-    frames = [pl.read_parquet(f, hive_partitioning=False) for f in files]
-    rows = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+    rows = _read_parquet_files(files)
     part = (_partition_of(rows["user_id"], partitions) if "user_id" in rows.columns
             else np.zeros(rows.height, dtype=np.uint64))
     rows = rows.with_columns(_p=pl.Series(part.astype(np.int32)))
@@ -117,10 +125,10 @@ def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple
                 max_seq_len: int, utc_offset_hours: float) -> dict:
     """Ray task: build one user partition and write its parts; returns counts and small tables."""
     def read(table: str) -> pl.DataFrame:
-        files = sorted((Path(work) / table / f"p={p:05d}").glob("*.parquet"))
+        files = sorted(str(f) for f in (Path(work) / table / f"p={p:05d}").glob("*.parquet"))
         if not files:
             return pl.from_arrow(contract.TABLES[table].schema.empty_table())
-        return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        return _read_parquet_files(files)
 
     t0 = time.perf_counter()
     behaviours, impressions = read("behaviours"), read("impressions")
