@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 FIN    := $(VENV)/bin/fin
 DEMO   ?= demo_out
 
-.PHONY: demo test install bench-simulate bench-features clean
+
+.PHONY: demo test test-services install bench-simulate bench-features clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +23,13 @@ demo: install
 	$(FIN) validate --logs $(DEMO)/logs
 	$(FIN) features --logs $(DEMO)/logs --out $(DEMO)/features
 
-test: install
+# The Redis online-store test needs a redis-server binary (Debian package); it listens on 127.0.0.1 only.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-services:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+test: install test-services
 	$(PY) -m pytest -q
 
 bench-simulate: install
