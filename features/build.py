@@ -57,7 +57,7 @@ def build_partition(behaviours: pl.DataFrame, impressions: pl.DataFrame, *, know
     online = sequences.tail_timelines(timelines, max_seq_len).with_columns(
         event_timestamp=pl.col("ts").list.last().cast(pl.Datetime("ms", "UTC")))
 
-    clean_imp = imp.clean.sort("user_id", "ts", "impression_id")
+    clean_imp = imp.clean  # input order; examples need no sort (history_len is a binary search)
     examples = clean_imp.with_columns(
         history_len=pl.Series(sequences.history_lengths(clean_imp["user_id"].to_numpy(), clean_imp["ts"].to_numpy(),
                                                         events), dtype=pl.Int64),

@@ -48,11 +48,23 @@ def timeline_events(behaviours: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
         pl.col("brand_id").fill_null(MISSING),
         price_bucket(pl.col("price")).alias("price_bucket"),
         pl.col("shop_aoi_id").fill_null(MISSING),
-        geohash_code(pl.coalesce("geohash_6", "shop_geohash_6")).fill_null(MISSING).alias("place_geohash6"),
+        pl.coalesce("geohash_6", "shop_geohash_6").alias("place_geohash6"),
         pl.col("aoi_id").fill_null(MISSING),
         *(pl.col(c).cast(pl.Int64) for c in ("time_type", "weekdays", "hours")),
         pl.col("event_id"),
-    ).sort("user_id", "ts", "event_id").drop("event_id").collect()
+    ).sort("user_id", "ts", "event_id").drop("event_id").collect().with_columns(
+        _geohash_codes(pl.col("place_geohash6")))
+
+
+def _geohash_codes(cells: pl.Expr) -> pl.Expr:
+    """geohash_code for a column with few distinct cells: convert each distinct cell once, then look up."""
+    return cells.map_batches(_codes_of_distinct, return_dtype=pl.Int64)
+
+
+def _codes_of_distinct(cells: pl.Series) -> pl.Series:
+    distinct = cells.drop_nulls().unique()
+    codes = distinct.to_frame().select(geohash_code(pl.col(cells.name))).to_series()
+    return cells.replace_strict(distinct, codes, default=MISSING, return_dtype=pl.Int64)
 
 
 def build_timelines(events: pl.DataFrame) -> pl.DataFrame:

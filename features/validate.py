@@ -138,13 +138,15 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
                 checks.append((f"unknown_fk:{f.name}", value.is_not_null() & ~value.is_in(keys.implode())))
         typed[f.name] = narrow
 
-    reason = pl.concat_str([pl.when(bad).then(pl.lit(name)) for name, bad in checks], separator=";",
-                           ignore_nulls=True)
-    flagged = raw.lazy().with_columns(reason.alias(REASON)).collect()
-    flagged = flagged.with_columns(pl.when(pl.col(REASON) == "").then(None).otherwise(pl.col(REASON)).alias(REASON))
-    bad_rows = flagged[REASON].is_not_null()
-    quarantine = flagged.filter(bad_rows)
-    clean = flagged.filter(~bad_rows).lazy().select(**typed).collect()
+    # Evaluate every check once over the whole table (duplicates need all rows), then spell out the
+    # reasons only for the rows that failed one.
+    flags = [f"_check{i}" for i in range(len(checks))]
+    masks = raw.lazy().select(*(bad.fill_null(False).alias(f) for f, (_, bad) in zip(flags, checks))).collect()
+    bad_rows = masks.select(pl.any_horizontal(flags)).to_series()  # every table has checks (ids are typed)
+    reason = pl.concat_str([pl.when(pl.col(f)).then(pl.lit(name)) for f, (name, _) in zip(flags, checks)],
+                           separator=";", ignore_nulls=True)
+    quarantine = raw.filter(bad_rows).with_columns(masks.filter(bad_rows).select(reason.alias(REASON)))
+    clean = raw.filter(~bad_rows).lazy().select(**typed).collect()
     reasons = (quarantine.select(pl.col(REASON).str.split(";").explode()).group_by(REASON).len()
                if quarantine.height else pl.DataFrame({REASON: [], "len": []}))
     return TableResult(spec.name, raw.height, clean, quarantine,
