@@ -282,9 +282,11 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
         say("sharding the logs by user")
         shard = ray.remote(num_cpus=1)(_shard_task)
         shard_refs = []
+        # two file groups per CPU: few tasks (each has a fixed cost), all CPUs busy
+        n_groups = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         for table in contract.LOG_TABLES:
             files = [str(f) for f in logio.table_files(logs, table)]
-            groups = np.array_split(np.array(files), min(len(files), 4 * config.partitions))
+            groups = np.array_split(np.array(files), min(len(files), n_groups))
             shard_refs += [shard.remote(g.tolist(), table, i, str(work.resolve()), config.partitions)
                            for i, g in enumerate(groups)]
         ray.get(shard_refs)
