@@ -61,3 +61,19 @@ def test_cli_on_a_file_of_the_wrong_layout(tmp_path):
     r = run_fin("convert-eleme", "--csv", str(bad), "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and r.stderr.startswith("fin convert-eleme: error: not the Ele.me CTR layout")
     assert "Traceback" not in r.stderr
+
+
+def test_converted_logs_feed_the_features_job(converted, tmp_path):
+    """Real data goes through the same pipeline: events without the user's place use the shop's cell."""
+    from jobs.features_job import FeaturesConfig, run_features
+
+    logs, _ = converted
+    out = tmp_path / "features"
+    run_features(logs, out, FeaturesConfig(partitions=2, validation_days=1, test_days=1, num_cpus=2))
+    timelines = pl.read_parquet(out / "data" / "timelines" / "*.parquet")
+    user = timelines.filter(pl.col("user_id") == 101).row(0, named=True)
+    assert len(user["ts"]) == 3 and min(user["place_geohash6"]) > 0
+    examples = pl.concat([pl.read_parquet(out / "data" / "examples" / s / "*.parquet")
+                          for s in ("train", "validation", "test")])
+    first_request = examples.filter(pl.col("user_id") == 101).sort("ts")
+    assert first_request["history_len"].to_list() == [2, 2, 3]  # two candidates of one request, then a later one
