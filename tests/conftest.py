@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from features.simulator import load_sim_config, simulate
+from jobs.features_job import FeaturesConfig, run_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +32,21 @@ def run_fin(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "FIN_DEBUG"}
     fin = Path(sys.executable).parent / "fin"
     return subprocess.run([str(fin), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+FEATURES_CONFIG = FeaturesConfig(max_seq_len=50, partitions=3, validation_days=3, test_days=3, num_cpus=2)
+
+
+@pytest.fixture(scope="session")
+def features_logs(tmp_path_factory) -> Path:
+    """Two weeks of 60 users: every split has examples."""
+    out = tmp_path_factory.mktemp("flogs") / "logs"
+    simulate(load_sim_config(days=14, **{"users.users": 60}), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def features_job(features_logs, tmp_path_factory):
+    """The features job's output over `features_logs` (real local Ray, real Feast)."""
+    out = tmp_path_factory.mktemp("fout") / "out"
+    return out, run_features(features_logs, out, FEATURES_CONFIG)

@@ -17,21 +17,17 @@ from features.simulator import load_sim_config, simulate
 from jobs.features_job import FeaturesConfig, run_features
 from tests.conftest import run_fin
 
-CONFIG = FeaturesConfig(max_seq_len=50, partitions=3, validation_days=3, test_days=3, num_cpus=2)
+from tests.conftest import FEATURES_CONFIG as CONFIG
 
 
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("flogs") / "logs"
-    simulate(load_sim_config(days=14, **{"users.users": 60}), out)
-    return out
+@pytest.fixture()
+def logs(features_logs) -> Path:
+    return features_logs
 
 
-@pytest.fixture(scope="module")
-def job(logs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fout") / "out"
-    stats = run_features(logs, out, CONFIG)
-    return out, stats
+@pytest.fixture()
+def job(features_job):
+    return features_job
 
 
 def _read(root: Path, *parts: str) -> pl.DataFrame:
