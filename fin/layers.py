@@ -1,0 +1,112 @@
+"""Dense building blocks shared by FIN and the baselines: plain torch modules that run on any device.
+
+Embedding lookups (TorchRec) happen before these; everything here takes embedded tensors. Sequences
+arrive jagged (flat values + lengths per user) and are padded once per *user*, and attention keys and
+values are projected once per user, so scoring many candidates for one user (the server's case) costs
+O(L x d) per candidate for the simplified attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged rows (values [N, d], lengths [U]) -> padded [U, L, d] (oldest first, left-aligned) and a bool
+    mask [U, L]. With `max_len`, a longer row keeps its last (most recent) `max_len` values."""
+    width = int(lengths.max()) if lengths.numel() else 0
+    width = width if max_len is None else min(width, max_len)
+    col = torch.arange(width, device=values.device)
+    mask = col[None, :] < lengths[:, None].clamp(max=width)
+    first = torch.cumsum(lengths, 0) - lengths + (lengths - width).clamp(min=0)
+    index = (first[:, None] + col[None, :]).clamp(max=max(values.shape[0] - 1, 0))
+    padded = values[index] if values.shape[0] else values.new_zeros(lengths.shape[0], width, values.shape[-1])
+    return padded * mask[..., None].to(values.dtype), mask
+
+
+def time_gap_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Log2-scale bucket of a time gap in minutes: 0 for < 1 min, then doubling widths, capped."""
+    minutes = (gap_ms.clamp(min=0) // 60_000).to(torch.float32)
+    return torch.floor(torch.log2(minutes + 1)).to(torch.int64).clamp(max=buckets - 1)
+
+
+class MLP(nn.Sequential):
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int | None = None, dropout: float = 0.0):
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(in_dim, h), nn.ReLU(), nn.Dropout(dropout)]
+            in_dim = h
+        if out_dim is not None:
+            layers.append(nn.Linear(in_dim, out_dim))
+        super().__init__(*layers)
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis where `mask`; all-masked rows give zeros (not NaN)."""
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(weights, nan=0.0)
+
+
+class SimplifiedTargetAttention(nn.Module):
+    """FIN's cheap attention for long fragments (our reconstruction): one head, scaled dot product between
+    the candidate and each event, no MLP. Keys and values are projected once per user."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def project(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-user work: [U, L, d] -> keys, values."""
+        return self.key(sequence), self.value(sequence)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+               user_of: torch.Tensor) -> torch.Tensor:
+        """Per-candidate work: query [B, d] against its user's (`user_of` [B]) keys/values -> [B, d]."""
+        scores = torch.einsum("bd,bld->bl", query, keys[user_of]) * self.scale
+        weights = _masked_softmax(scores, mask[user_of])
+        return torch.einsum("bl,bld->bd", weights, values[user_of])
+
+    def forward(self, query, sequence, mask, user_of):
+        return self.attend(query, *self.project(sequence), mask, user_of)
+
+
+class MultiHeadTargetAttention(nn.Module):
+    """Multi-head target attention with time-gap embeddings (FIN's recent and integrated sequences,
+    DIN and SIM baselines). Keys/values (event embedding + its time-gap embedding) are projected once per
+    user; each candidate's query attends over its user's events."""
+
+    def __init__(self, dim: int, heads: int = 2, time_gap_buckets: int = 24):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.time_gap = nn.Embedding(time_gap_buckets, dim)
+        self.buckets = time_gap_buckets
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def project(self, sequence: torch.Tensor, gap_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-user work: sequence [U, L, d] and time gaps to the request [U, L] -> keys, values [U, H, L, h]."""
+        x = sequence + self.time_gap(time_gap_bucket(gap_ms, self.buckets))
+        u, length, _ = x.shape
+        split = (u, length, self.heads, self.head_dim)
+        return self.key(x).view(split).transpose(1, 2), self.value(x).view(split).transpose(1, 2)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+               user_of: torch.Tensor) -> torch.Tensor:
+        q = self.query(query).view(-1, self.heads, 1, self.head_dim)  # [B, H, 1, h]
+        scores = (q @ keys[user_of].transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, 1, L]
+        weights = _masked_softmax(scores, mask[user_of][:, None, None, :])
+        pooled = (weights @ values[user_of]).reshape(query.shape[0], -1)  # [B, d]
+        return self.out(pooled)
+
+    def forward(self, query, sequence, gap_ms, mask, user_of):
+        return self.attend(query, *self.project(sequence, gap_ms), mask, user_of)

@@ -1,0 +1,58 @@
+"""Dense layers: padding never leaks into results, per-user projection equals per-candidate computation."""
+
+import pytest
+import torch
+
+from fin.layers import MLP, MultiHeadTargetAttention, SimplifiedTargetAttention, time_gap_bucket, to_padded
+
+
+def test_to_padded_keeps_order_and_the_most_recent_when_capped():
+    values = torch.arange(6, dtype=torch.float32)[:, None]  # rows: [0 1 2], [], [3 4 5]
+    padded, mask = to_padded(values, torch.tensor([3, 0, 3]))
+    assert padded[..., 0].tolist() == [[0, 1, 2], [0, 0, 0], [3, 4, 5]] and mask.sum(1).tolist() == [3, 0, 3]
+    capped, mask = to_padded(values, torch.tensor([3, 0, 3]), max_len=2)
+    assert capped[..., 0].tolist() == [[1, 2], [0, 0], [4, 5]] and mask.sum(1).tolist() == [2, 0, 2]
+
+
+def test_time_gap_buckets_are_log_scale_and_capped():
+    minutes = torch.tensor([0, 1, 2, 3, 4, 60, 10**9]) * 60_000
+    assert time_gap_bucket(minutes, 24).tolist() == [0, 1, 1, 2, 2, 5, 23]
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: SimplifiedTargetAttention(d),
+    lambda d: MultiHeadTargetAttention(d, heads=2),
+])
+def test_attention_ignores_padding_and_shares_user_work(make):
+    torch.manual_seed(0)
+    d, users, length = 8, 3, 5
+    layer = make(d)
+    seq = torch.randn(users, length, d)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    gaps = torch.randint(0, 10**8, (users, length))
+    user_of = torch.tensor([0, 0, 1, 2, 0])  # five candidates of three users
+    query = torch.randn(user_of.numel(), d)
+    extra = (gaps,) if isinstance(layer, MultiHeadTargetAttention) else ()
+
+    def run(s, g, m, u, q):
+        return layer(q, s, *((g,) if extra else ()), m, u)
+
+    out = run(seq, gaps, mask, user_of, query)
+    noisy = seq.clone()
+    noisy[~mask] = 1e3  # garbage in padded slots
+    assert torch.allclose(out, run(noisy, gaps, mask, user_of, query), atol=1e-5)
+    # the same as giving every candidate its own copy of the sequence
+    per_candidate = run(seq[user_of], gaps[user_of], mask[user_of], torch.arange(user_of.numel()), query)
+    assert torch.allclose(out, per_candidate, atol=1e-5)
+    assert torch.isfinite(out).all()  # a user with no events attends to nothing, without NaN
+    out.sum().backward()
+    assert layer.key.weight.grad.abs().sum() > 0 and layer.value.weight.grad.abs().sum() > 0
+
+
+def test_mlp_and_bfloat16():
+    mlp = MLP(8, (16, 4), out_dim=1).to(torch.bfloat16)
+    assert mlp(torch.randn(3, 8, dtype=torch.bfloat16)).shape == (3, 1)
+    att = SimplifiedTargetAttention(8).to(torch.bfloat16)
+    out = att(torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(1, 4, 8, dtype=torch.bfloat16),
+              torch.ones(1, 4, dtype=torch.bool), torch.tensor([0, 0]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
