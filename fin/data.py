@@ -90,7 +90,7 @@ class ExampleStream:
         for key, stats in self.stats.items():
             examples = examples.join(stats, on=[key, "day"], how="left", maintain_order="left")
         examples = examples.with_columns(
-            geohash6=geohash_code(pl.col("geohash_6")).fill_null(MISSING),
+            geohash_code(pl.col("geohash_6")).fill_null(MISSING).alias("geohash6"),
             *[pl.col(c).fill_null(MISSING).cast(pl.Int64) for c in (*TARGET_FEATURES, "aoi_id", "city_id",
                                                                     "time_type", "weekdays", "hours")],
             *[pl.col(c).fill_null(0.0) for c in STAT_FEATURES],
