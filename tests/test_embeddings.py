@@ -1,0 +1,34 @@
+"""The sparse side on TorchRec (CPU): shared tables, hashing, one lookup per history event."""
+
+import torch
+
+from fin.data import ExampleStream, LoaderConfig
+from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, hash_ids
+
+
+def test_hashing_keeps_row_zero_for_unknown_ids_and_never_overflows():
+    ids = torch.tensor([-1, 0, 5, 9, 10**15, 2**62])
+    rows = hash_ids(ids, 10)
+    assert rows[0] == 0 and bool(((rows >= 1) & (rows < 10))[1:].all())
+    assert hash_ids(torch.tensor([3]), 10) == hash_ids(torch.tensor([12]), 10)  # 3 and 12 collide mod 9
+
+
+def test_target_and_history_share_tables(features_job):
+    out, _ = features_job
+    sizes = EmbeddingSizes(dim=8)
+    arch = SparseArch(sizes)
+    batch = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=32, max_seq_len=50))))
+    result = arch(batch)
+    n_events = int(batch.history_offsets[-1])
+    for table in SHARED:
+        assert result.target[table].shape == (len(batch), 8)
+        assert result.history[table].shape == (n_events, 8)
+    assert result.single.shape == (len(batch), 8 * len(SINGLE))
+    # the candidate's shop and the same shop in a history share one embedding row
+    shop_ids = batch.ids["shop_id"]
+    hist = batch.history["shop_id"]
+    i = next(i for i in range(len(batch)) if (hist == shop_ids[i]).any())
+    j = int(torch.nonzero(hist == shop_ids[i])[0])
+    assert torch.equal(result.target["shop"][i], result.history["shop"][j])
+    result.target["shop"].sum().backward()
+    assert arch.sequence.embeddings["shop"].weight.grad is not None
