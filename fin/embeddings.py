@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig,
-                      KeyedJaggedTensor, PoolingType)
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
 
 from fin.data import Batch
 
