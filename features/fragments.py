@@ -62,7 +62,7 @@ class Fragment:
         return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
 
 
-def _keep_last(mask: torch.Tensor, cap: int) -> torch.Tensor:
+def keep_last(mask: torch.Tensor, cap: int) -> torch.Tensor:
     """Within each row, keep the last `cap` True entries of `mask`."""
     from_end = torch.flip(torch.cumsum(torch.flip(mask.to(torch.int32), [1]), 1), [1])
     return mask & (from_end <= cap)
@@ -105,13 +105,13 @@ def fragment(offsets: torch.Tensor, history: dict[str, torch.Tensor], context: d
     in_slot = field("time_type") == context["time_type"][:, None]
 
     keep = {
-        "full": _keep_last(before, config.full_len),
-        "recent": _keep_last(before, config.recent_len),
-        "location": _keep_last(before & at_place, config.location_len),
-        "meal": _keep_last(before & in_slot, config.meal_len),
+        "full": keep_last(before, config.full_len),
+        "recent": keep_last(before, config.recent_len),
+        "location": keep_last(before & at_place, config.location_len),
+        "meal": keep_last(before & in_slot, config.meal_len),
     }
     union = keep["location"] | keep["meal"]
-    keep["integrated"] = _keep_last(union, config.integrated_len)
+    keep["integrated"] = keep_last(union, config.integrated_len)
     tag_grid = torch.where(keep["location"] & keep["meal"], TAG_BOTH,
                            torch.where(keep["location"], TAG_LOCATION_ONLY, TAG_MEAL_ONLY))
     out = {}

@@ -15,9 +15,8 @@ from features.online import read_timelines
 from features.sequences import TIMELINE_FIELDS
 from features.simulator import load_sim_config, simulate
 from jobs.features_job import FeaturesConfig, run_features
-from tests.conftest import run_fin
-
 from tests.conftest import FEATURES_CONFIG as CONFIG
+from tests.conftest import run_fin
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features import geohash
-from features.fragments import (MISSING, TAG_BOTH, TAG_LOCATION_ONLY, TAG_MEAL_ONLY, FragmentConfig, fragment)
+from features.fragments import MISSING, TAG_BOTH, TAG_LOCATION_ONLY, TAG_MEAL_ONLY, FragmentConfig, fragment
 from features.sequences import history_batch
 
 CENTRE = int(geohash.to_codes(np.array(["wtw3sj"]))[0][0])

@@ -1,4 +1,4 @@
-"""FIN end to end on CPU: loader -> TorchRec embeddings -> fragments -> attentions -> tower; it learns."""
+"""FIN and the baselines end to end on CPU: loader -> TorchRec tables -> fragments -> attentions -> tower."""
 
 import pytest
 import torch
@@ -7,28 +7,33 @@ from features.fragments import FragmentConfig
 from features.simulator import load_sim_config, simulate
 from fin.data import ExampleStream, LoaderConfig
 from fin.embeddings import EmbeddingSizes
+from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
 from fin.metrics import auc
-from fin.models.fin import FIN, FINConfig
+from fin.models import MODELS, ModelConfig
 from jobs.features_job import FeaturesConfig, run_features
 
 LOADER = LoaderConfig(batch_size=256, max_seq_len=50,
                       fragments=FragmentConfig(full_len=50, location_len=20, meal_len=20, recent_len=10, integrated_len=20))
+CONFIG = ModelConfig(dim=16, sim_len=10, embeddings=EmbeddingSizes(dim=8))
 
 
-def _model():
+def _model(name):
     torch.manual_seed(0)
-    return FIN(FINConfig(dim=16, embeddings=EmbeddingSizes(dim=8)))
+    return MODELS[name](CONFIG)
 
 
-def test_forward_and_backward(features_job):
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_and_backward(features_job, name):
     out, _ = features_job
-    model = _model()
+    model = _model(name)
     batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
     logits = model(batch)
     assert logits.shape == (len(batch),) and torch.isfinite(logits).all()
     torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label).backward()
-    assert model.simplified["location"].key.weight.grad.abs().sum() > 0
-    assert model.multi_head["integrated"].key.weight.grad.abs().sum() > 0
+    assert model.sparse.sequence.embeddings["shop"].weight.grad.abs().sum() > 0
+    attentions = [m for m in model.modules() if isinstance(m, (SimplifiedTargetAttention, MultiHeadTargetAttention))]
+    assert len(attentions) == {"fin": 5, "din": 1, "sim": 1, "dnn": 0}[name]
+    assert all(m.key.weight.grad.abs().sum() > 0 for m in attentions)  # every sequence path is used
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +47,10 @@ def month(tmp_path_factory):
 
 
 def test_fin_learns_the_simulated_clicks(month):
-    out = month
-    model = _model()
+    model = _model("fin")
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(2):  # epochs
-        for batch in ExampleStream(out / "data", "train", LOADER):
+        for batch in ExampleStream(month / "data", "train", LOADER):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label)
             optimiser.zero_grad()
             loss.backward()
@@ -54,6 +58,6 @@ def test_fin_learns_the_simulated_clicks(month):
     model.eval()
     with torch.no_grad():
         scored = [(torch.sigmoid(model(b)), b.label)
-                  for b in ExampleStream(out / "data", "test", LoaderConfig(**{**LOADER.__dict__, "shuffle": False}))]
+                  for b in ExampleStream(month / "data", "test", LoaderConfig(**{**LOADER.__dict__, "shuffle": False}))]
     preds, labels = (torch.cat(x).numpy() for x in zip(*scored))
     assert auc(labels, preds) > 0.65

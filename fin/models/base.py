@@ -1,0 +1,87 @@
+"""What every model shares: the sparse side, the event and candidate encoders, and the tower inputs.
+
+A model embeds each history event once (`events`, [N, d]) and the candidate once (`target`, [B, d]),
+then adds its own interest vectors; the tower reads [candidate, request context, statistics, interests,
+candidate x interest products].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from features.fragments import Fragment
+from fin.data import STAT_FEATURES, Batch
+from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch
+from fin.layers import MLP, to_padded
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 32
+    heads: int = 2
+    tower: tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+    sim_len: int = 100  # SIM-hard: category-matched events kept from the lifelong sequence
+    embeddings: EmbeddingSizes = field(default_factory=EmbeddingSizes)
+
+
+@dataclass
+class Encoded:
+    target: torch.Tensor  # [B, d]
+    events: torch.Tensor  # [N, d], one row per history event of the batch
+    single: torch.Tensor  # [B, len(SINGLE) * embedding dim]
+    stats: torch.Tensor  # [B, len(STAT_FEATURES)]
+
+
+class CTRModel(nn.Module):
+    """Base of FIN and the baselines. Subclasses say how many interest vectors they make and make them."""
+
+    interests: int = 0
+
+    def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
+        super().__init__()
+        self.config = config
+        d, e = config.dim, config.embeddings.dim
+        self.sparse = SparseArch(config.embeddings, device)
+        self.event = nn.Linear(len(SHARED) * e, d)  # history events and the candidate live in one space
+        self.target = nn.Linear(len(SHARED) * e, d)
+        tower_in = d + len(SINGLE) * e + len(STAT_FEATURES) + 2 * self.interests * d
+        self.tower = MLP(tower_in, config.tower, out_dim=1, dropout=config.dropout)
+
+    def encode(self, batch: Batch) -> Encoded:
+        sparse = self.sparse(batch)
+        return Encoded(
+            target=self.target(torch.cat([sparse.target[t] for t in SHARED], dim=1)),
+            events=self.event(torch.cat([sparse.history[t] for t in SHARED], dim=1)),
+            single=sparse.single,
+            stats=torch.log1p(batch.stats.clamp(min=0)),
+        )
+
+    def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
+        return []
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits [B]."""
+        x = self.encode(batch)
+        interests = self.interest_vectors(batch, x)
+        features = [x.target, x.single, x.stats, *interests, *(x.target * i for i in interests)]
+        return self.tower(torch.cat(features, dim=1)).squeeze(1)
+
+
+def gather(values: torch.Tensor, frag: Fragment) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fragment's rows of per-event `values` ([N, ...]), padded per request, with the mask."""
+    return to_padded(values[frag.index].reshape(frag.index.numel(), -1), frag.lengths)
+
+
+def time_gaps(batch: Batch, frag: Fragment, mask: torch.Tensor) -> torch.Tensor:
+    """Request time minus event time (ms, exact int64) for a fragment's padded events."""
+    event_ts, _ = gather(batch.history["ts"], frag)
+    return (batch.ts[:, None] - event_ts[..., 0]).masked_fill(~mask, 0)
+
+
+def each_own_user(batch: Batch) -> torch.Tensor:
+    """In training every example carries its own history: example i is user i."""
+    return torch.arange(len(batch), device=batch.label.device)
