@@ -1,8 +1,9 @@
-"""Classification metrics on numpy arrays (rank-based, tie-aware, no Python loops over rows)."""
+"""Classification metrics on numpy arrays: AUC and GAUC (rank-based, tie-aware), logloss, calibration."""
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 
 
 def _average_ranks(scores: np.ndarray) -> np.ndarray:
@@ -30,3 +31,29 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
         return float("nan")
     rank_sum = _average_ranks(scores)[labels].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """Group AUC: per-group (user) AUC weighted by the group's impressions; groups with one class are skipped."""
+    df = pl.DataFrame({"g": np.asarray(groups), "y": np.asarray(labels).astype(bool),
+                       "s": np.asarray(scores, dtype=np.float64)})
+    per_group = (df.with_columns(r=pl.col("s").rank("average").over("g"))
+                 .group_by("g").agg(n=pl.len(), pos=pl.col("y").sum(), rank_pos=pl.col("r").filter(pl.col("y")).sum())
+                 .with_columns(neg=pl.col("n") - pl.col("pos"))
+                 .filter((pl.col("pos") > 0) & (pl.col("neg") > 0)))
+    if per_group.height == 0:
+        return float("nan")
+    auc_g = (per_group["rank_pos"] - per_group["pos"] * (per_group["pos"] + 1) / 2) / (per_group["pos"] * per_group["neg"])
+    return float((auc_g * per_group["n"]).sum() / per_group["n"].sum())
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Sum of predicted click probabilities over observed clicks (1.0 = calibrated)."""
+    clicks = float(np.sum(labels))
+    return float(np.sum(probs)) / clicks if clicks else float("nan")

@@ -21,3 +21,43 @@ def test_auc_edges():
     assert auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
     assert auc(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.3, 0.4])) == 0.0
     assert np.isnan(auc(np.array([1, 1]), np.array([0.1, 0.2])))
+
+
+def test_auc_matches_torchmetrics_on_random_data():
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 5000)
+    scores = rng.normal(size=5000) + labels * 0.5
+    expected = binary_auroc(torch.tensor(scores), torch.tensor(labels)).item()
+    assert abs(auc(labels, scores) - expected) < 1e-6
+
+
+def test_gauc_weights_user_aucs_by_impressions_and_skips_one_class_users():
+    from fin.metrics import gauc
+
+    rng = np.random.default_rng(2)
+    groups = rng.integers(0, 40, 3000)
+    labels = rng.integers(0, 2, 3000)
+    scores = rng.normal(size=3000) + labels * (groups % 3)  # users differ in how separable they are
+    groups = np.concatenate([groups, [99, 99, 99]])  # a user with clicks only: skipped
+    labels = np.concatenate([labels, [1, 1, 1]])
+    scores = np.concatenate([scores, [0.1, 0.2, 0.3]])
+    total, weighted = 0, 0.0
+    for g in np.unique(groups):
+        m = groups == g
+        if labels[m].min() == labels[m].max():
+            continue
+        weighted += _pairwise_auc(labels[m], scores[m]) * m.sum()
+        total += m.sum()
+    assert abs(gauc(labels, scores, groups) - weighted / total) < 1e-12
+
+
+def test_logloss_and_calibration():
+    from fin.metrics import calibration, logloss
+
+    labels = np.array([1, 0, 0, 1])
+    probs = np.array([0.9, 0.2, 0.1, 0.6])
+    assert abs(logloss(labels, probs) - np.mean(-np.log([0.9, 0.8, 0.9, 0.6]))) < 1e-12
+    assert abs(calibration(labels, probs) - 1.8 / 2) < 1e-12
