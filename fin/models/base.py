@@ -15,7 +15,7 @@ from torch import nn
 from features.fragments import Fragment
 from fin.data import STAT_FEATURES, Batch
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch
-from fin.layers import MLP, to_padded
+from fin.layers import MLP, MultiHeadTargetAttention, to_padded
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,21 @@ def time_gaps(batch: Batch, frag: Fragment, mask: torch.Tensor) -> torch.Tensor:
 def each_own_user(batch: Batch) -> torch.Tensor:
     """In training every example carries its own history: example i is user i."""
     return torch.arange(len(batch), device=batch.label.device)
+
+
+class TargetAttentionModel(CTRModel):
+    """A baseline with one multi-head target attention over a sequence it chooses (`attended`)."""
+
+    interests = 1
+
+    def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
+        super().__init__(config, device)
+        self.attention = MultiHeadTargetAttention(config.dim, config.heads)
+
+    def attended(self, batch: Batch, x: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The events to attend over: padded sequence [B, L, d], time gaps [B, L] and mask [B, L]."""
+        raise NotImplementedError
+
+    def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
+        seq, gap_ms, mask = self.attended(batch, x)
+        return [self.attention(x.target, seq, gap_ms, mask, each_own_user(batch))]
