@@ -78,10 +78,6 @@ def to_codes(hashes: np.ndarray) -> tuple[np.ndarray, int]:
     return _strings_to_code(hashes)
 
 
-def from_codes(codes: np.ndarray, precision: int) -> np.ndarray:
-    return _code_to_strings(np.asarray(codes, dtype=np.int64), precision)
-
-
 def _namespace(x):
     """numpy for arrays, torch for tensors (imported only when a tensor is passed)."""
     if isinstance(x, np.ndarray):

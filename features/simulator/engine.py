@@ -55,7 +55,6 @@ class ChunkStats:
     impressions: int = 0
     requests: int = 0
     clicks: int = 0
-    files: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -317,7 +316,6 @@ class ChunkSimulator:
                 path = self.out / name / f"date={date.isoformat()}" / f"part-{self.chunk:05d}.parquet"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pq.write_table(part, path)
-                self.stats.files.append(str(path.relative_to(self.out)))
                 if name == "behaviours":
                     self.stats.behaviours += part.num_rows
                 else:
