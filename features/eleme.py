@@ -17,15 +17,15 @@ quarantine with a reason; none is dropped silently.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from features import contract, geohash
+from features import contract, geohash, logio
 from features.contract import Action, MealSlot
+from features.validate import reason_counts
 
 SCALAR_INT = ("label", "user_id", "gender", "visit_city", "is_super_vip", "shop_id", "item_id", "city_id",
               "district_id", "shop_aoi_id", "brand_id", "category_1_id", "hours", "weekdays")
@@ -195,14 +195,11 @@ def convert_eleme(csv: str | Path, out: str | Path, config: ElemeConfig = ElemeC
     csv, out = Path(csv), Path(out)
     if not csv.is_file():
         raise FileNotFoundError(f"{csv} does not exist")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
     raw = pl.read_csv(csv, infer_schema=False)
     rows, quarantine = parse_rows(raw, config)
     tables = to_tables(rows, config)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "quarantine").mkdir(parents=True)
+    tmp = logio.staging_folder(out, overwrite)
+    (tmp / "quarantine").mkdir()
     for name, df in tables.items():
         table = contract.to_table(contract.TABLES[name], {c: df[c].to_arrow() for c in df.columns})
         path = tmp / name / "part-00000.parquet" if contract.TABLES[name].partitioned else tmp / f"{name}.parquet"
@@ -220,11 +217,8 @@ def convert_eleme(csv: str | Path, out: str | Path, config: ElemeConfig = ElemeC
         "rows": {name: df.height for name, df in tables.items()},
         "source_rows": raw.height,
         "quarantined_rows": quarantine.height,
-        "quarantine_reasons": dict(quarantine.select(pl.col("reason").str.split(";").explode()).group_by("reason").len().iter_rows())
-        if quarantine.height else {},
+        "quarantine_reasons": reason_counts(quarantine),
     }
     (tmp / contract.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    logio.publish(tmp, out)
     return manifest

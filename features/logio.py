@@ -9,6 +9,7 @@ the wrong type instead of failing on them.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -32,17 +33,24 @@ def _read_file(path: Path) -> pl.DataFrame:
     return pl.read_parquet(path, hive_partitioning=False)
 
 
-def read_raw(root: str | Path, name: str) -> pl.DataFrame | None:
-    """All rows of a table as stored, or None when the folder has no such table.
-
-    Files whose column types disagree are combined with the most general type (text if needed),
-    so nothing is lost before validation.
-    """
-    files = table_files(root, name)
-    if not files:
-        return None
-    frames = [_read_file(p) for p in files]
+def read_files(files: list[Path] | list[str]) -> pl.DataFrame:
+    """Many log files as one frame. Parquet files whose schemas agree are read in one parallel scan;
+    otherwise file by file, combined with the most general type per column (text if needed), so nothing
+    is lost before validation."""
+    paths = [Path(f) for f in files]
+    if all(p.suffix == ".parquet" for p in paths):
+        try:
+            return pl.scan_parquet(paths, hive_partitioning=False).collect()
+        except (pl.exceptions.SchemaError, pl.exceptions.ComputeError):
+            pass
+    frames = [_read_file(p) for p in paths]
     return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+
+
+def read_raw(root: str | Path, name: str) -> pl.DataFrame | None:
+    """All rows of a table as stored, or None when the folder has no such table."""
+    files = table_files(root, name)
+    return read_files(files) if files else None
 
 
 def read_manifest(root: str | Path) -> dict | None:
@@ -53,3 +61,25 @@ def read_manifest(root: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def staging_folder(out: Path, overwrite: bool) -> Path:
+    """An empty folder beside `out` to write a new output into (see `publish`). Refuses to replace a
+    non-empty `out` unless `overwrite`."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Replace `target` by `staging` with renames only: readers see the old or the new folder, never a mix,
+    and a run that dies before this leaves `target` as it was."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -147,10 +147,15 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
                            separator=";", ignore_nulls=True)
     quarantine = raw.filter(bad_rows).with_columns(masks.filter(bad_rows).select(reason.alias(REASON)))
     clean = raw.filter(~bad_rows).lazy().select(**typed).collect()
-    reasons = (quarantine.select(pl.col(REASON).str.split(";").explode()).group_by(REASON).len()
-               if quarantine.height else pl.DataFrame({REASON: [], "len": []}))
-    return TableResult(spec.name, raw.height, clean, quarantine,
-                       {r: int(n) for r, n in reasons.iter_rows()}, notes)
+    return TableResult(spec.name, raw.height, clean, quarantine, reason_counts(quarantine), notes)
+
+
+def reason_counts(quarantine: pl.DataFrame) -> dict[str, int]:
+    """Rows per reason of a quarantine frame (a row with several reasons counts once for each)."""
+    if quarantine.height == 0:
+        return {}
+    counts = quarantine.select(pl.col(REASON).str.split(";").explode()).group_by(REASON).len()
+    return {r: int(n) for r, n in counts.iter_rows()}
 
 
 def data_window(root: str | Path, config: ValidationConfig) -> tuple[int, int]:
@@ -163,23 +168,29 @@ def data_window(root: str | Path, config: ValidationConfig) -> tuple[int, int]:
     return int(start), int(end)
 
 
+def validate_tables(root: Path, names: tuple[str, ...], window: tuple[int, int],
+                    known: dict[str, pl.Series | None]) -> dict[str, TableResult]:
+    """Validate the named tables present in a log folder, in order. `known` (table -> clean ids, None when
+    the table is absent) is read for foreign keys and extended with each validated table's ids."""
+    results: dict[str, TableResult] = {}
+    for name in names:
+        spec = contract.TABLES[name]
+        raw = logio.read_raw(root, name)
+        if raw is None:
+            known[name] = None
+            continue
+        results[name] = validate_table(raw, spec, window=window, known_keys=known)
+        known[name] = results[name].clean[spec.key] if spec.key else None
+    return results
+
+
 def validate_logs(root: str | Path, config: ValidationConfig = ValidationConfig()) -> ValidationReport:
     """Validate every contract table present in a log folder (world tables first, for foreign keys)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"log folder {root} does not exist")
     window = data_window(root, config)
-    results: dict[str, TableResult] = {}
-    known: dict[str, pl.Series | None] = {}
-    for name in (*contract.WORLD_TABLES, *contract.LOG_TABLES):
-        spec = contract.TABLES[name]
-        raw = logio.read_raw(root, name)
-        if raw is None:
-            known[name] = None
-            continue
-        result = validate_table(raw, spec, window=window, known_keys=known)
-        results[name] = result
-        known[name] = result.clean[spec.key] if spec.key else None
+    results = validate_tables(root, (*contract.WORLD_TABLES, *contract.LOG_TABLES), window, {})
     if not any(n in results for n in contract.LOG_TABLES):
         raise ValueError(f"{root} holds no behaviours or impressions (expected {root}/behaviours/...)")
     return ValidationReport(str(root), window, config.max_bad_fraction, results)

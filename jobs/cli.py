@@ -102,7 +102,8 @@ def _cmd_convert_eleme(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- features
 def _cmd_features(args: argparse.Namespace) -> int:
-    from jobs.features_job import FeaturesConfig, run_features
+    from jobs.features_config import FeaturesConfig
+    from jobs.features_job import run_features
 
     config = FeaturesConfig(max_seq_len=args.max_seq_len, partitions=args.partitions,
                             validation_days=args.validation_days, test_days=args.test_days,
@@ -126,6 +127,10 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    # the configs' own defaults are the CLI's defaults
+    from features.validate import ValidationConfig
+    from jobs.features_config import FeaturesConfig
+
     parser = argparse.ArgumentParser(prog="fin", description="FIN ads ranking system: simulate, validate and "
                                      "convert food-ordering ad logs, and build features.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -151,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"Exits {EXIT_VALIDATION_FAILED} when a table's bad fraction passes the threshold.")
     p.add_argument("--logs", required=True, type=Path, help="log folder to check")
     p.add_argument("--out", type=Path, help="where quarantine/ and validation.json go (default: --logs)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01, help="per-table threshold (default 0.01)")
+    p.add_argument("--max-bad-fraction", type=float, default=ValidationConfig.max_bad_fraction,
+                   help=f"per-table threshold (default {ValidationConfig.max_bad_fraction})")
     p.add_argument("--window-start", type=_time_ms, help="earliest valid timestamp (ms or ISO; default: manifest)")
     p.add_argument("--window-end", type=_time_ms, help="first invalid timestamp (ms or ISO; default: manifest)")
     p.set_defaults(func=_cmd_validate)
@@ -163,15 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--ray-address is given.")
     p.add_argument("--logs", required=True, type=Path, help="log folder (contract tables, parquet)")
     p.add_argument("--out", required=True, type=Path, help="output folder (data/ is replaced, feast/ is kept)")
-    p.add_argument("--max-seq-len", type=int, default=1000, help="events per user in the online store (default 1000)")
-    p.add_argument("--partitions", type=int, default=8, help="user partitions, one build task each (default 8)")
-    p.add_argument("--validation-days", type=int, default=7, help="days before the test days (default 7)")
-    p.add_argument("--test-days", type=int, default=7, help="last days of the data (default 7)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail above this bad-row share (default 0.01)")
+    d = FeaturesConfig()
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
+                   help=f"events per user in the online store (default {d.max_seq_len})")
+    p.add_argument("--partitions", type=int, default=d.partitions,
+                   help=f"user partitions, one build task each (default {d.partitions})")
+    p.add_argument("--validation-days", type=int, default=d.validation_days,
+                   help=f"days before the test days (default {d.validation_days})")
+    p.add_argument("--test-days", type=int, default=d.test_days, help=f"last days of the data (default {d.test_days})")
+    p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction,
+                   help=f"fail above this bad-row share (default {d.max_bad_fraction})")
     p.add_argument("--ray-address", help="existing Ray cluster (default: start a local one)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--online-store", choices=["sqlite", "redis"], default="sqlite", help="Feast online store")
-    p.add_argument("--redis", default="127.0.0.1:6379", help="Redis host:port for --online-store redis")
+    p.add_argument("--online-store", choices=["sqlite", "redis"], default=d.online_store, help="Feast online store")
+    p.add_argument("--redis", default=d.redis_connection, help=f"Redis host:port for --online-store redis (default {d.redis_connection})")
     p.add_argument("--no-materialize", action="store_true", help="apply the Feast repository but skip materialising")
     p.set_defaults(func=_cmd_features)
 

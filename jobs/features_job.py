@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -41,24 +41,11 @@ import polars as pl
 from features import aggregates, contract, logio
 from features.build import SPLITS, SplitDays, build_partition
 from features.online import TIMELINE_VIEW
-from features.validate import ValidationConfig, data_window, validate_table
+from features.validate import ValidationConfig, data_window, validate_tables
+from jobs.features_config import FeaturesConfig
 
 DATA, FEAST = "data", "feast"
 _MAX_RAY_TEMP_LEN = 40  # Ray puts ~65 more characters of session and socket names under it; AF_UNIX allows 107
-
-
-@dataclass(frozen=True)
-class FeaturesConfig:
-    max_seq_len: int = 1000  # events per user kept in the online store (and per example history)
-    partitions: int = 8  # user partitions; fixed for a given output so runs are byte-identical
-    validation_days: int = 7
-    test_days: int = 7
-    max_bad_fraction: float = 0.01
-    ray_address: str | None = None  # None: start (and stop) a local Ray
-    num_cpus: int | None = None  # local Ray only; default: all cores
-    online_store: str = "sqlite"  # or "redis"
-    redis_connection: str = "127.0.0.1:6379"
-    materialize: bool = True
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -99,18 +86,9 @@ def _partition_of(user_id: pl.Series, partitions: int) -> np.ndarray:
     return ((ids * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) % np.uint64(partitions)
 
 
-def _read_parquet_files(files: list[str]) -> pl.DataFrame:
-    """Many parquet files as one frame: one parallel scan when their schemas agree, else file by file with
-    the most general type per column (so the validator sees, and quarantines, what does not fit)."""
-    try:
-        return pl.scan_parquet(files, hive_partitioning=False).collect()
-    except (pl.exceptions.SchemaError, pl.exceptions.ComputeError):
-        return pl.concat([pl.read_parquet(f, hive_partitioning=False) for f in files], how="diagonal_relaxed")
-
-
 def _shard_task(files: list[str], table: str, group: int, work: str, partitions: int) -> int:
     """Ray task: read a group of log files and split their rows by user partition into parquet shards."""
-    rows = _read_parquet_files(files)
+    rows = logio.read_files(files)
     part = (_partition_of(rows["user_id"], partitions) if "user_id" in rows.columns
             else np.zeros(rows.height, dtype=np.uint64))
     rows = rows.with_columns(_p=pl.Series(part.astype(np.int32)))
@@ -128,7 +106,7 @@ def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple
         files = sorted(str(f) for f in (Path(work) / table / f"p={p:05d}").glob("*.parquet"))
         if not files:
             return pl.from_arrow(contract.TABLES[table].schema.empty_table())
-        return _read_parquet_files(files)
+        return logio.read_files(files)
 
     t0 = time.perf_counter()
     behaviours, impressions = read("behaviours"), read("impressions")
@@ -167,31 +145,16 @@ def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple
 
 # ---------------------------------------------------------------------------- the job
 def _world(logs: Path, window: tuple[int, int], staging: Path) -> tuple[dict, dict]:
-    known, summary = {}, {}
-    for name in contract.WORLD_TABLES:
-        raw = logio.read_raw(logs, name)
-        if raw is None:
-            known[name] = None
-            continue
-        spec = contract.TABLES[name]
-        result = validate_table(raw, spec, window=window, known_keys=known)
-        known[name] = result.clean[spec.key]
+    """Validate the world tables (quarantining bad rows); returns their clean ids and a summary."""
+    known: dict = {}
+    summary = {}
+    for name, result in validate_tables(logs, contract.WORLD_TABLES, window, known).items():
         summary[name] = {"rows": result.rows, "quarantined": result.quarantine.height, "reasons": result.reasons}
         if result.quarantine.height:
             path = staging / "quarantine" / name / "part-00000.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             result.quarantine.write_parquet(path)
     return known, summary
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace `target` by `staging` with renames only: readers see the old or the new dataset, never a mix."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _push_timelines(store, folder: Path, since: datetime | None) -> int:
@@ -329,7 +292,7 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
         raise ValueError(f"bad-row fraction above {config.max_bad_fraction:.2%} in {', '.join(failed)}: "
                          f"nothing written (run fin validate for details)")
     (staging / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
-    _swap_into_place(staging, out / DATA)
+    logio.publish(staging, out / DATA)
     timings["stats_and_swap_s"] = time.perf_counter() - t
 
     say("applying and materialising the Feast repository")

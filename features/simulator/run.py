@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
-from features import contract
+from features import contract, logio
 from features.simulator.config import SimConfig
 from features.simulator.engine import ChunkSimulator, ChunkStats, day_start_ms
 from features.simulator.world import build_world
@@ -43,14 +42,10 @@ def simulate(config: SimConfig, out: str | Path, *, overwrite: bool = False,
              progress: ProgressFn | None = None) -> dict:
     """Simulate a log folder at `out`; returns the manifest plus wall time. `progress(k)` is told of k more user-chunk-days."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
     if config.users.users < 1 or config.days < 1:
         raise ValueError("need at least one user and one day")
     started = time.perf_counter()
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = logio.staging_folder(out, overwrite)
 
     world = build_world(config)
     for name, table in world.tables().items():
@@ -88,7 +83,5 @@ def simulate(config: SimConfig, out: str | Path, *, overwrite: bool = False,
         "config": config.to_dict(),
     }
     (tmp / contract.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    logio.publish(tmp, out)
     return manifest | {"wall_s": round(time.perf_counter() - started, 3)}
