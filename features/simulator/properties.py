@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from features import logio
 from fin.metrics import auc
 
 
 def scan(logs: str | Path, table: str) -> pl.LazyFrame:
-    root = Path(logs)
-    if (root / f"{table}.parquet").exists():
-        return pl.scan_parquet(root / f"{table}.parquet")
-    return pl.scan_parquet(root / table / "**" / "*.parquet", hive_partitioning=False)
+    """A table of a parquet log folder, lazily (the files `logio.table_files` finds)."""
+    return pl.scan_parquet(logio.table_files(logs, table), hive_partitioning=False)
 
 
 def behaviours_per_user(logs: str | Path) -> np.ndarray:
