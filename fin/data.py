@@ -8,6 +8,7 @@ the same function the server calls, so train and serve cut sub-sequences identic
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -46,9 +47,20 @@ class Batch:
     history: dict[str, torch.Tensor]  # TIMELINE_FIELDS -> int64 [N], oldest first per example
     fragments: dict[str, Fragment]
     impression_id: torch.Tensor  # int64 [B], to join predictions back to examples
+    global_size: int = 0  # examples in this step over all workers (this batch is one worker's slice)
 
     def __len__(self) -> int:
         return int(self.label.numel())
+
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return dataclasses.replace(
+            self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
+            ts=move(self.ts), history_offsets=move(self.history_offsets),
+            history={k: move(v) for k, v in self.history.items()}, impression_id=move(self.impression_id),
+            fragments={k: Fragment(move(f.index), move(f.lengths), move(f.tags)) for k, f in self.fragments.items()})
 
 
 def _stats(data: Path, key: str) -> pl.DataFrame:
@@ -59,10 +71,18 @@ def _stats(data: Path, key: str) -> pl.DataFrame:
 
 
 class ExampleStream:
-    """Iterates batches of one split (train/validation/test), partition by partition."""
+    """Iterates batches of one split (train/validation/test), partition by partition.
 
-    def __init__(self, data: str | Path, split: str, config: LoaderConfig = LoaderConfig()):
-        self.data, self.split, self.config = Path(data), split, config
+    With `world` workers, every worker walks the same global batches of `config.batch_size` examples (same
+    seed, same order) and builds only its own contiguous slice (`rank`), so N workers see exactly the data
+    one worker would. A partition's last global batch is skipped when it has fewer examples than workers.
+    """
+
+    def __init__(self, data: str | Path, split: str, config: LoaderConfig = LoaderConfig(), rank: int = 0,
+                 world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside a world of {world}")
+        self.data, self.split, self.config, self.rank, self.world = Path(data), split, config, rank, world
         self.parts = sorted((self.data / "examples" / split).glob("*.parquet"))
         if not self.parts:
             raise FileNotFoundError(f"no {split} examples under {self.data}/examples (run fin features first)")
@@ -97,7 +117,12 @@ class ExampleStream:
         )
         order = rng.permutation(examples.height) if self.config.shuffle else np.arange(examples.height)
         for lo in range(0, examples.height, self.config.batch_size):
-            yield self._batch(examples[order[lo:lo + self.config.batch_size]], flat, starts, users)
+            rows = order[lo:lo + self.config.batch_size]
+            if rows.size < self.world:
+                continue
+            batch = self._batch(examples[np.array_split(rows, self.world)[self.rank]], flat, starts, users)
+            batch.global_size = rows.size
+            yield batch
 
     def _batch(self, ex: pl.DataFrame, flat: dict, starts: np.ndarray, users: np.ndarray) -> Batch:
         rows = np.searchsorted(users, ex["user_id"].to_numpy())

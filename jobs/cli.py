@@ -125,6 +125,20 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- train
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fin.train import load_train_config, train
+
+    config = load_train_config(args.config, **{
+        "model": args.model, "epochs": args.epochs, "workers": args.workers, "sharding": args.sharding,
+        "lr": args.lr, "sparse_lr": args.sparse_lr, "patience": args.patience, "max_steps": args.max_steps,
+        "seed": args.seed, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
+    })
+    folder = train(args.data, args.out, config, name=args.name)
+    print(f"wrote {folder}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     # the configs' own defaults are the CLI's defaults
@@ -185,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", default=d.redis_connection, help=f"Redis host:port for --online-store redis (default {d.redis_connection})")
     p.add_argument("--no-materialize", action="store_true", help="apply the Feast repository but skip materialising")
     p.set_defaults(func=_cmd_features)
+
+    p = sub.add_parser("train", help="train FIN or a baseline with TorchRec; write a model artifact",
+                       description="Train a model on the features job's output with DistributedModelParallel "
+                                   "(gloo on CPU, NCCL on GPU), checkpoint every epoch (a rerun resumes), stop "
+                                   "early on validation AUC, and write MODELS/<name>/<version>/ (safetensors "
+                                   "weights, configs, metrics, checksum). Under torchrun each process is one "
+                                   "worker (the way to a cluster).")
+    p.add_argument("--data", required=True, type=Path, help="the features job's data folder (OUT/data)")
+    p.add_argument("--out", required=True, type=Path, help="model repository folder (MODELS)")
+    p.add_argument("--model", help="model kind: fin, din, sim or dnn (default fin)")
+    p.add_argument("--name", help="artifact name (default: the model kind)")
+    p.add_argument("--config", type=Path, help="YAML/JSON training config (any subset; see configs/train.yaml)")
+    p.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    p.add_argument("--epochs", type=int, help="maximum epochs")
+    p.add_argument("--batch-size", type=int, help="global batch size (split over workers)")
+    p.add_argument("--max-steps", type=int, help="cap on steps per epoch (quick runs)")
+    p.add_argument("--max-seq-len", type=int, help="history events read per example")
+    p.add_argument("--lr", type=float, help="dense learning rate (Adam)")
+    p.add_argument("--sparse-lr", type=float, help="table learning rate (row-wise Adagrad)")
+    p.add_argument("--patience", type=int, help="epochs without a better validation AUC before stopping")
+    p.add_argument("--sharding", help="table sharding: table_wise (default), row_wise or auto (the planner's choice)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("convert-eleme", help="convert the public Ele.me CTR dataset CSV into contract logs",
                        description="Map the Ele.me CTR dataset layout (one impression per row, per-request "

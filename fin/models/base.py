@@ -73,7 +73,8 @@ class CTRModel(nn.Module):
 
 def gather(values: torch.Tensor, frag: Fragment) -> tuple[torch.Tensor, torch.Tensor]:
     """A fragment's rows of per-event `values` ([N, ...]), padded per request, with the mask."""
-    return to_padded(values[frag.index].reshape(frag.index.numel(), -1), frag.lengths)
+    rows = values[frag.index]
+    return to_padded(rows if rows.dim() > 1 else rows[:, None], frag.lengths)
 
 
 def time_gaps(batch: Batch, frag: Fragment, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""Model artifacts: what training writes and what the evaluator and the server load (and nothing else).
+
+    MODELS/<name>/<version>/model.safetensors   every weight, whole (gathered from the shards), no pickle
+    MODELS/<name>/<version>/artifact.json       model kind, model and loader configs, data contract version,
+                                                training metrics, sha256 of model.safetensors
+
+Versions are integers counted up per name. A version folder appears by one rename once complete, so a
+reader never sees half an artifact. Loading checks the checksum and the contract version and refuses
+the artifact with `ArtifactError` otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from features.contract import CONTRACT_VERSION
+from fin.data import LoaderConfig
+from fin.models import MODELS, CTRModel, ModelConfig
+
+WEIGHTS, META = "model.safetensors", "artifact.json"
+
+
+class ArtifactError(Exception):
+    """An artifact that must not be used, with the reason."""
+
+
+def to_dict(config: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type, values: dict) -> Any:
+    """A (nested, frozen) config dataclass from `to_dict`'s output; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    path: Path
+    meta: dict
+    model: CTRModel  # unsharded, on CPU, in eval mode
+    loader: LoaderConfig
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.meta["version"])
+
+
+def versions(models: Path, name: str) -> list[int]:
+    folder = Path(models) / name
+    return sorted(int(p.name) for p in folder.glob("*") if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def save_artifact(models: str | Path, name: str, model_kind: str, weights: dict[str, torch.Tensor],
+                  model_config: ModelConfig, loader: LoaderConfig, metrics: dict, training: dict) -> Path:
+    """Write a new version of `name` under `models`; returns its folder."""
+    folder = Path(models) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / WEIGHTS))
+        meta = {
+            "name": name, "model": model_kind, "contract_version": CONTRACT_VERSION,
+            "model_config": to_dict(model_config), "loader_config": to_dict(loader),
+            "metrics": metrics, "training": training, "sha256": sha256(staging / WEIGHTS),
+        }
+        while True:  # another writer may take a version number first: count on
+            version = (versions(models, name) or [0])[-1] + 1
+            (staging / META).write_text(json.dumps({**meta, "version": version}, indent=2, sort_keys=True) + "\n")
+            try:
+                os.rename(staging, folder / str(version))
+                return folder / str(version)
+            except OSError:
+                if not (folder / str(version)).exists():
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve(models: str | Path, spec: str) -> Path:
+    """`name`, `name/version` or a version folder's path -> the folder (the newest version for a bare name)."""
+    path = Path(spec)
+    if (path / META).exists():
+        return path
+    name, _, version = spec.partition("/")
+    if not version:
+        found = versions(models, name)
+        if not found:
+            raise ArtifactError(f"no versions of model {name!r} under {models}")
+        version = str(found[-1])
+    folder = Path(models) / name / version
+    if not (folder / META).exists():
+        raise ArtifactError(f"no model artifact at {folder}")
+    return folder
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable {META}: {e}") from None
+    major = str(meta.get("contract_version", "")).split(".")[0]
+    if major != CONTRACT_VERSION.split(".")[0]:
+        raise ArtifactError(f"{path}: data contract {meta.get('contract_version')!r} does not match this "
+                            f"code's {CONTRACT_VERSION!r}")
+    if not (path / WEIGHTS).exists() or sha256(path / WEIGHTS) != meta.get("sha256"):
+        raise ArtifactError(f"{path}: checksum of {WEIGHTS} does not match {META}")
+    if meta.get("model") not in MODELS:
+        raise ArtifactError(f"{path}: unknown model kind {meta.get('model')!r}")
+    try:
+        config = from_dict(ModelConfig, meta["model_config"])
+        loader = from_dict(LoaderConfig, meta["loader_config"])
+        model = MODELS[meta["model"]](config)
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: weights or configs do not fit the model: {e}") from None
+    return Artifact(path=path, meta=meta, model=model.eval(), loader=loader)

@@ -1,0 +1,304 @@
+"""Training: DistributedModelParallel over N workers, epoch checkpoints with resume, early stop, artifact.
+
+Workers. `train()` with `workers=N` starts N local processes (gloo on CPU, NCCL on GPU). Under `torchrun`
+(which sets RANK / WORLD_SIZE / MASTER_ADDR) each launched process is one worker instead; that is the way
+to several machines:
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        $(which fin) train --data DATA --model fin --out MODELS
+
+Every worker walks the same global batches and builds its own slice (`fin.data.ExampleStream`). Each
+worker's loss is its slice's summed loss over the global batch size, times the world size, so data
+parallelism's gradient average over workers equals one worker's gradient on the global batch. TorchRec
+sums the table gradients over workers instead of averaging; the tables' row-wise Adagrad is invariant
+to the gradient's scale, so N workers train as one does (tested to a tolerance).
+
+Checkpoints. After every epoch the sharded model and optimizer state are saved with
+torch.distributed.checkpoint under `MODELS/<name>/.checkpoint/epoch-<k>` (a pointer file names the last
+complete one); a rerun of the same command resumes there. Early stopping on validation AUC keeps the
+best epoch's weights, which go into the artifact (`fin.artifact`); the checkpoints are then removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+
+from fin.artifact import from_dict, resolve, save_artifact, to_dict
+from fin.data import Batch, ExampleStream, LoaderConfig
+from fin.metrics import auc
+from fin.models import MODELS, ModelConfig
+from fin.sharding import SHARDINGS, full_state_dict, plan_summary, shard
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "fin"
+    epochs: int = 3
+    lr: float = 3e-3  # dense weights (Adam)
+    sparse_lr: float = 0.05  # tables (row-wise Adagrad)
+    patience: int = 1  # epochs without a better validation AUC before stopping
+    max_steps: int | None = None  # per epoch, for quick runs
+    workers: int = 1
+    sharding: str = "table_wise"
+    seed: int = 0
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(sorted(MODELS))}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"unknown sharding {self.sharding!r}; choose one of {', '.join(SHARDINGS)}")
+        if min(self.workers, self.epochs, self.patience) < 1:
+            raise ValueError("workers, epochs and patience must be at least 1")
+
+
+@dataclass
+class Progress:
+    """What a checkpoint remembers besides the tensors."""
+
+    epoch: int = 0  # epochs completed
+    best_auc: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    examples: int = 0
+    seconds: float = 0.0
+
+
+def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """TrainConfig from a YAML/JSON file (any subset of its fields, nested) with `overrides` on top.
+
+    Override keys may be dotted (`loader.batch_size`); None values are ignored.
+    """
+    import yaml
+
+    values: dict = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return from_dict(TrainConfig, values)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(data: str | Path, models: str | Path, config: TrainConfig = TrainConfig(), name: str | None = None,
+          log: Log = _stderr) -> Path:
+    """Train `config.model` on the features job's output `data`; returns the new artifact's folder."""
+    name = name or config.model
+    args = (Path(data), Path(models), config, name)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: this process is one worker
+        return _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *args, log)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), LOCAL_WORLD_SIZE=str(config.workers))
+    if config.workers == 1:
+        return _worker(0, 1, *args, log)
+    torch.multiprocessing.spawn(_spawned, args=(config.workers, *args), nprocs=config.workers)
+    return resolve(Path(models), name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank: int, world: int, *args) -> None:
+    _worker(rank, world, *args, _stderr if rank == 0 else (lambda message: None))
+
+
+def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig, name: str, log: Log) -> Path:
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
+    local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+    device = torch.device(f"cuda:{rank % local_world}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        return _fit(rank, world, device, data, models, config, name, log)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fit(rank, world, device, data, models, config, name, log) -> Path | None:
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    torch.manual_seed(config.seed)
+    model = shard(MODELS[config.model](config.model_config), device, config.sharding, config.sparse_lr,
+                  int(os.environ["LOCAL_WORLD_SIZE"]))
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
+                                  lambda params: torch.optim.Adam(params, lr=config.lr))
+    optimizer = CombinedOptimizer([model.fused_optimizer, dense])
+    checkpoints = Checkpoints(models / name / ".checkpoint", _fingerprint(data, config))
+    progress = checkpoints.restore(model, optimizer, dense, log)
+    log(f"train {name}: {config.model}, {world} worker(s) on {device.type}, tables {_plan_text(model)}")
+
+    train_stream = ExampleStream(data, "train", config.loader, rank, world)
+    validation = ExampleStream(data, "validation", dataclasses.replace(config.loader, shuffle=False), rank, world)
+    while progress.epoch < config.epochs and progress.epoch - progress.best_epoch < config.patience:
+        started = time.perf_counter()
+        train_stream.epoch = progress.epoch  # the data order depends on (seed, epoch) only: resumable
+        loss_sum, examples = _train_epoch(model, optimizer, train_stream, world, config.max_steps, device)
+        seconds = time.perf_counter() - started
+        val_auc = _validation_auc(model, validation, device)
+        progress.epoch += 1
+        progress.examples += examples
+        progress.seconds += seconds
+        progress.history.append({"epoch": progress.epoch, "train_logloss": loss_sum / max(examples, 1),
+                                 "validation_auc": val_auc, "examples_per_s": examples / seconds})
+        weights = full_state_dict(model)  # a collective: every worker joins
+        if val_auc > progress.best_auc:
+            progress.best_auc, progress.best_epoch = val_auc, progress.epoch
+            checkpoints.save_best(weights)
+        checkpoints.save(model, optimizer, progress)
+        log(f"epoch {progress.epoch}/{config.epochs}: train logloss {loss_sum / max(examples, 1):.4f}, "
+            f"validation AUC {val_auc:.4f}, {examples / seconds:,.0f} examples/s")
+    if progress.epoch < config.epochs:
+        log(f"early stop: validation AUC did not improve for {config.patience} epoch(s)")
+
+    if rank != 0:
+        dist.barrier()
+        return None
+    training = {"workers": world, "device": device.type, "sharding": config.sharding, "plan": plan_summary(model),
+                "epochs": progress.epoch, "best_epoch": progress.best_epoch, "history": progress.history,
+                "examples": progress.examples, "seconds": round(progress.seconds, 3),
+                "examples_per_s": progress.examples / max(progress.seconds, 1e-9), "train_config": to_dict(config),
+                "data": str(data)}
+    folder = save_artifact(models, name, config.model, checkpoints.best(), config.model_config, config.loader,
+                           {"validation_auc": progress.best_auc}, training)
+    checkpoints.clear()
+    log(f"wrote {folder} (best epoch {progress.best_epoch}, validation AUC {progress.best_auc:.4f})")
+    dist.barrier()
+    return folder
+
+
+def _plan_text(model) -> str:
+    kinds = sorted(set(plan_summary(model).values()))
+    return "/".join(kinds)
+
+
+def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps: int | None,
+                 device: torch.device) -> tuple[float, int]:
+    model.train()
+    loss_sum, examples = 0.0, 0
+    for step, batch in enumerate(stream):
+        if max_steps is not None and step >= max_steps:
+            break
+        batch = batch.to(device)
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label, reduction="none")
+        loss = losses.sum() * world / batch.global_size
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(losses.detach().sum())
+        examples += len(batch)
+    totals = torch.tensor([loss_sum, examples], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return float(totals[0]), int(totals[1])
+
+
+@torch.no_grad()
+def _validation_auc(model, stream: ExampleStream, device: torch.device) -> float:
+    model.eval()
+    scores, labels = [], []
+    for batch in stream:
+        scores.append(model(batch.to(device)).float().cpu().numpy())
+        labels.append(batch.label.numpy())
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (np.concatenate(scores or [np.zeros(0)]), np.concatenate(labels or [np.zeros(0)])))
+    value = auc(np.concatenate([g[1] for g in gathered]), np.concatenate([g[0] for g in gathered]))
+    return -math.inf if math.isnan(value) else value
+
+
+def _fingerprint(data: Path, config: TrainConfig) -> dict:
+    """What must match for a checkpoint to be resumed."""
+    return {"data": str(data.resolve()), "config": to_dict(config), "world": dist.get_world_size()}
+
+
+class Checkpoints:
+    """Epoch checkpoints of a sharded model and its optimizer (torch.distributed.checkpoint)."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder, self.fingerprint = folder, fingerprint
+        self.rank = dist.get_rank()
+
+    @property
+    def _pointer(self) -> Path:
+        return self.folder / "latest.json"
+
+    def restore(self, model, optimizer, dense, log: Log) -> Progress:
+        if not self._pointer.exists():
+            self._reset()
+            return Progress()
+        latest = json.loads(self._pointer.read_text())
+        if latest["fingerprint"] != self.fingerprint:
+            log(f"ignoring the checkpoint in {self.folder}: it is of another data, config or worker count")
+            self._reset()
+            return Progress()
+        dense.init_state()  # Adam's state must exist to be loaded into
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        dcp.load(state, checkpoint_id=str(self.folder / latest["checkpoint"]))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = Progress(**latest["progress"])
+        log(f"resumed from {self.folder / latest['checkpoint']} (epoch {progress.epoch} done)")
+        return progress
+
+    def _reset(self) -> None:
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+        dist.barrier()
+
+    def save(self, model, optimizer, progress: Progress) -> None:
+        name = f"epoch-{progress.epoch}"
+        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                 checkpoint_id=str(self.folder / name))
+        dist.barrier()  # every worker's shards are on disk before the pointer moves
+        if self.rank == 0:
+            tmp = self._pointer.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"checkpoint": name, "fingerprint": self.fingerprint,
+                                       "progress": dataclasses.asdict(progress)}))
+            os.replace(tmp, self._pointer)
+            for old in self.folder.glob("epoch-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def save_best(self, weights: dict[str, torch.Tensor] | None) -> None:
+        if weights is not None:  # rank 0
+            save_file(weights, str(self.folder / "best.tmp"))
+            os.replace(self.folder / "best.tmp", self.folder / "best.safetensors")
+
+    def best(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.folder / "best.safetensors"))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

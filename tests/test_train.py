@@ -1,0 +1,141 @@
+"""`fin train`: DistributedModelParallel on gloo, N workers = 1 worker, resume after a kill, early stop, artifacts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from features.fragments import FragmentConfig
+from fin.artifact import WEIGHTS, ArtifactError, load_artifact, resolve
+from fin.data import ExampleStream, LoaderConfig
+from fin.embeddings import EmbeddingSizes
+from fin.models import ModelConfig
+from fin.train import TrainConfig, load_train_config, train
+
+LOADER = LoaderConfig(batch_size=64, max_seq_len=50,
+                      fragments=FragmentConfig(full_len=50, location_len=20, meal_len=20, recent_len=10, integrated_len=20))
+SMALL = ModelConfig(dim=16, heads=2, tower=(32,), sim_len=10, embeddings=EmbeddingSizes(dim=8))
+
+
+def _config(**changes) -> TrainConfig:
+    return TrainConfig(**{"model": "fin", "epochs": 1, "max_steps": 6, "loader": LOADER, "model_config": SMALL,
+                          **changes})
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / WEIGHTS))
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_worker(features_job, tmp_path_factory):
+    out, _ = features_job
+    return train(out / "data", tmp_path_factory.mktemp("models"), _config(), name="one")
+
+
+def test_artifact_is_plain_and_complete(one_worker, features_job):
+    out, _ = features_job
+    meta = json.loads((one_worker / "artifact.json").read_text())
+    assert one_worker.name == "1" and meta["version"] == 1 and meta["model"] == "fin"
+    assert meta["training"]["workers"] == 1 and set(meta["training"]["plan"].values()) == {"table_wise"}
+    assert not (one_worker.parent / ".checkpoint").exists()  # removed once the artifact is written
+    artifact = load_artifact(one_worker)
+    assert artifact.loader == LOADER and artifact.model.config == SMALL
+    weights = _weights(one_worker)
+    assert weights["sparse.sequence.embeddings.item.weight"].shape == (SMALL.embeddings.rows["item"], 8)
+    batch = next(iter(ExampleStream(out / "data", "test", LOADER)))
+    with torch.no_grad():
+        assert torch.isfinite(artifact.model(batch)).all()
+
+
+def test_broken_artifacts_are_refused(one_worker, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(one_worker, bad)
+    with open(bad / WEIGHTS, "r+b") as f:  # flip bytes in the weights
+        f.seek(-16, 2)
+        f.write(b"\0" * 16)
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_artifact(bad)
+    shutil.copytree(one_worker, tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "artifact.json").read_text())
+    (tmp_path / "old" / "artifact.json").write_text(json.dumps({**meta, "contract_version": "0.1"}))
+    with pytest.raises(ArtifactError, match="contract"):
+        load_artifact(tmp_path / "old")
+    with pytest.raises(ArtifactError, match="no versions"):
+        resolve(tmp_path, "nothing")
+
+
+def test_two_workers_train_like_one(one_worker, features_job, tmp_path):
+    """Same global batches split over 2 gloo workers with row-wise tables: the same weights as 1 worker."""
+    out, _ = features_job
+    two = train(out / "data", tmp_path, _config(workers=2, sharding="row_wise"), name="two")
+    meta = json.loads((two / "artifact.json").read_text())
+    assert meta["training"]["workers"] == 2 and "row_wise" in meta["training"]["plan"].values()
+    assert meta["training"]["examples"] == json.loads((one_worker / "artifact.json").read_text())["training"]["examples"]
+    initial = train(out / "data", tmp_path, _config(lr=0.0, sparse_lr=0.0), name="untrained")
+    moved = _max_difference(_weights(one_worker), _weights(initial))
+    assert moved > 1e-3  # training changed the weights ...
+    assert _max_difference(_weights(one_worker), _weights(two)) < 1e-3 * moved * 10  # ... and 2 workers the same way
+
+
+def test_early_stop_keeps_the_best_epoch(features_job, tmp_path):
+    out, _ = features_job
+    folder = train(out / "data", tmp_path, _config(epochs=4, patience=1, max_steps=1, lr=0.0, sparse_lr=0.0))
+    training = json.loads((folder / "artifact.json").read_text())["training"]
+    assert training["epochs"] == 2 and training["best_epoch"] == 1  # no epoch can beat a model that never changes
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path):
+    out, _ = features_job
+    config = tmp_path / "train.yaml"
+    config.write_text(json.dumps({"model": "din", "epochs": 3, "patience": 3, "max_steps": 4,
+                                  "loader": {"batch_size": 64, "max_seq_len": 50},
+                                  "model_config": {"dim": 16, "tower": [32], "embeddings": {"dim": 8}}}))
+    args = ["train", "--data", str(out / "data"), "--config", str(config)]
+    fin = Path(sys.executable).parent / "fin"
+    env = {k: v for k, v in os.environ.items() if k != "FIN_DEBUG"}
+
+    killed = subprocess.Popen([str(fin), *args, "--out", str(tmp_path / "killed")], env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pointer = tmp_path / "killed" / "din" / ".checkpoint" / "latest.json"
+    deadline = time.monotonic() + 300
+    while not (pointer.exists() and json.loads(pointer.read_text())["progress"]["epoch"] >= 1):
+        assert killed.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "din" / "1").exists()
+
+    resumed = subprocess.run([str(fin), *args, "--out", str(tmp_path / "killed")], env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "epoch 1/3" not in resumed.stderr
+
+    straight = subprocess.run([str(fin), *args, "--out", str(tmp_path / "straight")], env=env, capture_output=True,
+                              text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    a, b = _weights(tmp_path / "killed" / "din" / "1"), _weights(tmp_path / "straight" / "din" / "1")
+    assert _max_difference(a, b) < 1e-5
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("model: sim\nloader:\n  batch_size: 32\nmodel_config:\n  tower: [8, 4]\n")
+    config = load_train_config(path, **{"epochs": 5, "loader.max_seq_len": 20, "lr": None})
+    assert (config.model, config.epochs, config.loader.batch_size, config.loader.max_seq_len) == ("sim", 5, 32, 20)
+    assert config.model_config.tower == (8, 4) and config.lr == TrainConfig().lr
+    with pytest.raises(ValueError, match="no field"):
+        load_train_config(None, **{"loader.batch": 3})
