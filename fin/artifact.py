@@ -113,12 +113,17 @@ def save_artifact(models: str | Path, name: str, model_kind: str, weights: dict[
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def resolve(models: str | Path, spec: str) -> Path:
-    """`name`, `name/version` or a version folder's path -> the folder (the newest version for a bare name)."""
+def resolve(spec: str | Path, models: str | Path | None = None) -> Path:
+    """An artifact folder from a version folder's path, a model folder's path (its newest version), or
+    `name` / `name/version` inside the repository `models`."""
     path = Path(spec)
     if (path / META).exists():
         return path
-    name, _, version = spec.partition("/")
+    if path.is_dir() and versions(path.parent, path.name):
+        return path / str(versions(path.parent, path.name)[-1])
+    if models is None:
+        raise ArtifactError(f"no model artifact at {path}")
+    name, _, version = str(spec).partition("/")
     if not version:
         found = versions(models, name)
         if not found:

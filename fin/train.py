@@ -117,7 +117,7 @@ def train(data: str | Path, models: str | Path, config: TrainConfig = TrainConfi
     if config.workers == 1:
         return _worker(0, 1, *args, log)
     torch.multiprocessing.spawn(_spawned, args=(config.workers, *args), nprocs=config.workers)
-    return resolve(Path(models), name)
+    return resolve(name, models)
 
 
 def _free_port() -> int:

@@ -139,6 +139,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- evaluate
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fin.artifact import load_artifact, resolve
+    from fin.evaluate import evaluate, markdown, write_report
+
+    artifacts = [load_artifact(resolve(spec, args.repo)) for spec in args.models]
+    with _progress(None, "ex", "evaluate") as bar:
+        report = evaluate(args.data, artifacts, args.split, progress=bar.update)
+    paths = write_report(report, args.out)
+    print(markdown(report))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     # the configs' own defaults are the CLI's defaults
@@ -222,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharding", help="table sharding: table_wise (default), row_wise or auto (the planner's choice)")
     p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="compare model artifacts on a split: AUC, GAUC, logloss, calibration",
+                       description="Score a split of the features job's output with each model artifact and "
+                                   "report AUC, GAUC, logloss, calibration, AUC by meal slot and by city, and the "
+                                   "simulator's oracle ceiling when the data has it (markdown + JSON).")
+    p.add_argument("--data", required=True, type=Path, help="the features job's data folder (OUT/data)")
+    p.add_argument("--models", required=True, nargs="+",
+                   help="artifacts: version folders (MODELS/fin/3), model folders (newest version) or, with "
+                        "--repo, name[/version]")
+    p.add_argument("--repo", type=Path, help="model repository for name[/version] specs")
+    p.add_argument("--out", required=True, type=Path, help="report folder (report.md, report.json)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="default test")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("convert-eleme", help="convert the public Ele.me CTR dataset CSV into contract logs",
                        description="Map the Ele.me CTR dataset layout (one impression per row, per-request "

@@ -50,3 +50,19 @@ def features_job(features_logs, tmp_path_factory):
     """The features job's output over `features_logs` (real local Ray, real Feast)."""
     out = tmp_path_factory.mktemp("fout") / "out"
     return out, run_features(features_logs, out, FEATURES_CONFIG)
+
+
+TRAIN_CONFIG = dict(epochs=1, max_steps=6, loader=dict(batch_size=64, max_seq_len=50, fragments=dict(
+    full_len=50, location_len=20, meal_len=20, recent_len=10, integrated_len=20)),
+    model_config=dict(dim=16, heads=2, tower=[32], sim_len=10, embeddings=dict(dim=8)))
+
+
+@pytest.fixture(scope="session")
+def trained_models(features_job, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """Small FIN and DNN artifacts trained for a few steps on `features_job` (one worker, gloo)."""
+    from fin.train import load_train_config, train
+
+    out, _ = features_job
+    models = tmp_path_factory.mktemp("models")
+    return models, {kind: train(out / "data", models, load_train_config(None, model=kind, **TRAIN_CONFIG))
+                    for kind in ("fin", "dnn")}

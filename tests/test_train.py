@@ -12,21 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from features.fragments import FragmentConfig
 from fin.artifact import WEIGHTS, ArtifactError, load_artifact, resolve
-from fin.data import ExampleStream, LoaderConfig
-from fin.embeddings import EmbeddingSizes
-from fin.models import ModelConfig
+from fin.data import ExampleStream
 from fin.train import TrainConfig, load_train_config, train
-
-LOADER = LoaderConfig(batch_size=64, max_seq_len=50,
-                      fragments=FragmentConfig(full_len=50, location_len=20, meal_len=20, recent_len=10, integrated_len=20))
-SMALL = ModelConfig(dim=16, heads=2, tower=(32,), sim_len=10, embeddings=EmbeddingSizes(dim=8))
-
+from tests.conftest import TRAIN_CONFIG
 
 def _config(**changes) -> TrainConfig:
-    return TrainConfig(**{"model": "fin", "epochs": 1, "max_steps": 6, "loader": LOADER, "model_config": SMALL,
-                          **changes})
+    return load_train_config(None, **{**TRAIN_CONFIG, "model": "fin", **changes})
+
+
+LOADER, SMALL = _config().loader, _config().model_config
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -39,9 +34,8 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_worker(features_job, tmp_path_factory):
-    out, _ = features_job
-    return train(out / "data", tmp_path_factory.mktemp("models"), _config(), name="one")
+def one_worker(trained_models):
+    return trained_models[1]["fin"]
 
 
 def test_artifact_is_plain_and_complete(one_worker, features_job):
@@ -75,7 +69,7 @@ def test_broken_artifacts_are_refused(one_worker, tmp_path):
     with pytest.raises(ArtifactError, match="contract"):
         load_artifact(tmp_path / "old")
     with pytest.raises(ArtifactError, match="no versions"):
-        resolve(tmp_path, "nothing")
+        resolve("nothing", tmp_path)
 
 
 def test_two_workers_train_like_one(one_worker, features_job, tmp_path):

@@ -1,0 +1,142 @@
+"""Offline evaluation of model artifacts on a split of the features job's output (DESIGN.md section 7).
+
+For each model: AUC, GAUC (by user), logloss, calibration, AUC by meal slot (TAUC) and by city (CAUC).
+On simulated data the same metrics of the simulator's true click probability give the ceiling
+("oracle"). Predictions come from the artifact alone (`fin.artifact.load_artifact`) through the same
+loader and `fragment()` as training, so the server can be checked against `predict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import torch
+
+from features import contract
+from fin.artifact import Artifact
+from fin.data import ExampleStream
+from fin.metrics import auc, calibration, gauc, logloss
+
+ORACLE = "oracle"
+SCORE = "pctr"
+
+
+@torch.inference_mode()
+def predict(artifact: Artifact, data: str | Path, split: str = "test", batch_size: int = 4096,
+            progress: Callable[[int], None] | None = None) -> pl.DataFrame:
+    """pCTR of every example of `split`: columns impression_id, pctr."""
+    loader = dataclasses.replace(artifact.loader, shuffle=False, batch_size=batch_size)
+    ids, scores = [], []
+    for batch in ExampleStream(data, split, loader):
+        ids.append(batch.impression_id.numpy())
+        scores.append(torch.sigmoid(artifact.model(batch)).numpy())
+        if progress:
+            progress(len(batch))
+    return pl.DataFrame({"impression_id": np.concatenate(ids), SCORE: np.concatenate(scores).astype(np.float64)})
+
+
+def examples(data: str | Path, split: str = "test") -> pl.DataFrame:
+    """The columns evaluation reads, one row per example of `split`."""
+    columns = ["impression_id", "user_id", "label", "time_type", "city_id", *contract.ORACLE_COLUMNS]
+    frame = pl.scan_parquet(Path(data) / "examples" / split / "*.parquet")
+    present = [c for c in columns if c in frame.collect_schema().names()]
+    return frame.select(present).collect()
+
+
+def metrics(labels: np.ndarray, scores: np.ndarray, users: np.ndarray, slots: np.ndarray,
+            cities: np.ndarray) -> dict:
+    by_slot = {contract.MealSlot(int(s)).name.lower(): auc(labels[slots == s], scores[slots == s])
+               for s in np.unique(slots)}
+    by_city = {str(int(c)): auc(labels[cities == c], scores[cities == c]) for c in np.unique(cities)}
+    return {"examples": int(labels.size), "auc": auc(labels, scores), "gauc": gauc(labels, scores, users),
+            "logloss": logloss(labels, scores), "calibration": calibration(labels, scores),
+            "auc_by_meal_slot": by_slot, "auc_by_city": by_city}
+
+
+def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
+             progress: Callable[[int], None] | None = None) -> dict:
+    """The report: per model (and the oracle when the data has it) metrics on `split`."""
+    frame = examples(data, split)
+    if frame.height == 0:
+        raise ValueError(f"no {split} examples under {data}")
+    columns = {c: frame[c].to_numpy() for c in ("label", "user_id", "time_type", "city_id")}
+
+    def scored(scores: np.ndarray) -> dict:
+        return metrics(columns["label"], scores, columns["user_id"], columns["time_type"], columns["city_id"])
+
+    models = {}
+    for artifact in artifacts:
+        preds = frame.select("impression_id").join(predict(artifact, data, split, progress=progress),
+                                                   on="impression_id", how="left", maintain_order="left")
+        if preds[SCORE].null_count():
+            raise ValueError(f"{artifact.path}: no prediction for {preds[SCORE].null_count()} examples")
+        models[f"{artifact.name}/{artifact.version}"] = {
+            "model": artifact.meta["model"], "path": str(artifact.path), **scored(preds[SCORE].to_numpy())}
+    report = {"data": str(data), "split": split, "examples": frame.height, "clicks": int(columns["label"].sum()),
+              "models": models}
+    oracle = contract.ORACLE_COLUMNS[0]
+    if oracle in frame.columns and frame[oracle].null_count() == 0:
+        report[ORACLE] = scored(frame[oracle].to_numpy().astype(np.float64))
+    report["gap_closed"] = _gap_closed(report)
+    return report
+
+
+def _gap_closed(report: dict) -> dict[str, float]:
+    """Share of the AUC gap between the DNN baseline and the oracle that each model closes."""
+    dnn = [m["auc"] for m in report["models"].values() if m["model"] == "dnn"]
+    if ORACLE not in report or not dnn:
+        return {}
+    floor, ceiling = dnn[0], report[ORACLE]["auc"]
+    return {key: (m["auc"] - floor) / (ceiling - floor) for key, m in report["models"].items()
+            if ceiling > floor}
+
+
+def _number(x: float, digits: int = 4) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    rows = dict(report["models"])
+    if ORACLE in report:
+        rows[ORACLE] = report[ORACLE]
+    slots = sorted({s for m in rows.values() for s in m["auc_by_meal_slot"]},
+                   key=lambda s: contract.MealSlot[s.upper()])
+    cities = sorted({c for m in rows.values() for c in m["auc_by_city"]}, key=int)
+    lines = [f"# Evaluation on {report['split']}: {report['examples']:,} examples, {report['clicks']:,} clicks", "",
+             "| model | AUC | GAUC | logloss | calibration | gap closed |", "|---|---|---|---|---|---|"]
+    for key, m in rows.items():
+        lines.append(f"| {key} | {_number(m['auc'])} | {_number(m['gauc'])} | {_number(m['logloss'])} | "
+                     f"{_number(m['calibration'], 3)} | {_number(report['gap_closed'].get(key), 3)} |")
+    lines += ["", "AUC by meal slot (TAUC)", "", "| model | " + " | ".join(slots) + " |",
+              "|---|" + "---|" * len(slots)]
+    lines += [f"| {key} | " + " | ".join(_number(m["auc_by_meal_slot"].get(s)) for s in slots) + " |"
+              for key, m in rows.items()]
+    lines += ["", "AUC by city (CAUC)", "", "| model | " + " | ".join(cities) + " |", "|---|" + "---|" * len(cities)]
+    lines += [f"| {key} | " + " | ".join(_number(m["auc_by_city"].get(c)) for c in cities) + " |"
+              for key, m in rows.items()]
+    lines += ["", "gap closed = (AUC - AUC of DNN) / (AUC of the oracle - AUC of DNN); the oracle scores with the "
+              "simulator's true click probability."]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(value):
+    """NaN (an AUC of one class) -> null: strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(_finite(report), indent=2, sort_keys=True) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    return out / "report.json", out / "report.md"
