@@ -39,15 +39,25 @@ class LoaderConfig:
 
 @dataclass
 class Batch:
+    """B candidates of U requests. A request carries the user's history and its fragments once; each
+    candidate points at its request (`request_of`). In training every example is its own request (U = B,
+    `request_of` None); the server scores many candidates of one request (U = 1)."""
+
     label: torch.Tensor  # float32 [B]
     ids: dict[str, torch.Tensor]  # TARGET_FEATURES and CONTEXT_FEATURES -> int64 [B] (MISSING when unknown)
     stats: torch.Tensor  # float32 [B, len(STAT_FEATURES)]
-    ts: torch.Tensor  # int64 [B], request time (ms)
-    history_offsets: torch.Tensor  # int64 [B+1]
-    history: dict[str, torch.Tensor]  # TIMELINE_FIELDS -> int64 [N], oldest first per example
-    fragments: dict[str, Fragment]
+    ts: torch.Tensor  # int64 [U], request time (ms)
+    history_offsets: torch.Tensor  # int64 [U+1]
+    history: dict[str, torch.Tensor]  # TIMELINE_FIELDS -> int64 [N], oldest first per request
+    fragments: dict[str, Fragment]  # U rows
     impression_id: torch.Tensor  # int64 [B], to join predictions back to examples
+    request_of: torch.Tensor | None = None  # int64 [B]: candidate -> request; None: candidate b is request b
     global_size: int = 0  # examples in this step over all workers (this batch is one worker's slice)
+
+    def candidate_requests(self) -> torch.Tensor:
+        if self.request_of is not None:
+            return self.request_of
+        return torch.arange(len(self), device=self.label.device)
 
     def __len__(self) -> int:
         return int(self.label.numel())
@@ -60,6 +70,7 @@ class Batch:
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
             ts=move(self.ts), history_offsets=move(self.history_offsets),
             history={k: move(v) for k, v in self.history.items()}, impression_id=move(self.impression_id),
+            request_of=move(self.request_of),
             fragments={k: Fragment(move(f.index), move(f.lengths), move(f.tags)) for k, f in self.fragments.items()})
 
 

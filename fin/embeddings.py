@@ -76,7 +76,9 @@ class SparseArch(nn.Module):
         """The batch as KeyedJaggedTensors (ids hashed into their tables)."""
         n = len(batch)
         ones = torch.ones(n, dtype=torch.int64)
-        history_lengths = batch.history_offsets[1:] - batch.history_offsets[:-1]
+        # every key of a KeyedJaggedTensor has B rows: requests' histories, then empty rows up to B
+        history_lengths = torch.zeros(n, dtype=torch.int64)
+        history_lengths[:batch.history_offsets.numel() - 1] = batch.history_offsets.diff()
         keys, values, lengths = [], [], []
         for table, (target_id, history_field) in SHARED.items():
             rows = self.sizes.rows[table]

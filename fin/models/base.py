@@ -78,14 +78,9 @@ def gather(values: torch.Tensor, frag: Fragment) -> tuple[torch.Tensor, torch.Te
 
 
 def time_gaps(batch: Batch, frag: Fragment, mask: torch.Tensor) -> torch.Tensor:
-    """Request time minus event time (ms, exact int64) for a fragment's padded events."""
+    """Request time minus event time (ms, exact int64) for a fragment's padded events [U, L]."""
     event_ts, _ = gather(batch.history["ts"], frag)
     return (batch.ts[:, None] - event_ts[..., 0]).masked_fill(~mask, 0)
-
-
-def each_own_user(batch: Batch) -> torch.Tensor:
-    """In training every example carries its own history: example i is user i."""
-    return torch.arange(len(batch), device=batch.label.device)
 
 
 class TargetAttentionModel(CTRModel):
@@ -97,10 +92,10 @@ class TargetAttentionModel(CTRModel):
         super().__init__(config, device)
         self.attention = MultiHeadTargetAttention(config.dim, config.heads)
 
-    def attended(self, batch: Batch, x: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The events to attend over: padded sequence [B, L, d], time gaps [B, L] and mask [B, L]."""
+    def attended(self, batch: Batch, x: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The events to attend over: padded sequence [R, L, d], time gaps [R, L], mask [R, L], and the row
+        of each candidate [B] (R: one row per request, or per candidate when the events depend on it)."""
         raise NotImplementedError
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
-        seq, gap_ms, mask = self.attended(batch, x)
-        return [self.attention(x.target, seq, gap_ms, mask, each_own_user(batch))]
+        return [self.attention(x.target, *self.attended(batch, x))]

@@ -18,7 +18,7 @@ from torch import nn
 
 from fin.data import Batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention, to_padded
-from fin.models.base import CTRModel, Encoded, ModelConfig, each_own_user, gather, time_gaps
+from fin.models.base import CTRModel, Encoded, ModelConfig, gather, time_gaps
 
 SIMPLIFIED = ("location", "meal", "full")
 MULTI_HEAD = ("recent", "integrated")
@@ -35,7 +35,7 @@ class FIN(CTRModel):
         self.set_tag = nn.Embedding(4, d)  # 0 padding, then TAG_BOTH / TAG_LOCATION_ONLY / TAG_MEAL_ONLY
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
-        user_of = each_own_user(batch)
+        user_of = batch.candidate_requests()
         out = []
         for name in SIMPLIFIED:
             seq, mask = gather(x.events, batch.fragments[name])

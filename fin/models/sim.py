@@ -3,6 +3,8 @@ most recent `sim_len` of them), then multi-head target attention with time gaps 
 
 from __future__ import annotations
 
+import torch
+
 from features.fragments import keep_last
 from fin.data import Batch
 from fin.models.base import Encoded, TargetAttentionModel, gather, time_gaps
@@ -10,8 +12,11 @@ from fin.models.base import Encoded, TargetAttentionModel, gather, time_gaps
 
 class SIM(TargetAttentionModel):
     def attended(self, batch: Batch, x: Encoded):
-        frag = batch.fragments["full"]
+        # the retrieved events depend on the candidate's category: one row per candidate
+        frag, request = batch.fragments["full"], batch.candidate_requests()
         seq, mask = gather(x.events, frag)
         category, _ = gather(batch.history["category_1_id"], frag)
-        matched = keep_last(mask & (category[..., 0] == batch.ids["category_1_id"][:, None]), self.config.sim_len)
-        return seq, time_gaps(batch, frag, matched), matched
+        matched = keep_last(mask[request] & (category[request, :, 0] == batch.ids["category_1_id"][:, None]),
+                            self.config.sim_len)
+        gaps = time_gaps(batch, frag, mask)[request].masked_fill(~matched, 0)
+        return seq[request], gaps, matched, torch.arange(len(batch), device=seq.device)
