@@ -6,9 +6,11 @@ FIN    := $(VENV)/bin/fin
 DEMO   ?= demo_out
 
 
-.PHONY: demo test test-services install bench-simulate bench-features clean
+.PHONY: demo test test-services install bench-simulate bench-features bench-train clean
 
-install: $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+
+install: $(VENV)/.installed serving/pb/.generated
 
 # The lock is installed with --no-deps: torchrec declares the CUDA fbgemm-gpu, and resolving it would
 # put a second fbgemm next to fbgemm-gpu-cpu. The lock already holds every dependency.
@@ -18,10 +20,19 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+# gRPC code is generated from proto/ by the build, never edited (serving/pb/ is not in git)
+serving/pb/.generated: $(PROTOS) $(VENV)/.installed
+	$(PY) -m serving.codegen
+	touch $@
+
 demo: install
 	$(FIN) simulate --out $(DEMO)/logs --overwrite --report
 	$(FIN) validate --logs $(DEMO)/logs
 	$(FIN) features --logs $(DEMO)/logs --out $(DEMO)/features
+	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model fin --epochs 1
+	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model din --epochs 1
+	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model dnn --epochs 1
+	$(FIN) evaluate --data $(DEMO)/features --repo $(DEMO)/models --models fin din dnn --out $(DEMO)/report
 
 # The Redis online-store test needs a redis-server binary (Debian package); it listens on 127.0.0.1 only.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -37,6 +48,9 @@ bench-simulate: install
 
 bench-features: install
 	$(PY) benchmarks/features_scale.py
+
+bench-train: install
+	$(PY) benchmarks/train_scale.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

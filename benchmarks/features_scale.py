@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _measure import ROOT, report, run_sampled
 from simulate_scale import SIZES
 

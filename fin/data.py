@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import polars as pl
@@ -26,13 +26,16 @@ from features.sequences import TIMELINE_FIELDS, geohash_code, history_batch
 TARGET_FEATURES = ("item_id", "shop_id", "category_1_id", "brand_id")
 CONTEXT_FEATURES = ("geohash6", "aoi_id", "city_id", "time_type", "weekdays", "hours")
 STAT_FEATURES = tuple(f"{key}_{m}_{w}d" for key in ("item", "shop") for w in WINDOWS for m in ("impressions", "ctr"))
+FRAGMENT_CONTEXT = ("geohash6", "aoi_id", "time_type")  # what `fragment()` reads of the request besides its time
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    batch_size: int = 1024
-    max_seq_len: int = 1000
-    fragments: FragmentConfig = field(default_factory=FragmentConfig)
+    # Defaults tuned on the default simulator (2-core CPU budget); configs/lifelong.yaml reads 1000 events.
+    batch_size: int = 512
+    max_seq_len: int = 200
+    fragments: FragmentConfig = field(default_factory=lambda: FragmentConfig(
+        full_len=200, recent_len=50, location_len=50, meal_len=50, integrated_len=50))
     shuffle: bool = True
     seed: int = 0
 
@@ -81,6 +84,13 @@ def _stats(data: Path, key: str) -> pl.DataFrame:
                                       for w in WINDOWS for m in ("impressions", "ctr")])
 
 
+def dataset_folder(path: str | Path) -> Path:
+    """The folder holding examples/ and timelines/: `path` itself, or the `data/` inside the output folder of
+    `fin features`, so either may be passed as --data."""
+    path = Path(path)
+    return path / "data" if not (path / "examples").is_dir() and (path / "data" / "examples").is_dir() else path
+
+
 class ExampleStream:
     """Iterates batches of one split (train/validation/test), partition by partition.
 
@@ -93,7 +103,7 @@ class ExampleStream:
                  world: int = 1):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
-        self.data, self.split, self.config, self.rank, self.world = Path(data), split, config, rank, world
+        self.data, self.split, self.config, self.rank, self.world = dataset_folder(data), split, config, rank, world
         self.parts = sorted((self.data / "examples" / split).glob("*.parquet"))
         if not self.parts:
             raise FileNotFoundError(f"no {split} examples under {self.data}/examples (run fin features first)")
@@ -138,16 +148,45 @@ class ExampleStream:
     def _batch(self, ex: pl.DataFrame, flat: dict, starts: np.ndarray, users: np.ndarray) -> Batch:
         rows = np.searchsorted(users, ex["user_id"].to_numpy())
         offsets, history = history_batch(flat, starts, rows, ex["history_len"].to_numpy(), self.config.max_seq_len)
-        ts = torch.from_numpy(ex["ts"].to_numpy(writable=True))
         ids = {c: torch.from_numpy(ex[c].to_numpy(writable=True)) for c in (*TARGET_FEATURES, *CONTEXT_FEATURES)}
-        context = {"ts": ts, "geohash6": ids["geohash6"], "aoi_id": ids["aoi_id"], "time_type": ids["time_type"]}
-        return Batch(
+        return _assembled(
             label=torch.from_numpy(ex["label"].to_numpy().astype(np.float32)),
             ids=ids,
             stats=torch.from_numpy(ex.select(STAT_FEATURES).to_numpy().astype(np.float32)),
-            ts=ts,
-            history_offsets=offsets,
-            history=history,
-            fragments=fragment(offsets, history, context, self.config.fragments),
+            ts=torch.from_numpy(ex["ts"].to_numpy(writable=True)),
+            request_context={c: ids[c] for c in FRAGMENT_CONTEXT},
+            history_offsets=offsets, history=history, config=self.config,
             impression_id=torch.from_numpy(ex["impression_id"].to_numpy(writable=True)),
         )
+
+
+def request_batch(timeline: Mapping[str, np.ndarray], context: Mapping[str, int],
+                  candidates: Mapping[str, np.ndarray], stats: np.ndarray | None = None,
+                  config: LoaderConfig = LoaderConfig()) -> Batch:
+    """One scoring request as a batch: U = 1 request, B candidates that all point at it.
+
+    timeline: TIMELINE_FIELDS -> one user's events, oldest first (events at or after the request time are
+    ignored, as in training, which reads the events strictly before the impression).
+    context: "ts" (ms) and CONTEXT_FEATURES -> int (geohash6 as a `geohash_code`, MISSING when unknown).
+    candidates: TARGET_FEATURES -> int64 [B]; stats: float32 [B, len(STAT_FEATURES)] (zeros when None).
+    """
+    n = len(timeline["ts"])
+    before = int(np.searchsorted(np.asarray(timeline["ts"]), context["ts"], side="left"))
+    flat = {f: np.asarray(timeline[f], dtype=np.int64) for f in TIMELINE_FIELDS}
+    offsets, history = history_batch(flat, np.array([0, n]), np.array([0]), np.array([before]), config.max_seq_len)
+    b = len(candidates[TARGET_FEATURES[0]])
+    ids = {c: torch.from_numpy(np.array(candidates[c], dtype=np.int64)) for c in TARGET_FEATURES}
+    ids |= {c: torch.full((b,), int(context[c]), dtype=torch.int64) for c in CONTEXT_FEATURES}
+    stats = np.zeros((b, len(STAT_FEATURES)), np.float32) if stats is None else np.array(stats, np.float32)
+    return _assembled(
+        label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), ts=torch.tensor([int(context["ts"])]),
+        request_context={c: torch.tensor([int(context[c])]) for c in FRAGMENT_CONTEXT},
+        history_offsets=offsets, history=history, config=config,
+        impression_id=torch.full((b,), -1, dtype=torch.int64), request_of=torch.zeros(b, dtype=torch.int64))
+
+
+def _assembled(ts: torch.Tensor, request_context: dict[str, torch.Tensor], history_offsets: torch.Tensor,
+               history: dict[str, torch.Tensor], config: LoaderConfig, **candidate_fields) -> Batch:
+    """A Batch with its fragments cut by the shared `fragment()` (the one place either path calls it)."""
+    fragments = fragment(history_offsets, history, {"ts": ts, **request_context}, config.fragments)
+    return Batch(ts=ts, history_offsets=history_offsets, history=history, fragments=fragments, **candidate_fields)

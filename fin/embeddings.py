@@ -41,7 +41,7 @@ SINGLE = ("city_id", "time_type", "weekdays", "hours")
 
 @dataclass(frozen=True)
 class EmbeddingSizes:
-    dim: int = 16
+    dim: int = 8
     rows: dict[str, int] = field(default_factory=lambda: {
         "item": 100_000, "shop": 50_000, "category": 1_000, "brand": 10_000, "geohash6": 50_000, "aoi": 10_000,
         "city_id": 1_000, "time_type": 8, "weekdays": 8, "hours": 32,

@@ -20,7 +20,7 @@ import torch
 
 from features import contract
 from fin.artifact import Artifact
-from fin.data import ExampleStream
+from fin.data import ExampleStream, dataset_folder
 from fin.metrics import auc, calibration, gauc, logloss
 
 ORACLE = "oracle"
@@ -44,7 +44,7 @@ def predict(artifact: Artifact, data: str | Path, split: str = "test", batch_siz
 def examples(data: str | Path, split: str = "test") -> pl.DataFrame:
     """The columns evaluation reads, one row per example of `split`."""
     columns = ["impression_id", "user_id", "label", "time_type", "city_id", *contract.ORACLE_COLUMNS]
-    frame = pl.scan_parquet(Path(data) / "examples" / split / "*.parquet")
+    frame = pl.scan_parquet(dataset_folder(data) / "examples" / split / "*.parquet")
     present = [c for c in columns if c in frame.collect_schema().names()]
     return frame.select(present).collect()
 

@@ -134,8 +134,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "lr": args.lr, "sparse_lr": args.sparse_lr, "patience": args.patience, "max_steps": args.max_steps,
         "seed": args.seed, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
     })
-    folder = train(args.data, args.out, config, name=args.name)
-    print(f"wrote {folder}")
+    print(train(args.data, args.out, config, name=args.name))  # stdout: the artifact folder, for scripts
     return 0
 
 
@@ -153,6 +152,51 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serve / score
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from serving.scoring import ScoringConfig
+    from serving.server import ServerConfig, serve
+
+    for name, path in (("--models", args.models), ("--feast-repo", args.feast_repo)):
+        if not path.is_dir():
+            raise CommandError(f"{name} {path} is not a folder")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    config = ServerConfig(models=args.models, feast_repo=args.feast_repo, host=args.host, port=args.port,
+                          poll_s=args.poll_s, torch_threads=args.torch_threads, workers=args.workers,
+                          scoring=ScoringConfig(max_candidates=args.max_candidates,
+                                                utc_offset_hours=args.utc_offset_hours))
+
+    def ready(port, server):
+        print(f"serving on {args.host}:{port}; models: {', '.join(server.repository.names()) or 'none yet'}",
+              flush=True)
+
+    asyncio.run(serve(config, ready))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from serving.pb import ctr_scoring_pb2 as pb
+    from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
+
+    try:
+        request = json_format.Parse(args.request.read_text(), pb.ScoreRequest())
+    except (OSError, json_format.ParseError) as e:
+        raise CommandError(f"cannot read a ScoreRequest from {args.request}: {e}") from None
+    with grpc.insecure_channel(args.addr) as channel:
+        try:
+            response = pb_grpc.CtrScoringStub(channel).Score(request, timeout=args.timeout)
+        except grpc.RpcError as e:
+            raise CommandError(f"{e.code().name}: {e.details()}") from None
+    print(json_format.MessageToJson(response, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     # the configs' own defaults are the CLI's defaults
@@ -160,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.features_config import FeaturesConfig
 
     parser = argparse.ArgumentParser(prog="fin", description="FIN ads ranking system: simulate, validate and "
-                                     "convert food-ordering ad logs, and build features.")
+                                     "convert food-ordering ad logs, build features, train, evaluate and serve models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="simulate a city's food-ordering ad logs",
@@ -220,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "early on validation AUC, and write MODELS/<name>/<version>/ (safetensors "
                                    "weights, configs, metrics, checksum). Under torchrun each process is one "
                                    "worker (the way to a cluster).")
-    p.add_argument("--data", required=True, type=Path, help="the features job's data folder (OUT/data)")
+    p.add_argument("--data", required=True, type=Path, help="the output folder of fin features (or its data/ folder)")
     p.add_argument("--out", required=True, type=Path, help="model repository folder (MODELS)")
     p.add_argument("--model", help="model kind: fin, din, sim or dnn (default fin)")
     p.add_argument("--name", help="artifact name (default: the model kind)")
@@ -228,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="local worker processes (default 1)")
     p.add_argument("--epochs", type=int, help="maximum epochs")
     p.add_argument("--batch-size", type=int, help="global batch size (split over workers)")
-    p.add_argument("--max-steps", type=int, help="cap on steps per epoch (quick runs)")
+    p.add_argument("--max-steps", type=int, help="steps per epoch (default 600; 0: the whole train split)")
     p.add_argument("--max-seq-len", type=int, help="history events read per example")
     p.add_argument("--lr", type=float, help="dense learning rate (Adam)")
     p.add_argument("--sparse-lr", type=float, help="table learning rate (row-wise Adagrad)")
@@ -241,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a split of the features job's output with each model artifact and "
                                    "report AUC, GAUC, logloss, calibration, AUC by meal slot and by city, and the "
                                    "simulator's oracle ceiling when the data has it (markdown + JSON).")
-    p.add_argument("--data", required=True, type=Path, help="the features job's data folder (OUT/data)")
+    p.add_argument("--data", required=True, type=Path, help="the output folder of fin features (or its data/ folder)")
     p.add_argument("--models", required=True, nargs="+",
                    help="artifacts: version folders (MODELS/fin/3), model folders (newest version) or, with "
                         "--repo, name[/version]")
@@ -249,6 +293,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="report folder (report.md, report.json)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="default test")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve CTR scoring over gRPC (health, reflection, hot model reload)",
+                       description="Start the gRPC server: the CTR scoring API (fin_ads.v1.CtrScoring), "
+                                   "grpc.health.v1 health checking (NOT_SERVING until a model loads) and "
+                                   "reflection. Models come from the repository folder, which is watched for "
+                                   "new versions; a version that fails to load or its smoke check is refused "
+                                   "and the serving one stays. Stops on SIGTERM/SIGINT after draining calls.")
+    p.add_argument("--models", required=True, type=Path, help="model repository folder (MODELS)")
+    p.add_argument("--feast-repo", required=True, type=Path, help="the Feast repository (FEAT/feast of fin features)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0: any free port)")
+    p.add_argument("--max-candidates", type=int, default=1000, help="largest candidate list accepted (default 1000)")
+    p.add_argument("--utc-offset-hours", type=float, default=8.0, help="local time of the city (default 8)")
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between model repository scans (default 5)")
+    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per forward (default 1)")
+    p.add_argument("--workers", type=int, default=2, help="forwards that may run at once (default 2)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("score", help="send one ScoreRequest (JSON) to a server and print the response",
+                       description="A small client of the CTR scoring API: reads a ScoreRequest in the protobuf "
+                                   "JSON mapping (see proto/serving/pb/ctr_scoring.proto) and prints the response.")
+    p.add_argument("--addr", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+    p.add_argument("--request", required=True, type=Path, help="ScoreRequest as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
+    p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("convert-eleme", help="convert the public Ele.me CTR dataset CSV into contract logs",
                        description="Map the Ele.me CTR dataset layout (one impression per row, per-request "
@@ -268,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("train", "evaluate", "serve"):
+        from fin.quiet import quiet_library_notices
+
+        quiet_library_notices()
     try:
         return args.func(args)
     except CommandError as e:

@@ -17,6 +17,7 @@ from fin.data import ExampleStream
 from fin.train import TrainConfig, load_train_config, train
 from tests.conftest import TRAIN_CONFIG
 
+
 def _config(**changes) -> TrainConfig:
     return load_train_config(None, **{**TRAIN_CONFIG, "model": "fin", **changes})
 
@@ -133,3 +134,10 @@ def test_config_file_and_overrides(tmp_path):
     assert config.model_config.tower == (8, 4) and config.lr == TrainConfig().lr
     with pytest.raises(ValueError, match="no field"):
         load_train_config(None, **{"loader.batch": 3})
+
+
+def test_shipped_configs_load_and_train_yaml_is_the_defaults():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert load_train_config(root / "train.yaml") == TrainConfig()
+    lifelong = load_train_config(root / "lifelong.yaml")
+    assert lifelong.loader.max_seq_len == lifelong.loader.fragments.full_len == 1000

@@ -20,11 +20,11 @@ from fin.layers import MLP, MultiHeadTargetAttention, to_padded
 
 @dataclass(frozen=True)
 class ModelConfig:
-    dim: int = 32
+    dim: int = 16
     heads: int = 2
     tower: tuple[int, ...] = (256, 128)
     dropout: float = 0.0
-    sim_len: int = 100  # SIM-hard: category-matched events kept from the lifelong sequence
+    sim_len: int = 50  # SIM-hard: category-matched events kept from the lifelong sequence
     embeddings: EmbeddingSizes = field(default_factory=EmbeddingSizes)
 
 

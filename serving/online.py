@@ -1,0 +1,115 @@
+"""The features a request needs from the Feast online store, behind small bounded caches.
+
+Per request: one read of the user's timeline (one feature view, `features.online.read_timelines`) and the
+candidates' item and shop statistics, each served from a cache while younger than its staleness limit.
+A failed read never fails the request: the result says `degraded` and the model scores with an empty
+history and zero statistics (what training saw for unknown ids).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from features.aggregates import WINDOWS
+from features.online import read_timelines
+from fin.data import STAT_FEATURES
+
+STAT_KEYS = ("item", "shop")
+STAT_VALUES = tuple(f"{m}_{w}d" for w in WINDOWS for m in ("impressions", "ctr"))  # per key, STAT_FEATURES order
+assert STAT_FEATURES == tuple(f"{k}_{v}" for k in STAT_KEYS for v in STAT_VALUES)
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    timeline_cache_size: int = 10_000  # users
+    timeline_staleness_s: float = 30.0  # a cached timeline is re-read after this long
+    stats_cache_size: int = 100_000  # items + shops
+    stats_staleness_s: float = 300.0
+
+
+class TTLCache:
+    """Least-recently-used entries, each valid for `ttl_s` seconds after it was stored (thread-safe)."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.size, self.ttl_s, self.clock = size, ttl_s, clock
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        """(stored at, value), or None when absent or stale."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or self.clock() - entry[0] > self.ttl_s:
+                return None
+            self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._entries[key] = (self.clock(), value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+@dataclass
+class UserFeatures:
+    timeline: dict[str, np.ndarray] | None  # None: cold-start user (or degraded)
+    stats: np.ndarray  # float32 [B, len(STAT_FEATURES)]
+    degraded: bool = False
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class OnlineFeatures:
+    def __init__(self, store, config: OnlineConfig = OnlineConfig()):
+        self.store, self.config = store, config
+        self.timelines = TTLCache(config.timeline_cache_size, config.timeline_staleness_s)
+        self.stats = TTLCache(config.stats_cache_size, config.stats_staleness_s)
+
+    def read(self, user_id: int, candidates: dict[str, np.ndarray]) -> UserFeatures:
+        hits = misses = 0
+        try:
+            cached = self.timelines.get(user_id)
+            if cached is None:
+                timeline = read_timelines(self.store, [user_id])[0]
+                self.timelines.put(user_id, timeline)
+                misses += 1
+            else:
+                timeline = cached[1]
+                hits += 1
+            parts = []
+            for key in STAT_KEYS:
+                values, h, m = self._stats(key, candidates[f"{key}_id"])
+                parts.append(values)
+                hits, misses = hits + h, misses + m
+        except Exception:  # noqa: BLE001 - any store failure degrades the request instead of failing it
+            n = len(candidates["item_id"])
+            return UserFeatures(None, np.zeros((n, len(STAT_FEATURES)), np.float32), degraded=True)
+        return UserFeatures(timeline, np.concatenate(parts, axis=1), cache_hits=hits, cache_misses=misses)
+
+    def _stats(self, key: str, ids: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """[B, len(STAT_VALUES)] statistics of `ids` (zeros when unknown), reading only uncached ids."""
+        unique, inverse = np.unique(ids, return_inverse=True)
+        rows = np.zeros((unique.size, len(STAT_VALUES)), np.float32)
+        missing = []
+        for i, entity in enumerate(unique.tolist()):
+            entry = self.stats.get((key, entity))
+            if entry is None:
+                missing.append(i)
+            else:
+                rows[i] = entry[1]
+        if missing:
+            response = self.store.get_online_features(
+                features=[f"{key}_stats:{v}" for v in STAT_VALUES],
+                entity_rows=[{f"{key}_id": int(unique[i])} for i in missing]).to_dict()
+            for j, i in enumerate(missing):
+                rows[i] = [response[v][j] or 0.0 for v in STAT_VALUES]
+                self.stats.put((key, int(unique[i])), rows[i].copy())
+        return rows[inverse], unique.size - len(missing), len(missing)

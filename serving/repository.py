@@ -1,0 +1,132 @@
+"""The server's view of a model repository folder: which model versions are loaded and serve.
+
+`refresh()` looks for version folders it has not seen (`MODELS/<name>/<version>/`), loads each with
+`fin.artifact.load_artifact` (checksum, contract version, model kind) and runs a smoke check (a cold-start
+and a long-history request must give finite probabilities). A version that passes is swapped in by
+replacing one dict reference, so a request sees either the old set or the new one, never a half-loaded
+model; one that fails is refused with its reason, logged and counted, and whatever served before keeps
+serving. A refused version is retried only when its artifact.json changes. Requests name a model (or
+get the default) and may pin a version; otherwise the newest loaded version serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fin.artifact import META, Artifact, load_artifact, versions
+from fin.data import TARGET_FEATURES
+
+log = logging.getLogger("fin.serving")
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Refusal:
+    name: str
+    version: int
+    reason: str
+    stamp: float  # artifact.json's mtime when refused
+
+
+@dataclass
+class RepositoryState:
+    models: dict[str, dict[int, Artifact]] = field(default_factory=dict)  # name -> version -> artifact
+
+    def newest(self, name: str) -> Artifact | None:
+        loaded = self.models.get(name)
+        return loaded[max(loaded)] if loaded else None
+
+
+def smoke_check(artifact: Artifact) -> None:
+    """Score a cold-start request and a request with a long synthetic history; raise if anything is off."""
+    from features.sequences import TIMELINE_FIELDS
+    from serving.scoring import EMPTY_TIMELINE, RequestInputs, score
+
+    rng = np.random.default_rng(0)
+    n, events = 4, artifact.loader.max_seq_len
+    inputs = RequestInputs(user_id=1, context={"ts": 10**12, "geohash6": 1, "aoi_id": 1, "city_id": 1,
+                                               "time_type": 1, "weekdays": 1, "hours": 12},
+                           candidates={c: rng.integers(1, 1000, n) for c in TARGET_FEATURES}, bids=np.ones(n))
+    history = {f: rng.integers(0, 5, events) for f in TIMELINE_FIELDS}
+    history["ts"] = np.arange(events, dtype=np.int64)
+    for timeline in (EMPTY_TIMELINE, history):
+        p = score(artifact, inputs, timeline, None)
+        if p.shape != (n,) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+            raise ValueError(f"smoke check: bad probabilities {p}")
+
+
+class ModelRepository:
+    def __init__(self, root: str | Path, keep_versions: int = 2):
+        self.root, self.keep_versions = Path(root), keep_versions
+        self.state = RepositoryState()
+        self.refused: dict[tuple[str, int], Refusal] = {}
+        self.reload_failures = 0
+        self._lock = threading.Lock()  # one refresh at a time; readers never take it
+
+    def names(self) -> list[str]:
+        return sorted(self.state.models)
+
+    def get(self, name: str | None = None, version: int | None = None) -> Artifact:
+        state = self.state  # one read of the reference: a consistent view
+        if not name:
+            if len(state.models) != 1:
+                raise ModelNotFound("name a model: this server has " + (", ".join(sorted(state.models)) or "none"))
+            name = next(iter(state.models))
+        loaded = state.models.get(name)
+        if not loaded:
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {', '.join(sorted(state.models)) or 'none'})")
+        if version is None:
+            return loaded[max(loaded)]
+        if version not in loaded:
+            raise ModelNotFound(f"model {name!r} version {version} is not loaded (loaded: {sorted(loaded)})")
+        return loaded[version]
+
+    def refresh(self) -> list[str]:
+        """Load new versions; returns what changed, one line each."""
+        with self._lock:
+            changes, models = [], {n: dict(v) for n, v in self.state.models.items()}
+            for name in sorted(p.name for p in self.root.glob("*") if p.is_dir() and not p.name.startswith(".")):
+                for version in versions(self.root, name)[-self.keep_versions:]:
+                    if version in models.get(name, {}) or self._still_refused(name, version):
+                        continue
+                    line = self._load(name, version, models)
+                    changes.append(line)
+            for loaded in models.values():  # keep the newest few loaded versions of each model
+                for old in sorted(loaded)[:-self.keep_versions]:
+                    del loaded[old]
+            self.state = RepositoryState(models)  # the swap
+            return changes
+
+    def _still_refused(self, name: str, version: int) -> bool:
+        refusal = self.refused.get((name, version))
+        return refusal is not None and refusal.stamp == _stamp(self.root / name / str(version))
+
+    def _load(self, name: str, version: int, models: dict) -> str:
+        folder = self.root / name / str(version)
+        try:
+            artifact = load_artifact(folder)
+            smoke_check(artifact)
+        except Exception as e:  # noqa: BLE001 - any failure refuses the version; the server keeps serving
+            self.refused[(name, version)] = Refusal(name, version, str(e), _stamp(folder))
+            self.reload_failures += 1
+            log.error("refused model %s version %s: %s", name, version, e)
+            return f"refused {name}/{version}: {e}"
+        models.setdefault(name, {})[version] = artifact
+        self.refused.pop((name, version), None)
+        log.info("loaded model %s version %s (%s)", name, version, artifact.meta["model"])
+        return f"loaded {name}/{version}"
+
+
+def _stamp(folder: Path) -> float:
+    try:
+        return (folder / META).stat().st_mtime
+    except OSError:
+        return -1.0

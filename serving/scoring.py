@@ -1,0 +1,110 @@
+"""A CTR scoring request -> checked model inputs -> pCTR per candidate, through `fin.data.request_batch`.
+
+Everything here is plain data in, numbers out (no gRPC): the server validates a request, reads the
+user's features and calls `score`; the offline evaluator and the consistency test can do the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from features import contract, geohash
+from features.fragments import MISSING
+from features.sequences import TIMELINE_FIELDS
+from fin.artifact import Artifact
+from fin.data import request_batch
+
+GEOHASH6 = 6
+EMPTY_TIMELINE = {f: np.zeros(0, np.int64) for f in TIMELINE_FIELDS}  # a cold-start user
+
+
+class BadRequest(ValueError):
+    """A request the server refuses (INVALID_ARGUMENT), with a message that says which field and why."""
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    max_candidates: int = 1000
+    utc_offset_hours: float = 8.0  # local time of the served city: meal slot, weekday and hour come from it
+
+
+@dataclass
+class RequestInputs:
+    """One request's model inputs, before the user's features are read."""
+
+    user_id: int
+    context: dict[str, int]  # "ts" and fin.data.CONTEXT_FEATURES
+    candidates: dict[str, np.ndarray]  # fin.data.TARGET_FEATURES -> int64 [B]
+    bids: np.ndarray  # float64 [B]
+
+
+def request_inputs(request, config: ScoringConfig) -> RequestInputs:
+    """Validate a `ScoreRequest` message and turn it into model inputs; raises BadRequest."""
+    if request.user_id <= 0:
+        raise BadRequest("user_id is required and must be positive")
+    if not request.HasField("context"):
+        raise BadRequest("context is required")
+    n = len(request.candidates)
+    if n == 0:
+        raise BadRequest("candidates is empty")
+    if n > config.max_candidates:
+        raise BadRequest(f"{n} candidates is more than this server's maximum of {config.max_candidates}")
+    context = _context(request.context, config)
+    cands = request.candidates
+    ids = {name: np.fromiter((getattr(c, field) for c in cands), np.int64, n) for name, field in
+           (("item_id", "item_id"), ("shop_id", "shop_id"), ("category_1_id", "category_id"), ("brand_id", "brand_id"))}
+    for name in ("item_id", "shop_id"):
+        bad = np.flatnonzero(ids[name] <= 0)
+        if bad.size:
+            raise BadRequest(f"candidates[{bad[0]}].{name} is required and must be positive")
+    for name in ("category_1_id", "brand_id"):
+        ids[name] = np.where(ids[name] > 0, ids[name], MISSING)
+    numbers = {field: np.fromiter((getattr(c, field) for c in cands), np.float64, n)
+               for field in ("bid", "price", "distance_m")}
+    for field, values in numbers.items():
+        bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
+        if bad.size:
+            raise BadRequest(f"candidates[{bad[0]}].{field} must be a finite number >= 0, got {values[bad[0]]}")
+    return RequestInputs(user_id=int(request.user_id), context=context, candidates=ids, bids=numbers["bid"])
+
+
+def _context(ctx, config: ScoringConfig) -> dict[str, int]:
+    if ctx.ts_ms <= 0:
+        raise BadRequest("context.ts_ms is required (UTC milliseconds since the epoch)")
+    if ctx.geohash:
+        if len(ctx.geohash) < GEOHASH6:
+            raise BadRequest(f"context.geohash {ctx.geohash!r} is shorter than {GEOHASH6} characters")
+        cell = ctx.geohash[:GEOHASH6]
+    elif ctx.HasField("lat") and ctx.HasField("lon"):
+        if not (math.isfinite(ctx.lat) and math.isfinite(ctx.lon) and abs(ctx.lat) <= 90 and abs(ctx.lon) <= 180):
+            raise BadRequest(f"context.lat/lon ({ctx.lat}, {ctx.lon}) is not a place on Earth")
+        cell = str(geohash.encode(ctx.lat, ctx.lon, GEOHASH6)[0])
+    else:
+        raise BadRequest("context needs a geohash or lat and lon")
+    try:
+        code = int(geohash.to_codes(np.array([cell]))[0][0])
+    except ValueError:
+        raise BadRequest(f"context.geohash {ctx.geohash!r} is not a geohash") from None
+    local = contract.local_time_fields(np.array([ctx.ts_ms]), config.utc_offset_hours)
+    return {"ts": int(ctx.ts_ms), "geohash6": code,
+            "aoi_id": int(ctx.aoi_id) if ctx.HasField("aoi_id") and ctx.aoi_id > 0 else MISSING,
+            "city_id": int(ctx.city_id) if ctx.city_id > 0 else MISSING,
+            **{k: int(v[0]) for k, v in local.items()}}
+
+
+@torch.inference_mode()
+def score(artifact: Artifact, inputs: RequestInputs, timeline: dict[str, np.ndarray] | None,
+          stats: np.ndarray | None) -> np.ndarray:
+    """pCTR [B] of one request's candidates: one batch, the user's history and fragments once."""
+    batch = request_batch(timeline or EMPTY_TIMELINE, inputs.context, inputs.candidates, stats, artifact.loader)
+    return torch.sigmoid(artifact.model(batch)).numpy().astype(np.float64)
+
+
+def ecpm(pctr: np.ndarray, bids: np.ndarray) -> np.ndarray:
+    """Expected revenue per 1,000 impressions of a cost-per-click ad."""
+    return 1000.0 * pctr * bids
+

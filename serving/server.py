@@ -1,0 +1,165 @@
+"""The gRPC server: CTR scoring for the ad server, health checking and reflection (grpc.aio).
+
+Per Score request: validate (INVALID_ARGUMENT with the field and the reason), pick the model (NOT_FOUND
+when it is not loaded), read the user's features (one timeline read, cached; see serving.online), cut
+fragments and run one batched forward for all candidates. The blocking part (store read, forward) runs
+on a small thread pool with a fixed torch intra-op thread count, so the event loop keeps accepting
+calls. A request whose deadline has passed is answered DEADLINE_EXCEEDED, never late. Health is
+NOT_SERVING until a model has loaded; the repository is polled for new versions while serving; on
+SIGTERM/SIGINT health goes NOT_SERVING and in-flight calls drain before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.online import OnlineConfig, OnlineFeatures
+from serving.pb import ctr_scoring_pb2 as pb
+from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
+from serving.repository import ModelNotFound, ModelRepository
+from serving.scoring import BadRequest, ScoringConfig, ecpm, request_inputs, score
+
+log = logging.getLogger("fin.serving")
+SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["CtrScoring"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    models: Path
+    feast_repo: Path
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    poll_s: float = 5.0  # how often the model repository is checked for new versions
+    torch_threads: int = 1  # intra-op threads per forward
+    workers: int = 2  # forwards that may run at once
+    grace_s: float = 10.0  # how long shutdown waits for in-flight calls
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+
+
+class CtrScoring(pb_grpc.CtrScoringServicer):
+    def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
+                 executor: ThreadPoolExecutor):
+        self.repository, self.features, self.config, self.executor = repository, features, config, executor
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        started = time.perf_counter()
+        try:
+            inputs = request_inputs(request, self.config.scoring)
+            artifact = self.repository.get(request.model_name or None,
+                                           request.model_version if request.HasField("model_version") else None)
+        except BadRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before scoring")
+
+        def work():
+            t = time.perf_counter()
+            features = self.features.read(inputs.user_id, inputs.candidates)
+            t_features = time.perf_counter()
+            pctr = score(artifact, inputs, features.timeline, features.stats)
+            return features, pctr, t_features - t, time.perf_counter() - t_features
+
+        features, pctr, features_s, model_s = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while scoring")
+        values = ecpm(pctr, inputs.bids)
+        return pb.ScoreResponse(
+            scores=[pb.Score(pctr=p, ecpm=e) for p, e in zip(pctr.tolist(), values.tolist())],
+            model_name=artifact.name, model_version=artifact.version,
+            cold_start_user=features.timeline is None and not features.degraded,
+            degraded_features=features.degraded,
+            timing=pb.Timing(total_ms=(time.perf_counter() - started) * 1000, features_ms=features_s * 1000,
+                             model_ms=model_s * 1000))
+
+
+class Server:
+    """A running server: `await start()`, then `await wait()` or `await stop()`."""
+
+    def __init__(self, config: ServerConfig, store=None):
+        from feast import FeatureStore
+
+        self.config = config
+        torch.set_num_threads(config.torch_threads)
+        self.repository = ModelRepository(config.models)
+        self.features = OnlineFeatures(store or FeatureStore(repo_path=str(config.feast_repo)), config.online)
+        self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="score")
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server()
+        self.port = 0
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        pb_grpc.add_CtrScoringServicer_to_server(
+            CtrScoring(self.repository, self.features, self.config, self.executor), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        services = (SCORING_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self.server)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        await self._set_health()
+        await self.server.start()
+        await self.refresh()
+        self._poller = asyncio.create_task(self._poll())
+        return self.port
+
+    async def refresh(self) -> list[str]:
+        changes = await asyncio.to_thread(self.repository.refresh)
+        await self._set_health()
+        return changes
+
+    async def _set_health(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.repository.names()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", SCORING_SERVICE):
+            await self.health.set(service, status)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - a failed scan is logged; serving goes on
+                log.exception("model repository scan failed")
+
+    async def stop(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s)
+        self.executor.shutdown(wait=True)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(config: ServerConfig, ready=None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and exit."""
+    server = Server(config)
+    port = await server.start()
+    if ready:
+        ready(port, server)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: draining in-flight calls for up to %.0f s", config.grace_s)
+    await server.stop()

@@ -1,0 +1,259 @@
+"""`fin serve`: a real server process on 127.0.0.1, real Feast (sqlite), real artifacts, a real gRPC client."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import polars as pl
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fin.artifact import load_artifact
+from fin.evaluate import predict
+from serving.pb import ctr_scoring_pb2 as pb
+from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
+from tests.conftest import FEATURES_CONFIG, run_fin
+
+
+class Running:
+    def __init__(self, models: Path, feast_repo: Path):
+        fin = Path(sys.executable).parent / "fin"
+        self.proc = subprocess.Popen([str(fin), "serve", "--models", str(models), "--feast-repo", str(feast_repo),
+                                      "--port", "0", "--poll-s", "0.3"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("serving on 127.0.0.1:"), line + self.proc.stderr.read()
+        self.addr = line.split()[2].rstrip(";")
+        self.channel = grpc.insecure_channel(self.addr)
+        self.stub = pb_grpc.CtrScoringStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def status(self) -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service="fin_ads.v1.CtrScoring"), timeout=5).status
+
+    def stop(self) -> tuple[int, str]:
+        self.channel.close()
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err
+
+
+def wait_for(check, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture(scope="module")
+def repo(trained_models, tmp_path_factory) -> Path:
+    """A private copy of the trained artifacts: the tests add versions to it."""
+    root = tmp_path_factory.mktemp("serving") / "models"
+    for name, path in trained_models[1].items():
+        shutil.copytree(path, root / name / path.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo, features_job):
+    out, _ = features_job
+    running = Running(repo, out / "feast")
+    yield running
+    code, err = running.stop()
+    assert code == 0, err
+
+
+def _request(user_id: int, candidates: int = 3, **changes) -> pb.ScoreRequest:
+    request = pb.ScoreRequest(
+        user_id=user_id, model_name="fin",
+        context=pb.Context(ts_ms=1_780_000_000_000, geohash="wtw3sjq6", city_id=1),
+        candidates=[pb.Candidate(item_id=10 + i, shop_id=5 + i, category_id=2, brand_id=1, price=20, distance_m=300,
+                                 bid=0.5 + i) for i in range(candidates)])
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+def test_scores_come_in_request_order_with_ecpm(server):
+    assert server.status() == health_pb2.HealthCheckResponse.SERVING
+    response = server.stub.Score(_request(1, candidates=5), timeout=10)
+    assert (response.model_name, response.model_version) == ("fin", 1) and len(response.scores) == 5
+    for i, s in enumerate(response.scores):
+        assert 0 < s.pctr < 1 and math.isclose(s.ecpm, 1000 * s.pctr * (0.5 + i), rel_tol=1e-5)
+    assert response.timing.total_ms > 0
+    reversed_ = _request(1, candidates=5)
+    reversed_.candidates.reverse()
+    again = server.stub.Score(reversed_, timeout=10)
+    np.testing.assert_allclose([s.pctr for s in again.scores], [s.pctr for s in reversed(response.scores)],
+                               rtol=1e-5)
+    dnn = server.stub.Score(_request(1, model_name="dnn"), timeout=10)
+    assert dnn.model_name == "dnn"
+
+
+def _bad(**change):
+    request = _request(1)
+    for path, value in change.items():
+        target, field = request, path
+        if "." in path:
+            parent, field = path.split(".")
+            target = request.context if parent == "context" else request.candidates[0]
+        if value is None:
+            target.ClearField(field)
+        else:
+            setattr(target, field, value)
+    return request
+
+
+@pytest.mark.parametrize("request_, message", [
+    (_bad(user_id=0), "user_id"),
+    (_bad(context=None), "context is required"),
+    (_bad(**{"context.ts_ms": 0}), "ts_ms"),
+    (_bad(**{"context.geohash": "wtw"}), "shorter"),
+    (_bad(**{"context.geohash": "wtw3!!"}), "not a geohash"),
+    (_bad(**{"context.geohash": "", "context.lat": 91.0, "context.lon": 10.0}), "not a place"),
+    (_bad(**{"context.geohash": ""}), "geohash or lat and lon"),
+    (_bad(candidates=None), "empty"),
+    (_bad(**{"candidate.bid": float("nan")}), "bid"),
+    (_bad(**{"candidate.price": -1.0}), "price"),
+    (_bad(**{"candidate.item_id": 0}), "item_id"),
+])
+def test_bad_requests_are_invalid_argument(server, request_, message):
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.Score(request_, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+
+
+def test_limits_unknown_models_and_deadlines(server):
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.Score(_request(1, candidates=1001), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "maximum of 1000" in e.value.details()
+    for changes in ({"model_name": "nope"}, {"model_version": 99}):
+        with pytest.raises(grpc.RpcError) as e:
+            server.stub.Score(_request(1, **changes), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.Score(_request(1), timeout=1e-4)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert server.stub.Score(_request(1), timeout=10).scores  # still serving
+
+
+def test_unknown_user_is_a_flagged_cold_start(server):
+    response = server.stub.Score(_request(10**9), timeout=10)
+    assert response.cold_start_user and not response.degraded_features and len(response.scores) == 3
+    assert not server.stub.Score(_request(1), timeout=10).cold_start_user
+
+
+def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, tmp_path):
+    """Logged test requests replayed through gRPC score as the evaluator scores them: one code path.
+
+    The online store holds the latest state: each user's last `max_seq_len` events and the statistics as of
+    the day after the data. So the replayed requests are from the last day, of users whose whole timeline is
+    stored (events after a request are cut off by `fragment()`), and a copy of the store first gets that
+    day's item and shop statistics through Feast's own write path, as a store materialised that day had."""
+    from datetime import datetime, timezone
+
+    from feast import FeatureStore
+
+    out, _ = features_job
+    examples = pl.read_parquet(out / "data" / "examples" / "test" / "*.parquet")
+    lengths = pl.read_parquet(out / "data" / "timelines" / "*.parquet").select(
+        "user_id", pl.col("ts").list.len().alias("events"))
+    day = examples["day"].max()
+    last = examples.filter(pl.col("day") == day).join(lengths, on="user_id").filter(
+        pl.col("events") <= FEATURES_CONFIG.max_seq_len)
+    requests = last["request_id"].unique(maintain_order=True)[:8]
+    assert len(requests) >= 3
+    last = last.filter(pl.col("request_id").is_in(requests.implode()))
+
+    shutil.copytree(out / "feast", tmp_path / "feast")
+    store = FeatureStore(repo_path=str(tmp_path / "feast"))
+    for key in ("item", "shop"):
+        stats = pl.read_parquet(out / "data" / "feast_sources" / f"{key}_stats.parquet").filter(pl.col("day") == day)
+        rows = last.select(f"{key}_id").unique().join(stats, on=f"{key}_id", how="left").drop("day").with_columns(
+            pl.exclude(f"{key}_id", "event_timestamp").fill_null(0),
+            pl.lit(datetime.now(timezone.utc)).alias("event_timestamp"))
+        store.write_to_online_store(f"{key}_stats", rows.to_pandas())
+
+    running = Running(trained_models[0], tmp_path / "feast")
+    try:
+        offline = predict(load_artifact(trained_models[1]["fin"]), out / "data", "test")
+        for request_id in requests:
+            rows = last.filter(pl.col("request_id") == request_id)
+            r = rows.row(0, named=True)
+            request = pb.ScoreRequest(
+                user_id=r["user_id"], model_name="fin",
+                context=pb.Context(ts_ms=r["ts"], geohash=r["geohash_12"] or r["geohash_6"], city_id=r["city_id"] or 0,
+                                   **({"aoi_id": r["aoi_id"]} if r["aoi_id"] is not None else {})),
+                candidates=[pb.Candidate(item_id=c["item_id"], shop_id=c["shop_id"], category_id=c["category_1_id"],
+                                         brand_id=c["brand_id"] or 0, price=c["price"] or 0, bid=c["bid"] or 0)
+                            for c in rows.iter_rows(named=True)])
+            served = np.array([s.pctr for s in running.stub.Score(request, timeout=10).scores])
+            expected = rows.select("impression_id").join(offline, on="impression_id", maintain_order="left")["pctr"]
+            np.testing.assert_allclose(served, expected.to_numpy(), rtol=1e-4, atol=1e-6)
+    finally:
+        running.stop()
+
+
+def _copy_version(repo: Path, name: str, source: int, target: int) -> Path:
+    folder = repo / name / str(target)
+    staging = repo / name / f".staging-{target}"
+    shutil.copytree(repo / name / str(source), staging)
+    meta = json.loads((staging / "artifact.json").read_text())
+    (staging / "artifact.json").write_text(json.dumps({**meta, "version": target}))
+    return staging, folder
+
+
+def test_new_versions_hot_load_and_broken_ones_are_refused(server, repo):
+    staging, folder = _copy_version(repo, "fin", 1, 2)
+    staging.rename(folder)  # appears at once, like fin train's artifacts
+    wait_for(lambda: server.stub.Score(_request(1), timeout=10).model_version == 2)
+    assert server.stub.Score(_request(1, model_version=1), timeout=10).model_version == 1  # pinned
+
+    staging, folder = _copy_version(repo, "fin", 1, 3)
+    with open(staging / "model.safetensors", "r+b") as f:  # corrupt the weights
+        f.seek(-16, 2)
+        f.write(b"\0" * 16)
+    staging.rename(folder)
+    time.sleep(1.5)  # several scans
+    assert server.stub.Score(_request(1), timeout=10).model_version == 2
+    assert server.status() == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_empty_repository_is_not_serving_until_a_model_arrives(trained_models, features_job, tmp_path):
+    out, _ = features_job
+    (tmp_path / "models").mkdir()
+    running = Running(tmp_path / "models", out / "feast")
+    try:
+        assert running.status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            running.stub.Score(_request(1), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        shutil.copytree(trained_models[1]["dnn"], tmp_path / "models" / "dnn" / "1")
+        wait_for(lambda: running.status() == health_pb2.HealthCheckResponse.SERVING)
+        assert running.stub.Score(_request(1, model_name=""), timeout=10).model_name == "dnn"
+    finally:
+        code, err = running.stop()
+    assert code == 0, err
+
+
+def test_fin_score_client(server, tmp_path):
+    from google.protobuf import json_format
+
+    path = tmp_path / "request.json"
+    path.write_text(json_format.MessageToJson(_request(1)))
+    r = run_fin("score", "--addr", server.addr, "--request", str(path))
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["scores"]) == 3
+    path.write_text(json_format.MessageToJson(_request(0)))
+    r = run_fin("score", "--addr", server.addr, "--request", str(path))
+    assert r.returncode == 1 and r.stderr.startswith("fin score: error: INVALID_ARGUMENT: user_id")
