@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FIN    := $(VENV)/bin/fin
 DEMO   ?= demo_out
+DEMO_PORT ?= 50051
 
 
 .PHONY: demo test test-services install bench-simulate bench-features bench-train clean
@@ -33,6 +34,10 @@ demo: install
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model din --epochs 1
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model dnn --epochs 1
 	$(FIN) evaluate --data $(DEMO)/features --repo $(DEMO)/models --models fin din dnn --out $(DEMO)/report
+	@# serve on loopback, replay three logged requests through gRPC, then stop the server (SIGTERM drains it)
+	$(FIN) serve --models $(DEMO)/models --feast-repo $(DEMO)/features/feast --port $(DEMO_PORT) & pid=$$!; \
+	  $(FIN) score --addr 127.0.0.1:$(DEMO_PORT) --replay $(DEMO)/features --requests 3 --wait 120; rc=$$?; \
+	  kill $$pid; wait $$pid; exit $$rc
 
 # The Redis online-store test needs a redis-server binary (Debian package); it listens on 127.0.0.1 only.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -165,7 +165,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise CommandError(f"{name} {path} is not a folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     config = ServerConfig(models=args.models, feast_repo=args.feast_repo, host=args.host, port=args.port,
-                          poll_s=args.poll_s, torch_threads=args.torch_threads, workers=args.workers,
+                          default_model=args.default_model, poll_s=args.poll_s,
+                          torch_threads=args.torch_threads, workers=args.workers,
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
                                                 utc_offset_hours=args.utc_offset_hours))
 
@@ -184,17 +185,65 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from serving.pb import ctr_scoring_pb2 as pb
     from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
 
-    try:
-        request = json_format.Parse(args.request.read_text(), pb.ScoreRequest())
-    except (OSError, json_format.ParseError) as e:
-        raise CommandError(f"cannot read a ScoreRequest from {args.request}: {e}") from None
-    with grpc.insecure_channel(args.addr) as channel:
+    if (args.request is None) == (args.replay is None):
+        raise CommandError("give one of --request FILE or --replay FEAT")
+    if args.request is not None:
         try:
-            response = pb_grpc.CtrScoringStub(channel).Score(request, timeout=args.timeout)
-        except grpc.RpcError as e:
-            raise CommandError(f"{e.code().name}: {e.details()}") from None
-    print(json_format.MessageToJson(response, indent=2))
+            requests = [(json_format.Parse(args.request.read_text(), pb.ScoreRequest()), None)]
+        except (OSError, json_format.ParseError) as e:
+            raise CommandError(f"cannot read a ScoreRequest from {args.request}: {e}") from None
+    else:
+        from serving.replay import logged_requests
+
+        requests = [(r.request, r.labels) for r in logged_requests(args.replay, args.split, args.requests)]
+        if not requests:
+            raise CommandError(f"no {args.split} requests under {args.replay}")
+    with grpc.insecure_channel(args.addr) as channel:
+        if args.wait:
+            _wait_until_serving(channel, args.wait)
+        stub = pb_grpc.CtrScoringStub(channel)
+        for request, labels in requests:
+            if args.model:
+                request.model_name = args.model
+            try:
+                response = stub.Score(request, timeout=args.timeout)
+            except grpc.RpcError as e:
+                raise CommandError(f"{e.code().name}: {e.details()}") from None
+            if labels is None:
+                print(json_format.MessageToJson(response, indent=2))
+            else:
+                _print_replayed(request, response, labels)
     return 0
+
+
+def _wait_until_serving(channel, seconds: float) -> None:
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise CommandError(f"the server was not serving within {seconds:g} s")
+        time.sleep(0.2)
+
+
+def _print_replayed(request, response, labels: list[int]) -> None:
+    when = dt.datetime.fromtimestamp(request.context.ts_ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    flags = [f for f in ("cold_start_user", "degraded_features") if getattr(response, f)]
+    print(f"user {request.user_id} at {when}, {request.context.geohash[:6]}: {response.model_name}/"
+          f"{response.model_version}, {response.timing.total_ms:.1f} ms (features {response.timing.features_ms:.1f}, "
+          f"model {response.timing.model_ms:.1f}){' ' + ', '.join(flags) if flags else ''}")
+    for c, s, label in zip(request.candidates, response.scores, labels):
+        print(f"  item {c.item_id:>7}  shop {c.shop_id:>5}  bid {c.bid:5.2f}  pCTR {s.pctr:.4f}  eCPM {s.ecpm:7.2f}"
+              f"  {'clicked' if label else ''}")
 
 
 # ---------------------------------------------------------------------------- parser
@@ -304,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feast-repo", required=True, type=Path, help="the Feast repository (FEAT/feast of fin features)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0: any free port)")
+    p.add_argument("--default-model", default="fin",
+                   help="model for requests that name none (default fin; else the only model loaded)")
     p.add_argument("--max-candidates", type=int, default=1000, help="largest candidate list accepted (default 1000)")
     p.add_argument("--utc-offset-hours", type=float, default=8.0, help="local time of the city (default 8)")
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between model repository scans (default 5)")
@@ -311,12 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="forwards that may run at once (default 2)")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("score", help="send one ScoreRequest (JSON) to a server and print the response",
-                       description="A small client of the CTR scoring API: reads a ScoreRequest in the protobuf "
-                                   "JSON mapping (see proto/serving/pb/ctr_scoring.proto) and prints the response.")
+    p = sub.add_parser("score", help="send ScoreRequests to a server and print the responses",
+                       description="A small client of the CTR scoring API: sends one ScoreRequest written in "
+                                   "the protobuf JSON mapping (proto/serving/pb/ctr_scoring.proto), or replays "
+                                   "logged requests of a split of the features job's output.")
     p.add_argument("--addr", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
-    p.add_argument("--request", required=True, type=Path, help="ScoreRequest as JSON")
-    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
+    p.add_argument("--request", type=Path, help="a ScoreRequest as JSON; the response is printed as JSON")
+    p.add_argument("--replay", type=Path, help="the features job's output: replay its logged requests")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="with --replay (default test)")
+    p.add_argument("--requests", type=int, default=3, help="with --replay: how many (default 3)")
+    p.add_argument("--model", help="model name to ask for (default: the request's, else the server's default)")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default 5)")
+    p.add_argument("--wait", type=float, default=0, help="first wait up to this many seconds for the server to serve")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("convert-eleme", help="convert the public Ele.me CTR dataset CSV into contract logs",

@@ -64,8 +64,8 @@ def smoke_check(artifact: Artifact) -> None:
 
 
 class ModelRepository:
-    def __init__(self, root: str | Path, keep_versions: int = 2):
-        self.root, self.keep_versions = Path(root), keep_versions
+    def __init__(self, root: str | Path, keep_versions: int = 2, default_model: str = "fin"):
+        self.root, self.keep_versions, self.default_model = Path(root), keep_versions, default_model
         self.state = RepositoryState()
         self.refused: dict[tuple[str, int], Refusal] = {}
         self.reload_failures = 0
@@ -76,10 +76,11 @@ class ModelRepository:
 
     def get(self, name: str | None = None, version: int | None = None) -> Artifact:
         state = self.state  # one read of the reference: a consistent view
-        if not name:
-            if len(state.models) != 1:
-                raise ModelNotFound("name a model: this server has " + (", ".join(sorted(state.models)) or "none"))
-            name = next(iter(state.models))
+        if not name:  # the default model, or the only one loaded
+            if self.default_model in state.models or len(state.models) != 1:
+                name = self.default_model
+            else:
+                name = next(iter(state.models))
         loaded = state.models.get(name)
         if not loaded:
             raise ModelNotFound(f"model {name!r} is not loaded (loaded: {', '.join(sorted(state.models)) or 'none'})")

@@ -40,6 +40,7 @@ class ServerConfig:
     feast_repo: Path
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port
+    default_model: str = "fin"  # serves requests that name no model (else the only model loaded)
     poll_s: float = 5.0  # how often the model repository is checked for new versions
     torch_threads: int = 1  # intra-op threads per forward
     workers: int = 2  # forwards that may run at once
@@ -96,7 +97,7 @@ class Server:
 
         self.config = config
         torch.set_num_threads(config.torch_threads)
-        self.repository = ModelRepository(config.models)
+        self.repository = ModelRepository(config.models, default_model=config.default_model)
         self.features = OnlineFeatures(store or FeatureStore(repo_path=str(config.feast_repo)), config.online)
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="score")
         self.health = health.aio.HealthServicer()

@@ -19,6 +19,7 @@ from fin.artifact import load_artifact
 from fin.evaluate import predict
 from serving.pb import ctr_scoring_pb2 as pb
 from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
+from serving.replay import logged_requests
 from tests.conftest import FEATURES_CONFIG, run_fin
 
 
@@ -166,14 +167,13 @@ def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, 
 
     out, _ = features_job
     examples = pl.read_parquet(out / "data" / "examples" / "test" / "*.parquet")
-    lengths = pl.read_parquet(out / "data" / "timelines" / "*.parquet").select(
-        "user_id", pl.col("ts").list.len().alias("events"))
     day = examples["day"].max()
-    last = examples.filter(pl.col("day") == day).join(lengths, on="user_id").filter(
-        pl.col("events") <= FEATURES_CONFIG.max_seq_len)
-    requests = last["request_id"].unique(maintain_order=True)[:8]
-    assert len(requests) >= 3
-    last = last.filter(pl.col("request_id").is_in(requests.implode()))
+    whole = pl.read_parquet(out / "data" / "timelines" / "*.parquet").filter(
+        pl.col("ts").list.len() <= FEATURES_CONFIG.max_seq_len)["user_id"]
+    replayed = logged_requests(out, "test", limit=8,
+                               where=(pl.col("day") == day) & pl.col("user_id").is_in(whole.implode()))
+    assert len(replayed) >= 3
+    last = examples.filter(pl.col("impression_id").is_in([i for r in replayed for i in r.impression_ids]))
 
     shutil.copytree(out / "feast", tmp_path / "feast")
     store = FeatureStore(repo_path=str(tmp_path / "feast"))
@@ -187,18 +187,11 @@ def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, 
     running = Running(trained_models[0], tmp_path / "feast")
     try:
         offline = predict(load_artifact(trained_models[1]["fin"]), out / "data", "test")
-        for request_id in requests:
-            rows = last.filter(pl.col("request_id") == request_id)
-            r = rows.row(0, named=True)
-            request = pb.ScoreRequest(
-                user_id=r["user_id"], model_name="fin",
-                context=pb.Context(ts_ms=r["ts"], geohash=r["geohash_12"] or r["geohash_6"], city_id=r["city_id"] or 0,
-                                   **({"aoi_id": r["aoi_id"]} if r["aoi_id"] is not None else {})),
-                candidates=[pb.Candidate(item_id=c["item_id"], shop_id=c["shop_id"], category_id=c["category_1_id"],
-                                         brand_id=c["brand_id"] or 0, price=c["price"] or 0, bid=c["bid"] or 0)
-                            for c in rows.iter_rows(named=True)])
-            served = np.array([s.pctr for s in running.stub.Score(request, timeout=10).scores])
-            expected = rows.select("impression_id").join(offline, on="impression_id", maintain_order="left")["pctr"]
+        for logged in replayed:
+            logged.request.model_name = "fin"
+            served = np.array([s.pctr for s in running.stub.Score(logged.request, timeout=10).scores])
+            expected = pl.DataFrame({"impression_id": logged.impression_ids}).join(
+                offline, on="impression_id", maintain_order="left")["pctr"]
             np.testing.assert_allclose(served, expected.to_numpy(), rtol=1e-4, atol=1e-6)
     finally:
         running.stop()
