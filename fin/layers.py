@@ -44,6 +44,21 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def by_user(query: torch.Tensor, user_of: torch.Tensor, users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates grouped by user: query [B, ...] -> [U, C, ...] (C: most candidates of one user, zero-padded)
+    and each candidate's column [B], so that `grouped[user_of, column]` is `query` again. Attention then
+    multiplies each user's keys with all of that user's queries at once instead of copying the keys per
+    candidate: in training (one candidate per user) C = 1; for one request of 200 candidates U = 1."""
+    counts = torch.bincount(user_of, minlength=users)
+    order = torch.argsort(user_of, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    column = torch.empty_like(user_of)
+    column[order] = torch.arange(user_of.numel(), device=user_of.device) - starts[user_of[order]]
+    grouped = query.new_zeros(users, int(counts.max()) if user_of.numel() else 0, *query.shape[1:])
+    grouped[user_of, column] = query
+    return grouped, column
+
+
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis where `mask`; all-masked rows give zeros (not NaN)."""
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -68,9 +83,10 @@ class SimplifiedTargetAttention(nn.Module):
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                user_of: torch.Tensor) -> torch.Tensor:
         """Per-candidate work: query [B, d] against its user's (`user_of` [B]) keys/values -> [B, d]."""
-        scores = torch.einsum("bd,bld->bl", query, keys[user_of]) * self.scale
-        weights = _masked_softmax(scores, mask[user_of])
-        return torch.einsum("bl,bld->bd", weights, values[user_of])
+        grouped, column = by_user(query, user_of, keys.shape[0])  # [U, C, d]
+        scores = (grouped @ keys.transpose(1, 2)) * self.scale  # [U, C, L]
+        weights = _masked_softmax(scores, mask[:, None, :])
+        return (weights @ values)[user_of, column]
 
     def forward(self, query, sequence, mask, user_of):
         return self.attend(query, *self.project(sequence), mask, user_of)
@@ -102,11 +118,12 @@ class MultiHeadTargetAttention(nn.Module):
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                user_of: torch.Tensor) -> torch.Tensor:
-        q = self.query(query).view(-1, self.heads, 1, self.head_dim)  # [B, H, 1, h]
-        scores = (q @ keys[user_of].transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, 1, L]
-        weights = _masked_softmax(scores, mask[user_of][:, None, None, :])
-        pooled = (weights @ values[user_of]).reshape(query.shape[0], -1)  # [B, d]
-        return self.out(pooled)
+        q = self.query(query).view(-1, self.heads, self.head_dim)  # [B, H, h]
+        grouped, column = by_user(q, user_of, keys.shape[0])  # [U, C, H, h]
+        scores = (grouped.transpose(1, 2) @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [U, H, C, L]
+        weights = _masked_softmax(scores, mask[:, None, None, :])
+        pooled = (weights @ values).transpose(1, 2)  # [U, C, H, h]
+        return self.out(pooled[user_of, column].reshape(query.shape[0], -1))  # [B, d]
 
     def forward(self, query, sequence, gap_ms, mask, user_of):
         return self.attend(query, *self.project(sequence, gap_ms), mask, user_of)

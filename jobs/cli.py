@@ -163,16 +163,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for name, path in (("--models", args.models), ("--feast-repo", args.feast_repo)):
         if not path.is_dir():
             raise CommandError(f"{name} {path} is not a folder")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # our own logger (libraries imported above may already have configured the root logger)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("fin")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     config = ServerConfig(models=args.models, feast_repo=args.feast_repo, host=args.host, port=args.port,
-                          default_model=args.default_model, poll_s=args.poll_s,
+                          default_model=args.default_model, metrics_port=args.metrics_port, poll_s=args.poll_s,
                           torch_threads=args.torch_threads, workers=args.workers,
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
                                                 utc_offset_hours=args.utc_offset_hours))
 
     def ready(port, server):
-        print(f"serving on {args.host}:{port}; models: {', '.join(server.repository.names()) or 'none yet'}",
-              flush=True)
+        print(f"serving on {args.host}:{port}; models: {', '.join(server.repository.names()) or 'none yet'}; "
+              f"metrics on http://{args.host}:{server.metrics_port}/metrics", flush=True)
 
     asyncio.run(serve(config, ready))
     return 0
@@ -343,10 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="default test")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("serve", help="serve CTR scoring over gRPC (health, reflection, hot model reload)",
-                       description="Start the gRPC server: the CTR scoring API (fin_ads.v1.CtrScoring), "
-                                   "grpc.health.v1 health checking (NOT_SERVING until a model loads) and "
-                                   "reflection. Models come from the repository folder, which is watched for "
+    p = sub.add_parser("serve", help="serve CTR scoring and model endpoints over gRPC, with hot model reload",
+                       description="Start the gRPC server: the CTR scoring API (fin_ads.v1.CtrScoring), the "
+                                   "Open Inference Protocol (inference.GRPCInferenceService, KServe v2) for "
+                                   "vision and other models, grpc.health.v1 health checking (NOT_SERVING until "
+                                   "a model loads), reflection, and Prometheus metrics. Models come from the repository folder, which is watched for "
                                    "new versions; a version that fails to load or its smoke check is refused "
                                    "and the serving one stays. Stops on SIGTERM/SIGINT after draining calls.")
     p.add_argument("--models", required=True, type=Path, help="model repository folder (MODELS)")
@@ -355,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0: any free port)")
     p.add_argument("--default-model", default="fin",
                    help="model for requests that name none (default fin; else the only model loaded)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus /metrics port on --host (default 0: any free port, printed at start)")
     p.add_argument("--max-candidates", type=int, default=1000, help="largest candidate list accepted (default 1000)")
     p.add_argument("--utc-offset-hours", type=float, default=8.0, help="local time of the city (default 8)")
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between model repository scans (default 5)")

@@ -11,6 +11,7 @@ get the default) and may pin a version; otherwise the newest loaded version serv
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 
 from fin.artifact import META, Artifact, load_artifact, versions
 from fin.data import TARGET_FEATURES
+from serving import vision
 
 log = logging.getLogger("fin.serving")
 
@@ -36,13 +38,20 @@ class Refusal:
     stamp: float  # artifact.json's mtime when refused
 
 
+@dataclass(frozen=True)
+class Change:
+    action: str  # "loaded" or "refused"
+    name: str
+    version: int
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.name}/{self.version}" + (f": {self.reason}" if self.reason else "")
+
+
 @dataclass
 class RepositoryState:
-    models: dict[str, dict[int, Artifact]] = field(default_factory=dict)  # name -> version -> artifact
-
-    def newest(self, name: str) -> Artifact | None:
-        loaded = self.models.get(name)
-        return loaded[max(loaded)] if loaded else None
+    models: dict[str, dict[int, Artifact | vision.VisionModel]] = field(default_factory=dict)  # name -> version
 
 
 def smoke_check(artifact: Artifact) -> None:
@@ -68,13 +77,15 @@ class ModelRepository:
         self.root, self.keep_versions, self.default_model = Path(root), keep_versions, default_model
         self.state = RepositoryState()
         self.refused: dict[tuple[str, int], Refusal] = {}
-        self.reload_failures = 0
         self._lock = threading.Lock()  # one refresh at a time; readers never take it
 
     def names(self) -> list[str]:
         return sorted(self.state.models)
 
-    def get(self, name: str | None = None, version: int | None = None) -> Artifact:
+    def versions(self, name: str) -> list[int]:
+        return sorted(self.state.models.get(name, {}))
+
+    def get(self, name: str | None = None, version: int | None = None) -> Artifact | vision.VisionModel:
         state = self.state  # one read of the reference: a consistent view
         if not name:  # the default model, or the only one loaded
             if self.default_model in state.models or len(state.models) != 1:
@@ -90,16 +101,15 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} version {version} is not loaded (loaded: {sorted(loaded)})")
         return loaded[version]
 
-    def refresh(self) -> list[str]:
-        """Load new versions; returns what changed, one line each."""
+    def refresh(self) -> list[Change]:
+        """Load new versions; returns what changed."""
         with self._lock:
             changes, models = [], {n: dict(v) for n, v in self.state.models.items()}
             for name in sorted(p.name for p in self.root.glob("*") if p.is_dir() and not p.name.startswith(".")):
                 for version in versions(self.root, name)[-self.keep_versions:]:
                     if version in models.get(name, {}) or self._still_refused(name, version):
                         continue
-                    line = self._load(name, version, models)
-                    changes.append(line)
+                    changes.append(self._load(name, version, models))
             for loaded in models.values():  # keep the newest few loaded versions of each model
                 for old in sorted(loaded)[:-self.keep_versions]:
                     del loaded[old]
@@ -110,20 +120,31 @@ class ModelRepository:
         refusal = self.refused.get((name, version))
         return refusal is not None and refusal.stamp == _stamp(self.root / name / str(version))
 
-    def _load(self, name: str, version: int, models: dict) -> str:
+    def _load(self, name: str, version: int, models: dict) -> Change:
         folder = self.root / name / str(version)
         try:
-            artifact = load_artifact(folder)
-            smoke_check(artifact)
+            if _task(folder) == vision.TASK:
+                artifact = vision.load_vision(folder)
+                vision.smoke_check_vision(artifact)
+            else:
+                artifact = load_artifact(folder)
+                smoke_check(artifact)
         except Exception as e:  # noqa: BLE001 - any failure refuses the version; the server keeps serving
             self.refused[(name, version)] = Refusal(name, version, str(e), _stamp(folder))
-            self.reload_failures += 1
             log.error("refused model %s version %s: %s", name, version, e)
-            return f"refused {name}/{version}: {e}"
+            return Change("refused", name, version, str(e))
         models.setdefault(name, {})[version] = artifact
         self.refused.pop((name, version), None)
         log.info("loaded model %s version %s (%s)", name, version, artifact.meta["model"])
-        return f"loaded {name}/{version}"
+        return Change("loaded", name, version)
+
+
+def _task(folder: Path) -> str:
+    """"vision" for vision artifacts; CTR artifacts (fin train's) have no task field."""
+    try:
+        return json.loads((folder / META).read_text()).get("task", "ctr")
+    except (OSError, ValueError, AttributeError):
+        return "ctr"  # load_artifact then says what is wrong
 
 
 def _stamp(folder: Path) -> float:

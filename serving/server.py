@@ -1,4 +1,5 @@
-"""The gRPC server: CTR scoring for the ad server, health checking and reflection (grpc.aio).
+"""The gRPC server (grpc.aio): CTR scoring for the ad server, the Open Inference Protocol for generic model
+endpoints (serving.inference_protocol), health checking, reflection, and Prometheus metrics.
 
 Per Score request: validate (INVALID_ARGUMENT with the field and the reason), pick the model (NOT_FOUND
 when it is not loaded), read the user's features (one timeline read, cached; see serving.online), cut
@@ -24,14 +25,20 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fin.artifact import Artifact
+from serving.inference_protocol import InferenceService
+from serving.metrics import ServingMetrics
 from serving.online import OnlineConfig, OnlineFeatures
 from serving.pb import ctr_scoring_pb2 as pb
 from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
-from serving.repository import ModelNotFound, ModelRepository
+from serving.pb import inference_v2_pb2
+from serving.pb import inference_v2_pb2_grpc as inference_pb2_grpc
+from serving.repository import Change, ModelNotFound, ModelRepository
 from serving.scoring import BadRequest, ScoringConfig, ecpm, request_inputs, score
 
 log = logging.getLogger("fin.serving")
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["CtrScoring"].full_name
+INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port
     default_model: str = "fin"  # serves requests that name no model (else the only model loaded)
+    metrics_port: int = 0  # Prometheus /metrics on host:port (0: any free port)
     poll_s: float = 5.0  # how often the model repository is checked for new versions
     torch_threads: int = 1  # intra-op threads per forward
     workers: int = 2  # forwards that may run at once
@@ -51,11 +59,13 @@ class ServerConfig:
 
 class CtrScoring(pb_grpc.CtrScoringServicer):
     def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
-                 executor: ThreadPoolExecutor):
-        self.repository, self.features, self.config, self.executor = repository, features, config, executor
+                 executor: ThreadPoolExecutor, metrics: ServingMetrics):
+        self.repository, self.features, self.config = repository, features, config
+        self.executor, self.metrics = executor, metrics
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         started = time.perf_counter()
+        self.metrics.candidates.observe(len(request.candidates))
         try:
             inputs = request_inputs(request, self.config.scoring)
             artifact = self.repository.get(request.model_name or None,
@@ -64,6 +74,9 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if not isinstance(artifact, Artifact):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{artifact.name} is not a CTR model: call it through inference.GRPCInferenceService")
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before scoring")
@@ -80,6 +93,12 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while scoring")
         values = ecpm(pctr, inputs.bids)
+        self.metrics.cache.labels("hit").inc(features.cache_hits)
+        self.metrics.cache.labels("miss").inc(features.cache_misses)
+        if features.degraded:
+            self.metrics.degraded.inc()
+        elif features.timeline is None:
+            self.metrics.cold_start.inc()
         return pb.ScoreResponse(
             scores=[pb.Score(pctr=p, ecpm=e) for p, e in zip(pctr.tolist(), values.tolist())],
             model_name=artifact.name, model_version=artifact.version,
@@ -87,6 +106,44 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
             degraded_features=features.degraded,
             timing=pb.Timing(total_ms=(time.perf_counter() - started) * 1000, features_ms=features_s * 1000,
                              model_ms=model_s * 1000))
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Every unary call: a request that is not a valid message gets INVALID_ARGUMENT (grpc.aio would answer
+    UNKNOWN), and the call is counted by method and status code, and timed."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method, inner, metrics = details.method.rsplit("/", 1)[-1], handler.unary_unary, self.metrics
+        deserialize = handler.request_deserializer
+
+        async def counted(raw: bytes, context):
+            started, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                try:
+                    request = deserialize(raw) if deserialize else raw
+                except Exception:  # noqa: BLE001 - any decoding failure is the caller's malformed message
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method} request message")
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:  # the client went away or its deadline passed
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                metrics.requests.labels(method, code.name).inc()
+                metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(counted, response_serializer=handler.response_serializer)
 
 
 class Server:
@@ -100,29 +157,39 @@ class Server:
         self.repository = ModelRepository(config.models, default_model=config.default_model)
         self.features = OnlineFeatures(store or FeatureStore(repo_path=str(config.feast_repo)), config.online)
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="score")
+        self.metrics = ServingMetrics()
+        self.metrics_port = 0
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[CallInterceptor(self.metrics)])
         self.port = 0
         self._poller: asyncio.Task | None = None
 
     async def start(self) -> int:
         pb_grpc.add_CtrScoringServicer_to_server(
-            CtrScoring(self.repository, self.features, self.config, self.executor), self.server)
+            CtrScoring(self.repository, self.features, self.config, self.executor, self.metrics), self.server)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(self.repository, self.executor, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        services = (SCORING_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        services = (SCORING_SERVICE, INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.server)
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._set_health()
+        self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
         await self.server.start()
         await self.refresh()
         self._poller = asyncio.create_task(self._poll())
         return self.port
 
-    async def refresh(self) -> list[str]:
+    async def refresh(self) -> list[Change]:
         changes = await asyncio.to_thread(self.repository.refresh)
+        for change in changes:
+            if change.action == "refused":
+                self.metrics.reload_failures.labels(change.name).inc()
+        for name in self.repository.names():
+            self.metrics.model_version.labels(name).set(self.repository.get(name).version)
         await self._set_health()
         return changes
 
@@ -146,6 +213,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s)
         self.executor.shutdown(wait=True)
+        self.metrics.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -1,12 +1,18 @@
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from features.simulator import load_sim_config, simulate
 from jobs.features_job import FeaturesConfig, run_features
+from serving.pb import ctr_scoring_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +72,51 @@ def trained_models(features_job, tmp_path_factory) -> tuple[Path, dict[str, Path
     models = tmp_path_factory.mktemp("models")
     return models, {kind: train(out / "data", models, load_train_config(None, model=kind, **TRAIN_CONFIG))
                     for kind in ("fin", "dnn")}
+
+
+class Running:
+    """`fin serve` as a user starts it, on 127.0.0.1 and a free port, with clients for its services."""
+
+    def __init__(self, models: Path, feast_repo: Path):
+        fin = Path(sys.executable).parent / "fin"
+        self.proc = subprocess.Popen([str(fin), "serve", "--models", str(models), "--feast-repo", str(feast_repo),
+                                      "--port", "0", "--poll-s", "0.3"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("serving on 127.0.0.1:"), line + self.proc.stderr.read()
+        self.addr = line.split()[2].rstrip(";")
+        self.metrics_url = line.split()[-1]
+        self.channel = grpc.insecure_channel(self.addr)
+        self.stub = ctr_scoring_pb2_grpc.CtrScoringStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def status(self) -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service="fin_ads.v1.CtrScoring"), timeout=5).status
+
+    def metric(self, name: str, **labels) -> float:
+        """One sample of the server's Prometheus metrics (0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    def stop(self) -> tuple[int, str]:
+        self.channel.close()
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err
+
+
+def wait_for(check, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")

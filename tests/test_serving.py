@@ -3,9 +3,6 @@
 import json
 import math
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,47 +10,13 @@ import grpc
 import numpy as np
 import polars as pl
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from fin.artifact import load_artifact
 from fin.evaluate import predict
 from serving.pb import ctr_scoring_pb2 as pb
-from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
 from serving.replay import logged_requests
-from tests.conftest import FEATURES_CONFIG, run_fin
-
-
-class Running:
-    def __init__(self, models: Path, feast_repo: Path):
-        fin = Path(sys.executable).parent / "fin"
-        self.proc = subprocess.Popen([str(fin), "serve", "--models", str(models), "--feast-repo", str(feast_repo),
-                                      "--port", "0", "--poll-s", "0.3"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert line.startswith("serving on 127.0.0.1:"), line + self.proc.stderr.read()
-        self.addr = line.split()[2].rstrip(";")
-        self.channel = grpc.insecure_channel(self.addr)
-        self.stub = pb_grpc.CtrScoringStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def status(self) -> int:
-        return self.health.Check(health_pb2.HealthCheckRequest(service="fin_ads.v1.CtrScoring"), timeout=5).status
-
-    def stop(self) -> tuple[int, str]:
-        self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
-
-
-def wait_for(check, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting")
+from tests.conftest import FEATURES_CONFIG, Running, run_fin, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +112,25 @@ def test_limits_unknown_models_and_deadlines(server):
 
 
 def test_unknown_user_is_a_flagged_cold_start(server):
+    before = server.metric("fin_cold_start_requests_total")
     response = server.stub.Score(_request(10**9), timeout=10)
     assert response.cold_start_user and not response.degraded_features and len(response.scores) == 3
     assert not server.stub.Score(_request(1), timeout=10).cold_start_user
+    assert server.metric("fin_cold_start_requests_total") == before + 1
+
+
+def test_metrics_count_calls_by_code(server):
+    ok, bad = (server.metric("fin_requests_total", method="Score", code=c) for c in ("OK", "INVALID_ARGUMENT"))
+    hits = server.metric("fin_feature_cache_total", result="hit")
+    server.stub.Score(_request(1), timeout=10)
+    server.stub.Score(_request(1), timeout=10)  # the second read of user 1 and its candidates is cached
+    with pytest.raises(grpc.RpcError):
+        server.stub.Score(_request(0), timeout=10)
+    assert server.metric("fin_requests_total", method="Score", code="OK") == ok + 2
+    assert server.metric("fin_requests_total", method="Score", code="INVALID_ARGUMENT") == bad + 1
+    assert server.metric("fin_feature_cache_total", result="hit") >= hits + 3  # timeline, item and shop stats
+    assert server.metric("fin_request_seconds_count", method="Score") >= 3
+    assert server.metric("fin_candidates_per_request_bucket", le="5.0") >= 2
 
 
 def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, tmp_path):
@@ -217,8 +196,11 @@ def test_new_versions_hot_load_and_broken_ones_are_refused(server, repo):
         f.seek(-16, 2)
         f.write(b"\0" * 16)
     staging.rename(folder)
-    time.sleep(1.5)  # several scans
+    wait_for(lambda: server.metric("fin_model_reload_failures_total", model="fin") == 1)
+    time.sleep(1)  # more scans: a refused version is not retried while its files are unchanged
+    assert server.metric("fin_model_reload_failures_total", model="fin") == 1
     assert server.stub.Score(_request(1), timeout=10).model_version == 2
+    assert server.metric("fin_model_version", model="fin") == 2
     assert server.status() == health_pb2.HealthCheckResponse.SERVING
 
 

@@ -1,0 +1,139 @@
+"""The Open Inference Protocol (KServe v2 gRPC) over the same model repository as CTR scoring.
+
+Liveness, readiness and metadata cover every loaded model. ModelInfer runs vision models: the request's
+tensors are checked against the model's declared inputs (name, datatype, shape, element count; raw
+little-endian contents or typed contents) and answered with raw little-endian outputs, as Triton does.
+CTR models answer ModelReady and ModelMetadata; they score through `fin_ads.v1.CtrScoring/Score`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import torch
+
+from serving.metrics import ServingMetrics
+from serving.pb import inference_v2_pb2 as pb
+from serving.pb import inference_v2_pb2_grpc as pb_grpc
+from serving.repository import ModelNotFound, ModelRepository
+from serving.vision import VisionModel
+
+SERVER_NAME, SERVER_VERSION = "fin-ads", "0.1.0"
+DTYPES = {"FP32": np.float32}  # what the served models take and return
+CONTENTS = {"FP32": "fp32_contents"}
+MAX_ELEMENTS = 1 << 24  # per input tensor: 64 MiB of FP32
+
+
+class BadInfer(ValueError):
+    pass
+
+
+def _version(text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit():
+        raise BadInfer(f"model version {text!r} is not a number")
+    return int(text)
+
+
+def _input_array(request: pb.ModelInferRequest, index: int, spec) -> np.ndarray:
+    tensor = request.inputs[index]
+    if tensor.datatype != spec.datatype:
+        raise BadInfer(f"input {tensor.name!r} is {tensor.datatype}, the model takes {spec.datatype}")
+    shape = tuple(tensor.shape)
+    if len(shape) != len(spec.shape) or any(s < 0 for s in shape) or \
+            any(want >= 0 and got != want for got, want in zip(shape, spec.shape)):
+        raise BadInfer(f"input {tensor.name!r} has shape {list(shape)}, the model takes {list(spec.shape)}")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise BadInfer(f"input {tensor.name!r} has {count} elements, more than {MAX_ELEMENTS}")
+    dtype = np.dtype(DTYPES[spec.datatype]).newbyteorder("<")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise BadInfer("raw_input_contents must have one entry per input")
+        raw = request.raw_input_contents[index]
+        if len(raw) != count * dtype.itemsize:
+            raise BadInfer(f"input {tensor.name!r}: {len(raw)} bytes for {count} {spec.datatype} elements")
+        values = np.frombuffer(raw, dtype=dtype)
+    else:
+        values = np.asarray(getattr(tensor.contents, CONTENTS[spec.datatype]), dtype=dtype)
+        if values.size != count:
+            raise BadInfer(f"input {tensor.name!r}: {values.size} values for shape {list(shape)}")
+    if not np.all(np.isfinite(values)):
+        raise BadInfer(f"input {tensor.name!r} holds NaN or infinite values")
+    return values.astype(DTYPES[spec.datatype]).reshape(shape)
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, executor: ThreadPoolExecutor, metrics: ServingMetrics):
+        self.repository, self.executor, self.metrics = repository, executor, metrics
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=bool(self.repository.names()))
+
+    async def ModelReady(self, request, context):
+        try:
+            self.repository.get(request.name, _version(request.version)) if request.name else None
+        except (ModelNotFound, BadInfer):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=bool(request.name))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        model = await self._model(request.name, request.version, context)
+        versions = [str(v) for v in self.repository.versions(model.name)]
+        if isinstance(model, VisionModel):
+            tensors = {side: [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+                              for s in specs] for side, specs in (("inputs", model.inputs), ("outputs", model.outputs))}
+            return pb.ModelMetadataResponse(name=model.name, versions=versions, platform="pytorch_safetensors",
+                                            **tensors)
+        return pb.ModelMetadataResponse(name=model.name, versions=versions, platform="fin_ctr")
+
+    async def ModelInfer(self, request, context):
+        model = await self._model(request.model_name, request.model_version, context)
+        if not isinstance(model, VisionModel):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{model.name} is a CTR model: score it through fin_ads.v1.CtrScoring/Score")
+        try:
+            names = [t.name for t in request.inputs]
+            missing = [s.name for s in model.inputs if s.name not in names]
+            if missing or len(names) != len(model.inputs):
+                raise BadInfer(f"the model takes inputs {[s.name for s in model.inputs]}, got {names}")
+            arrays = {s.name: _input_array(request, names.index(s.name), s) for s in model.inputs}
+            declared = [s.name for s in model.outputs]
+            wanted = [o.name for o in request.outputs] or declared
+            unknown = [n for n in wanted if n not in declared]
+            if unknown:
+                raise BadInfer(f"unknown outputs {unknown}; the model returns {declared}")
+        except BadInfer as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        def run():
+            return model.infer({k: torch.from_numpy(v) for k, v in arrays.items()})
+
+        outputs = await asyncio.get_running_loop().run_in_executor(self.executor, run)
+        response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
+        for name in wanted:
+            value = outputs[name].numpy().astype("<f4")
+            response.outputs.add(name=name, datatype="FP32", shape=value.shape)
+            response.raw_output_contents.append(value.tobytes())
+        return response
+
+    async def _model(self, name: str, version: str, context):
+        if not name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")
+        try:
+            return self.repository.get(name, _version(version))
+        except BadInfer as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))

@@ -1,0 +1,36 @@
+"""Prometheus metrics of one server, in its own registry, exposed over HTTP on a loopback port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS_S = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+CANDIDATE_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 300, 500, 1000)
+
+
+class ServingMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fin_requests", "calls by method and status code", ["method", "code"], registry=r)
+        self.latency = Histogram("fin_request_seconds", "time inside the server by method", ["method"],
+                                 buckets=LATENCY_BUCKETS_S, registry=r)
+        self.candidates = Histogram("fin_candidates_per_request", "candidates per Score call",
+                                    buckets=CANDIDATE_BUCKETS, registry=r)
+        self.cache = Counter("fin_feature_cache", "online feature cache lookups", ["result"], registry=r)
+        self.degraded = Counter("fin_degraded_requests", "requests scored without the online store", registry=r)
+        self.cold_start = Counter("fin_cold_start_requests", "requests of users without a stored timeline",
+                                  registry=r)
+        self.model_version = Gauge("fin_model_version", "newest loaded version per model", ["model"], registry=r)
+        self.reload_failures = Counter("fin_model_reload_failures", "model versions refused", ["model"], registry=r)
+        self._http = None
+
+    def serve_http(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start the /metrics endpoint; returns its port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()

@@ -1,0 +1,142 @@
+"""Vision models in the same repository as the CTR models, served through the Open Inference Protocol.
+
+A vision artifact is `MODELS/<name>/<version>/` with `model.safetensors` (weights, no pickle) and
+`artifact.json`: {"task": "vision", "model": "small_cnn", "config": {...}, "inputs": [...], "outputs":
+[...], "sha256": ...}, the inputs and outputs declared as Open Inference Protocol tensors (name, datatype,
+shape with -1 for any size). The architecture comes from this module (by "model"), the weights from the
+file. `small_cnn` is a small image classifier; `write_example` builds one locally (seeded random
+weights, no download) to prove the path end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fin.artifact import META, WEIGHTS, ArtifactError, sha256
+
+TASK = "vision"
+
+
+@dataclass(frozen=True)
+class SmallCNNConfig:
+    channels: int = 3
+    size: int = 32  # square images of size x size
+    width: int = 16
+    classes: int = 10
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks, global average pooling, a linear classifier: FP32 images [N, C, H, W] -> logits."""
+
+    def __init__(self, config: SmallCNNConfig):
+        super().__init__()
+        w = config.width
+        self.features = nn.Sequential(
+            nn.Conv2d(config.channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Linear(2 * w, config.classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images).flatten(1))
+
+
+ARCHITECTURES = {"small_cnn": (SmallCNN, SmallCNNConfig)}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1: any size
+
+
+@dataclass
+class VisionModel:
+    path: Path
+    meta: dict
+    module: nn.Module  # eval mode, CPU
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def version(self) -> int:
+        return int(self.meta["version"])
+
+    @torch.inference_mode()
+    def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The declared input by name -> every declared output by name."""
+        logits = self.module(inputs[self.inputs[0].name])
+        return {spec.name: OUTPUTS[spec.name](logits) for spec in self.outputs}
+
+
+# what a classifier can return, from its logits
+OUTPUTS = {"logits": lambda logits: logits, "probabilities": lambda logits: torch.softmax(logits, -1)}
+
+
+def _specs(values: list[dict]) -> list[TensorSpec]:
+    return [TensorSpec(v["name"], v["datatype"], tuple(int(s) for s in v["shape"])) for v in values]
+
+
+def load_vision(path: str | Path) -> VisionModel:
+    """Load and check a vision artifact; raises ArtifactError with the reason."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+        kind, config = meta["model"], meta["config"]
+        inputs, outputs = _specs(meta["inputs"]), _specs(meta["outputs"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}: unreadable vision {META}: {e}") from None
+    if kind not in ARCHITECTURES:
+        raise ArtifactError(f"{path}: unknown vision model {kind!r}")
+    if len(inputs) != 1 or inputs[0].datatype != "FP32" or not outputs or \
+            any(o.name not in OUTPUTS or o.datatype != "FP32" for o in outputs):
+        raise ArtifactError(f"{path}: a classifier takes one FP32 input and returns FP32 "
+                            f"{' and/or '.join(OUTPUTS)}")
+    if sha256(path / WEIGHTS) != meta.get("sha256"):
+        raise ArtifactError(f"{path}: checksum of {WEIGHTS} does not match {META}")
+    module_cls, config_cls = ARCHITECTURES[kind]
+    module = module_cls(config_cls(**config))
+    try:
+        module.load_state_dict(load_file(str(path / WEIGHTS)))
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: weights do not fit {kind}: {str(e).splitlines()[0]}") from None
+    return VisionModel(path, meta, module.eval(), inputs, outputs)
+
+
+def write_example(models: str | Path, name: str = "small_cnn", version: int = 1, seed: int = 0,
+                  config: SmallCNNConfig = SmallCNNConfig()) -> Path:
+    """A small image classifier with seeded random weights, written as a vision artifact."""
+    torch.manual_seed(seed)
+    module = SmallCNN(config)
+    folder = Path(models) / name / str(version)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(staging / WEIGHTS))
+    meta = {"name": name, "version": version, "task": TASK, "model": "small_cnn", "config": vars(config),
+            "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, config.channels, config.size, config.size]}],
+            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, config.classes]},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, config.classes]}],
+            "sha256": sha256(staging / WEIGHTS)}
+    (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
+    os.rename(staging, folder)
+    return folder
+
+
+def smoke_check_vision(model: VisionModel) -> None:
+    spec = model.inputs[0]
+    shape = [1 if s < 0 else s for s in spec.shape]
+    out = model.infer({spec.name: torch.zeros(shape)})
+    if any(not torch.isfinite(v).all() for v in out.values()):
+        raise ValueError("smoke check: non-finite outputs")
