@@ -39,11 +39,12 @@ demo: install
 	  $(FIN) score --addr 127.0.0.1:$(DEMO_PORT) --replay $(DEMO)/features --requests 3 --wait 120; rc=$$?; \
 	  kill $$pid; wait $$pid; exit $$rc
 
-# The Redis online-store test needs a redis-server binary (Debian package); it listens on 127.0.0.1 only.
+# The Redis online-store test needs a redis-server binary (Debian package; it listens on 127.0.0.1 only),
+# the TLS test the openssl command to make a throw-away certificate.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-services:
-	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server openssl >/dev/null; }
 
 test: install test-services
 	$(PY) -m pytest -q

@@ -67,11 +67,11 @@ def sha256(path: Path) -> str:
 
 
 @dataclass
-class Artifact:
+class Loaded:
+    """A loaded version folder of a model repository: its path and its artifact.json."""
+
     path: Path
     meta: dict
-    model: CTRModel  # unsharded, on CPU, in eval mode
-    loader: LoaderConfig
 
     @property
     def name(self) -> str:
@@ -80,6 +80,12 @@ class Artifact:
     @property
     def version(self) -> int:
         return int(self.meta["version"])
+
+
+@dataclass
+class Artifact(Loaded):
+    model: CTRModel  # unsharded, on CPU, in eval mode
+    loader: LoaderConfig
 
 
 def versions(models: Path, name: str) -> list[int]:

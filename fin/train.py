@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from fin.artifact import from_dict, resolve, save_artifact, to_dict
 from fin.data import ExampleStream, LoaderConfig
@@ -166,7 +167,10 @@ def _fit(rank, world, device, data, models, config, name, log) -> Path | None:
     while progress.epoch < config.epochs and progress.epoch - progress.best_epoch < config.patience:
         started = time.perf_counter()
         train_stream.epoch = progress.epoch  # the data order depends on (seed, epoch) only: resumable
-        loss_sum, examples = _train_epoch(model, optimizer, train_stream, world, config.max_steps, device)
+        with tqdm(total=config.max_steps or None, unit="step", desc=f"epoch {progress.epoch + 1}", leave=False,
+                  disable=None if rank == 0 else True, file=sys.stderr, dynamic_ncols=True) as bar:
+            loss_sum, examples = _train_epoch(model, optimizer, train_stream, world, config.max_steps, device,
+                                              bar.update)
         seconds = time.perf_counter() - started
         val_auc = _validation_auc(model, validation, device)
         progress.epoch += 1
@@ -206,7 +210,7 @@ def _plan_text(model) -> str:
 
 
 def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps: int | None,
-                 device: torch.device) -> tuple[float, int]:
+                 device: torch.device, on_step: Callable[[int], object] = lambda n: None) -> tuple[float, int]:
     model.train()
     loss_sum, examples = 0.0, 0
     for step, batch in enumerate(stream):
@@ -220,6 +224,7 @@ def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps:
         optimizer.step()
         loss_sum += float(losses.detach().sum())
         examples += len(batch)
+        on_step(1)
     totals = torch.tensor([loss_sum, examples], dtype=torch.float64)
     dist.all_reduce(totals)
     return float(totals[0]), int(totals[1])

@@ -163,6 +163,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for name, path in (("--models", args.models), ("--feast-repo", args.feast_repo)):
         if not path.is_dir():
             raise CommandError(f"{name} {path} is not a folder")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CommandError("give both --tls-cert and --tls-key, or neither")
     # our own logger (libraries imported above may already have configured the root logger)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -172,7 +174,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logger.propagate = False
     config = ServerConfig(models=args.models, feast_repo=args.feast_repo, host=args.host, port=args.port,
                           default_model=args.default_model, metrics_port=args.metrics_port, poll_s=args.poll_s,
-                          torch_threads=args.torch_threads, workers=args.workers,
+                          torch_threads=args.torch_threads, workers=args.workers, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, auth_token=_token(args.auth_token_file),
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
                                                 utc_offset_hours=args.utc_offset_hours))
 
@@ -182,6 +185,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve(config, ready))
     return 0
+
+
+def _token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise CommandError(f"cannot read the token file: {e}") from None
+    if not token:
+        raise CommandError(f"the token file {path} is empty")
+    return token
+
+
+def _channel(args: argparse.Namespace):
+    import grpc
+
+    if args.tls_ca is None:
+        return grpc.insecure_channel(args.addr)
+    try:
+        return grpc.secure_channel(args.addr, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
+    except OSError as e:
+        raise CommandError(f"cannot read --tls-ca: {e}") from None
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -204,7 +230,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
         requests = [(r.request, r.labels) for r in logged_requests(args.replay, args.split, args.requests)]
         if not requests:
             raise CommandError(f"no {args.split} requests under {args.replay}")
-    with grpc.insecure_channel(args.addr) as channel:
+    token = _token(args.auth_token_file)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    with _channel(args) as channel:
         if args.wait:
             _wait_until_serving(channel, args.wait)
         stub = pb_grpc.CtrScoringStub(channel)
@@ -212,7 +240,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             if args.model:
                 request.model_name = args.model
             try:
-                response = stub.Score(request, timeout=args.timeout)
+                response = stub.Score(request, timeout=args.timeout, metadata=metadata)
             except grpc.RpcError as e:
                 raise CommandError(f"{e.code().name}: {e.details()}") from None
             if labels is None:
@@ -369,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between model repository scans (default 5)")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per forward (default 1)")
     p.add_argument("--workers", type=int, default=2, help="forwards that may run at once (default 2)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve TLS instead of plaintext")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file holding a token: calls must send `authorization: Bearer <token>` (health excepted)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("score", help="send ScoreRequests to a server and print the responses",
@@ -383,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name to ask for (default: the request's, else the server's default)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default 5)")
     p.add_argument("--wait", type=float, default=0, help="first wait up to this many seconds for the server to serve")
+    p.add_argument("--tls-ca", type=Path, help="PEM certificate to trust: connect with TLS")
+    p.add_argument("--auth-token-file", type=Path, help="file holding the server's bearer token")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("convert-eleme", help="convert the public Ele.me CTR dataset CSV into contract logs",

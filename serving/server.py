@@ -13,6 +13,7 @@ SIGTERM/SIGINT health goes NOT_SERVING and in-flight calls drain before the proc
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import time
@@ -38,6 +39,7 @@ from serving.scoring import BadRequest, ScoringConfig, ecpm, request_inputs, sco
 
 log = logging.getLogger("fin.serving")
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["CtrScoring"].full_name
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -53,6 +55,9 @@ class ServerConfig:
     torch_threads: int = 1  # intra-op threads per forward
     workers: int = 2  # forwards that may run at once
     grace_s: float = 10.0  # how long shutdown waits for in-flight calls
+    tls_cert: Path | None = None  # PEM certificate chain and private key: serve TLS instead of plaintext
+    tls_key: Path | None = None
+    auth_token: str | None = None  # when set, calls need `authorization: Bearer <token>` (health excepted)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
@@ -109,14 +114,25 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    """Every unary call: a request that is not a valid message gets INVALID_ARGUMENT (grpc.aio would answer
-    UNKNOWN), and the call is counted by method and status code, and timed."""
+    """Every call: with a token configured, a call without `authorization: Bearer <token>` gets
+    UNAUTHENTICATED (health checks stay open for probes). Every unary call: a request that is not a valid
+    message gets INVALID_ARGUMENT (grpc.aio would answer UNKNOWN), and the call is counted by method and
+    status code, and timed."""
 
-    def __init__(self, metrics: ServingMetrics):
+    def __init__(self, metrics: ServingMetrics, token: str | None = None):
         self.metrics = metrics
+        self.expected = f"Bearer {token}" if token else None
+
+    def _authorized(self, details) -> bool:
+        if self.expected is None or details.method.startswith(HEALTH_PREFIX):
+            return True
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        return hmac.compare_digest(given.encode(), self.expected.encode())
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
+        if handler is not None and not self._authorized(details):
+            return _refusal(handler, self.metrics, details.method.rsplit("/", 1)[-1])
         if handler is None or handler.unary_unary is None:
             return handler
         method, inner, metrics = details.method.rsplit("/", 1)[-1], handler.unary_unary, self.metrics
@@ -146,6 +162,21 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(counted, response_serializer=handler.response_serializer)
 
 
+def _refusal(handler, metrics: ServingMetrics, method: str):
+    """A handler of the same kind as `handler` that refuses the call as UNAUTHENTICATED."""
+    async def refuse(request, context):
+        metrics.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 class Server:
     """A running server: `await start()`, then `await wait()` or `await stop()`."""
 
@@ -160,7 +191,7 @@ class Server:
         self.metrics = ServingMetrics()
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[CallInterceptor(self.metrics)])
+        self.server = grpc.aio.server(interceptors=[CallInterceptor(self.metrics, config.auth_token)])
         self.port = 0
         self._poller: asyncio.Task | None = None
 
@@ -173,7 +204,13 @@ class Server:
         services = (SCORING_SERVICE, INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self.server)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert:
+            credentials = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(),
+                                                        self.config.tls_cert.read_bytes())])
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._set_health()

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fin.artifact import META, WEIGHTS, ArtifactError, sha256
+from fin.artifact import META, WEIGHTS, ArtifactError, Loaded, sha256
 
 TASK = "vision"
 
@@ -59,20 +59,10 @@ class TensorSpec:
 
 
 @dataclass
-class VisionModel:
-    path: Path
-    meta: dict
+class VisionModel(Loaded):
     module: nn.Module  # eval mode, CPU
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-
-    @property
-    def name(self) -> str:
-        return self.meta["name"]
-
-    @property
-    def version(self) -> int:
-        return int(self.meta["version"])
 
     @torch.inference_mode()
     def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

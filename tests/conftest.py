@@ -77,16 +77,17 @@ def trained_models(features_job, tmp_path_factory) -> tuple[Path, dict[str, Path
 class Running:
     """`fin serve` as a user starts it, on 127.0.0.1 and a free port, with clients for its services."""
 
-    def __init__(self, models: Path, feast_repo: Path):
+    def __init__(self, models: Path, feast_repo: Path, *args: str, credentials=None):
         fin = Path(sys.executable).parent / "fin"
         self.proc = subprocess.Popen([str(fin), "serve", "--models", str(models), "--feast-repo", str(feast_repo),
-                                      "--port", "0", "--poll-s", "0.3"],
+                                      "--port", "0", "--poll-s", "0.3", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert line.startswith("serving on 127.0.0.1:"), line + self.proc.stderr.read()
         self.addr = line.split()[2].rstrip(";")
         self.metrics_url = line.split()[-1]
-        self.channel = grpc.insecure_channel(self.addr)
+        self.channel = (grpc.secure_channel(f"localhost:{self.addr.rsplit(':', 1)[1]}", credentials) if credentials
+                        else grpc.insecure_channel(self.addr))
         self.stub = ctr_scoring_pb2_grpc.CtrScoringStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

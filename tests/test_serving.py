@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import grpc
 import numpy as np
 import polars as pl
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fin.artifact import load_artifact
 from fin.evaluate import predict
@@ -232,3 +233,43 @@ def test_fin_score_client(server, tmp_path):
     path.write_text(json_format.MessageToJson(_request(0)))
     r = run_fin("score", "--addr", server.addr, "--request", str(path))
     assert r.returncode == 1 and r.stderr.startswith("fin score: error: INVALID_ARGUMENT: user_id")
+
+
+def test_tls_and_bearer_token(trained_models, features_job, tmp_path):
+    """With --tls-cert/--tls-key the server speaks TLS only; with --auth-token-file every call but health
+    checks needs the bearer token (UNAUTHENTICATED otherwise)."""
+    out, _ = features_job
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    (tmp_path / "token").write_text("s3cret\n")
+    models = tmp_path / "models"
+    shutil.copytree(trained_models[1]["dnn"], models / "dnn" / "1")
+    running = Running(models, out / "feast", "--tls-cert", str(cert), "--tls-key", str(key),
+                      "--auth-token-file", str(tmp_path / "token"),
+                      credentials=grpc.ssl_channel_credentials(cert.read_bytes()))
+    try:
+        assert running.status() == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+        with pytest.raises(grpc.RpcError) as e:
+            running.stub.Score(_request(1, model_name="dnn"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            running.stub.Score(_request(1, model_name="dnn"), timeout=10, metadata=(("authorization", "Bearer no"),))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        good = running.stub.Score(_request(1, model_name="dnn"), timeout=10,
+                                  metadata=(("authorization", "Bearer s3cret"),))
+        assert len(good.scores) == 3
+        with grpc.insecure_channel(running.addr) as plain:  # no plaintext beside TLS
+            with pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        request = tmp_path / "request.json"
+        from google.protobuf import json_format
+
+        request.write_text(json_format.MessageToJson(_request(1, model_name="dnn")))
+        r = run_fin("score", "--addr", f"localhost:{running.addr.rsplit(':', 1)[1]}", "--request", str(request),
+                    "--tls-ca", str(cert), "--auth-token-file", str(tmp_path / "token"))
+        assert r.returncode == 0, r.stderr
+    finally:
+        code, err = running.stop()
+    assert code == 0, err
