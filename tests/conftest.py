@@ -1,5 +1,7 @@
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,3 +123,46 @@ def wait_for(check, timeout: float = 20.0):
             return value
         time.sleep(0.1)
     raise AssertionError("timed out waiting")
+
+
+class RedisServer:
+    """A local redis-server on 127.0.0.1 that keeps its data across a stop and a start (append-only file)."""
+
+    def __init__(self, folder: Path):
+        self.binary = shutil.which("redis-server")
+        assert self.binary, "redis-server is missing: `make test` installs it (Debian package redis-server)"
+        self.folder = folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = None
+
+    def start(self) -> "RedisServer":
+        import redis
+
+        self.proc = subprocess.Popen([self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                      "--appendonly", "yes", "--dir", str(self.folder)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()

@@ -273,3 +273,39 @@ def test_tls_and_bearer_token(trained_models, features_job, tmp_path):
     finally:
         code, err = running.stop()
     assert code == 0, err
+
+
+def test_online_store_outage_degrades_and_recovers(small_logs, trained_models, tmp_path, redis_server):
+    """Scoring goes on while the (Redis) online store is down: empty history and statistics, flagged and
+    counted; once the store is back, requests read it again."""
+    from jobs.features_job import FeaturesConfig, run_features
+
+    out = tmp_path / "features"
+    run_features(small_logs, out, FeaturesConfig(max_seq_len=20, partitions=2, validation_days=2, test_days=2,
+                                                 num_cpus=2, online_store="redis",
+                                                 redis_connection=f"127.0.0.1:{redis_server.port}"))
+    users = pl.read_parquet(out / "data" / "timelines" / "*.parquet")["user_id"].sort().to_list()
+    models = tmp_path / "models"
+    shutil.copytree(trained_models[1]["dnn"], models / "dnn" / "1")
+    running = Running(models, out / "feast")
+    try:
+        def score(user):  # a user not scored before: no cache in the way
+            return running.stub.Score(_request(user, model_name="dnn"), timeout=10)
+
+        normal = score(users[0])
+        assert not normal.degraded_features and not normal.cold_start_user
+        redis_server.stop()
+        down = score(users[1])
+        assert down.degraded_features and len(down.scores) == 3
+        assert running.metric("fin_degraded_requests_total") == 1
+        redis_server.start()
+        fresh = iter(users[2:])
+
+        def recovered():
+            response = score(next(fresh))
+            return None if response.degraded_features else response
+
+        assert not wait_for(recovered).cold_start_user
+    finally:
+        code, err = running.stop()
+    assert code == 0, err
