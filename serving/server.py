@@ -54,7 +54,8 @@ class ServerConfig:
     poll_s: float = 5.0  # how often the model repository is checked for new versions
     torch_threads: int = 1  # intra-op threads per forward
     workers: int = 2  # forwards that may run at once
-    grace_s: float = 10.0  # how long shutdown waits for in-flight calls
+    drain_delay_s: float = 1.0  # on shutdown, NOT_SERVING first and calls still accepted this long (see stop)
+    grace_s: float = 10.0  # then how long shutdown waits for calls in flight
     tls_cert: Path | None = None  # PEM certificate chain and private key: serve TLS instead of plaintext
     tls_key: Path | None = None
     auth_token: str | None = None  # when set, calls need `authorization: Bearer <token>` (health excepted)
@@ -245,9 +246,13 @@ class Server:
                 log.exception("model repository scan failed")
 
     async def stop(self) -> None:
+        """Health goes NOT_SERVING (load balancers stop sending) while calls are still taken for
+        `drain_delay_s`: calls already on the wire are started, not cancelled. Then no new calls, and the
+        ones in flight get up to `grace_s` to finish."""
         if self._poller:
             self._poller.cancel()
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.config.drain_delay_s)
         await self.server.stop(self.config.grace_s)
         self.executor.shutdown(wait=True)
         self.metrics.close()
@@ -267,5 +272,5 @@ async def serve(config: ServerConfig, ready=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info("shutting down: draining in-flight calls for up to %.0f s", config.grace_s)
+    log.info("shutting down: not serving; calls in flight get up to %.0f s", config.drain_delay_s + config.grace_s)
     await server.stop()

@@ -108,10 +108,12 @@ class Running:
                     return sample.value
         return 0.0
 
-    def stop(self) -> tuple[int, str]:
-        self.channel.close()
+    def stop(self, close_channel: bool = True) -> tuple[int, str]:
+        """SIGTERM, as an orchestrator stops the server; its exit status and stderr."""
         self.proc.send_signal(signal.SIGTERM)
         _, err = self.proc.communicate(timeout=30)
+        if close_channel:
+            self.channel.close()
         return self.proc.returncode, err
 
 
