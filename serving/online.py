@@ -2,8 +2,10 @@
 
 Per request: one read of the user's timeline (one feature view, `features.online.read_timelines`) and the
 candidates' item and shop statistics, each served from a cache while younger than its staleness limit.
-A failed read never fails the request: the result says `degraded` and the model scores with an empty
-history and zero statistics (what training saw for unknown ids).
+A failed or slow read never fails the request: the result says `degraded` and the model scores with an
+empty history and zero statistics (what training saw for unknown ids). Reads are bounded by a timeout
+(a store client may retry for seconds), and after a failure the store is left alone for a short backoff,
+so an outage costs each request nothing; the first read after the backoff tries the store again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +34,8 @@ class OnlineConfig:
     timeline_staleness_s: float = 30.0  # a cached timeline is re-read after this long
     stats_cache_size: int = 100_000  # items + shops
     stats_staleness_s: float = 300.0
+    read_timeout_s: float = 0.5  # a read slower than this counts as failed
+    outage_backoff_s: float = 1.0  # after a failed read, requests skip the store this long
 
 
 class TTLCache:
@@ -72,26 +77,41 @@ class OnlineFeatures:
         self.store, self.config = store, config
         self.timelines = TTLCache(config.timeline_cache_size, config.timeline_staleness_s)
         self.stats = TTLCache(config.stats_cache_size, config.stats_staleness_s)
+        self._reads = ThreadPoolExecutor(2, thread_name_prefix="online-store")
+        self._skip_until = 0.0  # monotonic time until which the store is considered down
+
+    def warm_up(self) -> None:
+        """One read without a timeout (of id 0, which no entity has): the store's first read also opens
+        connections and loads its registry."""
+        self._read(0, {"item_id": np.zeros(1, np.int64), "shop_id": np.zeros(1, np.int64)})
+
+    def close(self) -> None:
+        self._reads.shutdown(wait=False, cancel_futures=True)
 
     def read(self, user_id: int, candidates: dict[str, np.ndarray]) -> UserFeatures:
+        if time.monotonic() >= self._skip_until:
+            try:
+                return self._reads.submit(self._read, user_id, candidates).result(self.config.read_timeout_s)
+            except Exception:  # noqa: BLE001 - any store failure or timeout degrades the request instead of failing it
+                self._skip_until = time.monotonic() + self.config.outage_backoff_s
+        n = len(candidates["item_id"])
+        return UserFeatures(None, np.zeros((n, len(STAT_FEATURES)), np.float32), degraded=True)
+
+    def _read(self, user_id: int, candidates: dict[str, np.ndarray]) -> UserFeatures:
         hits = misses = 0
-        try:
-            cached = self.timelines.get(user_id)
-            if cached is None:
-                timeline = read_timelines(self.store, [user_id])[0]
-                self.timelines.put(user_id, timeline)
-                misses += 1
-            else:
-                timeline = cached[1]
-                hits += 1
-            parts = []
-            for key in STAT_KEYS:
-                values, h, m = self._stats(key, candidates[f"{key}_id"])
-                parts.append(values)
-                hits, misses = hits + h, misses + m
-        except Exception:  # noqa: BLE001 - any store failure degrades the request instead of failing it
-            n = len(candidates["item_id"])
-            return UserFeatures(None, np.zeros((n, len(STAT_FEATURES)), np.float32), degraded=True)
+        cached = self.timelines.get(user_id)
+        if cached is None:
+            timeline = read_timelines(self.store, [user_id])[0]
+            self.timelines.put(user_id, timeline)
+            misses += 1
+        else:
+            timeline = cached[1]
+            hits += 1
+        parts = []
+        for key in STAT_KEYS:
+            values, h, m = self._stats(key, candidates[f"{key}_id"])
+            parts.append(values)
+            hits, misses = hits + h, misses + m
         return UserFeatures(timeline, np.concatenate(parts, axis=1), cache_hits=hits, cache_misses=misses)
 
     def _stats(self, key: str, ids: np.ndarray) -> tuple[np.ndarray, int, int]:

@@ -214,6 +214,10 @@ class Server:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        try:
+            await asyncio.to_thread(self.features.warm_up)
+        except Exception as e:  # noqa: BLE001 - serving starts anyway; requests are flagged degraded meanwhile
+            log.warning("online store not readable at start (%s): requests are scored degraded until it is", e)
         await self._set_health()
         self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
         await self.server.start()
@@ -255,6 +259,7 @@ class Server:
         await asyncio.sleep(self.config.drain_delay_s)
         await self.server.stop(self.config.grace_s)
         self.executor.shutdown(wait=True)
+        self.features.close()
         self.metrics.close()
 
     async def wait(self) -> None:
