@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from features.sequences import TIMELINE_FIELDS
 from fin.artifact import META, Artifact, load_artifact, versions
 from fin.data import TARGET_FEATURES
 from serving import vision
+from serving.scoring import EMPTY_TIMELINE, RequestInputs, score
 
 log = logging.getLogger("fin.serving")
 
@@ -31,34 +33,15 @@ class ModelNotFound(LookupError):
 
 
 @dataclass(frozen=True)
-class Refusal:
-    name: str
-    version: int
-    reason: str
-    stamp: float  # artifact.json's mtime when refused
-
-
-@dataclass(frozen=True)
 class Change:
     action: str  # "loaded" or "refused"
     name: str
     version: int
     reason: str = ""
 
-    def __str__(self) -> str:
-        return f"{self.action} {self.name}/{self.version}" + (f": {self.reason}" if self.reason else "")
-
-
-@dataclass
-class RepositoryState:
-    models: dict[str, dict[int, Artifact | vision.VisionModel]] = field(default_factory=dict)  # name -> version
-
 
 def smoke_check(artifact: Artifact) -> None:
     """Score a cold-start request and a request with a long synthetic history; raise if anything is off."""
-    from features.sequences import TIMELINE_FIELDS
-    from serving.scoring import EMPTY_TIMELINE, RequestInputs, score
-
     rng = np.random.default_rng(0)
     n, events = 4, artifact.loader.max_seq_len
     inputs = RequestInputs(user_id=1, context={"ts": 10**12, "geohash6": 1, "aoi_id": 1, "city_id": 1,
@@ -75,26 +58,26 @@ def smoke_check(artifact: Artifact) -> None:
 class ModelRepository:
     def __init__(self, root: str | Path, keep_versions: int = 2, default_model: str = "fin"):
         self.root, self.keep_versions, self.default_model = Path(root), keep_versions, default_model
-        self.state = RepositoryState()
-        self.refused: dict[tuple[str, int], Refusal] = {}
+        self.models: dict[str, dict[int, Artifact | vision.VisionModel]] = {}  # name -> version -> loaded
+        self.refused: dict[tuple[str, int], float] = {}  # (name, version) -> artifact.json's mtime when refused
         self._lock = threading.Lock()  # one refresh at a time; readers never take it
 
     def names(self) -> list[str]:
-        return sorted(self.state.models)
+        return sorted(self.models)
 
     def versions(self, name: str) -> list[int]:
-        return sorted(self.state.models.get(name, {}))
+        return sorted(self.models.get(name, {}))
 
     def get(self, name: str | None = None, version: int | None = None) -> Artifact | vision.VisionModel:
-        state = self.state  # one read of the reference: a consistent view
+        models = self.models  # one read of the reference: a consistent view
         if not name:  # the default model, or the only one loaded
-            if self.default_model in state.models or len(state.models) != 1:
+            if self.default_model in models or len(models) != 1:
                 name = self.default_model
             else:
-                name = next(iter(state.models))
-        loaded = state.models.get(name)
+                name = next(iter(models))
+        loaded = models.get(name)
         if not loaded:
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {', '.join(sorted(state.models)) or 'none'})")
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {', '.join(sorted(models)) or 'none'})")
         if version is None:
             return loaded[max(loaded)]
         if version not in loaded:
@@ -104,7 +87,7 @@ class ModelRepository:
     def refresh(self) -> list[Change]:
         """Load new versions; returns what changed."""
         with self._lock:
-            changes, models = [], {n: dict(v) for n, v in self.state.models.items()}
+            changes, models = [], {n: dict(v) for n, v in self.models.items()}
             for name in sorted(p.name for p in self.root.glob("*") if p.is_dir() and not p.name.startswith(".")):
                 for version in versions(self.root, name)[-self.keep_versions:]:
                     if version in models.get(name, {}) or self._still_refused(name, version):
@@ -113,12 +96,12 @@ class ModelRepository:
             for loaded in models.values():  # keep the newest few loaded versions of each model
                 for old in sorted(loaded)[:-self.keep_versions]:
                     del loaded[old]
-            self.state = RepositoryState(models)  # the swap
+            self.models = models  # the swap
             return changes
 
     def _still_refused(self, name: str, version: int) -> bool:
-        refusal = self.refused.get((name, version))
-        return refusal is not None and refusal.stamp == _stamp(self.root / name / str(version))
+        stamp = self.refused.get((name, version))
+        return stamp is not None and stamp == _stamp(self.root / name / str(version))
 
     def _load(self, name: str, version: int, models: dict) -> Change:
         folder = self.root / name / str(version)
@@ -130,7 +113,7 @@ class ModelRepository:
                 artifact = load_artifact(folder)
                 smoke_check(artifact)
         except Exception as e:  # noqa: BLE001 - any failure refuses the version; the server keeps serving
-            self.refused[(name, version)] = Refusal(name, version, str(e), _stamp(folder))
+            self.refused[(name, version)] = _stamp(folder)
             log.error("refused model %s version %s: %s", name, version, e)
             return Change("refused", name, version, str(e))
         models.setdefault(name, {})[version] = artifact
