@@ -157,8 +157,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from serving.scoring import ScoringConfig
-    from serving.server import ServerConfig, serve
+    from serving.config import ScoringConfig, ServerConfig
+    from serving.server import serve
 
     for name, path in (("--models", args.models), ("--feast-repo", args.feast_repo)):
         if not path.is_dir():
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the configs' own defaults are the CLI's defaults
     from features.validate import ValidationConfig
     from jobs.features_config import FeaturesConfig
+    from serving.config import ServerConfig
 
     parser = argparse.ArgumentParser(prog="fin", description="FIN ads ranking system: simulate, validate and "
                                      "convert food-ordering ad logs, build features, train, evaluate and serve models.")
@@ -381,22 +382,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start the gRPC server: the CTR scoring API (fin_ads.v1.CtrScoring), the "
                                    "Open Inference Protocol (inference.GRPCInferenceService, KServe v2) for "
                                    "vision and other models, grpc.health.v1 health checking (NOT_SERVING until "
-                                   "a model loads), reflection, and Prometheus metrics. Models come from the repository folder, which is watched for "
-                                   "new versions; a version that fails to load or its smoke check is refused "
-                                   "and the serving one stays. Stops on SIGTERM/SIGINT after draining calls.")
+                                   "a model loads), reflection, and Prometheus metrics. Models come from the "
+                                   "repository folder, which is watched for new versions; a version that fails "
+                                   "to load or its smoke check is refused and the serving one stays. Stops on "
+                                   "SIGTERM/SIGINT after draining calls.")
     p.add_argument("--models", required=True, type=Path, help="model repository folder (MODELS)")
     p.add_argument("--feast-repo", required=True, type=Path, help="the Feast repository (FEAT/feast of fin features)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0: any free port)")
-    p.add_argument("--default-model", default="fin",
-                   help="model for requests that name none (default fin; else the only model loaded)")
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="Prometheus /metrics port on --host (default 0: any free port, printed at start)")
-    p.add_argument("--max-candidates", type=int, default=1000, help="largest candidate list accepted (default 1000)")
-    p.add_argument("--utc-offset-hours", type=float, default=8.0, help="local time of the city (default 8)")
-    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between model repository scans (default 5)")
-    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per forward (default 1)")
-    p.add_argument("--workers", type=int, default=2, help="forwards that may run at once (default 2)")
+    sd = ServerConfig(models=Path(), feast_repo=Path())
+    p.add_argument("--host", default=sd.host, help=f"address to listen on (default {sd.host})")
+    p.add_argument("--port", type=int, default=sd.port, help=f"port (default {sd.port}; 0: any free port)")
+    p.add_argument("--default-model", default=sd.default_model,
+                   help=f"model for requests that name none (default {sd.default_model}; else the only model loaded)")
+    p.add_argument("--metrics-port", type=int, default=sd.metrics_port,
+                   help=f"Prometheus /metrics port on --host (default {sd.metrics_port}: any free port, printed)")
+    p.add_argument("--max-candidates", type=int, default=sd.scoring.max_candidates,
+                   help=f"largest candidate list accepted (default {sd.scoring.max_candidates})")
+    p.add_argument("--utc-offset-hours", type=float, default=sd.scoring.utc_offset_hours,
+                   help=f"local time of the city (default {sd.scoring.utc_offset_hours:g})")
+    p.add_argument("--poll-s", type=float, default=sd.poll_s,
+                   help=f"seconds between model repository scans (default {sd.poll_s:g})")
+    p.add_argument("--torch-threads", type=int, default=sd.torch_threads,
+                   help=f"intra-op threads per forward (default {sd.torch_threads})")
+    p.add_argument("--workers", type=int, default=sd.workers, help=f"forwards that may run at once (default {sd.workers})")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve TLS instead of plaintext")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--auth-token-file", type=Path,

@@ -22,20 +22,11 @@ import numpy as np
 from features.aggregates import WINDOWS
 from features.online import read_timelines
 from fin.data import STAT_FEATURES
+from serving.config import OnlineConfig
 
 STAT_KEYS = ("item", "shop")
 STAT_VALUES = tuple(f"{m}_{w}d" for w in WINDOWS for m in ("impressions", "ctr"))  # per key, STAT_FEATURES order
 assert STAT_FEATURES == tuple(f"{k}_{v}" for k in STAT_KEYS for v in STAT_VALUES)
-
-
-@dataclass(frozen=True)
-class OnlineConfig:
-    timeline_cache_size: int = 10_000  # users
-    timeline_staleness_s: float = 30.0  # a cached timeline is re-read after this long
-    stats_cache_size: int = 100_000  # items + shops
-    stats_staleness_s: float = 300.0
-    read_timeout_s: float = 0.5  # a read slower than this counts as failed
-    outage_backoff_s: float = 1.0  # after a failed read, requests skip the store this long
 
 
 class TTLCache:

@@ -17,6 +17,7 @@ from features.fragments import MISSING
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact
 from fin.data import request_batch
+from serving.config import ScoringConfig
 
 GEOHASH6 = 6
 EMPTY_TIMELINE = {f: np.zeros(0, np.int64) for f in TIMELINE_FIELDS}  # a cold-start user
@@ -24,12 +25,6 @@ EMPTY_TIMELINE = {f: np.zeros(0, np.int64) for f in TIMELINE_FIELDS}  # a cold-s
 
 class BadRequest(ValueError):
     """A request the server refuses (INVALID_ARGUMENT), with a message that says which field and why."""
-
-
-@dataclass(frozen=True)
-class ScoringConfig:
-    max_candidates: int = 1000
-    utc_offset_hours: float = 8.0  # local time of the served city: meal slot, weekday and hour come from it
 
 
 @dataclass

@@ -18,8 +18,6 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import torch
@@ -27,40 +25,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fin.artifact import Artifact
+from serving.config import ServerConfig
 from serving.inference_protocol import InferenceService
 from serving.metrics import ServingMetrics
-from serving.online import OnlineConfig, OnlineFeatures
+from serving.online import OnlineFeatures
 from serving.pb import ctr_scoring_pb2 as pb
 from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
 from serving.pb import inference_v2_pb2
 from serving.pb import inference_v2_pb2_grpc as inference_pb2_grpc
 from serving.repository import Change, ModelNotFound, ModelRepository
-from serving.scoring import BadRequest, ScoringConfig, ecpm, request_inputs, score
+from serving.scoring import BadRequest, ecpm, request_inputs, score
 
 log = logging.getLogger("fin.serving")
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["CtrScoring"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    models: Path
-    feast_repo: Path
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: any free port
-    default_model: str = "fin"  # serves requests that name no model (else the only model loaded)
-    metrics_port: int = 0  # Prometheus /metrics on host:port (0: any free port)
-    poll_s: float = 5.0  # how often the model repository is checked for new versions
-    torch_threads: int = 1  # intra-op threads per forward
-    workers: int = 2  # forwards that may run at once
-    drain_delay_s: float = 1.0  # on shutdown, NOT_SERVING first and calls still accepted this long (see stop)
-    grace_s: float = 10.0  # then how long shutdown waits for calls in flight
-    tls_cert: Path | None = None  # PEM certificate chain and private key: serve TLS instead of plaintext
-    tls_key: Path | None = None
-    auth_token: str | None = None  # when set, calls need `authorization: Bearer <token>` (health excepted)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 class CtrScoring(pb_grpc.CtrScoringServicer):

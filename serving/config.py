@@ -1,0 +1,42 @@
+"""The server's settings, in a module that imports nothing heavy (the command line reads its defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    max_candidates: int = 1000
+    utc_offset_hours: float = 8.0  # local time of the served city: meal slot, weekday and hour come from it
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    timeline_cache_size: int = 10_000  # users
+    timeline_staleness_s: float = 30.0  # a cached timeline is re-read after this long
+    stats_cache_size: int = 100_000  # items + shops
+    stats_staleness_s: float = 300.0
+    read_timeout_s: float = 0.5  # a read slower than this counts as failed
+    outage_backoff_s: float = 1.0  # after a failed read, requests skip the store this long
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    models: Path
+    feast_repo: Path
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    default_model: str = "fin"  # serves requests that name no model (else the only model loaded)
+    metrics_port: int = 0  # Prometheus /metrics on host:port (0: any free port)
+    poll_s: float = 5.0  # how often the model repository is checked for new versions
+    torch_threads: int = 1  # intra-op threads per forward
+    workers: int = 2  # forwards that may run at once
+    drain_delay_s: float = 1.0  # on shutdown, NOT_SERVING first and calls still accepted this long (see stop)
+    grace_s: float = 10.0  # then how long shutdown waits for calls in flight
+    tls_cert: Path | None = None  # PEM certificate chain and private key: serve TLS instead of plaintext
+    tls_key: Path | None = None
+    auth_token: str | None = None  # when set, calls need `authorization: Bearer <token>` (health excepted)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
