@@ -79,11 +79,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=bool(self.repository.names()))
 
     async def ModelReady(self, request, context):
+        if not request.name:
+            return pb.ModelReadyResponse(ready=False)
         try:
-            self.repository.get(request.name, _version(request.version)) if request.name else None
+            self.repository.get(request.name, _version(request.version))
         except (ModelNotFound, BadInfer):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=bool(request.name))
+        return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])

@@ -9,6 +9,7 @@ import polars as pl
 
 from fin.data import dataset_folder
 from serving.pb import ctr_scoring_pb2 as pb
+from serving.scoring import CANDIDATE_IDS, CANDIDATE_NUMBERS
 
 
 @dataclass
@@ -35,9 +36,8 @@ def logged_requests(data: str | Path, split: str = "test", limit: int | None = N
         context = pb.Context(ts_ms=r["ts"], geohash=r["geohash_12"] or r["geohash_6"], city_id=r["city_id"] or 0)
         if r["aoi_id"] is not None:
             context.aoi_id = r["aoi_id"]
-        candidates = [pb.Candidate(item_id=c["item_id"], shop_id=c["shop_id"], category_id=c["category_1_id"],
-                                   brand_id=c["brand_id"] or 0, price=c["price"] or 0,
-                                   distance_m=c["distance_m"] or 0, bid=c["bid"] or 0)
+        candidates = [pb.Candidate(**{field: c[column] or 0 for column, field in CANDIDATE_IDS.items()},
+                                   **{field: c[field] or 0 for field in CANDIDATE_NUMBERS})
                       for c in group.iter_rows(named=True)]
         out.append(LoggedRequest(pb.ScoreRequest(user_id=r["user_id"], context=context, candidates=candidates),
                                  group["impression_id"].to_list(), group["label"].to_list()))

@@ -21,6 +21,9 @@ from serving.config import ScoringConfig
 
 GEOHASH6 = 6
 EMPTY_TIMELINE = {f: np.zeros(0, np.int64) for f in TIMELINE_FIELDS}  # a cold-start user
+# Candidate fields of the ScoreRequest message by the contract's column names (0 means unknown for all)
+CANDIDATE_IDS = {"item_id": "item_id", "shop_id": "shop_id", "category_1_id": "category_id", "brand_id": "brand_id"}
+CANDIDATE_NUMBERS = ("bid", "price", "distance_m")
 
 
 class BadRequest(ValueError):
@@ -50,8 +53,7 @@ def request_inputs(request, config: ScoringConfig) -> RequestInputs:
         raise BadRequest(f"{n} candidates is more than this server's maximum of {config.max_candidates}")
     context = _context(request.context, config)
     cands = request.candidates
-    ids = {name: np.fromiter((getattr(c, field) for c in cands), np.int64, n) for name, field in
-           (("item_id", "item_id"), ("shop_id", "shop_id"), ("category_1_id", "category_id"), ("brand_id", "brand_id"))}
+    ids = {name: np.fromiter((getattr(c, field) for c in cands), np.int64, n) for name, field in CANDIDATE_IDS.items()}
     for name in ("item_id", "shop_id"):
         bad = np.flatnonzero(ids[name] <= 0)
         if bad.size:
@@ -59,7 +61,7 @@ def request_inputs(request, config: ScoringConfig) -> RequestInputs:
     for name in ("category_1_id", "brand_id"):
         ids[name] = np.where(ids[name] > 0, ids[name], MISSING)
     numbers = {field: np.fromiter((getattr(c, field) for c in cands), np.float64, n)
-               for field in ("bid", "price", "distance_m")}
+               for field in CANDIDATE_NUMBERS}
     for field, values in numbers.items():
         bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
         if bad.size:
