@@ -25,7 +25,9 @@ from features.sequences import TIMELINE_FIELDS, geohash_code, history_batch
 # Per-example inputs a model may read: the candidate, the request context, point-in-time statistics.
 TARGET_FEATURES = ("item_id", "shop_id", "category_1_id", "brand_id")
 CONTEXT_FEATURES = ("geohash6", "aoi_id", "city_id", "time_type", "weekdays", "hours")
-STAT_FEATURES = tuple(f"{key}_{m}_{w}d" for key in ("item", "shop") for w in WINDOWS for m in ("impressions", "ctr"))
+STAT_KEYS = ("item", "shop")
+STAT_VALUES = tuple(f"{m}_{w}d" for w in WINDOWS for m in ("impressions", "ctr"))  # per key, as the stats views
+STAT_FEATURES = tuple(f"{key}_{value}" for key in STAT_KEYS for value in STAT_VALUES)
 FRAGMENT_CONTEXT = ("geohash6", "aoi_id", "time_type")  # what `fragment()` reads of the request besides its time
 
 
@@ -80,8 +82,7 @@ class Batch:
 def _stats(data: Path, key: str) -> pl.DataFrame:
     prefix = key.split("_")[0]
     table = pl.read_parquet(data / "feast_sources" / f"{prefix}_stats.parquet")
-    return table.select(key, "day", *[pl.col(f"{m}_{w}d").cast(pl.Float32).alias(f"{prefix}_{m}_{w}d")
-                                      for w in WINDOWS for m in ("impressions", "ctr")])
+    return table.select(key, "day", *[pl.col(v).cast(pl.Float32).alias(f"{prefix}_{v}") for v in STAT_VALUES])
 
 
 def dataset_folder(path: str | Path) -> Path:

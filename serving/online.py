@@ -19,14 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from features.aggregates import WINDOWS
 from features.online import read_timelines
-from fin.data import STAT_FEATURES
+from fin.data import STAT_FEATURES, STAT_KEYS, STAT_VALUES
 from serving.config import OnlineConfig
-
-STAT_KEYS = ("item", "shop")
-STAT_VALUES = tuple(f"{m}_{w}d" for w in WINDOWS for m in ("impressions", "ctr"))  # per key, STAT_FEATURES order
-assert STAT_FEATURES == tuple(f"{k}_{v}" for k in STAT_KEYS for v in STAT_VALUES)
 
 
 class TTLCache:
