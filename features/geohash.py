@@ -33,19 +33,28 @@ def _bit_split(precision: int) -> tuple[int, int]:
 
 
 # The bit helpers below use only integer operators, so they work on numpy arrays and torch tensors alike.
+# Spreading and gathering bits are the Morton-code steps: a fixed handful of shifts and masks (for up to
+# 32 bits), whatever the precision, instead of one operation per bit (this runs on every served request).
+_SPREAD_STEPS = ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F),
+                 (2, 0x3333333333333333), (1, 0x5555555555555555))
+_GATHER_STEPS = ((1, 0x3333333333333333), (2, 0x0F0F0F0F0F0F0F0F), (4, 0x00FF00FF00FF00FF),
+                 (8, 0x0000FFFF0000FFFF), (16, 0x00000000FFFFFFFF))
+
+
 def _spread(v, nbits: int):
-    """Place bit i of v at position 2*i of a 2*nbits-bit word."""
-    out = v & 0
-    for i in range(nbits):
-        out = out | (((v >> i) & 1) << (2 * i))
+    """Place bit i of v (i < nbits <= 32) at position 2*i of a 2*nbits-bit word."""
+    out = v & ((1 << nbits) - 1)
+    for shift, mask in _SPREAD_STEPS:
+        out = (out | (out << shift)) & mask
     return out
 
 
 def _gather(code, nbits: int, offset: int):
-    out = code & 0
-    for i in range(nbits):
-        out = out | (((code >> (2 * i + offset)) & 1) << i)
-    return out
+    """The inverse of `_spread`: bit 2*i + offset of code to position i, for i < nbits."""
+    out = (code >> offset) & 0x5555555555555555
+    for shift, mask in _GATHER_STEPS:
+        out = (out | (out >> shift)) & mask
+    return out & ((1 << nbits) - 1)
 
 
 def _cells_to_code(lon_cell, lat_cell, precision: int):
@@ -93,13 +102,13 @@ def neighbour_codes(code, precision: int):
     xp = _namespace(code)
     lon_bits, lat_bits = _bit_split(precision)
     lon_cell, lat_cell = _code_to_cells(code, precision)
-    out = []
-    for dlon, dlat in NEIGHBOUR_OFFSETS:
-        nlat = lat_cell + dlat
-        valid = (nlat >= 0) & (nlat < (1 << lat_bits))
-        n = _cells_to_code((lon_cell + dlon) % (1 << lon_bits), nlat.clip(0, (1 << lat_bits) - 1), precision)
-        out.append(xp.where(valid, n, -1))
-    return xp.stack(out, -1)
+    dlon, dlat = (xp.asarray([o[k] for o in NEIGHBOUR_OFFSETS]) for k in (0, 1))
+    if xp is not np:
+        dlon, dlat = dlon.to(code.device), dlat.to(code.device)
+    nlat = lat_cell[..., None] + dlat  # (..., 8)
+    valid = (nlat >= 0) & (nlat < (1 << lat_bits))
+    n = _cells_to_code((lon_cell[..., None] + dlon) % (1 << lon_bits), nlat.clip(0, (1 << lat_bits) - 1), precision)
+    return xp.where(valid, n, -1)
 
 
 def _strings_to_code(hashes: np.ndarray) -> tuple[np.ndarray, int]:
