@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -59,11 +60,19 @@ def by_user(query: torch.Tensor, user_of: torch.Tensor, users: int) -> tuple[tor
     return grouped, column
 
 
-def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis where `mask`; all-masked rows give zeros (not NaN)."""
-    scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(weights, nan=0.0)
+def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+    """softmax(query keys^T * scale) values over each user's events where `mask` [U, L], fused
+    (`scaled_dot_product_attention`); query [U, H, C, h], keys and values [U, H, L, h] (4-D: the fused CPU
+    kernel takes nothing else). A user without events gets zeros: its first slot is unmasked for the
+    kernel (so no backend sees an all-masked row and no gradient is NaN) and its result is zeroed."""
+    users, length = mask.shape
+    if length == 0:
+        return query.new_zeros(*query.shape[:-1], values.shape[-1])
+    empty = ~mask.any(-1)
+    mask = torch.cat([mask[:, :1] | empty[:, None], mask[:, 1:]], dim=1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask.view(users, 1, 1, length), scale=scale)
+    return out.masked_fill(empty.view(users, 1, 1, 1), 0.0)
 
 
 class SimplifiedTargetAttention(nn.Module):
@@ -84,9 +93,8 @@ class SimplifiedTargetAttention(nn.Module):
                user_of: torch.Tensor) -> torch.Tensor:
         """Per-candidate work: query [B, d] against its user's (`user_of` [B]) keys/values -> [B, d]."""
         grouped, column = by_user(query, user_of, keys.shape[0])  # [U, C, d]
-        scores = (grouped @ keys.transpose(1, 2)) * self.scale  # [U, C, L]
-        weights = _masked_softmax(scores, mask[:, None, :])
-        return (weights @ values)[user_of, column]
+        pooled = _attention(grouped[:, None], keys[:, None], values[:, None], mask, self.scale)  # one head
+        return pooled[:, 0][user_of, column]
 
     def forward(self, query, sequence, mask, user_of):
         return self.attend(query, *self.project(sequence), mask, user_of)
@@ -120,9 +128,7 @@ class MultiHeadTargetAttention(nn.Module):
                user_of: torch.Tensor) -> torch.Tensor:
         q = self.query(query).view(-1, self.heads, self.head_dim)  # [B, H, h]
         grouped, column = by_user(q, user_of, keys.shape[0])  # [U, C, H, h]
-        scores = (grouped.transpose(1, 2) @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [U, H, C, L]
-        weights = _masked_softmax(scores, mask[:, None, None, :])
-        pooled = (weights @ values).transpose(1, 2)  # [U, C, H, h]
+        pooled = _attention(grouped.transpose(1, 2), keys, values, mask).transpose(1, 2)  # [U, C, H, h]
         return self.out(pooled[user_of, column].reshape(query.shape[0], -1))  # [B, d]
 
     def forward(self, query, sequence, gap_ms, mask, user_of):

@@ -1,0 +1,258 @@
+"""Benchmark: Score latency and throughput of `fin serve` with FIN over 1000-long timelines, from a client process.
+
+Data: a simulated city over a year (configs/large.yaml with fewer users), built by `fin features` with the
+default 1,000-event online timelines in the sqlite Feast store. Model: FIN with the lifelong config
+(1,000 history events), trained for a few steps (latency does not depend on how well it is trained).
+The server is `fin serve` on 127.0.0.1 with its defaults; this script is the client (grpc.aio).
+
+Requests: users with a full 1,000-event timeline, the request time just after their last event (so the
+whole stored timeline is history), 200 candidates drawn from the logged test impressions. Each phase is
+bounded in requests and seconds:
+- concurrency 1: p50/p99 end to end, with the server's own split (features read, model);
+- concurrency 8: requests/s, candidates/s and p99;
+- the naive baseline: the same requests scored one candidate per call (the model once per candidate);
+- growth: 50 -> 1,000 candidates (1,000-event timelines) and 100 -> 1,000 timeline events (200 candidates);
+- server RSS with FIN loaded, after the load.
+Timelines are cached by the server (30 s staleness by default): the first phase sends one request per
+user, so every timeline comes from the online store; the later phases cycle over those users, and the
+server's cache hit rate is reported with each phase.
+Usage: python benchmarks/serve_scale.py [--data DIR] [--requests 300] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from _measure import ROOT, report, run_sampled
+
+sys.path.insert(0, str(ROOT))
+
+LIFELONG = ROOT / "configs" / "lifelong.yaml"
+FIN = [sys.executable, "-m", "jobs.cli"]
+TIMELINE_LENGTHS = (100, 250, 500, 1000)
+WARM_UP_USERS = 20
+ONLINE_EVENTS = 1000  # `fin features --max-seq-len` default: the online store keeps the last 1,000 events
+CANDIDATE_COUNTS = (50, 100, 200, 500, 1000)
+
+
+def build(folder: Path, users: int, days: int, steps: int) -> tuple[Path, Path]:
+    """The features job's output (online store materialised) and a model repository with FIN in it."""
+    features, models = folder / "features", folder / "models"
+    if not (features / "data" / "stats.json").exists():
+        run_sampled([*FIN, "simulate", "--config", str(ROOT / "configs" / "large.yaml"), "--users", str(users),
+                     "--days", str(days), "--out", str(folder / "logs"), "--overwrite"])
+        run_sampled([*FIN, "features", "--logs", str(folder / "logs"), "--out", str(features),
+                     "--validation-days", "2", "--test-days", "2"])
+    if not (models / "fin").exists():
+        run_sampled([*FIN, "train", "--data", str(features), "--out", str(models), "--model", "fin",
+                     "--config", str(LIFELONG), "--epochs", "1", "--max-steps", str(steps)])
+    return features, models
+
+
+def request_pool(features: Path, seed: int = 0) -> dict:
+    """Users by stored timeline length, with the time just after their last event, and a candidate pool."""
+    import polars as pl
+
+    from serving.scoring import CANDIDATE_IDS, CANDIDATE_NUMBERS
+
+    data = features / "data"
+    users = (pl.scan_parquet(data / "timelines" / "*.parquet")
+             .select("user_id", pl.col("ts").list.len().alias("events"), pl.col("ts").list.last().alias("last_ts"))
+             .collect())
+    places = (pl.scan_parquet(data / "examples" / "test" / "*.parquet")
+              .select("user_id", "geohash_12", "city_id").unique("user_id", keep="first").collect())
+    users = users.join(places, on="user_id")
+    columns = [*CANDIDATE_IDS, *CANDIDATE_NUMBERS]
+    cands = (pl.scan_parquet(data / "examples" / "test" / "*.parquet").select(columns).collect()
+             .sample(1000, with_replacement=True, seed=seed).fill_null(0))
+    return {"users": users, "candidates": cands}
+
+
+def score_request(user: dict, cands, n: int, rng: np.random.Generator):
+    from serving.pb import ctr_scoring_pb2 as pb
+    from serving.scoring import CANDIDATE_IDS, CANDIDATE_NUMBERS
+
+    rows = cands[rng.choice(len(cands), n, replace=False)]
+    context = pb.Context(ts_ms=int(user["last_ts"]) + 60_000, geohash=user["geohash_12"],
+                         city_id=user["city_id"] or 0)
+    return pb.ScoreRequest(user_id=user["user_id"], context=context, candidates=[
+        pb.Candidate(**{field: r[column] for column, field in CANDIDATE_IDS.items()},
+                     **{field: r[field] for field in CANDIDATE_NUMBERS}) for r in rows.iter_rows(named=True)])
+
+
+def users_near(users, events: int, count: int) -> list[dict]:
+    """Up to `count` users whose stored timeline (the last ONLINE_EVENTS) is within 20% of `events` long,
+    the closest first."""
+    import polars as pl
+
+    stored = pl.col("events").clip(upper_bound=ONLINE_EVENTS)
+    near = users.filter(stored.is_between(int(events * 0.8), int(events * 1.2)))
+    return near.sort((stored - events).abs(), "user_id").head(count).to_dicts()
+
+
+class Server:
+    def __init__(self, features: Path, models: Path):
+        self.proc = psutil.Popen([*FIN, "serve", "--models", str(models), "--feast-repo", str(features / "feast"),
+                                  "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("serving on"):
+            raise RuntimeError(f"fin serve did not start: {line}{self.proc.stderr.read()[-2000:]}")
+        self.addr = line.split()[2].rstrip(";")
+        self.metrics_url = line.split()[-1]
+
+    def metric(self, name: str, **labels) -> float:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            families = text_string_to_metric_families(r.read().decode())
+        return sum(s.value for f in families for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def memory_mb(self) -> dict:
+        rss = self.proc.memory_info().rss
+        peak = next(int(line.split()[1]) * 1024 for line in open(f"/proc/{self.proc.pid}/status")
+                    if line.startswith("VmHWM"))
+        return {"rss_mb": round(rss / 2**20, 1), "peak_rss_mb": round(peak / 2**20, 1)}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.communicate(timeout=30)
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+async def run_phase(stub, requests: list, concurrency: int, seconds: float) -> dict:
+    """Send `requests` (each once, in order) with `concurrency` calls in flight, stopping after `seconds`."""
+    latencies, server_ms = [], {"features_ms": [], "model_ms": []}
+    queue = iter(requests)
+    deadline = time.perf_counter() + seconds
+
+    async def caller():
+        for request in queue:
+            if time.perf_counter() > deadline:
+                return
+            t = time.perf_counter()
+            response = await stub.Score(request, timeout=10)
+            latencies.append(time.perf_counter() - t)
+            server_ms["features_ms"].append(response.timing.features_ms)
+            server_ms["model_ms"].append(response.timing.model_ms)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    candidates = sum(len(r.candidates) for r in requests[:len(latencies)])
+    return {"concurrency": concurrency, "requests": len(latencies), "wall_s": round(wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 1), "candidates_per_s": round(candidates / wall),
+            **percentiles(latencies),
+            "server_p50_ms": {k: round(float(np.median(v)), 2) for k, v in server_ms.items()}}
+
+
+async def naive_phase(stub, requests: list, seconds: float) -> dict:
+    """Each request scored one candidate per call, in order (concurrency 1): the model runs once per candidate."""
+    from serving.pb import ctr_scoring_pb2 as pb
+
+    totals = []
+    deadline = time.perf_counter() + seconds
+    for request in requests:
+        if time.perf_counter() > deadline:
+            break
+        t = time.perf_counter()
+        for candidate in request.candidates:
+            await stub.Score(pb.ScoreRequest(user_id=request.user_id, context=request.context,
+                                             candidates=[candidate]), timeout=10)
+        totals.append(time.perf_counter() - t)
+    return {"requests": len(totals), "calls": len(totals) * len(requests[0].candidates), **percentiles(totals)}
+
+
+async def measure(server: Server, pool: dict, args) -> dict:
+    import grpc
+
+    from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(0)
+    users, cands = pool["users"], pool["candidates"]
+    full = users_near(users, 1000, 10_000)
+    if len(full) < 2 * WARM_UP_USERS:
+        raise SystemExit(f"only {len(full)} users have ~1,000-event timelines; simulate more users or days")
+
+    def requests(group: list[dict], n: int, count: int) -> list:
+        return [score_request(group[i % len(group)], cands, n, rng) for i in range(count)]
+
+    async with grpc.aio.insecure_channel(server.addr) as channel:
+        stub = pb_grpc.CtrScoringStub(channel)
+        warm, cold = full[:WARM_UP_USERS], full[WARM_UP_USERS:]
+        await run_phase(stub, requests(warm, args.candidates, 20), 1, 30)  # first forwards, connections
+
+        def hits() -> tuple[float, float]:
+            return server.metric("fin_feature_cache_total", result="hit"), server.metric(
+                "fin_feature_cache_total", result="miss")
+
+        async def phase(reqs, concurrency):
+            h0, m0 = hits()
+            out = await run_phase(stub, reqs, concurrency, args.seconds)
+            h1, m1 = hits()
+            out["cache_hit_rate"] = round((h1 - h0) / max(h1 - h0 + m1 - m0, 1), 3)
+            return out
+
+        main = requests(full, args.candidates, args.requests)
+        out = {"users_with_1000_events": len(full), "candidates": args.candidates,
+               # each user's first request: the timeline comes from the online store, not the cache
+               "concurrency_1_store_reads": await phase(requests(cold, args.candidates, len(cold)), 1),
+               "concurrency_1": await phase(main, 1),
+               "concurrency_8": await phase(requests(full, args.candidates, args.requests * 4), 8),
+               "naive_per_candidate": await naive_phase(stub, main, args.seconds)}
+        out["speedup_vs_naive_p50"] = round(out["naive_per_candidate"]["p50_ms"] / out["concurrency_1"]["p50_ms"], 1)
+        growth = max(args.requests // 3, 20)
+        out["by_candidates"] = {n: await phase(requests(full, n, growth), 1) for n in CANDIDATE_COUNTS}
+        out["by_timeline_events"] = {}
+        for events in TIMELINE_LENGTHS:
+            group = users_near(users, events, 10_000)
+            if group:
+                out["by_timeline_events"][events] = {"users": len(group),
+                                                     **await phase(requests(group, args.candidates, growth), 1)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="folder to keep (or reuse) the logs, features and model in")
+    parser.add_argument("--users", type=int, default=600)
+    parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=300, help="requests per phase (concurrency 8: 4x)")
+    parser.add_argument("--seconds", type=float, default=30, help="time limit per phase")
+    args = parser.parse_args()
+    features, models = build(args.data or Path(tempfile.mkdtemp(prefix="fin-serve-bench-")), args.users, args.days,
+                             args.train_steps)
+    pool = request_pool(features)
+    server = Server(features, models)
+    try:
+        idle = server.memory_mb()
+        results = asyncio.run(measure(server, pool, args))
+        results["server_memory"] = {"after_start": idle, "after_load": server.memory_mb()}
+    finally:
+        server.stop()
+    c1, c8 = results["concurrency_1"], results["concurrency_8"]
+    results["goals"] = {"c1_p50_le_5ms": c1["p50_ms"] <= 5, "c1_p99_le_15ms": c1["p99_ms"] <= 15,
+                        "c8_ge_150_rps": c8["requests_per_s"] >= 150, "c8_p99_le_50ms": c8["p99_ms"] <= 50}
+    report("serve_scale", {"data": {"users": args.users, "days": args.days, "model": "fin (configs/lifelong.yaml)"},
+                           **results})
+
+
+if __name__ == "__main__":
+    main()
