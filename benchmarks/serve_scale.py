@@ -137,7 +137,7 @@ def percentiles(seconds: list[float]) -> dict:
 
 async def run_phase(stub, requests: list, concurrency: int, seconds: float) -> dict:
     """Send `requests` (each once, in order) with `concurrency` calls in flight, stopping after `seconds`."""
-    latencies, server_ms = [], {"features_ms": [], "model_ms": []}
+    latencies, server_ms = [], {"total_ms": [], "features_ms": [], "model_ms": []}
     queue = iter(requests)
     deadline = time.perf_counter() + seconds
 
@@ -148,6 +148,7 @@ async def run_phase(stub, requests: list, concurrency: int, seconds: float) -> d
             t = time.perf_counter()
             response = await stub.Score(request, timeout=10)
             latencies.append(time.perf_counter() - t)
+            server_ms["total_ms"].append(response.timing.total_ms)
             server_ms["features_ms"].append(response.timing.features_ms)
             server_ms["model_ms"].append(response.timing.model_ms)
 
@@ -197,15 +198,18 @@ async def measure(server: Server, pool: dict, args) -> dict:
         warm, cold = full[:WARM_UP_USERS], full[WARM_UP_USERS:]
         await run_phase(stub, requests(warm, args.candidates, 20), 1, 30)  # first forwards, connections
 
-        def hits() -> tuple[float, float]:
-            return server.metric("fin_feature_cache_total", result="hit"), server.metric(
-                "fin_feature_cache_total", result="miss")
+        def counts() -> dict[str, float]:
+            return {"hit": server.metric("fin_feature_cache_total", cache="timeline", result="hit"),
+                    "miss": server.metric("fin_feature_cache_total", cache="timeline", result="miss"),
+                    "forwards": server.metric("fin_forward_requests_count"),
+                    "forward_requests": server.metric("fin_forward_requests_sum")}
 
         async def phase(reqs, concurrency):
-            h0, m0 = hits()
+            before = counts()
             out = await run_phase(stub, reqs, concurrency, args.seconds)
-            h1, m1 = hits()
-            out["cache_hit_rate"] = round((h1 - h0) / max(h1 - h0 + m1 - m0, 1), 3)
+            d = {k: v - before[k] for k, v in counts().items()}
+            out["timeline_cache_hit_rate"] = round(d["hit"] / max(d["hit"] + d["miss"], 1), 3)
+            out["requests_per_forward"] = round(d["forward_requests"] / max(d["forwards"], 1), 2)
             return out
 
         main = requests(full, args.candidates, args.requests)

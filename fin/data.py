@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -161,29 +161,55 @@ class ExampleStream:
         )
 
 
-def request_batch(timeline: Mapping[str, np.ndarray], context: Mapping[str, int],
-                  candidates: Mapping[str, np.ndarray], stats: np.ndarray | None = None,
-                  config: LoaderConfig = LoaderConfig()) -> Batch:
-    """One scoring request as a batch: U = 1 request, B candidates that all point at it.
+@dataclass
+class ScoringRequest:
+    """One request to score, as the server has it after reading the user's features.
 
     timeline: TIMELINE_FIELDS -> one user's events, oldest first (events at or after the request time are
     ignored, as in training, which reads the events strictly before the impression).
     context: "ts" (ms) and CONTEXT_FEATURES -> int (geohash6 as a `geohash_code`, MISSING when unknown).
     candidates: TARGET_FEATURES -> int64 [B]; stats: float32 [B, len(STAT_FEATURES)] (zeros when None).
     """
-    n = len(timeline["ts"])
-    before = int(np.searchsorted(np.asarray(timeline["ts"]), context["ts"], side="left"))
-    flat = {f: np.asarray(timeline[f], dtype=np.int64) for f in TIMELINE_FIELDS}
-    offsets, history = history_batch(flat, np.array([0, n]), np.array([0]), np.array([before]), config.max_seq_len)
-    b = len(candidates[TARGET_FEATURES[0]])
-    ids = {c: torch.from_numpy(np.array(candidates[c], dtype=np.int64)) for c in TARGET_FEATURES}
-    ids |= {c: torch.full((b,), int(context[c]), dtype=torch.int64) for c in CONTEXT_FEATURES}
-    stats = np.zeros((b, len(STAT_FEATURES)), np.float32) if stats is None else np.array(stats, np.float32)
+
+    timeline: Mapping[str, np.ndarray]
+    context: Mapping[str, int]
+    candidates: Mapping[str, np.ndarray]
+    stats: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.candidates[TARGET_FEATURES[0]])
+
+
+def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = LoaderConfig()) -> Batch:
+    """U scoring requests as one batch: each request's history and fragments once, its candidates pointing at
+    it (`request_of`), in request order. Scores equal scoring each request alone (attention is masked per
+    request), so a server may put the requests that wait together into one forward."""
+    counts = np.array([len(r) for r in requests])
+    sizes = np.array([len(r.timeline["ts"]) for r in requests])
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    before = np.array([np.searchsorted(np.asarray(r.timeline["ts"]), r.context["ts"], side="left") for r in requests])
+    flat = {f: np.concatenate([np.asarray(r.timeline[f], dtype=np.int64) for r in requests]) for f in TIMELINE_FIELDS}
+    offsets, history = history_batch(flat, starts, np.arange(len(requests)), before, config.max_seq_len)
+    request_of = torch.from_numpy(np.repeat(np.arange(len(requests)), counts))
+    ids = {c: torch.from_numpy(np.concatenate([np.asarray(r.candidates[c], dtype=np.int64) for r in requests]))
+           for c in TARGET_FEATURES}
+    context = {c: torch.tensor([int(r.context[c]) for r in requests]) for c in ("ts", *CONTEXT_FEATURES)}
+    ids |= {c: context[c][request_of] for c in CONTEXT_FEATURES}
+    stats = np.concatenate([np.zeros((len(r), len(STAT_FEATURES)), np.float32) if r.stats is None
+                            else np.asarray(r.stats, np.float32) for r in requests])
+    b = int(counts.sum())
     return _assembled(
-        label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), ts=torch.tensor([int(context["ts"])]),
-        request_context={c: torch.tensor([int(context[c])]) for c in FRAGMENT_CONTEXT},
+        label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), ts=context["ts"],
+        request_context={c: context[c] for c in FRAGMENT_CONTEXT},
         history_offsets=offsets, history=history, config=config,
-        impression_id=torch.full((b,), -1, dtype=torch.int64), request_of=torch.zeros(b, dtype=torch.int64))
+        impression_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of)
+
+
+def request_batch(timeline: Mapping[str, np.ndarray], context: Mapping[str, int],
+                  candidates: Mapping[str, np.ndarray], stats: np.ndarray | None = None,
+                  config: LoaderConfig = LoaderConfig()) -> Batch:
+    """One scoring request as a batch (U = 1); see `ScoringRequest` for the arguments."""
+    return requests_batch([ScoringRequest(timeline, context, candidates, stats)], config)
 
 
 def _assembled(ts: torch.Tensor, request_context: dict[str, torch.Tensor], history_offsets: torch.Tensor,

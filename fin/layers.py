@@ -18,6 +18,8 @@ from torch import nn
 def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Jagged rows (values [N, d], lengths [U]) -> padded [U, L, d] (oldest first, left-aligned) and a bool
     mask [U, L]. With `max_len`, a longer row keeps its last (most recent) `max_len` values."""
+    if lengths.shape[0] == 1 and (max_len is None or values.shape[0] <= max_len):  # one row: nothing to pad
+        return values[None], torch.ones(1, values.shape[0], dtype=torch.bool, device=values.device)
     width = int(lengths.max()) if lengths.numel() else 0
     width = width if max_len is None else min(width, max_len)
     col = torch.arange(width, device=values.device)
@@ -50,6 +52,8 @@ def by_user(query: torch.Tensor, user_of: torch.Tensor, users: int) -> tuple[tor
     and each candidate's column [B], so that `grouped[user_of, column]` is `query` again. Attention then
     multiplies each user's keys with all of that user's queries at once instead of copying the keys per
     candidate: in training (one candidate per user) C = 1; for one request of 200 candidates U = 1."""
+    if users == 1:  # one request (the server's common case): no grouping to do
+        return query[None], torch.arange(query.shape[0], device=query.device)
     counts = torch.bincount(user_of, minlength=users)
     order = torch.argsort(user_of, stable=True)
     starts = torch.cumsum(counts, 0) - counts

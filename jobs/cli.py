@@ -177,6 +177,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           torch_threads=args.torch_threads, workers=args.workers, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, auth_token=_token(args.auth_token_file),
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
+                                                batch_candidates=args.batch_candidates,
                                                 utc_offset_hours=args.utc_offset_hours))
 
     def ready(port, server):
@@ -397,13 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Prometheus /metrics port on --host (default {sd.metrics_port}: any free port, printed)")
     p.add_argument("--max-candidates", type=int, default=sd.scoring.max_candidates,
                    help=f"largest candidate list accepted (default {sd.scoring.max_candidates})")
+    p.add_argument("--batch-candidates", type=int, default=sd.scoring.batch_candidates,
+                   help="requests waiting together share one forward up to this many candidates "
+                        f"(default {sd.scoring.batch_candidates}; 1: one request per forward)")
     p.add_argument("--utc-offset-hours", type=float, default=sd.scoring.utc_offset_hours,
                    help=f"local time of the city (default {sd.scoring.utc_offset_hours:g})")
     p.add_argument("--poll-s", type=float, default=sd.poll_s,
                    help=f"seconds between model repository scans (default {sd.poll_s:g})")
     p.add_argument("--torch-threads", type=int, default=sd.torch_threads,
                    help=f"intra-op threads per forward (default {sd.torch_threads})")
-    p.add_argument("--workers", type=int, default=sd.workers, help=f"forwards that may run at once (default {sd.workers})")
+    p.add_argument("--workers", type=int, default=sd.workers, help=f"forwards (and store reads) that may run at once (default {sd.workers})")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve TLS instead of plaintext")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--auth-token-file", type=Path,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    max_candidates: int = 1000
+    max_candidates: int = 1000  # per request
+    batch_candidates: int = 2000  # per forward: requests waiting together share one forward up to this
     utc_offset_hours: float = 8.0  # local time of the served city: meal slot, weekday and hour come from it
 
 
@@ -32,7 +33,7 @@ class ServerConfig:
     metrics_port: int = 0  # Prometheus /metrics on host:port (0: any free port)
     poll_s: float = 5.0  # how often the model repository is checked for new versions
     torch_threads: int = 1  # intra-op threads per forward
-    workers: int = 2  # forwards that may run at once
+    workers: int = 2  # forwards that may run at once (and store reads)
     drain_delay_s: float = 1.0  # on shutdown, NOT_SERVING first and calls still accepted this long (see stop)
     grace_s: float = 10.0  # then how long shutdown waits for calls in flight
     tls_cert: Path | None = None  # PEM certificate chain and private key: serve TLS instead of plaintext

@@ -17,7 +17,10 @@ class ServingMetrics:
                                  buckets=LATENCY_BUCKETS_S, registry=r)
         self.candidates = Histogram("fin_candidates_per_request", "candidates per Score call",
                                     buckets=CANDIDATE_BUCKETS, registry=r)
-        self.cache = Counter("fin_feature_cache", "online feature cache lookups", ["result"], registry=r)
+        self.forward_requests = Histogram("fin_forward_requests", "Score requests sharing one forward",
+                                          buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r)
+        self.cache = Counter("fin_feature_cache", "online feature cache lookups: the user's timeline, item and shop stats",
+                             ["cache", "result"], registry=r)
         self.degraded = Counter("fin_degraded_requests", "requests scored without the online store", registry=r)
         self.cold_start = Counter("fin_cold_start_requests", "requests of users without a stored timeline",
                                   registry=r)

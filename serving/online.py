@@ -54,8 +54,9 @@ class UserFeatures:
     timeline: dict[str, np.ndarray] | None  # None: cold-start user (or degraded)
     stats: np.ndarray  # float32 [B, len(STAT_FEATURES)]
     degraded: bool = False
-    cache_hits: int = 0
-    cache_misses: int = 0
+    timeline_cached: bool = False
+    stats_hits: int = 0  # item and shop ids found in the cache
+    stats_misses: int = 0
 
 
 class OnlineFeatures:
@@ -89,16 +90,15 @@ class OnlineFeatures:
         if cached is None:
             timeline = read_timelines(self.store, [user_id])[0]
             self.timelines.put(user_id, timeline)
-            misses += 1
         else:
             timeline = cached[1]
-            hits += 1
         parts = []
         for key in STAT_KEYS:
             values, h, m = self._stats(key, candidates[f"{key}_id"])
             parts.append(values)
             hits, misses = hits + h, misses + m
-        return UserFeatures(timeline, np.concatenate(parts, axis=1), cache_hits=hits, cache_misses=misses)
+        return UserFeatures(timeline, np.concatenate(parts, axis=1), timeline_cached=cached is not None,
+                            stats_hits=hits, stats_misses=misses)
 
     def _stats(self, key: str, ids: np.ndarray) -> tuple[np.ndarray, int, int]:
         """[B, len(STAT_VALUES)] statistics of `ids` (zeros when unknown), reading only uncached ids."""

@@ -1,4 +1,4 @@
-"""A CTR scoring request -> checked model inputs -> pCTR per candidate, through `fin.data.request_batch`.
+"""A CTR scoring request -> checked model inputs -> pCTR per candidate, through `fin.data.requests_batch`.
 
 Everything here is plain data in, numbers out (no gRPC): the server validates a request, reads the
 user's features and calls `score`; the offline evaluator and the consistency test can do the same.
@@ -16,7 +16,7 @@ from features import contract, geohash
 from features.fragments import MISSING
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact
-from fin.data import request_batch
+from fin.data import ScoringRequest, requests_batch
 from serving.config import ScoringConfig
 
 GEOHASH6 = 6
@@ -38,6 +38,10 @@ class RequestInputs:
     context: dict[str, int]  # "ts" and fin.data.CONTEXT_FEATURES
     candidates: dict[str, np.ndarray]  # fin.data.TARGET_FEATURES -> int64 [B]
     bids: np.ndarray  # float64 [B]
+
+    def with_features(self, timeline: dict[str, np.ndarray] | None, stats: np.ndarray | None) -> ScoringRequest:
+        """The request to score, once the user's timeline (None: cold start) and statistics are read."""
+        return ScoringRequest(timeline or EMPTY_TIMELINE, self.context, self.candidates, stats)
 
 
 def request_inputs(request, config: ScoringConfig) -> RequestInputs:
@@ -94,11 +98,17 @@ def _context(ctx, config: ScoringConfig) -> dict[str, int]:
 
 
 @torch.inference_mode()
+def score_requests(artifact: Artifact, requests: list[ScoringRequest]) -> list[np.ndarray]:
+    """pCTR [B] of each request's candidates, all requests in one forward (each user's history and fragments
+    once); the same numbers as scoring the requests one by one."""
+    pctr = torch.sigmoid(artifact.model(requests_batch(requests, artifact.loader))).numpy().astype(np.float64)
+    return np.split(pctr, np.cumsum([len(r) for r in requests])[:-1])
+
+
 def score(artifact: Artifact, inputs: RequestInputs, timeline: dict[str, np.ndarray] | None,
           stats: np.ndarray | None) -> np.ndarray:
-    """pCTR [B] of one request's candidates: one batch, the user's history and fragments once."""
-    batch = request_batch(timeline or EMPTY_TIMELINE, inputs.context, inputs.candidates, stats, artifact.loader)
-    return torch.sigmoid(artifact.model(batch)).numpy().astype(np.float64)
+    """pCTR [B] of one request's candidates."""
+    return score_requests(artifact, [inputs.with_features(timeline, stats)])[0]
 
 
 def ecpm(pctr: np.ndarray, bids: np.ndarray) -> np.ndarray:

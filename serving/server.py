@@ -3,9 +3,9 @@ endpoints (serving.inference_protocol), health checking, reflection, and Prometh
 
 Per Score request: validate (INVALID_ARGUMENT with the field and the reason), pick the model (NOT_FOUND
 when it is not loaded), read the user's features (one timeline read, cached; see serving.online), cut
-fragments and run one batched forward for all candidates. The blocking part (store read, forward) runs
-on a small thread pool with a fixed torch intra-op thread count, so the event loop keeps accepting
-calls. A request whose deadline has passed is answered DEADLINE_EXCEEDED, never late. Health is
+fragments and run one batched forward for all candidates, shared with the other requests waiting at
+that moment (serving.batching). The blocking parts (store reads, forwards) run on small thread pools
+with a fixed torch intra-op thread count, so the event loop keeps accepting calls. A request whose deadline has passed is answered DEADLINE_EXCEEDED, never late. Health is
 NOT_SERVING until a model has loaded; the repository is polled for new versions while serving; on
 SIGTERM/SIGINT health goes NOT_SERVING and in-flight calls drain before the process exits.
 """
@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fin.artifact import Artifact
+from serving.batching import ForwardBatcher
 from serving.config import ServerConfig
 from serving.inference_protocol import InferenceService
 from serving.metrics import ServingMetrics
@@ -34,7 +35,7 @@ from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
 from serving.pb import inference_v2_pb2
 from serving.pb import inference_v2_pb2_grpc as inference_pb2_grpc
 from serving.repository import Change, ModelNotFound, ModelRepository
-from serving.scoring import BadRequest, ecpm, request_inputs, score
+from serving.scoring import BadRequest, ecpm, request_inputs
 
 log = logging.getLogger("fin.serving")
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["CtrScoring"].full_name
@@ -44,9 +45,9 @@ INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 
 class CtrScoring(pb_grpc.CtrScoringServicer):
     def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
-                 executor: ThreadPoolExecutor, metrics: ServingMetrics):
+                 executor: ThreadPoolExecutor, batcher: ForwardBatcher, metrics: ServingMetrics):
         self.repository, self.features, self.config = repository, features, config
-        self.executor, self.metrics = executor, metrics
+        self.executor, self.batcher, self.metrics = executor, batcher, metrics
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         started = time.perf_counter()
@@ -66,20 +67,21 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before scoring")
 
-        def work():
-            t = time.perf_counter()
-            features = self.features.read(inputs.user_id, inputs.candidates)
-            t_features = time.perf_counter()
-            pctr = score(artifact, inputs, features.timeline, features.stats)
-            return features, pctr, t_features - t, time.perf_counter() - t_features
-
-        features, pctr, features_s, model_s = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        t = time.perf_counter()
+        features = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.features.read, inputs.user_id, inputs.candidates)
+        t_features = time.perf_counter()
+        pctr = await asyncio.wrap_future(
+            self.batcher.submit(artifact, inputs.with_features(features.timeline, features.stats)))
+        features_s, model_s = t_features - t, time.perf_counter() - t_features
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while scoring")
         values = ecpm(pctr, inputs.bids)
-        self.metrics.cache.labels("hit").inc(features.cache_hits)
-        self.metrics.cache.labels("miss").inc(features.cache_misses)
+        if not features.degraded:
+            self.metrics.cache.labels("timeline", "hit" if features.timeline_cached else "miss").inc()
+            self.metrics.cache.labels("stats", "hit").inc(features.stats_hits)
+            self.metrics.cache.labels("stats", "miss").inc(features.stats_misses)
         if features.degraded:
             self.metrics.degraded.inc()
         elif features.timeline is None:
@@ -169,6 +171,8 @@ class Server:
         self.features = OnlineFeatures(store or FeatureStore(repo_path=str(config.feast_repo)), config.online)
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="score")
         self.metrics = ServingMetrics()
+        self.batcher = ForwardBatcher(config.workers, config.scoring.batch_candidates,
+                                      self.metrics.forward_requests.observe)
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=[CallInterceptor(self.metrics, config.auth_token)])
@@ -177,7 +181,7 @@ class Server:
 
     async def start(self) -> int:
         pb_grpc.add_CtrScoringServicer_to_server(
-            CtrScoring(self.repository, self.features, self.config, self.executor, self.metrics), self.server)
+            CtrScoring(self.repository, self.features, self.config, self.executor, self.batcher, self.metrics), self.server)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.executor, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -198,6 +202,7 @@ class Server:
         except Exception as e:  # noqa: BLE001 - serving starts anyway; requests are flagged degraded meanwhile
             log.warning("online store not readable at start (%s): requests are scored degraded until it is", e)
         await self._set_health()
+        self.batcher.start()
         self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
         await self.server.start()
         await self.refresh()
@@ -238,6 +243,7 @@ class Server:
         await asyncio.sleep(self.config.drain_delay_s)
         await self.server.stop(self.config.grace_s)
         self.executor.shutdown(wait=True)
+        self.batcher.close()
         self.features.close()
         self.metrics.close()
 

@@ -10,7 +10,7 @@ import torch
 from features.fragments import MISSING, FragmentConfig
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from features.simulator import load_sim_config, simulate
-from fin.data import CONTEXT_FEATURES, TARGET_FEATURES, ExampleStream, LoaderConfig, request_batch
+from fin.data import CONTEXT_FEATURES, TARGET_FEATURES, ExampleStream, LoaderConfig, ScoringRequest, requests_batch
 from fin.embeddings import EmbeddingSizes
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
 from fin.metrics import auc
@@ -44,7 +44,8 @@ def test_forward_and_backward(features_job, name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_request_batch_scores_like_the_training_batches(features_job, name):
     """The server's case: one request, its candidates sharing one history (U = 1). Each candidate's logit
-    equals the one it gets as a training example with its own copy of the history."""
+    equals the one it gets as a training example with its own copy of the history; and the same requests
+    batched together (as the server batches requests that wait together) score the same again."""
     out, _ = features_job
     model = _model(name).eval()
     loader = dataclasses.replace(LOADER, shuffle=False)
@@ -57,16 +58,22 @@ def test_a_request_batch_scores_like_the_training_batches(features_job, name):
             geohash_code(pl.col("geohash_6")).fill_null(MISSING).alias("geohash6"), pl.col("aoi_id").fill_null(MISSING))
         timelines = pl.read_parquet(out / "data" / "timelines" / "*.parquet")
         requests = examples["request_id"].unique(maintain_order=True)
+        scoring, expected = [], []
         for request in requests[:: max(1, len(requests) // 6)]:
             rows = examples.filter(pl.col("request_id") == request)
             user = timelines.filter(pl.col("user_id") == rows["user_id"][0])
             timeline = {f: np.asarray(user[f][0].to_list() if user.height else [], np.int64) for f in TIMELINE_FIELDS}
             context = {c: int(rows[c][0]) for c in ("ts", *CONTEXT_FEATURES)}
             ids = rows["impression_id"].to_list()
-            batch = request_batch(timeline, context, {c: rows[c].to_numpy() for c in TARGET_FEATURES},
-                                  torch.stack([offline[i][1] for i in ids]).numpy(), loader)
+            scoring.append(ScoringRequest(timeline, context, {c: rows[c].to_numpy() for c in TARGET_FEATURES},
+                                          torch.stack([offline[i][1] for i in ids]).numpy()))
+            batch = requests_batch(scoring[-1:], loader)
             assert batch.history_offsets.tolist() == [0, batch.history_offsets[-1]] and len(batch) == rows.height
-            torch.testing.assert_close(model(batch), torch.stack([offline[i][0] for i in ids]), rtol=1e-5, atol=1e-5)
+            expected.append(torch.stack([offline[i][0] for i in ids]))
+            torch.testing.assert_close(model(batch), expected[-1], rtol=1e-5, atol=1e-5)
+        together = requests_batch(scoring, loader)
+        assert len(together.ts) == len(scoring) > 1
+        torch.testing.assert_close(model(together), torch.cat(expected), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

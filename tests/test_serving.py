@@ -79,6 +79,16 @@ def _bad(**change):
     return request
 
 
+def test_concurrent_calls_score_as_sequential_ones(server):
+    """Calls in flight together may share forwards; each still gets its own scores, in its own order."""
+    requests = [_request(user, candidates=2 + user % 4) for user in range(1, 13)]
+    alone = [server.stub.Score(r, timeout=10) for r in requests]
+    futures = [server.stub.Score.future(r, timeout=20) for r in requests for _ in range(2)]
+    for i, future in enumerate(futures):
+        together = future.result()
+        assert [s.pctr for s in together.scores] == pytest.approx([s.pctr for s in alone[i // 2].scores], rel=1e-5)
+
+
 @pytest.mark.parametrize("request_, message", [
     (_bad(user_id=0), "user_id"),
     (_bad(context=None), "context is required"),
@@ -122,14 +132,16 @@ def test_unknown_user_is_a_flagged_cold_start(server):
 
 def test_metrics_count_calls_by_code(server):
     ok, bad = (server.metric("fin_requests_total", method="Score", code=c) for c in ("OK", "INVALID_ARGUMENT"))
-    hits = server.metric("fin_feature_cache_total", result="hit")
+    hits = {c: server.metric("fin_feature_cache_total", cache=c, result="hit") for c in ("timeline", "stats")}
     server.stub.Score(_request(1), timeout=10)
     server.stub.Score(_request(1), timeout=10)  # the second read of user 1 and its candidates is cached
     with pytest.raises(grpc.RpcError):
         server.stub.Score(_request(0), timeout=10)
     assert server.metric("fin_requests_total", method="Score", code="OK") == ok + 2
     assert server.metric("fin_requests_total", method="Score", code="INVALID_ARGUMENT") == bad + 1
-    assert server.metric("fin_feature_cache_total", result="hit") >= hits + 3  # timeline, item and shop stats
+    assert server.metric("fin_feature_cache_total", cache="timeline", result="hit") >= hits["timeline"] + 1
+    assert server.metric("fin_feature_cache_total", cache="stats", result="hit") >= hits["stats"] + 2  # item, shop
+    assert server.metric("fin_forward_requests_count") >= 2
     assert server.metric("fin_request_seconds_count", method="Score") >= 3
     assert server.metric("fin_candidates_per_request_bucket", le="5.0") >= 2
 

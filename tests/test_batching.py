@@ -1,0 +1,59 @@
+"""Forwards shared by waiting Score requests: same scores as one by one, order kept, budgets respected."""
+
+import numpy as np
+import pytest
+
+from features.sequences import TIMELINE_FIELDS
+from fin.artifact import load_artifact
+from fin.data import TARGET_FEATURES, ScoringRequest
+from serving.batching import ForwardBatcher
+from serving.scoring import score_requests
+
+CONTEXT = {"ts": 1_780_000_000_000, "geohash6": 123, "aoi_id": -1, "city_id": 1, "time_type": 2, "weekdays": 3,
+           "hours": 12}
+
+
+def _requests(count: int, candidates: int, seed: int = 0) -> list[ScoringRequest]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        events = int(rng.integers(0, 80))
+        timeline = {f: rng.integers(1, 50, events) for f in TIMELINE_FIELDS}
+        timeline["ts"] = np.sort(rng.integers(CONTEXT["ts"] - 10**9, CONTEXT["ts"], events))
+        out.append(ScoringRequest(timeline, CONTEXT, {c: rng.integers(1, 500, candidates) for c in TARGET_FEATURES},
+                                  rng.random((candidates, 8)).astype(np.float32)))
+    return out
+
+
+def test_waiting_requests_share_forwards_and_score_as_alone(trained_models):
+    _, paths = trained_models
+    fin, dnn = load_artifact(paths["fin"]), load_artifact(paths["dnn"])
+    batches: list[int] = []
+    batcher = ForwardBatcher(threads=1, max_candidates=12, observe_batch=batches.append)
+    requests = _requests(6, candidates=4)
+    models = [fin, fin, dnn, fin, fin, fin]  # a request for another model never joins a forward
+    futures = [batcher.submit(m, r) for m, r in zip(models, requests)]  # all waiting before the thread starts
+    futures[4].cancel()  # its caller went away
+    batcher.start()
+    scores = [f.result(timeout=60) if not f.cancelled() else None for f in futures]
+    batcher.close()
+    for model, request, got in zip(models, requests, scores):
+        if got is not None:
+            np.testing.assert_allclose(got, score_requests(model, [request])[0], rtol=1e-5, atol=1e-6)
+    # fin: requests 0, 1, 3 (12 candidates: the budget), then 5 alone; dnn alone; the cancelled one skipped
+    assert sorted(batches) == [1, 1, 3] and futures[4].cancelled()
+
+
+def test_a_failing_forward_fails_only_its_requests(trained_models):
+    _, paths = trained_models
+    fin = load_artifact(paths["fin"])
+    batcher = ForwardBatcher(threads=1, max_candidates=100)
+    bad = _requests(1, candidates=2)[0]
+    bad.stats = np.zeros((2, 3), np.float32)  # wrong width: the forward raises
+    failing = batcher.submit(fin, bad)
+    batcher.start()
+    with pytest.raises(Exception):
+        failing.result(timeout=60)
+    good = _requests(1, candidates=2, seed=1)[0]
+    np.testing.assert_allclose(batcher.submit(fin, good).result(timeout=60), score_requests(fin, [good])[0], rtol=1e-5)
+    batcher.close()
