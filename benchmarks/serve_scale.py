@@ -3,7 +3,9 @@
 Data: a simulated city over a year (configs/large.yaml with fewer users), built by `fin features` with the
 default 1,000-event online timelines in the sqlite Feast store. Model: FIN with the lifelong config
 (1,000 history events), trained for a few steps (latency does not depend on how well it is trained).
-The server is `fin serve` on 127.0.0.1 with its defaults; this script is the client (grpc.aio).
+The server is `fin serve` on 127.0.0.1, by default one process per core (`--processes 2 --workers 1`);
+this script is the client (grpc.aio), with one connection per concurrent caller. In the same run, the
+single-process server (`--processes 1`, the default of fin serve) is measured at concurrency 1 and 8.
 
 Requests: users with a full 1,000-event timeline, the request time just after their last event (so the
 whole stored timeline is history), 200 candidates drawn from the logged test impressions. Each phase is
@@ -39,6 +41,7 @@ LIFELONG = ROOT / "configs" / "lifelong.yaml"
 FIN = [sys.executable, "-m", "jobs.cli"]
 TIMELINE_LENGTHS = (100, 250, 500, 1000)
 WARM_UP_USERS = 20
+CONCURRENCY = 8
 ONLINE_EVENTS = 1000  # `fin features --max-seq-len` default: the online store keeps the last 1,000 events
 CANDIDATE_COUNTS = (50, 100, 200, 500, 1000)
 
@@ -99,31 +102,45 @@ def users_near(users, events: int, count: int) -> list[dict]:
 
 
 class Server:
-    def __init__(self, features: Path, models: Path):
+    def __init__(self, features: Path, models: Path, options: list[str]):
         self.proc = psutil.Popen([*FIN, "serve", "--models", str(models), "--feast-repo", str(features / "feast"),
-                                  "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  "--port", "0", *options], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("serving on"):
             raise RuntimeError(f"fin serve did not start: {line}{self.proc.stderr.read()[-2000:]}")
         self.addr = line.split()[2].rstrip(";")
-        self.metrics_url = line.split()[-1]
+        self.metrics_urls = line.split("metrics on ")[1].split()  # one per server process
 
     def metric(self, name: str, **labels) -> float:
+        """A metric summed over the server's processes."""
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
-            families = text_string_to_metric_families(r.read().decode())
-        return sum(s.value for f in families for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        total = 0.0
+        for url in self.metrics_urls:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                families = text_string_to_metric_families(r.read().decode())
+            total += sum(s.value for f in families for s in f.samples
+                         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return total
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's processes (not multiprocessing's helper processes)."""
+        return [self.proc, *(p for p in self.proc.children(recursive=True) if "spawn_main" in " ".join(p.cmdline()))]
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process has used."""
+        return sum(t.user + t.system for t in (p.cpu_times() for p in self.processes()))
 
     def memory_mb(self) -> dict:
-        rss = self.proc.memory_info().rss
-        peak = next(int(line.split()[1]) * 1024 for line in open(f"/proc/{self.proc.pid}/status")
-                    if line.startswith("VmHWM"))
-        return {"rss_mb": round(rss / 2**20, 1), "peak_rss_mb": round(peak / 2**20, 1)}
+        """RSS and peak RSS of each server process."""
+        def peak(pid: int) -> int:
+            return next(int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM"))
+
+        return {"rss_mb": [round(p.memory_info().rss / 2**20, 1) for p in self.processes()],
+                "peak_rss_mb": [round(peak(p.pid) / 2**20, 1) for p in self.processes()]}
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -135,13 +152,14 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
-async def run_phase(stub, requests: list, concurrency: int, seconds: float) -> dict:
-    """Send `requests` (each once, in order) with `concurrency` calls in flight, stopping after `seconds`."""
+async def run_phase(stubs: list, requests: list, concurrency: int, seconds: float) -> dict:
+    """Send `requests` (each once, in order) with `concurrency` calls in flight, stopping after `seconds`;
+    caller i uses connection i (as the many connections of an ad server fleet would)."""
     latencies, server_ms = [], {"total_ms": [], "features_ms": [], "model_ms": []}
     queue = iter(requests)
     deadline = time.perf_counter() + seconds
 
-    async def caller():
+    async def caller(stub):
         for request in queue:
             if time.perf_counter() > deadline:
                 return
@@ -153,7 +171,7 @@ async def run_phase(stub, requests: list, concurrency: int, seconds: float) -> d
             server_ms["model_ms"].append(response.timing.model_ms)
 
     started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    await asyncio.gather(*(caller(stubs[i % len(stubs)]) for i in range(concurrency)))
     wall = time.perf_counter() - started
     candidates = sum(len(r.candidates) for r in requests[:len(latencies)])
     return {"concurrency": concurrency, "requests": len(latencies), "wall_s": round(wall, 2),
@@ -179,9 +197,17 @@ async def naive_phase(stub, requests: list, seconds: float) -> dict:
     return {"requests": len(totals), "calls": len(totals) * len(requests[0].candidates), **percentiles(totals)}
 
 
-async def measure(server: Server, pool: dict, args) -> dict:
+def connections(server: Server, count: int) -> list:
+    """`count` channels, each its own TCP connection (a local subchannel pool), so that a server with several
+    processes sees several connections to spread."""
     import grpc
 
+    return [grpc.aio.insecure_channel(server.addr, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(count)]
+
+
+async def measure(server: Server, pool: dict, args, full_run: bool = True) -> dict:
+    """The phases against one running server (`full_run` False: warm-up, concurrency 1 and 8 only)."""
     from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(0)
@@ -193,32 +219,39 @@ async def measure(server: Server, pool: dict, args) -> dict:
     def requests(group: list[dict], n: int, count: int) -> list:
         return [score_request(group[i % len(group)], cands, n, rng) for i in range(count)]
 
-    async with grpc.aio.insecure_channel(server.addr) as channel:
-        stub = pb_grpc.CtrScoringStub(channel)
+    def counts() -> dict[str, float]:
+        return {"hit": server.metric("fin_feature_cache_total", cache="timeline", result="hit"),
+                "miss": server.metric("fin_feature_cache_total", cache="timeline", result="miss"),
+                "forwards": server.metric("fin_forward_requests_count"),
+                "forward_requests": server.metric("fin_forward_requests_sum")}
+
+    channels = connections(server, CONCURRENCY)
+    stubs = [pb_grpc.CtrScoringStub(c) for c in channels]
+
+    async def phase(reqs, concurrency):
+        before, cpu = counts(), (server.cpu_s(), time.process_time())
+        out = await run_phase(stubs, reqs, concurrency, args.seconds)
+        out["cpu_ms_per_request"] = {
+            "server": round((server.cpu_s() - cpu[0]) * 1000 / out["requests"], 2),
+            "client": round((time.process_time() - cpu[1]) * 1000 / out["requests"], 2)}
+        d = {k: v - before[k] for k, v in counts().items()}
+        out["timeline_cache_hit_rate"] = round(d["hit"] / max(d["hit"] + d["miss"], 1), 3)
+        out["requests_per_forward"] = round(d["forward_requests"] / max(d["forwards"], 1), 2)
+        return out
+
+    try:
         warm, cold = full[:WARM_UP_USERS], full[WARM_UP_USERS:]
-        await run_phase(stub, requests(warm, args.candidates, 20), 1, 30)  # first forwards, connections
-
-        def counts() -> dict[str, float]:
-            return {"hit": server.metric("fin_feature_cache_total", cache="timeline", result="hit"),
-                    "miss": server.metric("fin_feature_cache_total", cache="timeline", result="miss"),
-                    "forwards": server.metric("fin_forward_requests_count"),
-                    "forward_requests": server.metric("fin_forward_requests_sum")}
-
-        async def phase(reqs, concurrency):
-            before = counts()
-            out = await run_phase(stub, reqs, concurrency, args.seconds)
-            d = {k: v - before[k] for k, v in counts().items()}
-            out["timeline_cache_hit_rate"] = round(d["hit"] / max(d["hit"] + d["miss"], 1), 3)
-            out["requests_per_forward"] = round(d["forward_requests"] / max(d["forwards"], 1), 2)
-            return out
-
+        # first forwards of every process (each connection goes to one of them), and the connections
+        await run_phase(stubs, requests(warm, args.candidates, 25 * CONCURRENCY), CONCURRENCY, 60)
         main = requests(full, args.candidates, args.requests)
-        out = {"users_with_1000_events": len(full), "candidates": args.candidates,
-               # each user's first request: the timeline comes from the online store, not the cache
-               "concurrency_1_store_reads": await phase(requests(cold, args.candidates, len(cold)), 1),
-               "concurrency_1": await phase(main, 1),
-               "concurrency_8": await phase(requests(full, args.candidates, args.requests * 4), 8),
-               "naive_per_candidate": await naive_phase(stub, main, args.seconds)}
+        out = {"users_with_1000_events": len(full), "candidates": args.candidates}
+        if full_run:  # each user's first request: its timeline comes from the online store, not the cache
+            out["concurrency_1_store_reads"] = await phase(requests(cold, args.candidates, len(cold)), 1)
+        out["concurrency_1"] = await phase(main, 1)
+        out["concurrency_8"] = await phase(requests(full, args.candidates, args.requests * 4), CONCURRENCY)
+        if not full_run:
+            return out
+        out["naive_per_candidate"] = await naive_phase(stubs[0], main, args.seconds)
         out["speedup_vs_naive_p50"] = round(out["naive_per_candidate"]["p50_ms"] / out["concurrency_1"]["p50_ms"], 1)
         growth = max(args.requests // 3, 20)
         out["by_candidates"] = {n: await phase(requests(full, n, growth), 1) for n in CANDIDATE_COUNTS}
@@ -228,7 +261,21 @@ async def measure(server: Server, pool: dict, args) -> dict:
             if group:
                 out["by_timeline_events"][events] = {"users": len(group),
                                                      **await phase(requests(group, args.candidates, growth), 1)}
-    return out
+        return out
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def served(features: Path, models: Path, pool: dict, args, options: str, full_run: bool) -> dict:
+    server = Server(features, models, options.split())
+    try:
+        idle = server.memory_mb()
+        results = {"serve_options": options, **asyncio.run(measure(server, pool, args, full_run))}
+        results["server_memory"] = {"after_start": idle, "after_load": server.memory_mb()}
+    finally:
+        server.stop()
+    return results
 
 
 def main() -> None:
@@ -240,22 +287,23 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--requests", type=int, default=300, help="requests per phase (concurrency 8: 4x)")
     parser.add_argument("--seconds", type=float, default=30, help="time limit per phase")
+    parser.add_argument("--serve-options", default="--processes 2 --workers 1",
+                        help="options of the measured fin serve (default: one process per core of this machine)")
+    parser.add_argument("--baseline-options", default="--processes 1",
+                        help="options of the server measured for comparison at concurrency 1 and 8")
     args = parser.parse_args()
     features, models = build(args.data or Path(tempfile.mkdtemp(prefix="fin-serve-bench-")), args.users, args.days,
                              args.train_steps)
     pool = request_pool(features)
-    server = Server(features, models)
-    try:
-        idle = server.memory_mb()
-        results = asyncio.run(measure(server, pool, args))
-        results["server_memory"] = {"after_start": idle, "after_load": server.memory_mb()}
-    finally:
-        server.stop()
+    results = served(features, models, pool, args, args.serve_options, full_run=True)
+    baseline = served(features, models, pool, args, args.baseline_options, full_run=False)
     c1, c8 = results["concurrency_1"], results["concurrency_8"]
     results["goals"] = {"c1_p50_le_5ms": c1["p50_ms"] <= 5, "c1_p99_le_15ms": c1["p99_ms"] <= 15,
                         "c8_ge_150_rps": c8["requests_per_s"] >= 150, "c8_p99_le_50ms": c8["p99_ms"] <= 50}
     report("serve_scale", {"data": {"users": args.users, "days": args.days, "model": "fin (configs/lifelong.yaml)"},
-                           **results})
+                           **results, "baseline_server": baseline,
+                           "concurrency_8_vs_baseline_server": round(
+                               c8["requests_per_s"] / baseline["concurrency_8"]["requests_per_s"], 2)})
 
 
 if __name__ == "__main__":

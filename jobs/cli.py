@@ -155,34 +155,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- serve / score
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from serving.config import ScoringConfig, ServerConfig
-    from serving.server import serve
+    from serving.server import log_to_stderr, serve
 
     for name, path in (("--models", args.models), ("--feast-repo", args.feast_repo)):
         if not path.is_dir():
             raise CommandError(f"{name} {path} is not a folder")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CommandError("give both --tls-cert and --tls-key, or neither")
-    # our own logger (libraries imported above may already have configured the root logger)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("fin")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    if args.processes < 1 or args.workers < 1:
+        raise CommandError("--processes and --workers must be at least 1")
+    log_to_stderr()
     config = ServerConfig(models=args.models, feast_repo=args.feast_repo, host=args.host, port=args.port,
                           default_model=args.default_model, metrics_port=args.metrics_port, poll_s=args.poll_s,
-                          torch_threads=args.torch_threads, workers=args.workers, tls_cert=args.tls_cert,
+                          torch_threads=args.torch_threads, workers=args.workers, processes=args.processes,
+                          tls_cert=args.tls_cert,
                           tls_key=args.tls_key, auth_token=_token(args.auth_token_file),
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
                                                 batch_candidates=args.batch_candidates,
                                                 utc_offset_hours=args.utc_offset_hours))
 
-    def ready(port, server):
+    def ready(port, server, metrics_ports):
+        urls = " ".join(f"http://{args.host}:{p}/metrics" for p in metrics_ports)
         print(f"serving on {args.host}:{port}; models: {', '.join(server.repository.names()) or 'none yet'}; "
-              f"metrics on http://{args.host}:{server.metrics_port}/metrics", flush=True)
+              f"processes: {args.processes}; metrics on {urls}", flush=True)
 
     asyncio.run(serve(config, ready))
     return 0
@@ -408,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=sd.torch_threads,
                    help=f"intra-op threads per forward (default {sd.torch_threads})")
     p.add_argument("--workers", type=int, default=sd.workers, help=f"forwards (and store reads) that may run at once (default {sd.workers})")
+    p.add_argument("--processes", type=int, default=sd.processes,
+                   help=f"server processes sharing the port (default {sd.processes}); one Python process uses "
+                        "about one core, so give one per core for throughput")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve TLS instead of plaintext")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--auth-token-file", type=Path,

@@ -33,7 +33,8 @@ class ServerConfig:
     metrics_port: int = 0  # Prometheus /metrics on host:port (0: any free port)
     poll_s: float = 5.0  # how often the model repository is checked for new versions
     torch_threads: int = 1  # intra-op threads per forward
-    workers: int = 2  # forwards that may run at once (and store reads)
+    workers: int = 2  # forwards that may run at once (and store reads), per process
+    processes: int = 1  # server processes on the port: one Python process uses about one core
     drain_delay_s: float = 1.0  # on shutdown, NOT_SERVING first and calls still accepted this long (see stop)
     grace_s: float = 10.0  # then how long shutdown waits for calls in flight
     tls_cert: Path | None = None  # PEM certificate chain and private key: serve TLS instead of plaintext

@@ -10,6 +10,7 @@ so an outage costs each request nothing; the first read after the backoff tries 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
@@ -34,12 +35,21 @@ class TTLCache:
 
     def get(self, key):
         """(stored at, value), or None when absent or stale."""
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: list) -> list:
+        """`get` of each key, under one lock."""
+        out = []
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or self.clock() - entry[0] > self.ttl_s:
-                return None
-            self._entries.move_to_end(key)
-            return entry
+            now = self.clock()
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or now - entry[0] > self.ttl_s:
+                    out.append(None)
+                else:
+                    self._entries.move_to_end(key)
+                    out.append(entry)
+        return out
 
     def put(self, key, value) -> None:
         with self._lock:
@@ -60,11 +70,11 @@ class UserFeatures:
 
 
 class OnlineFeatures:
-    def __init__(self, store, config: OnlineConfig = OnlineConfig()):
+    def __init__(self, store, config: OnlineConfig = OnlineConfig(), threads: int = 2):
         self.store, self.config = store, config
         self.timelines = TTLCache(config.timeline_cache_size, config.timeline_staleness_s)
         self.stats = TTLCache(config.stats_cache_size, config.stats_staleness_s)
-        self._reads = ThreadPoolExecutor(2, thread_name_prefix="online-store")
+        self._reads = ThreadPoolExecutor(threads, thread_name_prefix="online-store")
         self._skip_until = 0.0  # monotonic time until which the store is considered down
 
     def warm_up(self) -> None:
@@ -75,10 +85,12 @@ class OnlineFeatures:
     def close(self) -> None:
         self._reads.shutdown(wait=False, cancel_futures=True)
 
-    def read(self, user_id: int, candidates: dict[str, np.ndarray]) -> UserFeatures:
+    async def read(self, user_id: int, candidates: dict[str, np.ndarray]) -> UserFeatures:
+        """The user's features, read on this reader's threads (the event loop only waits)."""
         if time.monotonic() >= self._skip_until:
             try:
-                return self._reads.submit(self._read, user_id, candidates).result(self.config.read_timeout_s)
+                read = self._reads.submit(self._read, user_id, candidates)
+                return await asyncio.wait_for(asyncio.wrap_future(read), self.config.read_timeout_s)
             except Exception:  # noqa: BLE001 - any store failure or timeout degrades the request instead of failing it
                 self._skip_until = time.monotonic() + self.config.outage_backoff_s
         n = len(candidates["item_id"])
@@ -105,8 +117,7 @@ class OnlineFeatures:
         unique, inverse = np.unique(ids, return_inverse=True)
         rows = np.zeros((unique.size, len(STAT_VALUES)), np.float32)
         missing = []
-        for i, entity in enumerate(unique.tolist()):
-            entry = self.stats.get((key, entity))
+        for i, entry in enumerate(self.stats.get_many([(key, entity) for entity in unique.tolist()])):
             if entry is None:
                 missing.append(i)
             else:

@@ -7,6 +7,7 @@ user's features and calls `score`; the offline evaluator and the consistency tes
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,21 +57,26 @@ def request_inputs(request, config: ScoringConfig) -> RequestInputs:
     if n > config.max_candidates:
         raise BadRequest(f"{n} candidates is more than this server's maximum of {config.max_candidates}")
     context = _context(request.context, config)
-    cands = request.candidates
-    ids = {name: np.fromiter((getattr(c, field) for c in cands), np.int64, n) for name, field in CANDIDATE_IDS.items()}
+    # rows of attributes read from the candidate messages (the reads are the cost), then columns; ids stay int64
+    ids = _columns(request.candidates, CANDIDATE_IDS.values(), np.int64, CANDIDATE_IDS)
     for name in ("item_id", "shop_id"):
         bad = np.flatnonzero(ids[name] <= 0)
         if bad.size:
             raise BadRequest(f"candidates[{bad[0]}].{name} is required and must be positive")
     for name in ("category_1_id", "brand_id"):
         ids[name] = np.where(ids[name] > 0, ids[name], MISSING)
-    numbers = {field: np.fromiter((getattr(c, field) for c in cands), np.float64, n)
-               for field in CANDIDATE_NUMBERS}
+    numbers = _columns(request.candidates, CANDIDATE_NUMBERS, np.float64, CANDIDATE_NUMBERS)
     for field, values in numbers.items():
         bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
         if bad.size:
             raise BadRequest(f"candidates[{bad[0]}].{field} must be a finite number >= 0, got {values[bad[0]]}")
     return RequestInputs(user_id=int(request.user_id), context=context, candidates=ids, bids=numbers["bid"])
+
+
+def _columns(candidates, fields, dtype, names) -> dict[str, np.ndarray]:
+    read = operator.attrgetter(*fields)
+    table = np.array([read(c) for c in candidates], dtype=dtype).reshape(len(candidates), -1)
+    return {name: table[:, i].copy() for i, name in enumerate(names)}
 
 
 def _context(ctx, config: ScoringConfig) -> dict[str, int]:

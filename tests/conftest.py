@@ -87,7 +87,7 @@ class Running:
         line = self.proc.stdout.readline()
         assert line.startswith("serving on 127.0.0.1:"), line + self.proc.stderr.read()
         self.addr = line.split()[2].rstrip(";")
-        self.metrics_url = line.split()[-1]
+        self.metrics_urls = line.split("metrics on ")[1].split()  # one per server process
         self.channel = (grpc.secure_channel(f"localhost:{self.addr.rsplit(':', 1)[1]}", credentials) if credentials
                         else grpc.insecure_channel(self.addr))
         self.stub = ctr_scoring_pb2_grpc.CtrScoringStub(self.channel)
@@ -96,11 +96,11 @@ class Running:
     def status(self) -> int:
         return self.health.Check(health_pb2.HealthCheckRequest(service="fin_ads.v1.CtrScoring"), timeout=5).status
 
-    def metric(self, name: str, **labels) -> float:
-        """One sample of the server's Prometheus metrics (0 when absent)."""
+    def metric(self, name: str, process: int = 0, **labels) -> float:
+        """One sample of a server process's Prometheus metrics (0 when absent)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+        with urllib.request.urlopen(self.metrics_urls[process], timeout=5) as r:
             text = r.read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

@@ -52,7 +52,7 @@ def test_a_failing_forward_fails_only_its_requests(trained_models):
     bad.stats = np.zeros((2, 3), np.float32)  # wrong width: the forward raises
     failing = batcher.submit(fin, bad)
     batcher.start()
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):  # torch: the statistics do not fit the tower
         failing.result(timeout=60)
     good = _requests(1, candidates=2, seed=1)[0]
     np.testing.assert_allclose(batcher.submit(fin, good).result(timeout=60), score_requests(fin, [good])[0], rtol=1e-5)

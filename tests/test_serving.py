@@ -366,3 +366,25 @@ def test_reload_under_load_loses_no_request_and_shutdown_drains(trained_models, 
     assert code == 0, err
     assert all(len(f.result().scores) == 1000 for f in in_flight)
     assert max(answered) > terminated  # answered after SIGTERM: drained, not cut off
+
+
+def test_processes_share_the_port(trained_models, features_job):
+    """`--processes 2`: a second server process listens on the same port; connections are spread over
+    both (16 connections all land on one process with probability 2^-15), and SIGTERM stops both."""
+    from serving.pb import ctr_scoring_pb2_grpc
+
+    out, _ = features_job
+    running = Running(trained_models[0], out / "feast", "--processes", "2")
+    channels = [grpc.insecure_channel(running.addr, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(16)]
+    try:
+        for channel in channels:
+            assert len(ctr_scoring_pb2_grpc.CtrScoringStub(channel).Score(_request(1), timeout=20).scores) == 3
+        served = [running.metric("fin_requests_total", process=i, method="Score", code="OK") for i in (0, 1)]
+        assert sum(served) == len(channels) and min(served) > 0
+    finally:
+        for channel in channels:
+            channel.close()
+        code, err = running.stop()
+    assert code == 0, err
+    assert err.count("shutting down") == 2  # both processes drained
