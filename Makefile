@@ -7,7 +7,7 @@ DEMO   ?= demo_out
 DEMO_PORT ?= 50051
 
 
-.PHONY: demo test test-services install bench-simulate bench-features bench-train clean
+.PHONY: demo test test-services install bench-simulate bench-features bench-train bench-serve clean
 
 PROTOS := $(shell find proto -name '*.proto')
 
@@ -57,6 +57,9 @@ bench-features: install
 
 bench-train: install
 	$(PY) benchmarks/train_scale.py
+
+bench-serve: install
+	$(PY) benchmarks/serve_scale.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -13,7 +13,8 @@ bounded in requests and seconds:
 - concurrency 1: p50/p99 end to end, with the server's own split (features read, model);
 - concurrency 8: requests/s, candidates/s and p99;
 - the naive baseline: the same requests scored one candidate per call (the model once per candidate);
-- growth: 50 -> 1,000 candidates (1,000-event timelines) and 100 -> 1,000 timeline events (200 candidates);
+- growth: 50 -> 1,000 candidates (1,000-event histories) and 100 -> 1,000 history events (200 candidates; the
+  same users, the request time set so that that many stored events come before it);
 - server RSS with FIN loaded, after the load.
 Timelines are cached by the server (30 s staleness by default): the first phase sends one request per
 user, so every timeline comes from the online store; the later phases cycle over those users, and the
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 LIFELONG = ROOT / "configs" / "lifelong.yaml"
 FIN = [sys.executable, "-m", "jobs.cli"]
-TIMELINE_LENGTHS = (100, 250, 500, 1000)
+HISTORY_LENGTHS = (100, 250, 500, 1000)
 WARM_UP_USERS = 20
 CONCURRENCY = 8
 ONLINE_EVENTS = 1000  # `fin features --max-seq-len` default: the online store keeps the last 1,000 events
@@ -68,7 +69,8 @@ def request_pool(features: Path, seed: int = 0) -> dict:
 
     data = features / "data"
     users = (pl.scan_parquet(data / "timelines" / "*.parquet")
-             .select("user_id", pl.col("ts").list.len().alias("events"), pl.col("ts").list.last().alias("last_ts"))
+             .select("user_id", pl.col("ts").list.len().alias("events"),
+                     pl.col("ts").list.tail(ONLINE_EVENTS).alias("stored_ts"))
              .collect())
     places = (pl.scan_parquet(data / "examples" / "test" / "*.parquet")
               .select("user_id", "geohash_12", "city_id").unique("user_id", keep="first").collect())
@@ -79,12 +81,16 @@ def request_pool(features: Path, seed: int = 0) -> dict:
     return {"users": users, "candidates": cands}
 
 
-def score_request(user: dict, cands, n: int, rng: np.random.Generator):
+def score_request(user: dict, cands, n: int, rng: np.random.Generator, history: int | None = None):
+    """A request of `n` candidates at a time after the user's last stored event, or, with `history`, just
+    after the stored event that leaves `history` events before the request (the model reads only those)."""
     from serving.pb import ctr_scoring_pb2 as pb
     from serving.scoring import CANDIDATE_IDS, CANDIDATE_NUMBERS
 
     rows = cands[rng.choice(len(cands), n, replace=False)]
-    context = pb.Context(ts_ms=int(user["last_ts"]) + 60_000, geohash=user["geohash_12"],
+    stored = user["stored_ts"]
+    ts = stored[-1] + 60_000 if history is None or history >= len(stored) else stored[history - 1] + 1
+    context = pb.Context(ts_ms=int(ts), geohash=user["geohash_12"],
                          city_id=user["city_id"] or 0)
     return pb.ScoreRequest(user_id=user["user_id"], context=context, candidates=[
         pb.Candidate(**{field: r[column] for column, field in CANDIDATE_IDS.items()},
@@ -216,8 +222,8 @@ async def measure(server: Server, pool: dict, args, full_run: bool = True) -> di
     if len(full) < 2 * WARM_UP_USERS:
         raise SystemExit(f"only {len(full)} users have ~1,000-event timelines; simulate more users or days")
 
-    def requests(group: list[dict], n: int, count: int) -> list:
-        return [score_request(group[i % len(group)], cands, n, rng) for i in range(count)]
+    def requests(group: list[dict], n: int, count: int, history: int | None = None) -> list:
+        return [score_request(group[i % len(group)], cands, n, rng, history) for i in range(count)]
 
     def counts() -> dict[str, float]:
         return {"hit": server.metric("fin_feature_cache_total", cache="timeline", result="hit"),
@@ -255,12 +261,8 @@ async def measure(server: Server, pool: dict, args, full_run: bool = True) -> di
         out["speedup_vs_naive_p50"] = round(out["naive_per_candidate"]["p50_ms"] / out["concurrency_1"]["p50_ms"], 1)
         growth = max(args.requests // 3, 20)
         out["by_candidates"] = {n: await phase(requests(full, n, growth), 1) for n in CANDIDATE_COUNTS}
-        out["by_timeline_events"] = {}
-        for events in TIMELINE_LENGTHS:
-            group = users_near(users, events, 10_000)
-            if group:
-                out["by_timeline_events"][events] = {"users": len(group),
-                                                     **await phase(requests(group, args.candidates, growth), 1)}
+        out["by_history_events"] = {n: await phase(requests(full, args.candidates, growth, history=n), 1)
+                                    for n in HISTORY_LENGTHS}
         return out
     finally:
         for channel in channels:

@@ -16,7 +16,7 @@ from enum import IntEnum
 import numpy as np
 import pyarrow as pa
 
-CONTRACT_VERSION = "1.0"
+CONTRACT_VERSION = "1.1"  # 1.1: ad_candidates (additive; a major change would break artifacts)
 
 
 class MealSlot(IntEnum):
@@ -194,9 +194,39 @@ IMPRESSIONS = TableSpec(
     partitioned=True,
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (AOIS, SHOPS, ITEMS, USERS, BEHAVIOURS, IMPRESSIONS)}
+# Every candidate of every ad request, shown or not, with what the logging policy would have done with it:
+# what counterfactual evaluation needs (re-rank the whole candidate set, weight logged outcomes by the
+# logging policy's probabilities). Optional: a source without it (Ele.me) only lacks revenue replay.
+AD_CANDIDATES = TableSpec(
+    name="ad_candidates",
+    schema=pa.schema([
+        ("candidate_id", _ID), ("request_id", _ID), ("user_id", _ID), ("ts", pa.int64()),
+        ("item_id", _ID), ("shop_id", _ID), ("category_1_id", _ID), ("brand_id", _ID),
+        ("price", pa.float32()), ("distance_m", pa.float32()), ("bid", pa.float32()),
+        # the logging policy: its ranking score (bid x its quality factor; prices its own auction), whether
+        # this request was ranked uniformly at random, and P(it shows this candidate at slot k) per slot
+        ("logging_score", pa.float32()), ("explored", pa.int8()), ("slot_propensities", pa.list_(pa.float32())),
+        # what happened: the slot it was shown in and its impression (null when not shown), the click
+        ("position", pa.int16()), ("impression_id", _ID), ("label", pa.int8()),
+        ("oracle_slot_click_probs", pa.list_(pa.float32())),  # simulator only: true P(click) if shown at slot k
+    ]),
+    key="candidate_id",
+    required=("candidate_id", "request_id", "user_id", "ts", "item_id", "shop_id", "category_1_id", "bid",
+              "logging_score", "explored", "slot_propensities"),
+    ranges={"price": Range(0, None), "bid": Range(0, None), "distance_m": Range(0, None),
+            "logging_score": Range(0, None, lo_open=True), "explored": Range(0, 1), "position": Range(0, None),
+            "label": Range(0, 1), "slot_propensities": Range(0, 1, lo_open=True),
+            "oracle_slot_click_probs": Range(0, 1)},
+    foreign_keys={"user_id": "users", "shop_id": "shops", "item_id": "items"},
+    timestamp="ts",
+    partitioned=True,
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (AOIS, SHOPS, ITEMS, USERS, BEHAVIOURS, IMPRESSIONS,
+                                                    AD_CANDIDATES)}
 WORLD_TABLES = ("aois", "shops", "items", "users")
 LOG_TABLES = ("behaviours", "impressions")
+EVALUATION_TABLES = ("ad_candidates",)  # optional logs that only offline evaluation reads
 
 def to_table(spec: TableSpec, columns: dict) -> pa.Table:
     """Build a table of `spec` from column arrays given in any order; raises on missing or extra columns."""
@@ -209,7 +239,8 @@ def to_table(spec: TableSpec, columns: dict) -> pa.Table:
 
 
 # Columns that exist for evaluation only. No model input may read them.
-ORACLE_COLUMNS = ("oracle_click_prob",)
+ORACLE_COLUMNS = ("oracle_click_prob",)  # of impressions (and the examples built from them)
+CANDIDATE_ORACLE_COLUMNS = ("oracle_slot_click_probs",)  # of ad_candidates
 
 # Written beside the tables by every producer of a log folder.
 MANIFEST_FILE = "manifest.json"

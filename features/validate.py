@@ -93,7 +93,10 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
     typed: dict[str, pl.Expr] = {}
     for f in spec.schema:
         target = _polars_type(f.type)
-        wide = pl.Int64 if target.is_integer() else pl.Float64 if target.is_float() else pl.String
+        is_list = isinstance(target, pl.List)  # a list column: types and ranges apply to its elements
+        element = target.inner if is_list else target
+        wide = pl.Int64 if element.is_integer() else pl.Float64 if element.is_float() else pl.String
+        wide = pl.List(wide) if is_list else wide
         if f.name not in raw.columns:
             if f.name in spec.required:
                 checks.append((f"missing_column:{f.name}", pl.lit(True)))
@@ -101,7 +104,7 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
             continue
         src = pl.col(f.name)
         value = src.cast(wide, strict=False)
-        if wide == pl.String:
+        if wide == pl.String or (is_list and raw.schema[f.name] == wide):
             bad_type = pl.lit(False)
         else:
             bad_type = src.is_not_null() & value.is_null()
@@ -110,15 +113,18 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
         checks.append((f"bad_type:{f.name}", bad_type))
         if f.name in spec.required:
             checks.append((f"null:{f.name}", src.is_null()))
+        x = pl.element() if is_list else value
         out_of_range = pl.lit(False)
-        if target.is_float():
-            out_of_range = value.is_nan() | value.is_infinite()
+        if element.is_float():
+            out_of_range = x.is_nan() | x.is_infinite()
         rng = spec.ranges.get(f.name)
         if rng is not None:
             if rng.lo is not None:
-                out_of_range = out_of_range | ((value <= rng.lo) if rng.lo_open else (value < rng.lo))
+                out_of_range = out_of_range | ((x <= rng.lo) if rng.lo_open else (x < rng.lo))
             if rng.hi is not None:
-                out_of_range = out_of_range | (value > rng.hi)
+                out_of_range = out_of_range | (x > rng.hi)
+        if is_list:
+            out_of_range = value.list.eval(out_of_range).list.any()
         narrow = value.cast(target, strict=False)
         out_of_range = out_of_range | (value.is_not_null() & narrow.is_null())  # does not fit the column type
         checks.append((f"out_of_range:{f.name}", out_of_range.fill_null(False)))
@@ -190,7 +196,8 @@ def validate_logs(root: str | Path, config: ValidationConfig = ValidationConfig(
     if not root.is_dir():
         raise FileNotFoundError(f"log folder {root} does not exist")
     window = data_window(root, config)
-    results = validate_tables(root, (*contract.WORLD_TABLES, *contract.LOG_TABLES), window, {})
+    results = validate_tables(root, (*contract.WORLD_TABLES, *contract.LOG_TABLES, *contract.EVALUATION_TABLES),
+                              window, {})
     if not any(n in results for n in contract.LOG_TABLES):
         raise ValueError(f"{root} holds no behaviours or impressions (expected {root}/behaviours/...)")
     return ValidationReport(str(root), window, config.max_bad_fraction, results)

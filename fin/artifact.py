@@ -93,6 +93,27 @@ def versions(models: Path, name: str) -> list[int]:
     return sorted(int(p.name) for p in folder.glob("*") if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
 
 
+PROMOTED = "PROMOTED"  # MODELS/<name>/PROMOTED: the version requests get when they pin none
+
+
+def promote(models: str | Path, name: str, version: int) -> None:
+    """Make `version` of model `name` the serving default (atomically: a server never reads half a file)."""
+    folder = Path(models) / name
+    if version not in versions(models, name):
+        raise ArtifactError(f"{folder / str(version)} is not an artifact version")
+    staging = folder / f".{PROMOTED}.tmp"
+    staging.write_text(f"{version}\n")
+    staging.replace(folder / PROMOTED)
+
+
+def promoted(models: str | Path, name: str) -> int | None:
+    """The promoted version of model `name`, or None when none is (or the pointer is unreadable)."""
+    try:
+        return int((Path(models) / name / PROMOTED).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def save_artifact(models: str | Path, name: str, model_kind: str, weights: dict[str, torch.Tensor],
                   model_config: ModelConfig, loader: LoaderConfig, metrics: dict, training: dict) -> Path:
     """Write a new version of `name` under `models`; returns its folder."""

@@ -152,6 +152,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from fin.artifact import ArtifactError, promote
+
+    try:
+        promote(args.models, args.name, args.version)
+    except ArtifactError as e:
+        raise CommandError(str(e)) from None
+    print(f"{args.models}/{args.name}: version {args.version} is the default (servers pick it up at their next scan)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- serve / score
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
@@ -413,6 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token-file", type=Path,
                    help="file holding a token: calls must send `authorization: Bearer <token>` (health excepted)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("promote", help="make a model version the serving default",
+                       description="Writes MODELS/NAME/PROMOTED: requests that pin no version get this version "
+                                   "once a server has loaded it (running servers pick it up at their next "
+                                   "repository scan; a version that fails to load leaves the default as it was).")
+    p.add_argument("--models", required=True, type=Path, help="model repository folder (MODELS)")
+    p.add_argument("--name", required=True, help="model name (MODELS/NAME)")
+    p.add_argument("--version", required=True, type=int, help="version to promote (MODELS/NAME/VERSION)")
+    p.set_defaults(func=_cmd_promote)
 
     p = sub.add_parser("score", help="send ScoreRequests to a server and print the responses",
                        description="A small client of the CTR scoring API: sends one ScoreRequest written in "

@@ -6,7 +6,9 @@ and a long-history request must give finite probabilities). A version that passe
 replacing one dict reference, so a request sees either the old set or the new one, never a half-loaded
 model; one that fails is refused with its reason, logged and counted, and whatever served before keeps
 serving. A refused version is retried only when its artifact.json changes. Requests name a model (or
-get the default) and may pin a version; otherwise the newest loaded version serves.
+get the default model) and may pin a version; otherwise the model's promoted version serves
+(`MODELS/<name>/PROMOTED`, written by `fin.artifact.promote`; kept loaded however old), or, before any
+promotion, the newest loaded version.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from features.sequences import TIMELINE_FIELDS
-from fin.artifact import META, Artifact, load_artifact, versions
+from fin.artifact import META, Artifact, load_artifact, promoted, versions
 from fin.data import TARGET_FEATURES
 from serving import vision
 from serving.scoring import EMPTY_TIMELINE, RequestInputs, score
@@ -34,7 +36,7 @@ class ModelNotFound(LookupError):
 
 @dataclass(frozen=True)
 class Change:
-    action: str  # "loaded" or "refused"
+    action: str  # "loaded", "refused" or "promoted"
     name: str
     version: int
     reason: str = ""
@@ -59,6 +61,7 @@ class ModelRepository:
     def __init__(self, root: str | Path, keep_versions: int = 2, default_model: str = "fin"):
         self.root, self.keep_versions, self.default_model = Path(root), keep_versions, default_model
         self.models: dict[str, dict[int, Artifact | vision.VisionModel]] = {}  # name -> version -> loaded
+        self.defaults: dict[str, int] = {}  # name -> the loaded promoted version requests get by default
         self.refused: dict[tuple[str, int], float] = {}  # (name, version) -> artifact.json's mtime when refused
         self._lock = threading.Lock()  # one refresh at a time; readers never take it
 
@@ -79,24 +82,37 @@ class ModelRepository:
         if not loaded:
             raise ModelNotFound(f"model {name!r} is not loaded (loaded: {', '.join(sorted(models)) or 'none'})")
         if version is None:
-            return loaded[max(loaded)]
+            default = self.defaults.get(name)
+            return loaded[default] if default in loaded else loaded[max(loaded)]
         if version not in loaded:
             raise ModelNotFound(f"model {name!r} version {version} is not loaded (loaded: {sorted(loaded)})")
         return loaded[version]
 
     def refresh(self) -> list[Change]:
-        """Load new versions; returns what changed."""
+        """Load new versions and the promoted ones; returns what changed. A model's default is its promoted
+        version once that has loaded (a promoted version that fails keeps the previous default), else its
+        newest loaded version."""
         with self._lock:
             changes, models = [], {n: dict(v) for n, v in self.models.items()}
+            defaults = dict(self.defaults)
             for name in sorted(p.name for p in self.root.glob("*") if p.is_dir() and not p.name.startswith(".")):
-                for version in versions(self.root, name)[-self.keep_versions:]:
+                wanted = set(versions(self.root, name)[-self.keep_versions:])
+                chosen = promoted(self.root, name)
+                if chosen is not None:
+                    wanted.add(chosen)
+                for version in sorted(wanted):
                     if version in models.get(name, {}) or self._still_refused(name, version):
                         continue
                     changes.append(self._load(name, version, models))
-            for loaded in models.values():  # keep the newest few loaded versions of each model
+                if chosen is not None and chosen in models.get(name, {}) and defaults.get(name) != chosen:
+                    defaults[name] = chosen
+                    changes.append(Change("promoted", name, chosen))
+                    log.info("model %s version %s is the default (promoted)", name, chosen)
+            for name, loaded in models.items():  # keep the newest few versions of each model, and its default
                 for old in sorted(loaded)[:-self.keep_versions]:
-                    del loaded[old]
-            self.models = models  # the swap
+                    if old != defaults.get(name):
+                        del loaded[old]
+            self.models, self.defaults = models, defaults  # the swap (get() reads models first)
             return changes
 
     def _still_refused(self, name: str, version: int) -> bool:

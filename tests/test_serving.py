@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fin.artifact import load_artifact
+from fin.artifact import load_artifact, promote
 from fin.evaluate import predict
 from serving.pb import ctr_scoring_pb2 as pb
 from serving.replay import logged_requests
@@ -215,6 +215,18 @@ def test_new_versions_hot_load_and_broken_ones_are_refused(server, repo):
     assert server.stub.Score(_request(1), timeout=10).model_version == 2
     assert server.metric("fin_model_version", model="fin") == 2
     assert server.status() == health_pb2.HealthCheckResponse.SERVING
+
+    # promotion: the promoted version becomes the default without a restart, even when it is older
+    r = run_fin("promote", "--models", str(repo), "--name", "fin", "--version", "1")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: server.stub.Score(_request(1), timeout=10).model_version == 1)
+    assert server.metric("fin_model_version", model="fin") == 1
+    promote(repo, "fin", 3)  # the broken version: the default stays as it was
+    time.sleep(1)
+    assert server.stub.Score(_request(1), timeout=10).model_version == 1
+    assert run_fin("promote", "--models", str(repo), "--name", "fin", "--version", "9").returncode == 1
+    promote(repo, "fin", 2)
+    wait_for(lambda: server.stub.Score(_request(1), timeout=10).model_version == 2)
 
 
 def test_empty_repository_is_not_serving_until_a_model_arrives(trained_models, features_job, tmp_path):

@@ -53,6 +53,7 @@ def _gumbel_argmax(rng: np.random.Generator, logits: np.ndarray) -> np.ndarray:
 class ChunkStats:
     behaviours: int = 0
     impressions: int = 0
+    ad_candidates: int = 0
     requests: int = 0
     clicks: int = 0
 
@@ -88,8 +89,8 @@ class ChunkSimulator:
         self.habit_shop = np.zeros((n, PLACES, len(MealSlot), m), dtype=np.float32)
         self.habit_cat = np.zeros((n, PLACES, len(MealSlot), n_cat), dtype=np.float32)
         self.recent = np.zeros((n, n_cat), dtype=np.float32)
-        self.next_id = {"event": 0, "impression": 0, "request": 0}
-        self.pending: dict[str, list[pa.Table]] = {"behaviours": [], "impressions": []}
+        self.next_id = {"event": 0, "impression": 0, "request": 0, "candidate": 0}
+        self.pending: dict[str, list[pa.Table]] = {"behaviours": [], "impressions": [], "ad_candidates": []}
         self.stats = ChunkStats()
 
     # ------------------------------------------------------------------ ids
@@ -256,6 +257,8 @@ class ChunkSimulator:
             "oracle_click_prob": p_click,
         })
         self.pending["impressions"].append(table)
+        self._log_candidates(req, cand, valid, n_valid, shop, item, bid, log_score, greedy_pos, pos, explore,
+                             click_logit, dist_km, gu, ts, request_ids, r_idx, c_idx, table["impression_id"], label)
         self.stats.requests += req.size
         self.stats.clicks += int(label.sum())
         hit = np.flatnonzero(label)
@@ -274,6 +277,44 @@ class ChunkSimulator:
         e_user, e_place, e_cat, e_local, weight = e_user[keep], pk[e_sess][keep], e_cat[keep], e_local[keep], weight[keep]
         np.add.at(self.habit_shop, (e_user, e_place, slot, e_local), weight)
         np.add.at(self.habit_cat, (e_user, e_place, slot, e_cat), weight)
+
+    def _log_candidates(self, req, cand, valid, n_valid, shop, item, bid, log_score, greedy_pos, pos, explore,
+                        click_logit, dist_km, gu, ts, request_ids, r_idx, c_idx, impression_ids, label) -> None:
+        """The ad_candidates log: every valid candidate of every request, with the logging policy's slot
+        probabilities P(shown at slot k) = (1 - eps) [greedy slot == k] + eps / n_valid (a uniformly random
+        ranking puts any candidate at any slot with probability 1 / n_valid), and, simulator only, the true
+        click probability at each slot. Deterministic given the auction (no random draws)."""
+        w, ads = self.w, self.cfg.ads
+        eps, slots = ads.logging_epsilon, ads.slots
+        cr, cc = np.nonzero(valid)  # request row, candidate column
+        k = np.arange(slots)
+        propensities = ((1 - eps) * (greedy_pos[cr, cc][:, None] == k[None, :])
+                        + eps / n_valid[cr][:, None]).astype(np.float32)
+        examination = np.asarray(ads.examination)[np.minimum(k, len(ads.examination) - 1)]
+        relevance = _sigmoid(click_logit[req][cr, cand[cr, cc]])
+        slot_clicks = (examination[None, :] * relevance[:, None]).astype(np.float32)
+        shown_at = np.full(valid.shape, -1, dtype=np.int64)  # impression row of (request, candidate), -1 if none
+        shown_at[r_idx, c_idx] = np.arange(r_idx.size)
+        row = shown_at[cr, cc]
+        shown = row >= 0
+        sess = req[cr]
+        s_shop, s_item = shop[cr, cc], item[cr, cc]
+        n = cr.size
+        table = contract.to_table(contract.AD_CANDIDATES, {
+            "candidate_id": self._ids("candidate", n), "request_id": request_ids[cr], "user_id": gu[sess] + 1,
+            "ts": ts[sess], "item_id": s_item + 1, "shop_id": s_shop + 1,
+            "category_1_id": w.shop_category[s_shop] + 1, "brand_id": w.shop_brand[s_shop] + 1,
+            "price": w.item_price[s_item], "distance_m": dist_km[sess, cand[cr, cc]] * 1000.0, "bid": bid[cr, cc],
+            "logging_score": np.exp(log_score[cr, cc]), "explored": explore[cr].astype(np.int8),
+            "slot_propensities": pa.FixedSizeListArray.from_arrays(propensities.ravel(), slots).cast(
+                pa.list_(pa.float32())),
+            "position": pa.array(np.where(shown, pos[cr, cc], 0), mask=~shown, type=pa.int16()),
+            "impression_id": pa.array(np.asarray(impression_ids)[np.maximum(row, 0)], mask=~shown, type=pa.int64()),
+            "label": pa.array(label[np.maximum(row, 0)].astype(np.int8), mask=~shown, type=pa.int8()),
+            "oracle_slot_click_probs": pa.FixedSizeListArray.from_arrays(slot_clicks.ravel(), slots).cast(
+                pa.list_(pa.float32())),
+        })
+        self.pending["ad_candidates"].append(table)
 
     def _emit_behaviours(self, gu, ts, gh12, aoi, local, e_sess, e_local, e_action, e_delay) -> None:
         w, rng = self.w, self.rng
@@ -316,7 +357,4 @@ class ChunkSimulator:
                 path = self.out / name / f"date={date.isoformat()}" / f"part-{self.chunk:05d}.parquet"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pq.write_table(part, path)
-                if name == "behaviours":
-                    self.stats.behaviours += part.num_rows
-                else:
-                    self.stats.impressions += part.num_rows
+                setattr(self.stats, name, getattr(self.stats, name) + part.num_rows)

@@ -4,6 +4,7 @@ Output layout (the contract's log folder):
     OUT/aois.parquet, shops.parquet, items.parquet, users.parquet
     OUT/behaviours/date=YYYY-MM-DD/part-CCCCC.parquet
     OUT/impressions/date=YYYY-MM-DD/part-CCCCC.parquet
+    OUT/ad_candidates/date=YYYY-MM-DD/part-CCCCC.parquet   (every candidate of every ad request)
     OUT/manifest.json
 The folder is written under a temporary name and renamed at the end, so a run that dies leaves no
 half-written log folder behind.
@@ -76,6 +77,7 @@ def simulate(config: SimConfig, out: str | Path, *, overwrite: bool = False,
         "rows": {name: t.num_rows for name, t in world.tables().items()} | {
             "behaviours": sum(s.behaviours for s in stats),
             "impressions": sum(s.impressions for s in stats),
+            "ad_candidates": sum(s.ad_candidates for s in stats),
         },
         "requests": sum(s.requests for s in stats),
         "clicks": sum(s.clicks for s in stats),
