@@ -16,6 +16,10 @@ from features import aggregates, contract, sequences
 from features.validate import TableResult, validate_table
 
 SPLITS = ("train", "validation", "test")
+EVALUATION_SPLITS = ("validation", "test")  # the splits whose ad candidates are kept (for revenue replay)
+# what a candidate row takes from its request's impressions
+REQUEST_COLUMNS = ("geohash_12", "geohash_6", "aoi_id", "city_id", "hours", "time_type", "weekdays", "history_len",
+                   "day", "split")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class PartitionOutput:
     timelines: pl.DataFrame  # one row per user, full timelines as lists
     online_timelines: pl.DataFrame  # the last max_seq_len events + event_timestamp, for the online store
     examples: dict[str, pl.DataFrame]  # split -> examples
+    candidates: dict[str, pl.DataFrame]  # evaluation split -> every logged ad candidate, with its request's context
     item_counts: pl.DataFrame
     shop_counts: pl.DataFrame
     validation: dict[str, TableResult]
@@ -47,7 +52,7 @@ class PartitionOutput:
 
 def build_partition(behaviours: pl.DataFrame, impressions: pl.DataFrame, *, known_keys: dict[str, pl.Series | None],
                     window: tuple[int, int], split: SplitDays, max_seq_len: int,
-                    utc_offset_hours: float) -> PartitionOutput:
+                    utc_offset_hours: float, candidates: pl.DataFrame | None = None) -> PartitionOutput:
     # Rows arrive in input-file order (shards are read in a fixed order), so "the first duplicate wins"
     # means the same here as in `fin validate`, and reruns are identical.
     beh = validate_table(behaviours, contract.BEHAVIOURS, window=window, known_keys=known_keys)
@@ -64,9 +69,20 @@ def build_partition(behaviours: pl.DataFrame, impressions: pl.DataFrame, *, know
         day=aggregates.local_day(pl.col("ts"), utc_offset_hours),
     ).with_columns(split=split.split_of(pl.col("day")))
     by_split = {s: examples.filter(pl.col("split") == s).drop("split") for s in SPLITS}
+    validation = {"behaviours": beh, "impressions": imp}
+    by_split_candidates = {}
+    if candidates is not None:
+        # a candidate takes its request's context and history pointer from the request's impressions (a
+        # request without a clean impression has no context: its candidates are left out)
+        cand = validate_table(candidates, contract.AD_CANDIDATES, window=window, known_keys=known_keys)
+        validation["ad_candidates"] = cand
+        requests = examples.select("request_id", *REQUEST_COLUMNS).unique("request_id", keep="first",
+                                                                          maintain_order=True)
+        joined = cand.clean.join(requests, on="request_id", how="inner", maintain_order="left")
+        by_split_candidates = {s: joined.filter(pl.col("split") == s).drop("split") for s in EVALUATION_SPLITS}
     return PartitionOutput(
-        timelines=timelines, online_timelines=online, examples=by_split,
+        timelines=timelines, online_timelines=online, examples=by_split, candidates=by_split_candidates,
         item_counts=aggregates.daily_counts(examples.lazy(), "item_id").collect(),
         shop_counts=aggregates.daily_counts(examples.lazy(), "shop_id").collect(),
-        validation={"behaviours": beh, "impressions": imp},
+        validation=validation,
     )

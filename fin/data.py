@@ -55,7 +55,7 @@ class Batch:
     history_offsets: torch.Tensor  # int64 [U+1]
     history: dict[str, torch.Tensor]  # TIMELINE_FIELDS -> int64 [N], oldest first per request
     fragments: dict[str, Fragment]  # U rows
-    impression_id: torch.Tensor  # int64 [B], to join predictions back to examples
+    row_id: torch.Tensor  # int64 [B], to join predictions back: impression_id (candidate_id for candidates)
     request_of: torch.Tensor | None = None  # int64 [B]: candidate -> request; None: candidate b is request b
     global_size: int = 0  # examples in this step over all workers (this batch is one worker's slice)
 
@@ -74,7 +74,7 @@ class Batch:
         return dataclasses.replace(
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
             ts=move(self.ts), history_offsets=move(self.history_offsets),
-            history={k: move(v) for k, v in self.history.items()}, impression_id=move(self.impression_id),
+            history={k: move(v) for k, v in self.history.items()}, row_id=move(self.row_id),
             request_of=move(self.request_of),
             fragments={k: Fragment(move(f.index), move(f.lengths), move(f.tags)) for k, f in self.fragments.items()})
 
@@ -92,8 +92,13 @@ def dataset_folder(path: str | Path) -> Path:
     return path / "data" if not (path / "examples").is_dir() and (path / "data" / "examples").is_dir() else path
 
 
+ROW_IDS = {"examples": "impression_id", "candidates": "candidate_id"}  # dataset -> the id of its rows
+
+
 class ExampleStream:
-    """Iterates batches of one split (train/validation/test), partition by partition.
+    """Iterates batches of one split (train/validation/test), partition by partition: of the impressions
+    (`dataset` "examples"), or of every logged ad candidate, shown or not (`dataset` "candidates", the
+    validation and test splits; what revenue replay scores; unshown candidates have label 0).
 
     With `world` workers, every worker walks the same global batches of `config.batch_size` examples (same
     seed, same order) and builds only its own contiguous slice (`rank`), so N workers see exactly the data
@@ -101,13 +106,16 @@ class ExampleStream:
     """
 
     def __init__(self, data: str | Path, split: str, config: LoaderConfig = LoaderConfig(), rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, dataset: str = "examples"):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
+        if dataset not in ROW_IDS:
+            raise ValueError(f"dataset {dataset!r} is not one of {', '.join(ROW_IDS)}")
         self.data, self.split, self.config, self.rank, self.world = dataset_folder(data), split, config, rank, world
-        self.parts = sorted((self.data / "examples" / split).glob("*.parquet"))
+        self.dataset = dataset
+        self.parts = sorted((self.data / dataset / split).glob("*.parquet"))
         if not self.parts:
-            raise FileNotFoundError(f"no {split} examples under {self.data}/examples (run fin features first)")
+            raise FileNotFoundError(f"no {split} {dataset} under {self.data}/{dataset} (run fin features first)")
         self.stats = {key: _stats(self.data, key) for key in ("item_id", "shop_id")}
         self.epoch = 0
 
@@ -128,7 +136,9 @@ class ExampleStream:
         flat = {f: timelines[f].explode().to_numpy().astype(np.int64) for f in TIMELINE_FIELDS}
         users = timelines["user_id"].to_numpy()  # sorted: timelines are built in user order
 
-        examples = pl.read_parquet(part).drop(contract.ORACLE_COLUMNS)  # no model input reads the oracle
+        # no model input reads the oracle
+        examples = pl.read_parquet(part).drop(*contract.ORACLE_COLUMNS, *contract.CANDIDATE_ORACLE_COLUMNS,
+                                              strict=False).with_columns(pl.col("label").fill_null(0))
         for key, stats in self.stats.items():
             examples = examples.join(stats, on=[key, "day"], how="left", maintain_order="left")
         examples = examples.with_columns(
@@ -157,7 +167,7 @@ class ExampleStream:
             ts=torch.from_numpy(ex["ts"].to_numpy(writable=True)),
             request_context={c: ids[c] for c in FRAGMENT_CONTEXT},
             history_offsets=offsets, history=history, config=self.config,
-            impression_id=torch.from_numpy(ex["impression_id"].to_numpy(writable=True)),
+            row_id=torch.from_numpy(ex[ROW_IDS[self.dataset]].to_numpy(writable=True)),
         )
 
 
@@ -202,7 +212,7 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
         label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), ts=context["ts"],
         request_context={c: context[c] for c in FRAGMENT_CONTEXT},
         history_offsets=offsets, history=history, config=config,
-        impression_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of)
+        row_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of)
 
 
 def request_batch(timeline: Mapping[str, np.ndarray], context: Mapping[str, int],

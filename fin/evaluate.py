@@ -20,8 +20,10 @@ import torch
 
 from features import contract
 from fin.artifact import Artifact
-from fin.data import ExampleStream, dataset_folder
+from fin.auction import AuctionConfig, auction
+from fin.data import ROW_IDS, ExampleStream, dataset_folder
 from fin.metrics import auc, calibration, gauc, logloss
+from fin.revenue import ReplayConfig, evaluate_policies, logged_candidates, logging_slate
 
 ORACLE = "oracle"
 SCORE = "pctr"
@@ -29,16 +31,16 @@ SCORE = "pctr"
 
 @torch.inference_mode()
 def predict(artifact: Artifact, data: str | Path, split: str = "test", batch_size: int = 4096,
-            progress: Callable[[int], None] | None = None) -> pl.DataFrame:
-    """pCTR of every example of `split`: columns impression_id, pctr."""
+            progress: Callable[[int], None] | None = None, dataset: str = "examples") -> pl.DataFrame:
+    """pCTR of every row of `split` of `dataset` (examples or candidates): columns <row id>, pctr."""
     loader = dataclasses.replace(artifact.loader, shuffle=False, batch_size=batch_size)
     ids, scores = [], []
-    for batch in ExampleStream(data, split, loader):
-        ids.append(batch.impression_id.numpy())
+    for batch in ExampleStream(data, split, loader, dataset=dataset):
+        ids.append(batch.row_id.numpy())
         scores.append(torch.sigmoid(artifact.model(batch)).numpy())
         if progress:
             progress(len(batch))
-    return pl.DataFrame({"impression_id": np.concatenate(ids), SCORE: np.concatenate(scores).astype(np.float64)})
+    return pl.DataFrame({ROW_IDS[dataset]: np.concatenate(ids), SCORE: np.concatenate(scores).astype(np.float64)})
 
 
 def examples(data: str | Path, split: str = "test") -> pl.DataFrame:
@@ -60,8 +62,10 @@ def metrics(labels: np.ndarray, scores: np.ndarray, users: np.ndarray, slots: np
 
 
 def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
-             progress: Callable[[int], None] | None = None) -> dict:
-    """The report: per model (and the oracle when the data has it) metrics on `split`."""
+             progress: Callable[[int], None] | None = None, auction_config: AuctionConfig | None = None,
+             replay: ReplayConfig = ReplayConfig()) -> dict:
+    """The report: per model (and the oracle when the data has it) metrics on `split`, and the revenue
+    replay when the data has the split's ad candidates."""
     frame = examples(data, split)
     if frame.height == 0:
         raise ValueError(f"no {split} examples under {data}")
@@ -84,7 +88,43 @@ def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
     if oracle in frame.columns and frame[oracle].null_count() == 0:
         report[ORACLE] = scored(frame[oracle].to_numpy().astype(np.float64))
     report["gap_closed"] = _gap_closed(report)
+    report["revenue"] = revenue(data, artifacts, split, auction_config, replay, progress)
     return report
+
+
+LOGGING = "logging policy"
+
+
+def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
+            auction_config: AuctionConfig | None = None, replay: ReplayConfig = ReplayConfig(),
+            progress: Callable[[int], None] | None = None) -> dict | None:
+    """RPM and CTR replay (`fin.revenue`) of every model ranking the logged candidates by pCTR x bid under
+    the auction, against the logging policy (and the oracle ranking on simulated data), with lifts over
+    the logging policy and of the first model over each other; None without logged candidates."""
+    folder = dataset_folder(data) / "candidates" / split
+    if not any(folder.glob("*.parquet")):
+        return None
+    frame = pl.read_parquet(folder / "*.parquet")
+    logged = logged_candidates(frame)
+    config = auction_config or AuctionConfig(slots=logged.slots)
+    if config.slots > logged.slots:
+        raise ValueError(f"the auction has {config.slots} slots but the logging policy's log has {logged.slots}")
+    bid = frame["bid"].cast(pl.Float64).to_numpy()
+    request = logged.request
+    policies = {LOGGING: (*logging_slate(logged, frame["logging_score"].cast(pl.Float64).to_numpy(), bid, config),
+                          True)}
+    for artifact in artifacts:
+        preds = frame.select("candidate_id").join(predict(artifact, data, split, progress=progress,
+                                                          dataset="candidates"),
+                                                  on="candidate_id", how="left", maintain_order="left")
+        policies[f"{artifact.name}/{artifact.version}"] = (*auction(request, preds[SCORE].to_numpy(), bid, config),
+                                                           False)
+    if logged.oracle is not None:
+        policies[ORACLE] = (*auction(request, logged.oracle[:, 0], bid, config), False)
+    models = [f"{a.name}/{a.version}" for a in artifacts]
+    results = evaluate_policies(logged, policies, replay, baselines=(LOGGING, *models[1:]))
+    return {"requests": logged.requests, "candidates": frame.height, "auction": dataclasses.asdict(config),
+            "bootstrap": dataclasses.asdict(replay), "policies": results}
 
 
 def _gap_closed(report: dict) -> dict[str, float]:
@@ -122,14 +162,57 @@ def markdown(report: dict) -> str:
               for key, m in rows.items()]
     lines += ["", "gap closed = (AUC - AUC of DNN) / (AUC of the oracle - AUC of DNN); the oracle scores with the "
               "simulator's true click probability."]
+    if report.get("revenue"):
+        lines += ["", *_revenue_markdown(report["revenue"])]
     return "\n".join(lines) + "\n"
 
 
+def _percent(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:+.1f}%"
+
+
+def _interval(pair: list[float], fmt) -> str:
+    return f"[{fmt(pair[0])}, {fmt(pair[1])}]"
+
+
+def _revenue_markdown(rev: dict) -> list[str]:
+    a, b = rev["auction"], rev["bootstrap"]
+    level = f"{100 * b['level']:.0f}%"
+    lines = [f"## Revenue replay: {rev['requests']:,} logged requests, {rev['candidates']:,} candidates; "
+             f"{a['rule']} auction, {a['slots']} slots, reserve {a['reserve']:g}", "",
+             f"| policy | RPM (SNIPS) | {level} interval | RPM lift over the logging policy | CTR (SNIPS) | CTR lift | "
+             "RPM (IPS) | RPM (replay) | effective sample size | exact RPM | exact CTR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    money, ctr = (lambda x: f"{x:.1f}"), (lambda x: f"{100 * x:.2f}%")
+    for name, r in rev["policies"].items():
+        lift = r.get("lift_over", {}).get(LOGGING)
+        exact = r.get("exact", {})
+        lines.append(
+            f"| {name} | {money(r['snips']['rpm'])} | {_interval(r['snips']['rpm_interval'], money)} | "
+            + (f"{_percent(lift['rpm'])} {_interval(lift['rpm_interval'], _percent)} | " if lift else "- | ")
+            + f"{ctr(r['snips']['ctr'])} | " + (f"{_percent(lift['ctr'])} | " if lift else "- | ")
+            + f"{money(r['ips']['rpm'])} | {money(r['replay']['rpm'])} | {r['effective_sample_size']:,.0f} | "
+            + (f"{money(exact['rpm'])} | {ctr(exact['ctr'])} |" if exact else "- | - |"))
+    first = next((n for n in rev["policies"] if n not in (LOGGING, ORACLE)), None)
+    for other, lift in rev["policies"].get(first, {}).get("lift_over", {}).items():
+        if other != LOGGING:
+            lines.append(f"\n{first} over {other}: RPM {_percent(lift['rpm'])} {_interval(lift['rpm_interval'], _percent)}, "
+                         f"CTR {_percent(lift['ctr'])} {_interval(lift['ctr_interval'], _percent)} (paired bootstrap).")
+    lines += ["", "RPM: revenue per 1,000 ad requests (price per click under the auction x clicks). Each model "
+              "ranks every logged candidate of a request by pCTR x bid; the estimators weight the logged clicks "
+              "by the logging policy's probability of the same ad at the same slot (IPS, self-normalised per "
+              "slot: SNIPS) or read its uniformly random traffic (replay); exact: the simulator's true click "
+              "probabilities of the same slates. Intervals: bootstrap over requests."]
+    return lines
+
+
 def _finite(value):
-    """NaN (an AUC of one class) -> null: strict JSON."""
+    """NaN (an AUC of one class) or infinity (a lift over nothing) -> null: strict JSON."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 

@@ -72,6 +72,41 @@ def evaluate_policy(logged: LoggedCandidates, slot: np.ndarray, price: np.ndarra
     click: each estimator with its bootstrap interval, the effective sample size, and (with the oracle)
     the exact expected value. `on_policy`: the slots are the logging policy's own (`logging_slate`), every
     outcome is observed and weighs 1 (its slots are one draw of a random policy, not a fixed ranking)."""
+    return evaluate_policies(logged, {"policy": (slot, price, on_policy)}, config)["policy"]
+
+
+def evaluate_policies(logged: LoggedCandidates, policies: dict[str, tuple[np.ndarray, np.ndarray, bool]],
+                      config: ReplayConfig = ReplayConfig(), baselines: tuple[str, ...] = ()) -> dict:
+    """`evaluate_policy` of each (slot, price, on_policy), all on the same bootstrap resamples of the
+    requests, so that each policy's SNIPS RPM and CTR lift over each of `baselines` comes with a paired
+    interval (`lift_over[baseline]`)."""
+    r = logged.requests
+    rng = np.random.default_rng(config.seed)
+    resamples = rng.multinomial(r, np.full(r, 1.0 / r), size=config.bootstrap).astype(float)  # [B, R]
+    results, samples = {}, {}
+    for name, (slot, price, on_policy) in policies.items():
+        results[name], samples[name] = _evaluate(logged, slot, price, on_policy, resamples, config)
+    tail = (1 - config.level) / 2 * 100
+    for baseline in baselines:
+        base = samples[baseline]
+        for name in policies:
+            if name == baseline:
+                continue
+            lift = {}
+            for i, metric in enumerate(("rpm", "ctr")):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratios = samples[name][i] / base[i] - 1
+                point = results[name]["snips"][metric] / results[baseline]["snips"][metric] - 1
+                lift[metric] = point
+                lift[f"{metric}_interval"] = [float(np.nanpercentile(ratios, tail)),
+                                              float(np.nanpercentile(ratios, 100 - tail))]
+            results[name].setdefault("lift_over", {})[baseline] = lift
+    return results
+
+
+def _evaluate(logged: LoggedCandidates, slot: np.ndarray, price: np.ndarray, on_policy: bool,
+              resamples: np.ndarray, config: ReplayConfig) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """One policy: the summary, and its SNIPS revenue and CTR per bootstrap resample (for paired lifts)."""
     if slot.max(initial=-1) >= logged.slots:
         raise ValueError(f"the policy uses slot {slot.max()} but the log has {logged.slots} slots")
     r = logged.requests
@@ -89,43 +124,41 @@ def evaluate_policy(logged: LoggedCandidates, slot: np.ndarray, price: np.ndarra
         "m_clicks": _per_request_slot(logged, slot, np.where(replayed, clicks, 0.0)),
     }
     shown_per_request = float((slot >= 0).sum()) / max(r, 1)
-    rng = np.random.default_rng(config.seed)
-    resamples = rng.multinomial(r, np.full(r, 1.0 / r), size=config.bootstrap).astype(float)  # [B, R]
 
-    def estimates(counts: np.ndarray) -> dict[str, np.ndarray]:
+    def estimates(counts: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Revenue and clicks per request by each estimator, for request counts [K, R] -> [K] each."""
         s = {k: counts @ v for k, v in parts.items()}  # [K, slots]
         n = counts.sum(1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            out = {
+            return {
                 "ips": (s["w_revenue"].sum(1) / n, s["w_clicks"].sum(1) / n),
-                "snips": (np.nan_to_num(s["w_revenue"] / s["w"]).sum(1), np.nan_to_num(s["w_clicks"] / s["w"]).sum(1)),
-                "replay": (np.nan_to_num(s["m_revenue"] / s["m"]).sum(1), np.nan_to_num(s["m_clicks"] / s["m"]).sum(1)),
+                "snips": (np.nan_to_num(s["w_revenue"] / s["w"]).sum(1),
+                          np.nan_to_num(s["w_clicks"] / s["w"]).sum(1)),
+                "replay": (np.nan_to_num(s["m_revenue"] / s["m"]).sum(1),
+                           np.nan_to_num(s["m_clicks"] / s["m"]).sum(1)),
             }
-        return out
 
     point = estimates(np.ones((1, r)))
     boot = estimates(resamples)
     tail = (1 - config.level) / 2 * 100
+    per_shown = 1.0 / shown_per_request if shown_per_request else 0.0
     result: dict = {"requests": r, "ads_shown_per_request": round(shown_per_request, 4),
                     "effective_sample_size": round(float(weight.sum() ** 2 / max((weight ** 2).sum(), 1e-12)), 1),
                     "matched_impressions": int(matched.sum())}
     for name in ESTIMATORS:
-        revenue_pr, clicks_pr = point[name][0][0], point[name][1][0]
         b_revenue, b_clicks = boot[name]
         result[name] = {
-            "rpm": 1000 * revenue_pr,
-            "rpm_interval": [float(1000 * np.percentile(b_revenue, tail)), float(1000 * np.percentile(b_revenue, 100 - tail))],
-            "ctr": clicks_pr / shown_per_request if shown_per_request else 0.0,
-            "ctr_interval": [float(np.percentile(b_clicks, q)) / shown_per_request if shown_per_request else 0.0
-                             for q in (tail, 100 - tail)],
+            "rpm": 1000 * float(point[name][0][0]),
+            "rpm_interval": [1000 * float(np.percentile(b_revenue, q)) for q in (tail, 100 - tail)],
+            "ctr": float(point[name][1][0]) * per_shown,
+            "ctr_interval": [float(np.percentile(b_clicks, q)) * per_shown for q in (tail, 100 - tail)],
         }
     if logged.oracle is not None:
         shown = slot >= 0
         true_clicks = np.where(shown, logged.oracle[np.arange(slot.size), np.clip(slot, 0, None)], 0.0)
         result["exact"] = {"rpm": 1000 * float((true_clicks * price).sum()) / max(r, 1),
                            "ctr": float(true_clicks.sum()) / max(float(shown.sum()), 1.0)}
-    return result
+    return result, (boot["snips"][0], boot["snips"][1] * per_shown)
 
 
 def logged_candidates(frame) -> LoggedCandidates:
@@ -154,4 +187,5 @@ def logging_slate(logged: LoggedCandidates, logging_score: np.ndarray, bid: np.n
     shown = logged.position >= 0
     rest = ranks(logged.request, logging_score, ~shown)
     rank = np.where(shown, logged.position, logged.slots + rest)
-    return np.where(shown, logged.position, -1), prices(logged.request, rank, logging_score / bid, bid, config)
+    kept = shown & (logged.position < config.slots)  # with fewer slots than logged: its top ones
+    return np.where(kept, logged.position, -1), prices(logged.request, rank, logging_score / bid, bid, config)

@@ -141,15 +141,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fin.artifact import load_artifact, resolve
+    from fin.auction import AuctionConfig
     from fin.evaluate import evaluate, markdown, write_report
+    from fin.revenue import ReplayConfig
 
     artifacts = [load_artifact(resolve(spec, args.repo)) for spec in args.models]
-    with _progress(None, "ex", "evaluate") as bar:
-        report = evaluate(args.data, artifacts, args.split, progress=bar.update)
+    try:  # the slots default to the logging policy's
+        auction = AuctionConfig(rule=args.auction, slots=args.slots or _logged_slots(args.data, args.split),
+                                reserve=args.reserve)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    with _progress(None, "rows", "evaluate") as bar:
+        report = evaluate(args.data, artifacts, args.split, progress=bar.update, auction_config=auction,
+                          replay=ReplayConfig(bootstrap=args.bootstrap))
     paths = write_report(report, args.out)
     print(markdown(report))
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
+
+
+def _logged_slots(data: Path, split: str) -> int:
+    """The slots of the logging policy, from the first logged candidate of the split."""
+    import polars as pl
+
+    from fin.data import dataset_folder
+
+    frame = pl.scan_parquet(dataset_folder(data) / "candidates" / split / "*.parquet").head(1).collect()
+    return int(frame["slot_propensities"].list.len()[0]) if frame.height else 1
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -293,6 +311,7 @@ def _print_replayed(request, response, labels: list[int]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # the configs' own defaults are the CLI's defaults
     from features.validate import ValidationConfig
+    from fin.revenue import ReplayConfig
     from jobs.features_config import FeaturesConfig
     from serving.config import ServerConfig
 
@@ -374,10 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="compare model artifacts on a split: AUC, GAUC, logloss, calibration",
+    p = sub.add_parser("evaluate", help="compare model artifacts on a split: AUC, GAUC, calibration, RPM replay",
                        description="Score a split of the features job's output with each model artifact and "
                                    "report AUC, GAUC, logloss, calibration, AUC by meal slot and by city, and the "
-                                   "simulator's oracle ceiling when the data has it (markdown + JSON).")
+                                   "simulator's oracle ceiling when the data has it; when the logs had every ad "
+                                   "candidate (ad_candidates), also each model's RPM and CTR replayed under an "
+                                   "auction against the logging policy (markdown + JSON).")
     p.add_argument("--data", required=True, type=Path, help="the output folder of fin features (or its data/ folder)")
     p.add_argument("--models", required=True, nargs="+",
                    help="artifacts: version folders (MODELS/fin/3), model folders (newest version) or, with "
@@ -385,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", type=Path, help="model repository for name[/version] specs")
     p.add_argument("--out", required=True, type=Path, help="report folder (report.md, report.json)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="default test")
+    p.add_argument("--auction", default="gsp", choices=["gsp", "first_price"],
+                   help="revenue replay: price rule (default gsp, generalised second price)")
+    p.add_argument("--slots", type=int, help="revenue replay: ads per request (default: the logging policy's)")
+    p.add_argument("--reserve", type=float, default=0.0, help="revenue replay: least price per click (default 0)")
+    p.add_argument("--bootstrap", type=int, default=ReplayConfig.bootstrap,
+                   help=f"revenue replay: bootstrap resamples for the intervals (default {ReplayConfig.bootstrap})")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve CTR scoring and model endpoints over gRPC, with hot model reload",

@@ -39,7 +39,7 @@ import numpy as np
 import polars as pl
 
 from features import aggregates, contract, logio
-from features.build import SPLITS, SplitDays, build_partition
+from features.build import EVALUATION_SPLITS, SPLITS, SplitDays, build_partition
 from features.online import TIMELINE_VIEW
 from features.validate import ValidationConfig, data_window, validate_tables
 from jobs.features_config import FeaturesConfig
@@ -100,7 +100,7 @@ def _shard_task(files: list[str], table: str, group: int, work: str, partitions:
 
 
 def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple[int, int], split: SplitDays,
-                max_seq_len: int, utc_offset_hours: float) -> dict:
+                max_seq_len: int, utc_offset_hours: float, with_candidates: bool) -> dict:
     """Ray task: build one user partition and write its parts; returns counts and small tables."""
     def read(table: str) -> pl.DataFrame:
         files = sorted(str(f) for f in (Path(work) / table / f"p={p:05d}").glob("*.parquet"))
@@ -110,9 +110,10 @@ def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple
 
     t0 = time.perf_counter()
     behaviours, impressions = read("behaviours"), read("impressions")
+    candidates = read("ad_candidates") if with_candidates else None
     t1 = time.perf_counter()
-    out = build_partition(behaviours, impressions, known_keys=known_keys, window=window,
-                          split=split, max_seq_len=max_seq_len, utc_offset_hours=utc_offset_hours)
+    out = build_partition(behaviours, impressions, known_keys=known_keys, window=window, split=split,
+                          max_seq_len=max_seq_len, utc_offset_hours=utc_offset_hours, candidates=candidates)
     t2 = time.perf_counter()
     root, name = Path(staging), f"part-{p:05d}.parquet"
 
@@ -125,6 +126,8 @@ def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple
     write(out.online_timelines, "feast_sources", "user_timeline")
     for s, df in out.examples.items():
         write(df, "examples", s)
+    for s, df in out.candidates.items():
+        write(df, "candidates", s)
     for table, result in out.validation.items():
         if result.quarantine.height:
             write(result.quarantine, "quarantine", table)
@@ -136,6 +139,7 @@ def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple
         "validation": {t: {"rows": r.rows, "quarantined": r.quarantine.height, "reasons": r.reasons}
                        for t, r in out.validation.items()},
         "examples": {s: df.height for s, df in out.examples.items()},
+        "candidates": {s: df.height for s, df in out.candidates.items()},
         "labels": {s: int(df["label"].sum()) for s, df in out.examples.items()},
         "timeline_lengths": lengths,
         "item_counts": out.item_counts,
@@ -219,6 +223,9 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
             raise ValueError(f"{logs} has no {table} (expected {logs}/{table}/**/*.parquet)")
         if any(f.suffix != ".parquet" for f in files):
             raise ValueError(f"{table}: the features job reads parquet only; convert CSV logs first")
+    # the optional evaluation log (every ad candidate) goes along when the source has it
+    with_candidates = bool(logio.table_files(logs, "ad_candidates"))
+    tables = [*contract.LOG_TABLES, *(["ad_candidates"] if with_candidates else [])]
     manifest = logio.read_manifest(logs) or {}
     offset = float(manifest.get("utc_offset_hours", 8.0))
     window = data_window(logs, ValidationConfig())
@@ -247,7 +254,7 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
         shard_refs = []
         # two file groups per CPU: few tasks (each has a fixed cost), all CPUs busy
         n_groups = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-        for table in contract.LOG_TABLES:
+        for table in tables:
             files = [str(f) for f in logio.table_files(logs, table)]
             groups = np.array_split(np.array(files), min(len(files), n_groups))
             shard_refs += [shard.remote(g.tolist(), table, i, str(work.resolve()), config.partitions)
@@ -259,7 +266,7 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
         keys_ref = ray.put(known)
         task = ray.remote(num_cpus=1)(_build_task)
         pending = [task.remote(p, str(work.resolve()), str(staging.resolve()), keys_ref, window, split,
-                               config.max_seq_len, offset) for p in range(config.partitions)]
+                               config.max_seq_len, offset, with_candidates) for p in range(config.partitions)]
         results = []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -310,7 +317,7 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
 
 def _stats(logs: Path, config: FeaturesConfig, window, split: SplitDays, world: dict, results: list[dict]) -> dict:
     validation = dict(world)
-    for table in contract.LOG_TABLES:
+    for table in (results[0]["validation"] if results else ()):
         rows = sum(r["validation"][table]["rows"] for r in results)
         quarantined = sum(r["validation"][table]["quarantined"] for r in results)
         reasons: dict[str, int] = {}
@@ -333,4 +340,5 @@ def _stats(logs: Path, config: FeaturesConfig, window, split: SplitDays, world: 
                                   "over_max_seq_len": int((lengths > config.max_seq_len).sum())},
         "examples": {s: sum(r["examples"][s] for r in results) for s in SPLITS},
         "clicks": {s: sum(r["labels"][s] for r in results) for s in SPLITS},
+        "candidates": {s: sum(r["candidates"].get(s, 0) for r in results) for s in EVALUATION_SPLITS},
     }

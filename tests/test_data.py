@@ -15,9 +15,9 @@ def _examples(out, split):
 def test_an_epoch_yields_every_example_once(features_job):
     out, stats = features_job
     stream = ExampleStream(out / "data", "train", LoaderConfig(batch_size=256, max_seq_len=50))
-    seen = torch.cat([b.impression_id for b in stream])
+    seen = torch.cat([b.row_id for b in stream])
     assert len(stream) == stats["examples"]["train"] == seen.numel() == seen.unique().numel()
-    again = torch.cat([b.impression_id for b in stream])
+    again = torch.cat([b.row_id for b in stream])
     assert not torch.equal(seen, again)  # reshuffled each epoch
     assert torch.equal(seen.sort().values, again.sort().values)
 
@@ -29,7 +29,7 @@ def test_histories_are_the_timeline_before_the_request(features_job):
     timelines = pl.read_parquet(out / "data" / "timelines" / "*.parquet")
     examples = _examples(out, "test")
     for i in range(len(batch)):
-        ex = examples.filter(pl.col("impression_id") == int(batch.impression_id[i])).row(0, named=True)
+        ex = examples.filter(pl.col("impression_id") == int(batch.row_id[i])).row(0, named=True)
         full = timelines.filter(pl.col("user_id") == ex["user_id"])["ts"]
         full = full.item().to_list() if len(full) else []
         expected = [t for t in full if t < ex["ts"]][-max_len:]
@@ -55,7 +55,7 @@ def test_statistics_are_joined_point_in_time(features_job):
     out, _ = features_job
     batch = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=64, shuffle=False))))
     item_stats = pl.read_parquet(out / "data" / "feast_sources" / "item_stats.parquet")
-    ex = _examples(out, "test").filter(pl.col("impression_id") == int(batch.impression_id[0])).row(0, named=True)
+    ex = _examples(out, "test").filter(pl.col("impression_id") == int(batch.row_id[0])).row(0, named=True)
     row = item_stats.filter((pl.col("item_id") == ex["item_id"]) & (pl.col("day") == ex["day"])).row(0, named=True)
     col = STAT_FEATURES.index("item_impressions_7d")
     assert batch.stats[0, col].item() == row["impressions_7d"]

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
 from fin.artifact import load_artifact
@@ -22,7 +23,7 @@ def test_predictions_are_the_artifact_model_on_the_shared_loader(trained_models,
     batch = next(iter(ExampleStream(out / "data", "test", artifact.loader)))
     with torch.no_grad():
         direct = torch.sigmoid(artifact.model(batch)).numpy()
-    joined = pl.DataFrame({"impression_id": batch.impression_id.numpy()}).join(preds, on="impression_id",
+    joined = pl.DataFrame({"impression_id": batch.row_id.numpy()}).join(preds, on="impression_id",
                                                                                  maintain_order="left")
     np.testing.assert_allclose(joined["pctr"].to_numpy(), direct, rtol=1e-5, atol=1e-7)
 
@@ -46,6 +47,42 @@ def test_report_compares_models_with_the_oracle(trained_models, features_job):
     assert abs(gap["fin/1"] - expected) < 1e-12
     text = markdown(report)
     assert "| oracle |" in text and "| fin/1 |" in text and "TAUC" in text and "CAUC" in text
+
+
+def test_revenue_replay_ranks_every_logged_candidate(trained_models, features_job):
+    """Each model's slates come from its pCTR on every logged candidate (shown or not) through the auction;
+    the logging policy's own replay is its observed revenue; the report compares and states lifts."""
+    from fin.auction import AuctionConfig, auction
+    from fin.evaluate import LOGGING, revenue
+    from fin.revenue import ReplayConfig, logged_candidates
+
+    out, _ = features_job
+    artifacts = [load_artifact(p) for p in trained_models[1].values()]
+    rev = revenue(out / "data", artifacts, "test", replay=ReplayConfig(bootstrap=50))
+    frame = pl.read_parquet(out / "data" / "candidates" / "test" / "*.parquet")
+    assert rev["candidates"] == frame.height > examples(out / "data", "test").height  # unshown ones too
+    assert set(rev["policies"]) == {LOGGING, "fin/1", "dnn/1", ORACLE}
+    assert rev["auction"] == {"rule": "gsp", "slots": 5, "reserve": 0.0}
+    # the FIN policy is its predictions on the candidates, auctioned
+    preds = frame.select("candidate_id").join(predict(artifacts[0], out / "data", "test", dataset="candidates"),
+                                              on="candidate_id", maintain_order="left")
+    logged = logged_candidates(frame)
+    slot, price = auction(logged.request, preds["pctr"].to_numpy(), frame["bid"].cast(pl.Float64).to_numpy(),
+                          AuctionConfig())
+    true_clicks = np.where(slot >= 0, logged.oracle[np.arange(slot.size), np.clip(slot, 0, None)], 0)
+    fin = rev["policies"]["fin/1"]
+    assert fin["exact"]["rpm"] == pytest.approx(1000 * (true_clicks * price).sum() / logged.requests)
+    assert fin["ads_shown_per_request"] == pytest.approx((slot >= 0).sum() / logged.requests)
+    # on-policy: every weight is 1, and all estimators read the observed clicks
+    logging = rev["policies"][LOGGING]
+    assert logging["effective_sample_size"] == logging["matched_impressions"] == (frame["position"].is_not_null()).sum()
+    assert logging["ips"]["rpm"] == pytest.approx(logging["snips"]["rpm"])
+    lift = fin["lift_over"][LOGGING]
+    assert lift["rpm"] == pytest.approx(fin["snips"]["rpm"] / logging["snips"]["rpm"] - 1)
+    assert lift["rpm_interval"][0] <= lift["rpm"] <= lift["rpm_interval"][1]
+    assert "dnn/1" in fin["lift_over"]  # the first model against each other one
+    text = markdown({**evaluate(out / "data", artifacts[:1], "test"), "revenue": rev})
+    assert "## Revenue replay" in text and "| logging policy |" in text and "fin/1 over dnn/1" in text
 
 
 def test_cli_writes_markdown_and_strict_json(trained_models, features_job, tmp_path):

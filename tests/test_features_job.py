@@ -61,6 +61,29 @@ def test_examples_point_into_timelines_without_copies(job, logs):
     assert sample["history_len"].to_list() == brute
 
 
+def test_candidates_carry_their_requests_context(job, logs):
+    """Every logged ad candidate of the evaluation splits, shown or not, with its request's context and
+    history pointer (what the models need to score it in revenue replay)."""
+    out, stats = job
+    raw = pl.read_parquet(logs / "ad_candidates" / "**" / "*.parquet", hive_partitioning=False)
+    ex = pl.concat([_read(out / "data", "examples", s) for s in ("validation", "test")])
+    for split in ("validation", "test"):
+        cand = _read(out / "data", "candidates", split)
+        assert stats["candidates"][split] == cand.height
+        requests = _read(out / "data", "examples", split)["request_id"].unique()
+        assert set(cand["request_id"].unique()) == set(requests)  # all of the split's requests, no other
+        assert cand.height == raw.filter(pl.col("request_id").is_in(requests.implode())).height
+    cand = pl.concat([_read(out / "data", "candidates", s) for s in ("validation", "test")])
+    context = ["geohash_6", "aoi_id", "city_id", "hours", "time_type", "weekdays", "history_len", "day", "ts", "user_id"]
+    joined = cand.join(ex.unique("request_id").select("request_id", *context), on="request_id", suffix="_request")
+    for c in context:
+        assert joined[c].equals(joined[f"{c}_request"], check_names=False), c
+    shown = cand.filter(pl.col("position").is_not_null()).join(ex.select("impression_id", "item_id", "label"),
+                                                               on="impression_id")
+    assert shown.height == ex.height and (shown["item_id"] == shown["item_id_right"]).all()
+    assert (shown["label"] == shown["label_right"]).all()
+
+
 def test_split_is_by_day(job):
     out, stats = job
     days = {s: _read(out / "data", "examples", s)["day"] for s in ("train", "validation", "test")}

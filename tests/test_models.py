@@ -52,7 +52,7 @@ def test_a_request_batch_scores_like_the_training_batches(features_job, name):
     with torch.no_grad():
         offline = {}
         for batch in ExampleStream(out / "data", "test", loader):
-            for i, logit, stats in zip(batch.impression_id.tolist(), model(batch), batch.stats):
+            for i, logit, stats in zip(batch.row_id.tolist(), model(batch), batch.stats):
                 offline[i] = (logit, stats)
         examples = pl.read_parquet(out / "data" / "examples" / "test" / "*.parquet").with_columns(
             geohash_code(pl.col("geohash_6")).fill_null(MISSING).alias("geohash6"), pl.col("aoi_id").fill_null(MISSING))
