@@ -171,8 +171,23 @@ def _logged_slots(data: Path, split: str) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from fin.artifact import ArtifactError, promote
+    from fin.artifact import ArtifactError, promote, promoted
+    from fin.promotion import PromotionGate, decide
 
+    candidate = f"{args.name}/{args.version}"
+    if args.report is not None:
+        try:
+            report = json.loads(args.report.read_text())
+            current = promoted(args.models, args.name)
+            decision = decide(report, candidate, None if current is None else f"{args.name}/{current}",
+                              PromotionGate(args.auc_tolerance, args.rpm_tolerance))
+        except (OSError, ValueError) as e:
+            raise CommandError(str(e)) from None
+        (args.report.parent / "promotion.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+        print(f"{candidate}: {'promoted' if decision.promote else 'not promoted'} "
+              f"(against {decision.current or 'no default'}): {'; '.join(decision.reasons)}")
+        if not decision.promote:
+            return 0
     try:
         promote(args.models, args.name, args.version)
     except ArtifactError as e:
@@ -311,6 +326,7 @@ def _print_replayed(request, response, labels: list[int]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # the configs' own defaults are the CLI's defaults
     from features.validate import ValidationConfig
+    from fin.promotion import PromotionGate
     from fin.revenue import ReplayConfig
     from jobs.features_config import FeaturesConfig
     from serving.config import ServerConfig
@@ -452,13 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file holding a token: calls must send `authorization: Bearer <token>` (health excepted)")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("promote", help="make a model version the serving default",
+    p = sub.add_parser("promote", help="make a model version the serving default (optionally through the gate)",
                        description="Writes MODELS/NAME/PROMOTED: requests that pin no version get this version "
                                    "once a server has loaded it (running servers pick it up at their next "
-                                   "repository scan; a version that fails to load leaves the default as it was).")
+                                   "repository scan; a version that fails to load leaves the default as it was). "
+                                   "With --report (a fin evaluate report.json holding this version and the "
+                                   "current default), only when the version is not worse than the default by "
+                                   "more than the tolerances in AUC and SNIPS RPM; the decision and its reasons "
+                                   "are printed and written to promotion.json beside the report.")
     p.add_argument("--models", required=True, type=Path, help="model repository folder (MODELS)")
     p.add_argument("--name", required=True, help="model name (MODELS/NAME)")
     p.add_argument("--version", required=True, type=int, help="version to promote (MODELS/NAME/VERSION)")
+    p.add_argument("--report", type=Path, help="gate on this evaluation report.json")
+    gate = PromotionGate()
+    p.add_argument("--auc-tolerance", type=float, default=gate.auc_tolerance,
+                   help=f"AUC the version may lose against the default (default {gate.auc_tolerance})")
+    p.add_argument("--rpm-tolerance", type=float, default=gate.rpm_tolerance,
+                   help=f"share of SNIPS RPM it may lose (default {gate.rpm_tolerance})")
     p.set_defaults(func=_cmd_promote)
 
     p = sub.add_parser("score", help="send ScoreRequests to a server and print the responses",
