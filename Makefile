@@ -30,10 +30,12 @@ demo: install
 	$(FIN) simulate --out $(DEMO)/logs --overwrite --report
 	$(FIN) validate --logs $(DEMO)/logs
 	$(FIN) features --logs $(DEMO)/logs --out $(DEMO)/features
+	rm -rf $(DEMO)/models $(DEMO)/report   # a fresh model repository each run: fin/1 is the version promoted below
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model fin --epochs 1
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model din --epochs 1
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model dnn --epochs 1
 	$(FIN) evaluate --data $(DEMO)/features --repo $(DEMO)/models --models fin din dnn --out $(DEMO)/report
+	$(FIN) promote --models $(DEMO)/models --name fin --version 1 --report $(DEMO)/report/report.json
 	@# serve on loopback, replay three logged requests through gRPC, then stop the server (SIGTERM drains it)
 	$(FIN) serve --models $(DEMO)/models --feast-repo $(DEMO)/features/feast --port $(DEMO_PORT) & pid=$$!; \
 	  $(FIN) score --addr 127.0.0.1:$(DEMO_PORT) --replay $(DEMO)/features --requests 3 --wait 120; rc=$$?; \

@@ -22,7 +22,7 @@ from features import contract
 from fin.artifact import Artifact
 from fin.auction import AuctionConfig, auction
 from fin.data import ROW_IDS, ExampleStream, dataset_folder
-from fin.metrics import auc, calibration, gauc, logloss
+from fin.metrics import auc, calibration, calibration_curve, gauc, logloss
 from fin.revenue import ReplayConfig, evaluate_policies, logged_candidates, logging_slate
 
 ORACLE = "oracle"
@@ -58,6 +58,7 @@ def metrics(labels: np.ndarray, scores: np.ndarray, users: np.ndarray, slots: np
     by_city = {str(int(c)): auc(labels[cities == c], scores[cities == c]) for c in np.unique(cities)}
     return {"examples": int(labels.size), "auc": auc(labels, scores), "gauc": gauc(labels, scores, users),
             "logloss": logloss(labels, scores), "calibration": calibration(labels, scores),
+            "calibration_curve": calibration_curve(labels, scores),
             "auc_by_meal_slot": by_slot, "auc_by_city": by_city}
 
 
@@ -218,8 +219,12 @@ def _finite(value):
 
 
 def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
+    """report.json, report.md and the plots (PNG) in `out`."""
+    from fin.report_plots import write_plots
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(_finite(report), indent=2, sort_keys=True) + "\n")
     (out / "report.md").write_text(markdown(report))
+    write_plots(report, out)
     return out / "report.json", out / "report.md"

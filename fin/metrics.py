@@ -57,3 +57,12 @@ def calibration(labels: np.ndarray, probs: np.ndarray) -> float:
     """Sum of predicted click probabilities over observed clicks (1.0 = calibrated)."""
     clicks = float(np.sum(labels))
     return float(np.sum(probs)) / clicks if clicks else float("nan")
+
+
+def calibration_curve(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    """Equal-count bins of the predictions: each bin's mean prediction, observed click rate and size."""
+    order = np.argsort(probs, kind="mergesort")
+    groups = [g for g in np.array_split(order, min(bins, probs.size)) if g.size]
+    return {"predicted": [float(probs[g].mean()) for g in groups],
+            "observed": [float(labels[g].mean()) for g in groups],
+            "count": [int(g.size) for g in groups]}

@@ -32,7 +32,10 @@ def test_report_compares_models_with_the_oracle(trained_models, features_job):
     out, _ = features_job
     report = evaluate(out / "data", [load_artifact(p) for p in trained_models[1].values()], "test")
     frame = examples(out / "data", "test")
-    assert set(report["models"]) == {"fin/1", "dnn/1"} and report["examples"] == frame.height
+    assert set(report["models"]) == {"fin/1", "dnn/1"}
+    for plot in ("calibration.png", "auc_by_meal_slot.png", "revenue.png"):
+        assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+    assert "## Revenue replay" in (tmp_path / "report" / "report.md").read_text() and report["examples"] == frame.height
     oracle = report[ORACLE]
     assert abs(oracle["auc"] - auc(frame["label"].to_numpy(), frame["oracle_click_prob"].to_numpy())) < 1e-12
     assert oracle["auc"] > max(m["auc"] for m in report["models"].values())  # the ceiling is a ceiling here
@@ -95,6 +98,9 @@ def test_cli_writes_markdown_and_strict_json(trained_models, features_job, tmp_p
     report = json.loads((tmp_path / "report" / "report.json").read_text(),
                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # no NaN / Infinity
     assert set(report["models"]) == {"fin/1", "dnn/1"}
+    for plot in ("calibration.png", "auc_by_meal_slot.png", "revenue.png"):
+        assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+    assert "## Revenue replay" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Evaluation on test")
     missing = run_fin("evaluate", "--data", str(out / "data"), "--repo", str(models), "--models", "sim",
                       "--out", str(tmp_path / "r2"))
