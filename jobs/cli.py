@@ -196,6 +196,48 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from jobs.schedule import Scheduler, load_schedule
+
+    try:
+        config = load_schedule(args.config)
+    except (OSError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    scheduler = Scheduler(config, say=lambda line: print(line, flush=True))
+    try:
+        while True:
+            runs = scheduler.tick()
+            failed = [r for r in runs if r["status"] == "failed" and r["next_attempt"] is None]
+            if args.once:
+                print(f"{len(runs)} run(s); {len(failed)} failed for good" if runs else "nothing due")
+                return 1 if failed else 0
+            _time.sleep(args.poll_s)
+    finally:
+        scheduler.close()
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from jobs.schedule import RunStore, load_schedule
+
+    try:
+        config = load_schedule(args.config)
+    except (OSError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    store = RunStore(config.state)
+    rows = store.all()
+    store.close()
+    print("| run | status | attempts | started (UTC) | seconds | outputs / error |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        started = dt.datetime.fromtimestamp(r["started"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        detail = r["error"] or r["outputs"]
+        retry = "" if r["next_attempt"] is None or r["status"] == "done" else " (retry pending)"
+        print(f"| {r['run_id']} | {r['status']}{retry} | {r['attempts']} | {started} | {r['seconds']:.1f} | {detail} |")
+    return 0
+
+
 # ---------------------------------------------------------------------------- serve / score
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
@@ -486,6 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpm-tolerance", type=float, default=gate.rpm_tolerance,
                    help=f"share of SNIPS RPM it may lose (default {gate.rpm_tolerance})")
     p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("schedule", help="run the daily features -> train -> evaluate -> promote chain",
+                       description="Runs the scheduled jobs of a schedule file (configs/jobs.yaml): each data "
+                                   "date's features, train, evaluate and promote, by cron expression and "
+                                   "dependency, with retries and backoff; run state in a sqlite database. "
+                                   "--once runs what is due and exits (for cron or an external orchestrator).")
+    p.add_argument("--config", required=True, type=Path, help="schedule YAML (see configs/jobs.yaml)")
+    p.add_argument("--once", action="store_true", help="run what is due now, then exit (1 if a run failed for good)")
+    p.add_argument("--poll-s", type=float, default=60.0, help="seconds between checks when not --once (default 60)")
+    p.set_defaults(func=_cmd_schedule)
+
+    p = sub.add_parser("runs", help="list the scheduled runs and their status",
+                       description="Prints the run history of a schedule's database as a markdown table.")
+    p.add_argument("--config", required=True, type=Path, help="schedule YAML (see configs/jobs.yaml)")
+    p.set_defaults(func=_cmd_runs)
 
     p = sub.add_parser("score", help="send ScoreRequests to a server and print the responses",
                        description="A small client of the CTR scoring API: sends one ScoreRequest written in "

@@ -5,7 +5,7 @@ import pytest
 from jobs.cli import build_parser
 from tests.conftest import run_fin
 
-SUBCOMMANDS = ["simulate", "validate", "features", "convert-eleme", "train", "evaluate", "promote", "serve", "score"]
+SUBCOMMANDS = ["simulate", "validate", "features", "convert-eleme", "train", "evaluate", "promote", "schedule", "runs", "serve", "score"]
 
 
 def test_every_subcommand_has_help():

@@ -1,0 +1,257 @@
+"""`fin schedule`: the daily chain features -> train -> evaluate -> promote, one run of each job per data date.
+
+A data date is a local day of logs; at the local time `now`, the chain of yesterday is the one due (older
+dates are not caught up: every job works on all logs so far, and the newest data supersedes them). A job
+with a cron expression is due once it has fired after its data date ended; a job with `after` once that
+job is done for the same date. Run state lives in a small sqlite database: run id = job:date, status,
+attempts, outputs, timings, the error. A job done for a date is never run again; a failed one is retried
+after `backoff_s x 2^(attempt - 1)` up to `retries` more times, then stays failed and is reported.
+
+Each run is the `fin` command of its job, run as a process with its output in STATE/logs/; the features
+job runs on a local Ray it starts, or on the Ray cluster at `ray_address`. Train makes a new version of
+`model`; evaluate scores it beside the current serving default (and `baselines`) with revenue replay;
+promote makes it the default only through the gate (`fin.promotion`), and a running server picks the
+promotion up at its next repository scan.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from fin.artifact import promoted
+from fin.promotion import PromotionGate
+from jobs.cron import Cron
+
+JOBS = ("features", "train", "evaluate", "promote")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    cron: str | None = None
+    after: str | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    state: Path  # the run database; job logs go to STATE's folder / logs
+    logs: Path
+    features: Path
+    models: Path
+    reports: Path  # one evaluation report per data date
+    model: str = "fin"
+    baselines: tuple[str, ...] = ()  # other models of the repository evaluated beside it (newest versions)
+    features_args: tuple[str, ...] = ()
+    train_args: tuple[str, ...] = ()
+    evaluate_args: tuple[str, ...] = ()
+    ray_address: str | None = None
+    utc_offset_hours: float = 8.0  # the local time of cron expressions and data dates
+    retries: int = 2
+    backoff_s: float = 60.0
+    timeout_s: float = 6 * 3600.0  # per run
+    gate: PromotionGate = field(default_factory=PromotionGate)
+    jobs: dict[str, JobSpec] = field(default_factory=lambda: {
+        "features": JobSpec(cron="30 2 * * *"), "train": JobSpec(after="features"),
+        "evaluate": JobSpec(after="train"), "promote": JobSpec(after="evaluate")})
+
+    def __post_init__(self):
+        for name, spec in self.jobs.items():
+            if name not in JOBS:
+                raise ValueError(f"unknown job {name!r}: jobs are {', '.join(JOBS)}")
+            if spec.after is not None and spec.after not in self.jobs:
+                raise ValueError(f"job {name} runs after {spec.after!r}, which is not scheduled")
+            if spec.cron is None and spec.after is None:
+                raise ValueError(f"job {name} needs a cron expression or a job to run after")
+            if spec.cron is not None:
+                Cron(spec.cron)  # fails early on a bad expression
+
+
+def load_schedule(path: str | Path) -> ScheduleConfig:
+    """A schedule YAML file; relative paths are relative to the file's folder."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    root = path.parent
+    paths = {k: root / raw.pop(k) for k in ("state", "logs", "features", "models", "reports") if k in raw}
+    missing = {"state", "logs", "features", "models", "reports"} - set(paths)
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(sorted(missing))}")
+    jobs = {name: JobSpec(**(spec or {})) for name, spec in raw.pop("jobs", {}).items()} or None
+    gate = PromotionGate(**raw.pop("gate", {}))
+    lists = {k: tuple(str(x) for x in raw.pop(k)) for k in ("baselines", "features_args", "train_args",
+                                                             "evaluate_args") if k in raw}
+    try:
+        return ScheduleConfig(**paths, **lists, **raw, gate=gate, **({"jobs": jobs} if jobs else {}))
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+class RunStore:
+    """Run history in sqlite: one row per run (job, data date)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path)
+        self.db.execute("""CREATE TABLE IF NOT EXISTS runs (
+            run_id TEXT PRIMARY KEY, job TEXT, data_date TEXT, status TEXT, attempts INTEGER,
+            next_attempt REAL, started REAL, finished REAL, seconds REAL, outputs TEXT, error TEXT)""")
+        self.db.commit()
+
+    def get(self, run_id: str) -> dict | None:
+        cur = self.db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        row = cur.fetchone()
+        return None if row is None else dict(zip([c[0] for c in cur.description], row))
+
+    def put(self, run: dict) -> None:
+        columns = list(run)
+        self.db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                        [run[c] for c in columns])
+        self.db.commit()
+
+    def all(self) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM runs ORDER BY data_date, started")
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def unfinished_dates(self) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT data_date FROM runs WHERE status = 'failed' AND next_attempt IS NOT NULL")]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _fin(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", *args]
+
+
+class Scheduler:
+    def __init__(self, config: ScheduleConfig, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 say: Callable[[str], None] = lambda _: None):
+        self.config, self.clock, self.say = config, clock, say
+        self.store = RunStore(config.state)
+        self.order = self._order()
+
+    def _order(self) -> list[str]:
+        """Jobs, each after the one it depends on."""
+        done: list[str] = []
+        while len(done) < len(self.config.jobs):
+            ready = [n for n, s in self.config.jobs.items() if n not in done and (s.after is None or s.after in done)]
+            if not ready:
+                raise ValueError("the schedule's job dependencies form a cycle")
+            done += ready
+        return done
+
+    def _local(self, t: datetime) -> datetime:
+        return (t.astimezone(timezone.utc) + timedelta(hours=self.config.utc_offset_hours)).replace(tzinfo=None)
+
+    def tick(self) -> list[dict]:
+        """Run every job that is due now (in dependency order, each date's chain as far as it goes);
+        returns the runs made."""
+        now = self._local(self.clock())
+        dates = sorted({(now.date() - timedelta(days=1)).isoformat(), *self.store.unfinished_dates()})
+        made = []
+        for day in dates:
+            for job in self.order:
+                run = self._maybe_run(job, day, now)
+                if run is not None:
+                    made.append(run)
+        return made
+
+    def _due(self, job: str, day: str, now: datetime) -> bool:
+        spec = self.config.jobs[job]
+        if spec.after is not None:
+            before = self.store.get(f"{spec.after}:{day}")
+            if before is None or before["status"] != "done":
+                return False
+        if spec.cron is not None:
+            day_end = datetime.combine(date.fromisoformat(day) + timedelta(days=1), datetime.min.time())
+            return Cron(spec.cron).next_fire(day_end) <= now
+        return True
+
+    def _maybe_run(self, job: str, day: str, now: datetime) -> dict | None:
+        run_id = f"{job}:{day}"
+        previous = self.store.get(run_id)
+        if previous is not None and (previous["status"] == "done" or previous["next_attempt"] is None
+                                     or self._local(datetime.fromtimestamp(previous["next_attempt"], timezone.utc))
+                                     > now):
+            return None
+        if not self._due(job, day, now):
+            return None
+        attempts = (previous["attempts"] if previous else 0) + 1
+        started = self.clock().timestamp()
+        self.say(f"{run_id}: attempt {attempts}")
+        t = time.perf_counter()
+        try:
+            outputs, error = getattr(self, f"_{job}")(day, attempts), None
+        except Exception as e:  # noqa: BLE001 - a failed run is recorded and retried, the scheduler goes on
+            outputs, error = {}, str(e)
+        seconds = time.perf_counter() - t
+        retry = error is not None and attempts <= self.config.retries
+        run = {"run_id": run_id, "job": job, "data_date": day, "status": "failed" if error else "done",
+               "attempts": attempts, "started": started, "finished": started + seconds,
+               "next_attempt": started + self.config.backoff_s * 2 ** (attempts - 1) if retry else None,
+               "seconds": round(seconds, 3), "outputs": json.dumps(outputs), "error": error}
+        self.store.put(run)
+        self.say(f"{run_id}: {run['status']}" + (f" ({error.splitlines()[-1] if error else ''})" if error else ""))
+        return run
+
+    # ---------------------------------------------------------------------------- the jobs
+    def _command(self, run_id: str, attempt: int, args: list[str]) -> str:
+        """Run one fin command; its output goes to STATE/logs/<run>.<attempt>.log. Returns stdout."""
+        logs = self.config.state.parent / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(_fin(*args), capture_output=True, text=True, timeout=self.config.timeout_s)
+        (logs / f"{run_id.replace(':', '_')}.{attempt}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            raise RuntimeError(f"fin {args[0]} exited {proc.returncode}: {lines[-1] if lines else ''}")
+        return proc.stdout
+
+    def _outputs(self, job: str, day: str) -> dict:
+        return json.loads(self.store.get(f"{job}:{day}")["outputs"])
+
+    def _features(self, day: str, attempt: int) -> dict:
+        c = self.config
+        ray = ["--ray-address", c.ray_address] if c.ray_address else []
+        self._command(f"features:{day}", attempt, ["features", "--logs", str(c.logs), "--out", str(c.features),
+                                                   *ray, *c.features_args])
+        return {"features": str(c.features)}
+
+    def _train(self, day: str, attempt: int) -> dict:
+        c = self.config
+        out = self._command(f"train:{day}", attempt, ["train", "--data", str(c.features), "--out", str(c.models),
+                                                      "--model", c.model, "--name", c.model, *c.train_args])
+        folder = Path(out.strip().splitlines()[-1])
+        return {"artifact": str(folder), "version": int(folder.name)}
+
+    def _evaluate(self, day: str, attempt: int) -> dict:
+        c = self.config
+        new = self._outputs("train", day)["version"]
+        current = promoted(c.models, c.model)
+        specs = [f"{c.model}/{new}", *([f"{c.model}/{current}"] if current not in (None, new) else []),
+                 *c.baselines]
+        report = c.reports / day
+        self._command(f"evaluate:{day}", attempt, ["evaluate", "--data", str(c.features), "--repo", str(c.models),
+                                                   "--models", *specs, "--out", str(report), *c.evaluate_args])
+        return {"report": str(report / "report.json"), "models": specs}
+
+    def _promote(self, day: str, attempt: int) -> dict:
+        c = self.config
+        new, report = self._outputs("train", day)["version"], Path(self._outputs("evaluate", day)["report"])
+        self._command(f"promote:{day}", attempt, [
+            "promote", "--models", str(c.models), "--name", c.model, "--version", str(new), "--report", str(report),
+            "--auc-tolerance", str(c.gate.auc_tolerance), "--rpm-tolerance", str(c.gate.rpm_tolerance)])
+        decision = json.loads((report.parent / "promotion.json").read_text())
+        return {"version": new, "promoted": decision["promote"], "reasons": decision["reasons"]}
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,108 @@
+"""`fin schedule`: cron expressions, and two simulated days through features -> train -> evaluate -> promote
+on a fake clock, against the real jobs (the features job on a real local Ray): a failed run is retried
+after its backoff, a done run never again, and a worse model is kept but not promoted."""
+
+import dataclasses
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from features.simulator import load_sim_config, simulate
+from fin.artifact import promoted
+from fin.promotion import PromotionGate
+from jobs.cron import Cron
+from jobs.schedule import ScheduleConfig, Scheduler, load_schedule
+from tests.conftest import ROOT, run_fin
+
+
+def test_cron_next_fire():
+    daily = Cron("30 2 * * *")
+    assert daily.next_fire(datetime(2026, 3, 5, 1, 0)) == datetime(2026, 3, 5, 2, 30)
+    assert daily.next_fire(datetime(2026, 3, 5, 2, 30)) == datetime(2026, 3, 5, 2, 30)
+    assert daily.next_fire(datetime(2026, 3, 5, 2, 30, 1)) == datetime(2026, 3, 6, 2, 30)
+    assert Cron("0 */6 * * 1-5").next_fire(datetime(2026, 11, 27, 7, 1)) == datetime(2026, 11, 27, 12, 0)  # Friday
+    assert Cron("0 9 * * 0").next_fire(datetime(2026, 11, 27, 7, 1)) == datetime(2026, 11, 29, 9, 0)  # Sunday
+    assert Cron("0 0 1,15 * *").next_fire(datetime(2026, 11, 27)) == datetime(2026, 12, 1)
+    with pytest.raises(ValueError, match="outside 0-59"):
+        Cron("61 * * * *")
+    with pytest.raises(ValueError, match="5 fields"):
+        Cron("* * *")
+
+
+def test_the_shipped_schedule_loads():
+    config = load_schedule(ROOT / "configs" / "jobs.yaml")
+    assert config.model == "fin" and config.jobs["promote"].after == "evaluate"
+    assert config.logs == ROOT / "configs" / ".." / "demo_out" / "logs"
+
+
+class Clock:
+    def __init__(self, local: datetime, utc_offset_hours: float = 8):
+        self.t = (local - timedelta(hours=utc_offset_hours)).replace(tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, **delta) -> None:
+        self.t += timedelta(**delta)
+
+
+def test_two_days_through_the_chain(tmp_path):
+    logs = tmp_path / "logs"
+    sim = dict(days=24, **{"users.users": 200})  # 2026-03-02 .. 2026-03-25
+    simulate(load_sim_config(**sim), logs)
+    config = ScheduleConfig(
+        state=tmp_path / "schedule" / "runs.sqlite", logs=logs, features=tmp_path / "features",
+        models=tmp_path / "models", reports=tmp_path / "reports",
+        features_args=("--max-seq-len", "50", "--partitions", "2", "--validation-days", "2", "--test-days", "4",
+                       "--num-cpus", "2", "--no-materialize"),
+        train_args=("--epochs", "1", "--max-steps", "60", "--batch-size", "256", "--max-seq-len", "50"),
+        evaluate_args=("--bootstrap", "20"), retries=1, backoff_s=600,
+        gate=PromotionGate(auc_tolerance=0.01, rpm_tolerance=1.0))
+    clock = Clock(datetime(2026, 3, 26, 1, 0))  # local time, before the 02:30 cron
+    scheduler = Scheduler(config, clock)
+    assert scheduler.tick() == []  # nothing due yet
+
+    # day 1 (data date 2026-03-25): a corrupt log file fails the features run; it is retried after its backoff
+    part = sorted((logs / "behaviours").rglob("*.parquet"))[0]
+    saved = part.read_bytes()
+    part.write_bytes(b"not parquet")
+    clock.advance(hours=2)  # 03:00
+    runs = scheduler.tick()
+    assert [(r["run_id"], r["status"]) for r in runs] == [("features:2026-03-25", "failed")]
+    assert runs[0]["next_attempt"] is not None and "fin features exited" in runs[0]["error"]
+    part.write_bytes(saved)
+    clock.advance(minutes=5)
+    assert scheduler.tick() == []  # still backing off
+    clock.advance(minutes=6)
+    runs = scheduler.tick()
+    assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("train", "done"),
+                                                        ("evaluate", "done"), ("promote", "done")], runs
+    assert scheduler.store.get("features:2026-03-25")["attempts"] == 2
+    assert promoted(config.models, "fin") == 1  # the first version: nothing to compare with
+    assert scheduler.tick() == []  # done runs are not run again
+
+    # day 2 (2026-03-26): new logs arrive; this day's model is not trained (learning rates 0): worse
+    shutil.rmtree(logs)
+    simulate(load_sim_config(**{**sim, "days": 25}), logs)
+    untrained = dataclasses.replace(config, train_args=(*config.train_args, "--lr", "0", "--sparse-lr", "0"))
+    scheduler.close()
+    scheduler = Scheduler(untrained, clock)
+    clock.advance(days=1)
+    runs = scheduler.tick()
+    assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("train", "done"),
+                                                        ("evaluate", "done"), ("promote", "done")], runs
+    outputs = scheduler.store.get("promote:2026-03-26")["outputs"]
+    assert '"promoted": false' in outputs and "AUC" in outputs
+    assert promoted(config.models, "fin") == 1 and (config.models / "fin" / "2").is_dir()  # kept, not promoted
+    assert (config.reports / "2026-03-26" / "report.md").exists()
+    scheduler.close()
+
+    yaml = tmp_path / "jobs.yaml"
+    yaml.write_text("\n".join(f"{k}: {Path(v).resolve()}" for k, v in (
+        ("state", config.state), ("logs", logs), ("features", config.features), ("models", config.models),
+        ("reports", config.reports))))
+    listing = run_fin("runs", "--config", str(yaml))
+    assert listing.returncode == 0 and listing.stdout.count("| done |") == 8, listing.stdout + listing.stderr
+    assert "features:2026-03-25 | done | 2 |" in listing.stdout
