@@ -108,7 +108,7 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
         ts = one.ts.expand(candidates)
         frags = fragment(offsets, history, {"ts": ts, **{c: one.ids[c] for c in FRAGMENT_CONTEXT}}, loader.fragments)
         return Batch(label=one.label, ids=one.ids, stats=one.stats, ts=ts, history_offsets=offsets, history=history,
-                     fragments=frags, impression_id=one.impression_id)
+                     fragments=frags, row_id=one.row_id)
 
     out = {"user_history_events": len(timeline["ts"]), "candidates": candidates, "threads": torch.get_num_threads()}
     for kind in ("fin", "din"):

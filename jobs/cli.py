@@ -196,15 +196,21 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_config(path: Path):
+    from jobs.schedule import load_schedule
+
+    try:
+        return load_schedule(path)
+    except (OSError, ValueError) as e:
+        raise CommandError(str(e)) from None
+
+
 def _cmd_schedule(args: argparse.Namespace) -> int:
     import time as _time
 
-    from jobs.schedule import Scheduler, load_schedule
+    from jobs.schedule import Scheduler
 
-    try:
-        config = load_schedule(args.config)
-    except (OSError, ValueError) as e:
-        raise CommandError(str(e)) from None
+    config = _schedule_config(args.config)
     scheduler = Scheduler(config, say=lambda line: print(line, flush=True))
     try:
         while True:
@@ -219,13 +225,9 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    from jobs.schedule import RunStore, load_schedule
+    from jobs.schedule import RunStore
 
-    try:
-        config = load_schedule(args.config)
-    except (OSError, ValueError) as e:
-        raise CommandError(str(e)) from None
-    store = RunStore(config.state)
+    store = RunStore(_schedule_config(args.config).state)
     rows = store.all()
     store.close()
     print("| run | status | attempts | started (UTC) | seconds | outputs / error |")
