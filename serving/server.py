@@ -5,9 +5,10 @@ Per Score request: validate (INVALID_ARGUMENT with the field and the reason), pi
 when it is not loaded), read the user's features (one timeline read, cached; see serving.online), cut
 fragments and run one batched forward for all candidates, shared with the other requests waiting at
 that moment (serving.batching). The blocking parts (store reads, forwards) run on small thread pools
-with a fixed torch intra-op thread count, so the event loop keeps accepting calls. A request whose deadline has passed is answered DEADLINE_EXCEEDED, never late. Health is
-NOT_SERVING until a model has loaded; the repository is polled for new versions while serving; on
-SIGTERM/SIGINT health goes NOT_SERVING and in-flight calls drain before the process exits.
+with a fixed torch intra-op thread count, so the event loop keeps accepting calls. A request whose
+deadline has passed is answered DEADLINE_EXCEEDED, never late. Health is NOT_SERVING until a model has
+loaded; the repository is polled for new versions while serving; on SIGTERM/SIGINT health goes
+NOT_SERVING and in-flight calls drain before the process exits.
 """
 
 from __future__ import annotations
@@ -79,14 +80,14 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while scoring")
         values = ecpm(pctr, inputs.bids)
-        if not features.degraded:
+        if features.degraded:
+            self.metrics.degraded.inc()
+        else:
             self.metrics.cache.labels("timeline", "hit" if features.timeline_cached else "miss").inc()
             self.metrics.cache.labels("stats", "hit").inc(features.stats_hits)
             self.metrics.cache.labels("stats", "miss").inc(features.stats_misses)
-        if features.degraded:
-            self.metrics.degraded.inc()
-        elif features.timeline is None:
-            self.metrics.cold_start.inc()
+            if features.timeline is None:
+                self.metrics.cold_start.inc()
         response = pb.ScoreResponse(
             model_name=artifact.name, model_version=artifact.version,
             cold_start_user=features.timeline is None and not features.degraded,
