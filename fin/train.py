@@ -109,10 +109,12 @@ def _stderr(message: str) -> None:
 
 
 def train(data: str | Path, models: str | Path, config: TrainConfig = TrainConfig(), name: str | None = None,
-          log: Log = _stderr) -> Path:
-    """Train `config.model` on the features job's output `data`; returns the new artifact's folder."""
+          log: Log = _stderr, init_from: str | Path | None = None) -> Path:
+    """Train `config.model` on the features job's output `data`; returns the new artifact's folder. With
+    `init_from` (an artifact version folder of the same model kind and config), training starts from its
+    weights (a warm start, e.g. from yesterday's model) instead of a random initialisation."""
     name = name or config.model
-    args = (Path(data), Path(models), config, name)
+    args = (Path(data), Path(models), config, name, None if init_from is None else Path(init_from))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: this process is one worker
         return _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *args, log)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), LOCAL_WORLD_SIZE=str(config.workers))
@@ -133,7 +135,8 @@ def _spawned(rank: int, world: int, *args) -> None:
     _worker(rank, world, *args, _stderr if rank == 0 else (lambda message: None))
 
 
-def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig, name: str, log: Log) -> Path:
+def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig, name: str,
+            init_from: Path | None, log: Log) -> Path:
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
     local_world = int(os.environ["LOCAL_WORLD_SIZE"])
     device = torch.device(f"cuda:{rank % local_world}") if torch.cuda.is_available() else torch.device("cpu")
@@ -143,22 +146,35 @@ def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        return _fit(rank, world, device, data, models, config, name, log)
+        return _fit(rank, world, device, data, models, config, name, init_from, log)
     finally:
         dist.destroy_process_group()
 
 
-def _fit(rank, world, device, data, models, config, name, log) -> Path | None:
+def _warm_start(model: torch.nn.Module, init_from: Path, config: TrainConfig) -> None:
+    """Load an artifact's weights into the unsharded model (sharding keeps them: tested)."""
+    from fin.artifact import load_artifact
+
+    artifact = load_artifact(init_from)
+    if artifact.meta["model"] != config.model or to_dict(artifact.model.config) != to_dict(config.model_config):
+        raise ValueError(f"cannot start from {init_from}: it is a {artifact.meta['model']} model with another "
+                         f"config than this {config.model} run's")
+    model.load_state_dict(artifact.model.state_dict())
+
+
+def _fit(rank, world, device, data, models, config, name, init_from, log) -> Path | None:
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     torch.manual_seed(config.seed)
-    model = shard(MODELS[config.model](config.model_config), device, config.sharding, config.sparse_lr,
-                  int(os.environ["LOCAL_WORLD_SIZE"]))
+    model = MODELS[config.model](config.model_config)
+    if init_from is not None:
+        _warm_start(model, init_from, config)
+    model = shard(model, device, config.sharding, config.sparse_lr, int(os.environ["LOCAL_WORLD_SIZE"]))
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=config.lr))
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
-    checkpoints = Checkpoints(models / name / ".checkpoint", _fingerprint(data, config))
+    checkpoints = Checkpoints(models / name / ".checkpoint", _fingerprint(data, config, init_from))
     progress = checkpoints.restore(model, optimizer, dense, log)
     log(f"train {name}: {config.model}, {world} worker(s) on {device.type}, tables {_plan_text(model)}")
 
@@ -195,7 +211,7 @@ def _fit(rank, world, device, data, models, config, name, log) -> Path | None:
                 "epochs": progress.epoch, "best_epoch": progress.best_epoch, "history": progress.history,
                 "examples": progress.examples, "seconds": round(progress.seconds, 3),
                 "examples_per_s": progress.examples / max(progress.seconds, 1e-9), "train_config": to_dict(config),
-                "data": str(data)}
+                "data": str(data), "init_from": None if init_from is None else str(init_from)}
     folder = save_artifact(models, name, config.model, checkpoints.best(), config.model_config, config.loader,
                            {"validation_auc": progress.best_auc}, training)
     checkpoints.clear()
@@ -243,9 +259,10 @@ def _validation_auc(model, stream: ExampleStream, device: torch.device) -> float
     return -math.inf if math.isnan(value) else value
 
 
-def _fingerprint(data: Path, config: TrainConfig) -> dict:
+def _fingerprint(data: Path, config: TrainConfig, init_from: Path | None = None) -> dict:
     """What must match for a checkpoint to be resumed."""
-    return {"data": str(data.resolve()), "config": to_dict(config), "world": dist.get_world_size()}
+    return {"data": str(data.resolve()), "config": to_dict(config), "world": dist.get_world_size(),
+            "init_from": None if init_from is None else str(init_from.resolve())}
 
 
 class Checkpoints:

@@ -134,7 +134,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "lr": args.lr, "sparse_lr": args.sparse_lr, "patience": args.patience, "max_steps": args.max_steps,
         "seed": args.seed, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
     })
-    print(train(args.data, args.out, config, name=args.name))  # stdout: the artifact folder, for scripts
+    if args.init_from is not None and not (args.init_from / "artifact.json").is_file():
+        raise CommandError(f"--init-from {args.init_from} is not an artifact version folder (MODELS/NAME/VERSION)")
+    # stdout: the artifact folder, for scripts
+    print(train(args.data, args.out, config, name=args.name, init_from=args.init_from))
     return 0
 
 
@@ -451,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, help="epochs without a better validation AUC before stopping")
     p.add_argument("--sharding", help="table sharding: table_wise (default), row_wise or auto (the planner's choice)")
     p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--init-from", type=Path,
+                   help="start from this artifact's weights (MODELS/NAME/VERSION of the same model and config)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="compare model artifacts on a split: AUC, GAUC, calibration, RPM replay",

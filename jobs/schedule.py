@@ -9,7 +9,7 @@ after `backoff_s x 2^(attempt - 1)` up to `retries` more times, then stays faile
 
 Each run is the `fin` command of its job, run as a process with its output in STATE/logs/; the features
 job runs on a local Ray it starts, or on the Ray cluster at `ray_address`. Train makes a new version of
-`model`; evaluate scores it beside the current serving default (and `baselines`) with revenue replay;
+`model`, starting from the serving default's weights (`warm_start`); evaluate scores it beside the current serving default (and `baselines`) with revenue replay;
 promote makes it the default only through the gate (`fin.promotion`), and a running server picks the
 promotion up at its next repository scan.
 """
@@ -54,6 +54,7 @@ class ScheduleConfig:
     train_args: tuple[str, ...] = ()
     evaluate_args: tuple[str, ...] = ()
     ray_address: str | None = None
+    warm_start: bool = True  # train from the serving default's weights (else from scratch)
     utc_offset_hours: float = 8.0  # the local time of cron expressions and data dates
     retries: int = 2
     backoff_s: float = 60.0
@@ -228,10 +229,12 @@ class Scheduler:
 
     def _train(self, day: str, attempt: int) -> dict:
         c = self.config
+        current = promoted(c.models, c.model)
+        start = ["--init-from", str(c.models / c.model / str(current))] if c.warm_start and current else []
         out = self._command(f"train:{day}", attempt, ["train", "--data", str(c.features), "--out", str(c.models),
-                                                      "--model", c.model, "--name", c.model, *c.train_args])
+                                                      "--model", c.model, "--name", c.model, *start, *c.train_args])
         folder = Path(out.strip().splitlines()[-1])
-        return {"artifact": str(folder), "version": int(folder.name)}
+        return {"artifact": str(folder), "version": int(folder.name), "init_from": current}
 
     def _evaluate(self, day: str, attempt: int) -> dict:
         c = self.config

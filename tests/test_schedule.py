@@ -1,6 +1,7 @@
 """`fin schedule`: cron expressions, and two simulated days through features -> train -> evaluate -> promote
 on a fake clock, against the real jobs (the features job on a real local Ray): a failed run is retried
-after its backoff, a done run never again, and a worse model is kept but not promoted."""
+after its backoff, a done run never again, a worse model is kept but not promoted, and training starts
+from the serving default's weights."""
 
 import dataclasses
 import shutil
@@ -83,10 +84,12 @@ def test_two_days_through_the_chain(tmp_path):
     assert promoted(config.models, "fin") == 1  # the first version: nothing to compare with
     assert scheduler.tick() == []  # done runs are not run again
 
-    # day 2 (2026-03-26): new logs arrive; this day's model is not trained (learning rates 0): worse
+    # day 2 (2026-03-26): new logs arrive; this day's model starts from scratch and is not trained
+    # (learning rates 0): worse
     shutil.rmtree(logs)
     simulate(load_sim_config(**{**sim, "days": 25}), logs)
-    untrained = dataclasses.replace(config, train_args=(*config.train_args, "--lr", "0", "--sparse-lr", "0"))
+    untrained = dataclasses.replace(config, train_args=(*config.train_args, "--lr", "0", "--sparse-lr", "0"),
+                                    warm_start=False)
     scheduler.close()
     scheduler = Scheduler(untrained, clock)
     clock.advance(days=1)
@@ -99,10 +102,21 @@ def test_two_days_through_the_chain(tmp_path):
     assert (config.reports / "2026-03-26" / "report.md").exists()
     scheduler.close()
 
+    # day 3: warm start from the serving default (fin/1) with learning rates 0 gives fin/1's model again:
+    # not worse, promoted
+    warm = dataclasses.replace(untrained, warm_start=True)
+    scheduler = Scheduler(warm, clock)
+    clock.advance(days=1)
+    runs = scheduler.tick()
+    assert [(r["job"], r["status"]) for r in runs][-1] == ("promote", "done"), runs
+    assert '"init_from": 1' in scheduler.store.get("train:2026-03-27")["outputs"]
+    assert promoted(config.models, "fin") == 3
+    scheduler.close()
+
     yaml = tmp_path / "jobs.yaml"
     yaml.write_text("\n".join(f"{k}: {Path(v).resolve()}" for k, v in (
         ("state", config.state), ("logs", logs), ("features", config.features), ("models", config.models),
         ("reports", config.reports))))
     listing = run_fin("runs", "--config", str(yaml))
-    assert listing.returncode == 0 and listing.stdout.count("| done |") == 8, listing.stdout + listing.stderr
+    assert listing.returncode == 0 and listing.stdout.count("| done |") == 12, listing.stdout + listing.stderr
     assert "features:2026-03-25 | done | 2 |" in listing.stdout

@@ -86,6 +86,20 @@ def test_two_workers_train_like_one(one_worker, features_job, tmp_path):
     assert _max_difference(_weights(one_worker), _weights(two)) < 1e-3 * moved * 10  # ... and 2 workers the same way
 
 
+def test_warm_start_begins_at_the_given_artifact(one_worker, features_job, tmp_path):
+    """With learning rates 0, a run warm-started from an artifact ends with that artifact's weights exactly
+    (row-wise sharding on 2 workers too: sharding keeps the loaded tables); a mismatched model is refused."""
+    out, _ = features_job
+    still = train(out / "data", tmp_path, _config(lr=0.0, sparse_lr=0.0, max_steps=2), name="still", init_from=one_worker)
+    assert _max_difference(_weights(one_worker), _weights(still)) == 0
+    assert json.loads((still / "artifact.json").read_text())["training"]["init_from"] == str(one_worker)
+    two = train(out / "data", tmp_path, _config(lr=0.0, sparse_lr=0.0, max_steps=2, workers=2, sharding="row_wise"),
+                name="still2", init_from=one_worker)
+    assert _max_difference(_weights(one_worker), _weights(two)) == 0
+    with pytest.raises(ValueError, match="cannot start from"):
+        train(out / "data", tmp_path, _config(model="dnn", max_steps=1), name="other", init_from=one_worker)
+
+
 def test_early_stop_keeps_the_best_epoch(features_job, tmp_path):
     out, _ = features_job
     folder = train(out / "data", tmp_path, _config(epochs=4, patience=1, max_steps=1, lr=0.0, sparse_lr=0.0))
