@@ -118,6 +118,8 @@ def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
         preds = frame.select("candidate_id").join(predict(artifact, data, split, progress=progress,
                                                           dataset="candidates"),
                                                   on="candidate_id", how="left", maintain_order="left")
+        if preds[SCORE].null_count():
+            raise ValueError(f"{artifact.path}: no prediction for {preds[SCORE].null_count()} candidates")
         policies[f"{artifact.name}/{artifact.version}"] = (*auction(request, preds[SCORE].to_numpy(), bid, config),
                                                            False)
     if logged.oracle is not None:
