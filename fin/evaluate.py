@@ -43,6 +43,17 @@ def predict(artifact: Artifact, data: str | Path, split: str = "test", batch_siz
     return pl.DataFrame({ROW_IDS[dataset]: np.concatenate(ids), SCORE: np.concatenate(scores).astype(np.float64)})
 
 
+def _scores(artifact: Artifact, data: str | Path, split: str, frame: pl.DataFrame, dataset: str,
+            progress: Callable[[int], None] | None) -> np.ndarray:
+    """The artifact's pCTR of each row of `frame` (rows of `dataset`), in its order; every row must get one."""
+    key = ROW_IDS[dataset]
+    preds = frame.select(key).join(predict(artifact, data, split, progress=progress, dataset=dataset),
+                                   on=key, how="left", maintain_order="left")
+    if preds[SCORE].null_count():
+        raise ValueError(f"{artifact.path}: no prediction for {preds[SCORE].null_count()} {dataset}")
+    return preds[SCORE].to_numpy()
+
+
 def examples(data: str | Path, split: str = "test") -> pl.DataFrame:
     """The columns evaluation reads, one row per example of `split`."""
     columns = ["impression_id", "user_id", "label", "time_type", "city_id", *contract.ORACLE_COLUMNS]
@@ -77,12 +88,9 @@ def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
 
     models = {}
     for artifact in artifacts:
-        preds = frame.select("impression_id").join(predict(artifact, data, split, progress=progress),
-                                                   on="impression_id", how="left", maintain_order="left")
-        if preds[SCORE].null_count():
-            raise ValueError(f"{artifact.path}: no prediction for {preds[SCORE].null_count()} examples")
         models[f"{artifact.name}/{artifact.version}"] = {
-            "model": artifact.meta["model"], "path": str(artifact.path), **scored(preds[SCORE].to_numpy())}
+            "model": artifact.meta["model"], "path": str(artifact.path),
+            **scored(_scores(artifact, data, split, frame, "examples", progress))}
     report = {"data": str(data), "split": split, "examples": frame.height, "clicks": int(columns["label"].sum()),
               "models": models}
     oracle = contract.ORACLE_COLUMNS[0]
@@ -107,7 +115,9 @@ def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
         return None
     frame = pl.read_parquet(folder / "*.parquet")
     logged = logged_candidates(frame)
-    config = auction_config or AuctionConfig(slots=logged.slots)
+    config = auction_config or AuctionConfig()
+    if config.slots is None:
+        config = dataclasses.replace(config, slots=logged.slots)
     if config.slots > logged.slots:
         raise ValueError(f"the auction has {config.slots} slots but the logging policy's log has {logged.slots}")
     bid = frame["bid"].cast(pl.Float64).to_numpy()
@@ -115,13 +125,8 @@ def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
     policies = {LOGGING: (*logging_slate(logged, frame["logging_score"].cast(pl.Float64).to_numpy(), bid, config),
                           True)}
     for artifact in artifacts:
-        preds = frame.select("candidate_id").join(predict(artifact, data, split, progress=progress,
-                                                          dataset="candidates"),
-                                                  on="candidate_id", how="left", maintain_order="left")
-        if preds[SCORE].null_count():
-            raise ValueError(f"{artifact.path}: no prediction for {preds[SCORE].null_count()} candidates")
-        policies[f"{artifact.name}/{artifact.version}"] = (*auction(request, preds[SCORE].to_numpy(), bid, config),
-                                                           False)
+        pctr = _scores(artifact, data, split, frame, "candidates", progress)
+        policies[f"{artifact.name}/{artifact.version}"] = (*auction(request, pctr, bid, config), False)
     if logged.oracle is not None:
         policies[ORACLE] = (*auction(request, logged.oracle[:, 0], bid, config), False)
     models = [f"{a.name}/{a.version}" for a in artifacts]
