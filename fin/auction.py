@@ -22,13 +22,13 @@ RULES = ("gsp", "first_price")
 @dataclass(frozen=True)
 class AuctionConfig:
     rule: str = "gsp"
-    slots: int = 5  # ads shown per request
+    slots: int | None = None  # ads shown per request; None: as many as the logging policy showed (replay sets it)
     reserve: float = 0.0  # least price per click; candidates that bid less are not shown
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"auction rule {self.rule!r} is not one of {', '.join(RULES)}")
-        if self.slots < 1 or self.reserve < 0:
+        if (self.slots is not None and self.slots < 1) or self.reserve < 0:
             raise ValueError(f"an auction needs slots >= 1 and reserve >= 0, got {self.slots} and {self.reserve}")
 
 
@@ -50,6 +50,8 @@ def prices(request: np.ndarray, rank: np.ndarray, quality: np.ndarray, bid: np.n
            config: AuctionConfig) -> np.ndarray:
     """Price per click of every candidate ranked within the first `slots` (0 for the others), given any
     ranking (`rank` -1: not ranked). GSP prices each ad with the ad ranked right below it."""
+    if config.slots is None:
+        raise ValueError("the auction's number of slots is not set")
     shown = (rank >= 0) & (rank < config.slots)
     if config.rule == "first_price":
         return np.where(shown, bid, 0.0)
@@ -64,7 +66,7 @@ def prices(request: np.ndarray, rank: np.ndarray, quality: np.ndarray, bid: np.n
 
 
 def auction(request: np.ndarray, quality: np.ndarray, bid: np.ndarray,
-            config: AuctionConfig = AuctionConfig()) -> tuple[np.ndarray, np.ndarray]:
+            config: AuctionConfig) -> tuple[np.ndarray, np.ndarray]:
     """Run every request's auction: the slot of each candidate (-1: not shown) and its price per click."""
     rank = ranks(request, quality * bid, bid >= config.reserve)
     return np.where(rank < config.slots, rank, -1), prices(request, rank, quality, bid, config)

@@ -149,9 +149,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fin.revenue import ReplayConfig
 
     artifacts = [load_artifact(resolve(spec, args.repo)) for spec in args.models]
-    try:  # the slots default to the logging policy's
-        auction = AuctionConfig(rule=args.auction, slots=args.slots or _logged_slots(args.data, args.split),
-                                reserve=args.reserve)
+    try:
+        auction = AuctionConfig(rule=args.auction, slots=args.slots, reserve=args.reserve)
     except ValueError as e:
         raise CommandError(str(e)) from None
     with _progress(None, "rows", "evaluate") as bar:
@@ -161,16 +160,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(markdown(report))
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
-
-
-def _logged_slots(data: Path, split: str) -> int:
-    """The slots of the logging policy, from the first logged candidate of the split."""
-    import polars as pl
-
-    from fin.data import dataset_folder
-
-    frame = pl.scan_parquet(dataset_folder(data) / "candidates" / split / "*.parquet").head(1).collect()
-    return int(frame["slot_propensities"].list.len()[0]) if frame.height else 1
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:

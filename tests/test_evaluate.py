@@ -68,7 +68,7 @@ def test_revenue_replay_ranks_every_logged_candidate(trained_models, features_jo
                                               on="candidate_id", maintain_order="left")
     logged = logged_candidates(frame)
     slot, price = auction(logged.request, preds["pctr"].to_numpy(), frame["bid"].cast(pl.Float64).to_numpy(),
-                          AuctionConfig())
+                          AuctionConfig(slots=5))
     true_clicks = np.where(slot >= 0, logged.oracle[np.arange(slot.size), np.clip(slot, 0, None)], 0)
     fin = rev["policies"]["fin/1"]
     assert fin["exact"]["rpm"] == pytest.approx(1000 * (true_clicks * price).sum() / logged.requests)

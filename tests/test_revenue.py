@@ -47,7 +47,7 @@ def _policies(frame: pl.DataFrame, config: AuctionConfig) -> dict[str, tuple[np.
 def test_snips_intervals_cover_the_exact_rpm(candidates):
     """On 10 disjoint sets of requests, each policy's SNIPS interval of RPM holds the exact expected RPM
     of the same policy on the same requests in most of them (95% intervals: about 9.5 of 10)."""
-    config = AuctionConfig()
+    config = AuctionConfig(slots=5)  # the simulator's
     chunks = candidates.with_columns((pl.col("request_id").hash(7) % 10).alias("chunk")).partition_by("chunk")
     covered: dict[str, int] = {}
     for chunk in chunks:
@@ -60,7 +60,7 @@ def test_snips_intervals_cover_the_exact_rpm(candidates):
 
 
 def test_estimators_hold_the_exact_value_and_rank_policies(candidates):
-    config = AuctionConfig()
+    config = AuctionConfig(slots=5)  # the simulator's
     logged = logged_candidates(candidates)
     results = {name: evaluate_policy(logged, slot, price, ReplayConfig(bootstrap=200), on_policy=name == "logging")
                for name, (slot, price) in _policies(candidates, config).items()}
