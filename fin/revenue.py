@@ -27,6 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
+
+from features.contract import CANDIDATE_ORACLE_COLUMNS
+from fin.auction import AuctionConfig, prices, ranks
 
 ESTIMATORS = ("replay", "ips", "snips")
 
@@ -58,6 +62,12 @@ class LoggedCandidates:
         return self.propensity.shape[1]
 
 
+def _interval(samples: np.ndarray, config: ReplayConfig, scale: float = 1.0) -> list[float]:
+    """The two-sided `config.level` percentile interval of bootstrap samples (NaN samples ignored)."""
+    tail = (1 - config.level) / 2 * 100
+    return [scale * float(np.nanpercentile(samples, q)) for q in (tail, 100 - tail)]
+
+
 def _per_request_slot(logged: LoggedCandidates, slot: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Sum of `values` [N] over the candidates at each (request, slot) -> [R, slots] (slot -1 dropped)."""
     out = np.zeros((logged.requests, logged.slots))
@@ -86,7 +96,6 @@ def evaluate_policies(logged: LoggedCandidates, policies: dict[str, tuple[np.nda
     results, samples = {}, {}
     for name, (slot, price, on_policy) in policies.items():
         results[name], samples[name] = _evaluate(logged, slot, price, on_policy, resamples, config)
-    tail = (1 - config.level) / 2 * 100
     for baseline in baselines:
         base = samples[baseline]
         for name in policies:
@@ -98,8 +107,7 @@ def evaluate_policies(logged: LoggedCandidates, policies: dict[str, tuple[np.nda
                     ratios = samples[name][i] / base[i] - 1
                 point = results[name]["snips"][metric] / results[baseline]["snips"][metric] - 1
                 lift[metric] = point
-                lift[f"{metric}_interval"] = [float(np.nanpercentile(ratios, tail)),
-                                              float(np.nanpercentile(ratios, 100 - tail))]
+                lift[f"{metric}_interval"] = _interval(ratios, config)
             results[name].setdefault("lift_over", {})[baseline] = lift
     return results
 
@@ -140,7 +148,6 @@ def _evaluate(logged: LoggedCandidates, slot: np.ndarray, price: np.ndarray, on_
 
     point = estimates(np.ones((1, r)))
     boot = estimates(resamples)
-    tail = (1 - config.level) / 2 * 100
     per_shown = 1.0 / shown_per_request if shown_per_request else 0.0
     result: dict = {"requests": r, "ads_shown_per_request": round(shown_per_request, 4),
                     "effective_sample_size": round(float(weight.sum() ** 2 / max((weight ** 2).sum(), 1e-12)), 1),
@@ -149,9 +156,9 @@ def _evaluate(logged: LoggedCandidates, slot: np.ndarray, price: np.ndarray, on_
         b_revenue, b_clicks = boot[name]
         result[name] = {
             "rpm": 1000 * float(point[name][0][0]),
-            "rpm_interval": [1000 * float(np.percentile(b_revenue, q)) for q in (tail, 100 - tail)],
+            "rpm_interval": _interval(b_revenue, config, 1000),
             "ctr": float(point[name][1][0]) * per_shown,
-            "ctr_interval": [float(np.percentile(b_clicks, q)) * per_shown for q in (tail, 100 - tail)],
+            "ctr_interval": _interval(b_clicks, config, per_shown),
         }
     if logged.oracle is not None:
         shown = slot >= 0
@@ -161,12 +168,10 @@ def _evaluate(logged: LoggedCandidates, slot: np.ndarray, price: np.ndarray, on_
     return result, (boot["snips"][0], boot["snips"][1] * per_shown)
 
 
-def logged_candidates(frame) -> LoggedCandidates:
-    """Arrays of an ad_candidates table (polars), requests numbered in order of first appearance."""
-    import polars as pl
-
+def logged_candidates(frame: pl.DataFrame) -> LoggedCandidates:
+    """Arrays of an ad_candidates table, requests numbered 0..R-1 in request id order."""
     frame = frame.with_columns(pl.col("request_id").rank("dense").cast(pl.Int64).alias("_request") - 1)
-    oracle = "oracle_slot_click_probs"
+    oracle = CANDIDATE_ORACLE_COLUMNS[0]
     return LoggedCandidates(
         request=frame["_request"].to_numpy(),
         position=frame["position"].fill_null(-1).cast(pl.Int64).to_numpy(),
@@ -179,11 +184,9 @@ def logged_candidates(frame) -> LoggedCandidates:
 
 
 def logging_slate(logged: LoggedCandidates, logging_score: np.ndarray, bid: np.ndarray,
-                  config) -> tuple[np.ndarray, np.ndarray]:
+                  config: AuctionConfig) -> tuple[np.ndarray, np.ndarray]:
     """The logging policy's own slots (what it showed) and its prices under `config`'s rule: its ranking
     is the logged order, then the unshown candidates by its score; its quality factor is score / bid."""
-    from fin.auction import prices, ranks
-
     shown = logged.position >= 0
     rest = ranks(logged.request, logging_score, ~shown)
     rank = np.where(shown, logged.position, logged.slots + rest)
