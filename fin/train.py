@@ -40,7 +40,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from fin.artifact import from_dict, resolve, save_artifact, to_dict
+from fin.artifact import from_dict, load_artifact, resolve, save_artifact, to_dict
 from fin.data import ExampleStream, LoaderConfig
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
@@ -153,8 +153,6 @@ def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig
 
 def _warm_start(model: torch.nn.Module, init_from: Path, config: TrainConfig) -> None:
     """Load an artifact's weights into the unsharded model (sharding keeps them: tested)."""
-    from fin.artifact import load_artifact
-
     artifact = load_artifact(init_from)
     if artifact.meta["model"] != config.model or to_dict(artifact.model.config) != to_dict(config.model_config):
         raise ValueError(f"cannot start from {init_from}: it is a {artifact.meta['model']} model with another "
