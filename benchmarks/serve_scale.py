@@ -120,17 +120,9 @@ class Server:
 
     def metric(self, name: str, **labels) -> float:
         """A metric summed over the server's processes."""
-        import urllib.request
+        from serving.metrics import scrape
 
-        from prometheus_client.parser import text_string_to_metric_families
-
-        total = 0.0
-        for url in self.metrics_urls:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                families = text_string_to_metric_families(r.read().decode())
-            total += sum(s.value for f in families for s in f.samples
-                         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-        return total
+        return sum(scrape(url, name, **labels) for url in self.metrics_urls)
 
     def processes(self) -> list[psutil.Process]:
         """The server's processes (not multiprocessing's helper processes)."""

@@ -37,3 +37,16 @@ class ServingMetrics:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+
+
+def scrape(url: str, name: str, **labels: str) -> float:
+    """The value of sample `name` with `labels` on a /metrics page (summed over matching samples; 0 when
+    absent): how clients and tests read a server's metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        families = text_string_to_metric_families(r.read().decode())
+    return sum(s.value for f in families for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from features.simulator import load_sim_config, simulate
 from jobs.features_job import FeaturesConfig, run_features
+from serving.metrics import scrape
 from serving.pb import ctr_scoring_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,15 +98,7 @@ class Running:
 
     def metric(self, name: str, process: int = 0, **labels) -> float:
         """One sample of a server process's Prometheus metrics (0 when absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(self.metrics_urls[process], timeout=5) as r:
-            text = r.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        return scrape(self.metrics_urls[process], name, **labels)
 
     def stop(self, close_channel: bool = True) -> tuple[int, str]:
         """SIGTERM, as an orchestrator stops the server; its exit status and stderr."""
