@@ -69,10 +69,13 @@ def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     """softmax(query keys^T * scale) values over each user's events where `mask` [U, L], fused
     (`scaled_dot_product_attention`); query [U, H, C, h], keys and values [U, H, L, h] (4-D: the fused CPU
     kernel takes nothing else). A user without events gets zeros: its first slot is unmasked for the
-    kernel (so no backend sees an all-masked row and no gradient is NaN) and its result is zeroed."""
+    kernel (so no backend sees an all-masked row and no gradient is NaN) and its result is zeroed. A batch
+    without any event gets one masked slot: the projections stay in the graph (zero gradients), which
+    DistributedModelParallel's static-graph replication requires of every step."""
     users, length = mask.shape
     if length == 0:
-        return query.new_zeros(*query.shape[:-1], values.shape[-1])
+        keys, values = F.pad(keys, (0, 0, 0, 1)), F.pad(values, (0, 0, 0, 1))
+        mask, length = mask.new_zeros(users, 1), 1
     empty = ~mask.any(-1)
     mask = torch.cat([mask[:, :1] | empty[:, None], mask[:, 1:]], dim=1)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask.view(users, 1, 1, length), scale=scale)

@@ -7,8 +7,10 @@ job is done for the same date. Run state lives in a small sqlite database: run i
 attempts, outputs, timings, the error. A job done for a date is never run again; a failed one is retried
 after `backoff_s x 2^(attempt - 1)` up to `retries` more times, then stays failed and is reported.
 
-Each run is the `fin` command of its job, run as a process with its output in STATE/logs/; the features
-job runs on a local Ray it starts, or on the Ray cluster at `ray_address`. Train makes a new version of
+Each run is the `fin` command of its job, with its output in STATE/logs/. Without `ray_address` it runs
+as a local process (the features job on a local Ray it starts); with `ray_address`, a cluster's dashboard
+address, it is submitted to that cluster through Ray's job submission API (`jobs.ray_jobs`), the features
+job joining the cluster it runs on. Train makes a new version of
 `model`, starting from the serving default's weights (`warm_start`); evaluate scores it beside the current serving default (and `baselines`) with revenue replay;
 promote makes it the default only through the gate (`fin.promotion`), and a running server picks the
 promotion up at its next repository scan.
@@ -31,6 +33,7 @@ import yaml
 from fin.artifact import promoted
 from fin.promotion import PromotionGate
 from jobs.cron import Cron
+from jobs.ray_jobs import RayJobTarget
 
 JOBS = ("features", "train", "evaluate", "promote")
 
@@ -53,7 +56,9 @@ class ScheduleConfig:
     features_args: tuple[str, ...] = ()
     train_args: tuple[str, ...] = ()
     evaluate_args: tuple[str, ...] = ()
-    ray_address: str | None = None
+    ray_address: str | None = None  # a Ray cluster's dashboard (http://HEAD:8265): runs are submitted there
+    ray_entrypoint: str = "fin"  # the fin command on the cluster's nodes
+    ray_runtime_env: dict = field(default_factory=dict)  # passed to Ray's job submission as is
     warm_start: bool = True  # train from the serving default's weights (else from scratch)
     utc_offset_hours: float = 8.0  # the local time of cron expressions and data dates
     retries: int = 2
@@ -65,6 +70,13 @@ class ScheduleConfig:
         "evaluate": JobSpec(after="train"), "promote": JobSpec(after="evaluate")})
 
     def __post_init__(self):
+        if self.ray_address is not None:
+            self.ray_target()  # fails early on an address that is not a dashboard's
+            relative = [k for k in ("state", "logs", "features", "models", "reports")
+                        if not getattr(self, k).is_absolute()]
+            if relative:
+                raise ValueError(f"with ray_address, {', '.join(relative)} must be absolute paths: "
+                                 "the runs' commands run on the cluster, in another folder")
         for name, spec in self.jobs.items():
             if name not in JOBS:
                 raise ValueError(f"unknown job {name!r}: jobs are {', '.join(JOBS)}")
@@ -75,12 +87,16 @@ class ScheduleConfig:
             if spec.cron is not None:
                 Cron(spec.cron)  # fails early on a bad expression
 
+    def ray_target(self) -> RayJobTarget | None:
+        return None if self.ray_address is None else RayJobTarget(self.ray_address, self.ray_entrypoint,
+                                                                  self.ray_runtime_env)
+
 
 def load_schedule(path: str | Path) -> ScheduleConfig:
     """A schedule YAML file; relative paths are relative to the file's folder."""
     path = Path(path)
     raw = yaml.safe_load(path.read_text()) or {}
-    root = path.parent
+    root = path.parent.absolute()
     paths = {k: root / raw.pop(k) for k in ("state", "logs", "features", "models", "reports") if k in raw}
     missing = {"state", "logs", "features", "models", "reports"} - set(paths)
     if missing:
@@ -134,11 +150,22 @@ def _fin(*args: str) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", *args]
 
 
+def _artifact_folder(output: str, model_folder: Path) -> Path:
+    """The version folder `fin train` printed (its last line on stdout; a Ray job's logs interleave stderr,
+    so the last line naming a version folder of the model)."""
+    for line in reversed(output.strip().splitlines()):
+        folder = Path(line.strip())
+        if folder.parent == model_folder and folder.name.isdigit():
+            return folder
+    raise RuntimeError(f"fin train printed no version folder of {model_folder}")
+
+
 class Scheduler:
     def __init__(self, config: ScheduleConfig, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  say: Callable[[str], None] = lambda _: None):
         self.config, self.clock, self.say = config, clock, say
         self.store = RunStore(config.state)
+        self.ray = config.ray_target()
         self.order = self._order()
 
     def _order(self) -> list[str]:
@@ -207,22 +234,31 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------- the jobs
     def _command(self, run_id: str, attempt: int, args: list[str]) -> str:
-        """Run one fin command; its output goes to STATE/logs/<run>.<attempt>.log. Returns stdout."""
+        """Run one fin command, locally or as a Ray job; its output goes to STATE/logs/<run>.<attempt>.log.
+        Returns the output."""
         logs = self.config.state.parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(_fin(*args), capture_output=True, text=True, timeout=self.config.timeout_s)
-        (logs / f"{run_id.replace(':', '_')}.{attempt}.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            raise RuntimeError(f"fin {args[0]} exited {proc.returncode}: {lines[-1] if lines else ''}")
-        return proc.stdout
+        log = logs / f"{run_id.replace(':', '_')}.{attempt}.log"
+        if self.ray is None:
+            proc = subprocess.run(_fin(*args), capture_output=True, text=True, timeout=self.config.timeout_s)
+            output, failure = proc.stdout + proc.stderr, f"exited {proc.returncode}" if proc.returncode else None
+            last = (proc.stderr or proc.stdout).strip().splitlines()
+        else:
+            job = self.ray.run(args, f"fin-{run_id.replace(':', '-')}-{attempt}", self.config.timeout_s)
+            output, failure = job.logs, None if job.ok else f"Ray job {job.submission_id} {job.status.lower()}"
+            last = (job.logs.strip() or job.message).splitlines()
+            self.say(f"{run_id}: Ray job {job.submission_id} {job.status.lower()}")
+        log.write_text(output)
+        if failure:
+            raise RuntimeError(f"fin {args[0]} {failure}: {last[-1] if last else ''}")
+        return output
 
     def _outputs(self, job: str, day: str) -> dict:
         return json.loads(self.store.get(f"{job}:{day}")["outputs"])
 
     def _features(self, day: str, attempt: int) -> dict:
         c = self.config
-        ray = ["--ray-address", c.ray_address] if c.ray_address else []
+        ray = ["--ray-address", "auto"] if self.ray else []  # as a Ray job: join the cluster it runs on
         self._command(f"features:{day}", attempt, ["features", "--logs", str(c.logs), "--out", str(c.features),
                                                    *ray, *c.features_args])
         return {"features": str(c.features)}
@@ -233,7 +269,7 @@ class Scheduler:
         start = ["--init-from", str(c.models / c.model / str(current))] if c.warm_start and current else []
         out = self._command(f"train:{day}", attempt, ["train", "--data", str(c.features), "--out", str(c.models),
                                                       "--model", c.model, "--name", c.model, *start, *c.train_args])
-        folder = Path(out.strip().splitlines()[-1])
+        folder = _artifact_folder(out, c.models / c.model)
         return {"artifact": str(folder), "version": int(folder.name), "init_from": current}
 
     def _evaluate(self, day: str, attempt: int) -> dict:

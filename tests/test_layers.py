@@ -51,6 +51,14 @@ def test_attention_ignores_padding_and_shares_user_work(make):
     assert layer.key.weight.grad.abs().sum() > 0 and layer.value.weight.grad.abs().sum() > 0
     assert torch.isfinite(layer.key.weight.grad).all() and torch.isfinite(layer.value.weight.grad).all()
 
+    # a batch in which no user has any event: each candidate gets what a user without events gets, and
+    # every parameter still gets a (zero) gradient
+    layer.zero_grad()
+    empty = run(seq[:, :0], gaps[:, :0], mask[:, :0], user_of, query)
+    assert empty.shape == out.shape and torch.allclose(empty[3], out[3])
+    empty.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
 
 def test_mlp_and_bfloat16():
     mlp = MLP(8, (16, 4), out_dim=1).to(torch.bfloat16)
