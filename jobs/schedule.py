@@ -166,6 +166,7 @@ class Scheduler:
         self.config, self.clock, self.say = config, clock, say
         self.store = RunStore(config.state)
         self.ray = config.ray_target()
+        self.ray_job: str | None = None  # the submission id of the run in progress, when submitted to Ray
         self.order = self._order()
 
     def _order(self) -> list[str]:
@@ -218,8 +219,11 @@ class Scheduler:
         started = self.clock().timestamp()
         self.say(f"{run_id}: attempt {attempts}")
         t = time.perf_counter()
+        self.ray_job = None
         try:
             outputs, error = getattr(self, f"_{job}")(day, attempts), None
+            if self.ray_job:
+                outputs["ray_job"] = self.ray_job
         except Exception as e:  # noqa: BLE001 - a failed run is recorded and retried, the scheduler goes on
             outputs, error = {}, str(e)
         seconds = time.perf_counter() - t
@@ -245,6 +249,7 @@ class Scheduler:
             last = (proc.stderr or proc.stdout).strip().splitlines()
         else:
             job = self.ray.run(args, f"fin-{run_id.replace(':', '-')}-{attempt}", self.config.timeout_s)
+            self.ray_job = job.submission_id
             output, failure = job.logs, None if job.ok else f"Ray job {job.submission_id} {job.status.lower()}"
             last = (job.logs.strip() or job.message).splitlines()
             self.say(f"{run_id}: Ray job {job.submission_id} {job.status.lower()}")

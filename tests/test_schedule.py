@@ -1,11 +1,10 @@
 """`fin schedule`: cron expressions, and two simulated days through features -> train -> evaluate -> promote
 on a fake clock, against the real jobs (the features job on a real local Ray): a failed run is retried
 after its backoff, a done run never again, a worse model is kept but not promoted, and training starts
-from the serving default's weights. Runs submitted to a Ray cluster (a real local head with its dashboard)
-through Ray's job submission API."""
+from the serving default's weights; the third day's runs are submitted to a Ray cluster (a real local head
+with its dashboard on 127.0.0.1) through Ray's job submission API."""
 
 import dataclasses
-import json
 import os
 import shutil
 import socket
@@ -16,12 +15,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobSubmissionClient
 
 from features.simulator import load_sim_config, simulate
 from fin.artifact import promoted
 from fin.promotion import PromotionGate
 from jobs.cron import Cron
-from jobs.schedule import JobSpec, ScheduleConfig, Scheduler, load_schedule
+from jobs.schedule import ScheduleConfig, Scheduler, load_schedule
 from tests.conftest import ROOT, run_fin
 
 
@@ -54,6 +54,34 @@ class Clock:
 
     def advance(self, **delta) -> None:
         self.t += timedelta(**delta)
+
+
+class RayHead:
+    """`ray start --head` as an operator runs it: the dashboard (job submission API) on 127.0.0.1 only."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="fin-ray-")  # short: Ray's socket paths must fit 107 bytes
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        self.address = f"http://127.0.0.1:{ports[1]}"
+        bin_dir = Path(sys.executable).parent
+        # the job drivers run `fin` from the head's PATH; auth is off on this loopback-only test cluster
+        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.ray = str(bin_dir / "ray")
+        started = subprocess.run(
+            [self.ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ports[0]),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports[1]), "--include-dashboard", "true",
+             "--num-cpus", "2", "--temp-dir", self.folder, "--disable-usage-stats"],
+            env=self.env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+
+    def stop(self) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def test_two_days_through_the_chain(tmp_path):
@@ -109,16 +137,45 @@ def test_two_days_through_the_chain(tmp_path):
     assert (config.reports / "2026-03-26" / "report.md").exists()
     scheduler.close()
 
-    # day 3: warm start from the serving default (fin/1) with learning rates 0 gives fin/1's model again:
-    # not worse, promoted
-    warm = dataclasses.replace(untrained, warm_start=True)
-    scheduler = Scheduler(warm, clock)
-    clock.advance(days=1)
-    runs = scheduler.tick()
-    assert [(r["job"], r["status"]) for r in runs][-1] == ("promote", "done"), runs
-    assert '"init_from": 1' in scheduler.store.get("train:2026-03-27")["outputs"]
-    assert promoted(config.models, "fin") == 3
-    scheduler.close()
+    # day 3, submitted to a Ray cluster (a local head with its dashboard on 127.0.0.1) through Ray's job
+    # submission API: warm start from the serving default (fin/1) with learning rates 0 gives fin/1's model
+    # again: not worse, promoted. The first attempt's job fails on the cluster (no such command there).
+    head = RayHead()
+    try:
+        warm = dataclasses.replace(untrained, warm_start=True, ray_address=head.address)
+        scheduler = Scheduler(dataclasses.replace(warm, ray_entrypoint="fin-not-installed"), clock)
+        clock.advance(days=1)
+        runs = scheduler.tick()
+        assert [(r["run_id"], r["status"]) for r in runs] == [("features:2026-03-27", "failed")]
+        assert "fin features Ray job fin-features-2026-03-27-1-" in runs[0]["error"], runs[0]["error"]
+        assert "failed" in runs[0]["error"] and "not found" in runs[0]["error"]
+        scheduler.close()
+
+        scheduler = Scheduler(warm, clock)
+        clock.advance(minutes=11)
+        runs = scheduler.tick()
+        assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("train", "done"),
+                                                            ("evaluate", "done"), ("promote", "done")], runs
+        assert '"init_from": 1' in scheduler.store.get("train:2026-03-27")["outputs"]
+        assert '"ray_job": "fin-train-2026-03-27-1-' in scheduler.store.get("train:2026-03-27")["outputs"]
+        assert promoted(config.models, "fin") == 3
+        assert "wrote" in (config.state.parent / "logs" / "features_2026-03-27.2.log").read_text()
+        scheduler.close()
+
+        jobs = {j.submission_id.rsplit("-", 1)[0]: j for j in JobSubmissionClient(head.address).list_jobs()}
+        assert sorted((name, j.status.name) for name, j in jobs.items()) == [
+            ("fin-evaluate-2026-03-27-1", "SUCCEEDED"), ("fin-features-2026-03-27-1", "FAILED"),
+            ("fin-features-2026-03-27-2", "SUCCEEDED"), ("fin-promote-2026-03-27-1", "SUCCEEDED"),
+            ("fin-train-2026-03-27-1", "SUCCEEDED")]
+        # the features job joined the cluster it ran on instead of starting a Ray of its own
+        assert jobs["fin-features-2026-03-27-2"].entrypoint.startswith("fin features --logs")
+        assert "--ray-address auto" in jobs["fin-features-2026-03-27-2"].entrypoint
+    finally:
+        head.stop()
+    with pytest.raises(ValueError, match="dashboard"):
+        dataclasses.replace(config, ray_address="127.0.0.1:6379")
+    with pytest.raises(ValueError, match="absolute"):
+        dataclasses.replace(warm, logs=Path("logs"))
 
     yaml = tmp_path / "jobs.yaml"
     yaml.write_text("\n".join(f"{k}: {Path(v).resolve()}" for k, v in (
@@ -128,78 +185,3 @@ def test_two_days_through_the_chain(tmp_path):
     assert listing.returncode == 0 and listing.stdout.count("| done |") == 12, listing.stdout + listing.stderr
     assert "features:2026-03-25 | done | 2 |" in listing.stdout
 
-
-class RayHead:
-    """`ray start --head` as an operator runs it: the dashboard (job submission API) on 127.0.0.1 only."""
-
-    def __init__(self):
-        self.folder = tempfile.mkdtemp(prefix="fin-ray-")  # short: Ray's socket paths must fit 107 bytes
-        ports = []
-        for _ in range(2):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                ports.append(s.getsockname()[1])
-        self.address = f"http://127.0.0.1:{ports[1]}"
-        bin_dir = Path(sys.executable).parent
-        # the job drivers run `fin` from the head's PATH; auth is off on this loopback-only test cluster
-        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-                    "RAY_USAGE_STATS_ENABLED": "0"}
-        self.ray = str(bin_dir / "ray")
-        started = subprocess.run(
-            [self.ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ports[0]),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports[1]), "--include-dashboard", "true",
-             "--num-cpus", "2", "--temp-dir", self.folder, "--disable-usage-stats"],
-            env=self.env, capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, started.stdout + started.stderr
-
-    def stop(self) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def test_runs_submitted_to_a_ray_cluster(tmp_path, small_logs):
-    """With `ray_address`, each run is a Ray job on that cluster (job submission API): the features job joins
-    the cluster, a failed job fails the run and is retried, train's version folder is read from the job's logs."""
-    from ray.job_submission import JobSubmissionClient
-
-    logs = tmp_path / "logs"
-    shutil.copytree(small_logs, logs)  # 2026-03-02 .. 2026-03-08
-    head = RayHead()
-    try:
-        config = ScheduleConfig(
-            state=tmp_path / "schedule" / "runs.sqlite", logs=logs, features=tmp_path / "features",
-            models=tmp_path / "models", reports=tmp_path / "reports", ray_address=head.address,
-            features_args=("--max-seq-len", "50", "--validation-days", "1", "--test-days", "1", "--no-materialize"),
-            train_args=("--epochs", "1", "--max-steps", "5", "--batch-size", "64", "--max-seq-len", "50"),
-            retries=1, backoff_s=60, jobs={"features": JobSpec(cron="30 2 * * *"), "train": JobSpec(after="features")})
-        clock = Clock(datetime(2026, 3, 9, 3, 0))
-        scheduler = Scheduler(config, clock)
-        part = sorted((logs / "impressions").rglob("*.parquet"))[0]
-        saved = part.read_bytes()
-        part.write_bytes(b"not parquet")
-        runs = scheduler.tick()
-        assert [(r["run_id"], r["status"]) for r in runs] == [("features:2026-03-08", "failed")]
-        assert "fin features Ray job fin-features-2026-03-08-1-" in runs[0]["error"] and "failed" in runs[0]["error"]
-
-        part.write_bytes(saved)
-        clock.advance(minutes=2)
-        runs = scheduler.tick()
-        assert [(r["run_id"], r["status"]) for r in runs] == [("features:2026-03-08", "done"),
-                                                             ("train:2026-03-08", "done")], runs
-        assert json.loads(runs[1]["outputs"])["version"] == 1 and (config.models / "fin" / "1").is_dir()
-        assert "wrote" in (config.state.parent / "logs" / "features_2026-03-08.2.log").read_text()
-        scheduler.close()
-
-        jobs = {j.submission_id: j for j in JobSubmissionClient(head.address).list_jobs()}
-        statuses = sorted((j.submission_id.rsplit("-", 1)[0], j.status.name) for j in jobs.values())
-        assert statuses == [("fin-features-2026-03-08-1", "FAILED"), ("fin-features-2026-03-08-2", "SUCCEEDED"),
-                            ("fin-train-2026-03-08-1", "SUCCEEDED")]
-        features = next(j for j in jobs.values() if j.status.name == "SUCCEEDED" and "features" in j.submission_id)
-        assert features.entrypoint.startswith("fin features") and "--ray-address auto" in features.entrypoint
-    finally:
-        head.stop()
-
-    with pytest.raises(ValueError, match="dashboard"):
-        dataclasses.replace(config, ray_address="127.0.0.1:6379")
-    with pytest.raises(ValueError, match="absolute"):
-        dataclasses.replace(config, logs=Path("logs"))
