@@ -10,10 +10,10 @@ after `backoff_s x 2^(attempt - 1)` up to `retries` more times, then stays faile
 Each run is the `fin` command of its job, with its output in STATE/logs/. Without `ray_address` it runs
 as a local process (the features job on a local Ray it starts); with `ray_address`, a cluster's dashboard
 address, it is submitted to that cluster through Ray's job submission API (`jobs.ray_jobs`), the features
-job joining the cluster it runs on. Train makes a new version of
-`model`, starting from the serving default's weights (`warm_start`); evaluate scores it beside the current serving default (and `baselines`) with revenue replay;
-promote makes it the default only through the gate (`fin.promotion`), and a running server picks the
-promotion up at its next repository scan.
+job joining the cluster it runs on. Train makes a new version of `model`, starting from the serving
+default's weights (`warm_start`); evaluate scores it beside the current serving default (and `baselines`)
+with revenue replay; promote makes it the default only through the gate (`fin.promotion`), and a running
+server picks the promotion up at its next repository scan.
 """
 
 from __future__ import annotations
