@@ -9,12 +9,16 @@ as is. Token authentication follows Ray's own settings (RAY_AUTH_MODE=token with
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from ray.job_submission import JobStatus, JobSubmissionClient
+
+# what Ray's job supervisor writes into a job's logs beside the command's output
+_RAY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+[A-Z]+ \S+:\d+ -- |Running entrypoint for job )")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,16 @@ class RayJobResult:
     @property
     def ok(self) -> bool:
         return self.status == JobStatus.SUCCEEDED.name
+
+    @property
+    def last_line(self) -> str:
+        """The command's last line of output: Ray's own lines in the logs (its log records, the entrypoint
+        announcement) are not in order with the command's, so they are skipped."""
+        for text in (self.logs, self.message):  # Ray's message on a failed job ends with the logs' tail
+            lines = [line for line in text.splitlines() if line.strip() and not _RAY_LINE.match(line)]
+            if lines:
+                return lines[-1]
+        return ""
 
 
 @dataclass(frozen=True)

@@ -246,16 +246,16 @@ class Scheduler:
         if self.ray is None:
             proc = subprocess.run(_fin(*args), capture_output=True, text=True, timeout=self.config.timeout_s)
             output, failure = proc.stdout + proc.stderr, f"exited {proc.returncode}" if proc.returncode else None
-            last = (proc.stderr or proc.stdout).strip().splitlines()
+            last = ((proc.stderr or proc.stdout).strip().splitlines() or [""])[-1]
         else:
             job = self.ray.run(args, f"fin-{run_id.replace(':', '-')}-{attempt}", self.config.timeout_s)
             self.ray_job = job.submission_id
-            output, failure = job.logs, None if job.ok else f"Ray job {job.submission_id} {job.status.lower()}"
-            last = (job.logs.strip() or job.message).splitlines()
+            output = job.logs if job.ok else f"{job.logs}\n{job.message}"
+            failure, last = None if job.ok else f"Ray job {job.submission_id} {job.status.lower()}", job.last_line
             self.say(f"{run_id}: Ray job {job.submission_id} {job.status.lower()}")
         log.write_text(output)
         if failure:
-            raise RuntimeError(f"fin {args[0]} {failure}: {last[-1] if last else ''}")
+            raise RuntimeError(f"fin {args[0]} {failure}: {last}")
         return output
 
     def _outputs(self, job: str, day: str) -> dict:

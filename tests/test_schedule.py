@@ -21,6 +21,7 @@ from features.simulator import load_sim_config, simulate
 from fin.artifact import promoted
 from fin.promotion import PromotionGate
 from jobs.cron import Cron
+from jobs.ray_jobs import RayJobResult
 from jobs.schedule import ScheduleConfig, Scheduler, load_schedule
 from tests.conftest import ROOT, run_fin
 
@@ -43,6 +44,17 @@ def test_the_shipped_schedule_loads():
     config = load_schedule(ROOT / "configs" / "jobs.yaml")
     assert config.model == "fin" and config.jobs["promote"].after == "evaluate"
     assert config.logs == ROOT / "configs" / ".." / "demo_out" / "logs"
+
+
+def test_a_ray_jobs_last_line_is_the_commands():
+    """Ray's own lines in a job's logs come in any order with the command's; a failed job's message ends
+    with the logs' tail when the logs came too early to hold it."""
+    ray_lines = ("2026-11-27 10:28:05,976\tINFO job_manager.py:581 -- Runtime env is setting up.\n"
+                 "Running entrypoint for job fin-x-1: fin-x features\n")
+    error = "/bin/sh: 1: fin-x: not found"
+    assert RayJobResult("fin-x-1", "FAILED", f"{error}\n{ray_lines}", "").last_line == error
+    message = f"Job entrypoint command failed with exit code 127, last available logs:\n{ray_lines}{error}\n"
+    assert RayJobResult("fin-x-1", "FAILED", ray_lines, message).last_line == error
 
 
 class Clock:
