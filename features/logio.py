@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import date
 from pathlib import Path
 
 import polars as pl
@@ -25,6 +26,20 @@ def table_files(root: str | Path, name: str) -> list[Path]:
     if folder.is_dir():
         files += sorted(p for p in folder.rglob("*") if p.suffix in (".parquet", ".csv") and p.is_file())
     return files
+
+
+def files_from(files: list[Path], first: date) -> list[Path]:
+    """The files not in a `date=YYYY-MM-DD` partition before `first` (files outside date partitions stay)."""
+    def partition_date(path: Path) -> date | None:
+        for folder in path.parent.parts[::-1]:
+            if folder.startswith("date="):
+                try:
+                    return date.fromisoformat(folder[5:])
+                except ValueError:
+                    return None
+        return None
+
+    return [f for f in files if (day := partition_date(f)) is None or day >= first]
 
 
 def _read_file(path: Path) -> pl.DataFrame:

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -231,6 +231,8 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
     window = data_window(logs, ValidationConfig())
     last_day = int((window[1] - 1 + offset * 3_600_000) // aggregates.DAY_MS)
     split = SplitDays.last_days(last_day, config.validation_days, config.test_days)
+    # a day early: partitions written with another UTC offset than the manifest's still cover the window
+    evaluation_from = date(1970, 1, 1) + timedelta(days=split.validation_start - 1)
 
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".{DATA}.staging"
@@ -255,7 +257,12 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
         # two file groups per CPU: few tasks (each has a fixed cost), all CPUs busy
         n_groups = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         for table in tables:
-            files = [str(f) for f in logio.table_files(logs, table)]
+            files = logio.table_files(logs, table)
+            if table == "ad_candidates":  # only the evaluation days' candidates are kept: read no others
+                files = logio.files_from(files, evaluation_from)
+            if not files:
+                continue
+            files = [str(f) for f in files]
             groups = np.array_split(np.array(files), min(len(files), n_groups))
             shard_refs += [shard.remote(g.tolist(), table, i, str(work.resolve()), config.partitions)
                            for i, g in enumerate(groups)]

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import ray
 from feast import FeatureStore
 
+from features import logio
 from features.online import read_timelines
 from features.sequences import TIMELINE_FIELDS
 from features.simulator import load_sim_config, simulate
@@ -73,6 +75,10 @@ def test_candidates_carry_their_requests_context(job, logs):
         requests = _read(out / "data", "examples", split)["request_id"].unique()
         assert set(cand["request_id"].unique()) == set(requests)  # all of the split's requests, no other
         assert cand.height == raw.filter(pl.col("request_id").is_in(requests.implode())).height
+    # only the candidate files of the evaluation days (local days, UTC+8 here) and the day before were read
+    local_day = (pl.col("ts") + 8 * 3_600_000) // 86_400_000
+    read = raw.filter(local_day >= ex["day"].min() - 1).height
+    assert stats["validation"]["ad_candidates"]["rows"] == read < raw.height
     cand = pl.concat([_read(out / "data", "candidates", s) for s in ("validation", "test")])
     context = ["geohash_6", "aoi_id", "city_id", "hours", "time_type", "weekdays", "history_len", "day", "ts", "user_id"]
     joined = cand.join(ex.unique("request_id").select("request_id", *context), on="request_id", suffix="_request")
@@ -82,6 +88,12 @@ def test_candidates_carry_their_requests_context(job, logs):
                                                                on="impression_id")
     assert shown.height == ex.height and (shown["item_id"] == shown["item_id_right"]).all()
     assert (shown["label"] == shown["label_right"]).all()
+
+
+def test_files_from_skips_earlier_date_partitions(tmp_path):
+    files = [tmp_path / "t" / f"date=2026-03-0{d}" / "part-00000.parquet" for d in (1, 2, 3)]
+    others = [tmp_path / "t.parquet", tmp_path / "t" / "date=unknown" / "part.parquet"]
+    assert logio.files_from([*files, *others], date(2026, 3, 2)) == [*files[1:], *others]
 
 
 def test_split_is_by_day(job):
