@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,6 +120,13 @@ def wait_for(check, timeout: float = 20.0):
     raise AssertionError("timed out waiting")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers that take a port, not port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RedisServer:
     """A local redis-server on 127.0.0.1 that keeps its data across a stop and a start (append-only file)."""
 
@@ -126,9 +134,7 @@ class RedisServer:
         self.binary = shutil.which("redis-server")
         assert self.binary, "redis-server is missing: `make test` installs it (Debian package redis-server)"
         self.folder = folder
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.proc = None
 
     def start(self) -> "RedisServer":
@@ -160,3 +166,27 @@ def redis_server(tmp_path):
     yield server
     if server.proc.poll() is None:
         server.stop()
+
+
+class RayHead:
+    """`ray start --head` as an operator runs it: the dashboard (job submission API) on 127.0.0.1 only."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="fin-ray-")  # short: Ray's socket paths must fit 107 bytes
+        ports = [free_port(), free_port()]
+        self.address = f"http://127.0.0.1:{ports[1]}"
+        bin_dir = Path(sys.executable).parent
+        # the job drivers run `fin` from the head's PATH; auth is off on this loopback-only test cluster
+        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.ray = str(bin_dir / "ray")
+        started = subprocess.run(
+            [self.ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ports[0]),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports[1]), "--include-dashboard", "true",
+             "--num-cpus", "2", "--temp-dir", self.folder, "--disable-usage-stats"],
+            env=self.env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+
+    def stop(self) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -5,12 +5,7 @@ from the serving default's weights; the third day's runs are submitted to a Ray 
 with its dashboard on 127.0.0.1) through Ray's job submission API."""
 
 import dataclasses
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,7 +18,7 @@ from fin.promotion import PromotionGate
 from jobs.cron import Cron
 from jobs.ray_jobs import RayJobResult
 from jobs.schedule import ScheduleConfig, Scheduler, load_schedule
-from tests.conftest import ROOT, run_fin
+from tests.conftest import ROOT, RayHead, run_fin
 
 
 def test_cron_next_fire():
@@ -66,34 +61,6 @@ class Clock:
 
     def advance(self, **delta) -> None:
         self.t += timedelta(**delta)
-
-
-class RayHead:
-    """`ray start --head` as an operator runs it: the dashboard (job submission API) on 127.0.0.1 only."""
-
-    def __init__(self):
-        self.folder = tempfile.mkdtemp(prefix="fin-ray-")  # short: Ray's socket paths must fit 107 bytes
-        ports = []
-        for _ in range(2):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                ports.append(s.getsockname()[1])
-        self.address = f"http://127.0.0.1:{ports[1]}"
-        bin_dir = Path(sys.executable).parent
-        # the job drivers run `fin` from the head's PATH; auth is off on this loopback-only test cluster
-        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-                    "RAY_USAGE_STATS_ENABLED": "0"}
-        self.ray = str(bin_dir / "ray")
-        started = subprocess.run(
-            [self.ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ports[0]),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports[1]), "--include-dashboard", "true",
-             "--num-cpus", "2", "--temp-dir", self.folder, "--disable-usage-stats"],
-            env=self.env, capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, started.stdout + started.stderr
-
-    def stop(self) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def test_two_days_through_the_chain(tmp_path):
