@@ -68,6 +68,14 @@ def keep_last(mask: torch.Tensor, cap: int) -> torch.Tensor:
     return mask & (from_end <= cap)
 
 
+def _neighbour_codes(cells: torch.Tensor) -> torch.Tensor:
+    """The 8 neighbour cells of each cell. On the CPU through numpy: a few dozen integer operations on a
+    handful of values, which cost numpy a third of what they cost torch (0.14 against 0.41 ms a request)."""
+    if cells.device.type == "cpu":
+        return torch.from_numpy(geohash.neighbour_codes(cells.numpy(), GEOHASH_PRECISION))
+    return geohash.neighbour_codes(cells, GEOHASH_PRECISION)
+
+
 def fragment(offsets: torch.Tensor, history: dict[str, torch.Tensor], context: dict[str, torch.Tensor],
              config: FragmentConfig = FragmentConfig()) -> dict[str, Fragment]:
     """Cut every FIN sub-sequence for a batch of requests.
@@ -96,7 +104,7 @@ def fragment(offsets: torch.Tensor, history: dict[str, torch.Tensor], context: d
     request_cell = context["geohash6"]
     at_place = (cell == request_cell[:, None]) & (request_cell[:, None] != MISSING)
     if config.neighbour_cells:
-        ring = geohash.neighbour_codes(request_cell.clamp(min=0), GEOHASH_PRECISION)  # [B, 8]
+        ring = _neighbour_codes(request_cell.clamp(min=0))  # [B, 8]
         ring = torch.where(request_cell[:, None] == MISSING, torch.full_like(ring, MISSING), ring)
         at_place |= ((cell[:, :, None] == ring[:, None, :]) & (ring[:, None, :] != MISSING)).any(-1)
     if config.match_aoi:

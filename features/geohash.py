@@ -87,6 +87,21 @@ def to_codes(hashes: np.ndarray) -> tuple[np.ndarray, int]:
     return _strings_to_code(hashes)
 
 
+_DIGITS = {c: i for i, c in enumerate(BASE32)} | {c.upper(): i for i, c in enumerate(BASE32)}
+
+
+def code_of(cell: str) -> int:
+    """`to_codes` of one geohash, in plain Python: a served request has one, and numpy's string machinery
+    costs ~70 us where this costs ~1 us. Raises ValueError on a character that is not base32."""
+    code = 0
+    for ch in cell:
+        digit = _DIGITS.get(ch)
+        if digit is None:
+            raise ValueError(f"invalid geohash character {ch!r}")
+        code = (code << 5) | digit
+    return code
+
+
 def _namespace(x):
     """numpy for arrays, torch for tensors (imported only when a tensor is passed)."""
     if isinstance(x, np.ndarray):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -26,11 +25,12 @@ from serving.config import OnlineConfig
 
 
 class TTLCache:
-    """Least-recently-used entries, each valid for `ttl_s` seconds after it was stored (thread-safe)."""
+    """At most `size` entries, each valid for `ttl_s` seconds after it was stored; when full, the entry stored
+    longest ago goes (what a staleness limit evicts anyway). Reads take no lock (a dict read is atomic)."""
 
     def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
         self.size, self.ttl_s, self.clock = size, ttl_s, clock
-        self._entries: OrderedDict = OrderedDict()
+        self._entries: dict = {}  # in the order stored
         self._lock = threading.Lock()
 
     def get(self, key):
@@ -38,25 +38,17 @@ class TTLCache:
         return self.get_many([key])[0]
 
     def get_many(self, keys: list) -> list:
-        """`get` of each key, under one lock."""
-        out = []
-        with self._lock:
-            now = self.clock()
-            for key in keys:
-                entry = self._entries.get(key)
-                if entry is None or now - entry[0] > self.ttl_s:
-                    out.append(None)
-                else:
-                    self._entries.move_to_end(key)
-                    out.append(entry)
-        return out
+        """`get` of each key."""
+        oldest = self.clock() - self.ttl_s
+        found = map(self._entries.get, keys)
+        return [e if e is not None and e[0] >= oldest else None for e in found]
 
     def put(self, key, value) -> None:
         with self._lock:
+            self._entries.pop(key, None)  # stored again: now the newest
             self._entries[key] = (self.clock(), value)
-            self._entries.move_to_end(key)
             while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+                del self._entries[next(iter(self._entries))]
 
 
 @dataclass
@@ -115,18 +107,16 @@ class OnlineFeatures:
     def _stats(self, key: str, ids: np.ndarray) -> tuple[np.ndarray, int, int]:
         """[B, len(STAT_VALUES)] statistics of `ids` (zeros when unknown), reading only uncached ids."""
         unique, inverse = np.unique(ids, return_inverse=True)
-        rows = np.zeros((unique.size, len(STAT_VALUES)), np.float32)
-        missing = []
-        for i, entry in enumerate(self.stats.get_many([(key, entity) for entity in unique.tolist()])):
-            if entry is None:
-                missing.append(i)
-            else:
-                rows[i] = entry[1]
+        keys = [(key, entity) for entity in unique.tolist()]
+        entries = self.stats.get_many(keys)
+        missing = [i for i, entry in enumerate(entries) if entry is None]
         if missing:
             response = self.store.get_online_features(
                 features=[f"{key}_stats:{v}" for v in STAT_VALUES],
-                entity_rows=[{f"{key}_id": int(unique[i])} for i in missing]).to_dict()
+                entity_rows=[{f"{key}_id": keys[i][1]} for i in missing]).to_dict()
             for j, i in enumerate(missing):
-                rows[i] = [response[v][j] or 0.0 for v in STAT_VALUES]
-                self.stats.put((key, int(unique[i])), rows[i].copy())
+                row = np.array([response[v][j] or 0.0 for v in STAT_VALUES], np.float32)
+                self.stats.put(keys[i], row)
+                entries[i] = (0.0, row)
+        rows = np.concatenate([entry[1] for entry in entries]).reshape(len(entries), len(STAT_VALUES))
         return rows[inverse], unique.size - len(missing), len(missing)

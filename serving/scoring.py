@@ -25,6 +25,7 @@ EMPTY_TIMELINE = {f: np.zeros(0, np.int64) for f in TIMELINE_FIELDS}  # a cold-s
 # Candidate fields of the ScoreRequest message by the contract's column names (0 means unknown for all)
 CANDIDATE_IDS = {"item_id": "item_id", "shop_id": "shop_id", "category_1_id": "category_id", "brand_id": "brand_id"}
 CANDIDATE_NUMBERS = ("bid", "price", "distance_m")
+_CANDIDATE_FIELDS = operator.attrgetter(*CANDIDATE_IDS.values(), *CANDIDATE_NUMBERS)
 
 
 class BadRequest(ValueError):
@@ -57,26 +58,21 @@ def request_inputs(request, config: ScoringConfig) -> RequestInputs:
     if n > config.max_candidates:
         raise BadRequest(f"{n} candidates is more than this server's maximum of {config.max_candidates}")
     context = _context(request.context, config)
-    # rows of attributes read from the candidate messages (the reads are the cost), then columns; ids stay int64
-    ids = _columns(request.candidates, CANDIDATE_IDS.values(), np.int64, CANDIDATE_IDS)
+    # one pass over the candidate messages (reading their attributes is the cost), then one array per column
+    columns = list(zip(*map(_CANDIDATE_FIELDS, request.candidates)))
+    ids = {name: np.array(columns[i], np.int64) for i, name in enumerate(CANDIDATE_IDS)}  # int64: no rounding
     for name in ("item_id", "shop_id"):
         bad = np.flatnonzero(ids[name] <= 0)
         if bad.size:
             raise BadRequest(f"candidates[{bad[0]}].{name} is required and must be positive")
     for name in ("category_1_id", "brand_id"):
         ids[name] = np.where(ids[name] > 0, ids[name], MISSING)
-    numbers = _columns(request.candidates, CANDIDATE_NUMBERS, np.float64, CANDIDATE_NUMBERS)
+    numbers = {name: np.array(columns[len(CANDIDATE_IDS) + i], np.float64) for i, name in enumerate(CANDIDATE_NUMBERS)}
     for field, values in numbers.items():
         bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
         if bad.size:
             raise BadRequest(f"candidates[{bad[0]}].{field} must be a finite number >= 0, got {values[bad[0]]}")
     return RequestInputs(user_id=int(request.user_id), context=context, candidates=ids, bids=numbers["bid"])
-
-
-def _columns(candidates, fields, dtype, names) -> dict[str, np.ndarray]:
-    read = operator.attrgetter(*fields)
-    table = np.array([read(c) for c in candidates], dtype=dtype).reshape(len(candidates), -1)
-    return {name: table[:, i].copy() for i, name in enumerate(names)}
 
 
 def _context(ctx, config: ScoringConfig) -> dict[str, int]:
@@ -93,7 +89,7 @@ def _context(ctx, config: ScoringConfig) -> dict[str, int]:
     else:
         raise BadRequest("context needs a geohash or lat and lon")
     try:
-        code = int(geohash.to_codes(np.array([cell]))[0][0])
+        code = geohash.code_of(cell)
     except ValueError:
         raise BadRequest(f"context.geohash {ctx.geohash!r} is not a geohash") from None
     local = contract.local_time_fields(np.array([ctx.ts_ms]), config.utc_offset_hours)

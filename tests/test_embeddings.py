@@ -20,15 +20,28 @@ def test_target_and_history_share_tables(features_job):
     batch = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=32, max_seq_len=50))))
     result = arch(batch)
     n_events = int(batch.history_offsets[-1])
-    for table in SHARED:
-        assert result.target[table].shape == (len(batch), 8)
-        assert result.history[table].shape == (n_events, 8)
+    assert result.target.shape == (len(batch), len(SHARED), 8)
+    assert result.history.shape == (n_events, len(SHARED), 8)
     assert result.single.shape == (len(batch), 8 * len(SINGLE))
     # the candidate's shop and the same shop in a history share one embedding row
+    shop = list(SHARED).index("shop")
     shop_ids = batch.ids["shop_id"]
     hist = batch.history["shop_id"]
     i = next(i for i in range(len(batch)) if (hist == shop_ids[i]).any())
     j = int(torch.nonzero(hist == shop_ids[i])[0])
-    assert torch.equal(result.target["shop"][i], result.history["shop"][j])
-    result.target["shop"].sum().backward()
+    assert torch.equal(result.target[i, shop], result.history[j, shop])
+    result.target[:, shop].sum().backward()
     assert arch.sequence.embeddings["shop"].weight.grad is not None
+
+
+def test_eval_mode_reads_the_same_rows_without_keyed_jagged_tensors(features_job, monkeypatch):
+    out, _ = features_job
+    arch = SparseArch(EmbeddingSizes(dim=8, rows={**EmbeddingSizes().rows, "item": 50, "shop": 20}))  # collisions
+    batch = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=64, max_seq_len=50))))
+    batch.ids["brand_id"][:3] = torch.tensor([-1, 0, 2**62])  # unknown, zero and huge ids
+    through_torchrec = arch(batch)
+    monkeypatch.setattr(arch, "inputs", None)  # eval mode must not build KeyedJaggedTensors
+    direct = arch.eval()(batch)
+    assert int(batch.history_offsets[-1]) > 0
+    for side in ("target", "history", "single"):
+        assert torch.equal(getattr(direct, side), getattr(through_torchrec, side)), side

@@ -40,6 +40,14 @@ def test_invalid_input_is_refused():
         geohash.decode(["abc!"])  # 'a' and '!' are not geohash characters
     with pytest.raises(ValueError):
         geohash.encode(0.0, 0.0, 13)
+    with pytest.raises(ValueError):
+        geohash.code_of("wtw3sa")  # 'a' is not a geohash character
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=geohash.BASE32 + geohash.BASE32.upper(), min_size=1, max_size=12))
+def test_the_scalar_code_of_one_geohash_is_the_vectorised_one(cell):
+    assert geohash.code_of(cell) == int(geohash.to_codes(np.array([cell]))[0][0])
 
 
 @settings(max_examples=200, deadline=None)

@@ -54,8 +54,8 @@ class CTRModel(nn.Module):
     def encode(self, batch: Batch) -> Encoded:
         sparse = self.sparse(batch)
         return Encoded(
-            target=self.target(torch.cat([sparse.target[t] for t in SHARED], dim=1)),
-            events=self.event(torch.cat([sparse.history[t] for t in SHARED], dim=1)),
+            target=self.target(sparse.target.flatten(1)),
+            events=self.event(sparse.history.flatten(1)),
             single=sparse.single,
             stats=torch.log1p(batch.stats.clamp(min=0)),
         )
@@ -73,7 +73,7 @@ class CTRModel(nn.Module):
 
 def gather(values: torch.Tensor, frag: Fragment) -> tuple[torch.Tensor, torch.Tensor]:
     """A fragment's rows of per-event `values` ([N, ...]), padded per request, with the mask."""
-    rows = values[frag.index]
+    rows = values.index_select(0, frag.index)
     return to_padded(rows if rows.dim() > 1 else rows[:, None], frag.lengths)
 
 
