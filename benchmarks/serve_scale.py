@@ -4,7 +4,9 @@ Data: a simulated city over a year (configs/large.yaml with fewer users), built 
 default 1,000-event online timelines in the sqlite Feast store. Model: FIN with the lifelong config
 (1,000 history events), trained for a few steps (latency does not depend on how well it is trained).
 The server is `fin serve` on 127.0.0.1, by default one process per core (`--processes 2 --workers 1`);
-this script is the client (grpc.aio), with one connection per concurrent caller. In the same run, the
+this script is the client (grpc.aio), sending each request over the next of `--connections` connections
+(as the many hosts of an ad server fleet would; the kernel gives each connection to one server process, so
+a handful of connections can load the processes unevenly: each phase reports their shares). In the same run, the
 single-process server (`--processes 1`, the default of fin serve) is measured at concurrency 1 and 8.
 
 Requests: users with a full 1,000-event timeline, the request time just after their last event (so the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -120,9 +123,12 @@ class Server:
 
     def metric(self, name: str, **labels) -> float:
         """A metric summed over the server's processes."""
+        return sum(self.metric_by_process(name, **labels))
+
+    def metric_by_process(self, name: str, **labels) -> list[float]:
         from serving.metrics import scrape
 
-        return sum(scrape(url, name, **labels) for url in self.metrics_urls)
+        return [scrape(url, name, **labels) for url in self.metrics_urls]
 
     def processes(self) -> list[psutil.Process]:
         """The server's processes (not multiprocessing's helper processes)."""
@@ -151,25 +157,26 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 async def run_phase(stubs: list, requests: list, concurrency: int, seconds: float) -> dict:
-    """Send `requests` (each once, in order) with `concurrency` calls in flight, stopping after `seconds`;
-    caller i uses connection i (as the many connections of an ad server fleet would)."""
+    """Send `requests` (each once, in order, each over the next connection) with `concurrency` calls in
+    flight, stopping after `seconds`."""
     latencies, server_ms = [], {"total_ms": [], "features_ms": [], "model_ms": []}
     queue = iter(requests)
+    rotation = itertools.cycle(stubs)
     deadline = time.perf_counter() + seconds
 
-    async def caller(stub):
+    async def caller():
         for request in queue:
             if time.perf_counter() > deadline:
                 return
             t = time.perf_counter()
-            response = await stub.Score(request, timeout=10)
+            response = await next(rotation).Score(request, timeout=10)
             latencies.append(time.perf_counter() - t)
             server_ms["total_ms"].append(response.timing.total_ms)
             server_ms["features_ms"].append(response.timing.features_ms)
             server_ms["model_ms"].append(response.timing.model_ms)
 
     started = time.perf_counter()
-    await asyncio.gather(*(caller(stubs[i % len(stubs)]) for i in range(concurrency)))
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     candidates = sum(len(r.candidates) for r in requests[:len(latencies)])
     return {"concurrency": concurrency, "requests": len(latencies), "wall_s": round(wall, 2),
@@ -223,11 +230,14 @@ async def measure(server: Server, pool: dict, args, full_run: bool = True) -> di
                 "forwards": server.metric("fin_forward_requests_count"),
                 "forward_requests": server.metric("fin_forward_requests_sum")}
 
-    channels = connections(server, CONCURRENCY)
+    channels = connections(server, args.connections)
     stubs = [pb_grpc.CtrScoringStub(c) for c in channels]
 
+    def scored() -> np.ndarray:
+        return np.array(server.metric_by_process("fin_requests_total", method="Score", code="OK"))
+
     async def phase(reqs, concurrency):
-        before, cpu = counts(), (server.cpu_s(), time.process_time())
+        before, cpu, by_process = counts(), (server.cpu_s(), time.process_time()), scored()
         out = await run_phase(stubs, reqs, concurrency, args.seconds)
         out["cpu_ms_per_request"] = {
             "server": round((server.cpu_s() - cpu[0]) * 1000 / out["requests"], 2),
@@ -235,6 +245,9 @@ async def measure(server: Server, pool: dict, args, full_run: bool = True) -> di
         d = {k: v - before[k] for k, v in counts().items()}
         out["timeline_cache_hit_rate"] = round(d["hit"] / max(d["hit"] + d["miss"], 1), 3)
         out["requests_per_forward"] = round(d["forward_requests"] / max(d["forwards"], 1), 2)
+        # each connection stays on the process the kernel gave it (SO_REUSEPORT): with few connections the
+        # processes' shares can be uneven, and the busier one sets the tail
+        out["requests_by_process"] = (scored() - by_process).astype(int).tolist()
         return out
 
     try:
@@ -281,6 +294,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--requests", type=int, default=300, help="requests per phase (concurrency 8: 4x)")
     parser.add_argument("--seconds", type=float, default=30, help="time limit per phase")
+    parser.add_argument("--connections", type=int, default=32, help="client connections, used in turn")
     parser.add_argument("--serve-options", default="--processes 2 --workers 1",
                         help="options of the measured fin serve (default: one process per core of this machine)")
     parser.add_argument("--baseline-options", default="--processes 1",

@@ -203,8 +203,11 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
     request_of = torch.from_numpy(np.repeat(np.arange(len(requests)), counts))
     ids = {c: torch.from_numpy(np.concatenate([np.asarray(r.candidates[c], dtype=np.int64) for r in requests]))
            for c in TARGET_FEATURES}
-    context = {c: torch.tensor([int(r.context[c]) for r in requests]) for c in ("ts", *CONTEXT_FEATURES)}
-    ids |= {c: context[c][request_of] for c in CONTEXT_FEATURES}
+    names = ("ts", *CONTEXT_FEATURES)
+    by_request = np.array([[int(r.context[c]) for r in requests] for c in names], dtype=np.int64)  # [7, U]
+    by_candidate = np.repeat(by_request, counts, axis=1)  # [7, B]: numpy, where tiny arrays cost least
+    context = {c: torch.from_numpy(by_request[i]) for i, c in enumerate(names)}
+    ids |= {c: torch.from_numpy(by_candidate[i]) for i, c in enumerate(names) if c != "ts"}
     stats = np.concatenate([np.zeros((len(r), len(STAT_FEATURES)), np.float32) if r.stats is None
                             else np.asarray(r.stats, np.float32) for r in requests])
     b = int(counts.sum())

@@ -100,7 +100,8 @@ class SparseArch(nn.Module):
         return sequence, single
 
     def forward(self, batch: Batch) -> SparseOutput:
-        if not self.training and type(self.sequence) is EmbeddingCollection and type(self.single) is EmbeddingBagCollection:
+        unsharded = type(self.sequence) is EmbeddingCollection and type(self.single) is EmbeddingBagCollection
+        if unsharded and not self.training:
             return self._read_weights(batch)
         sequence, single = self.inputs(batch)
         embedded = self.sequence(sequence)  # read by key: the order of outputs may change with sharding
