@@ -63,7 +63,7 @@ def hash_ids(ids: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
 @dataclass
 class SparseOutput:
     target: torch.Tensor  # [B, len(SHARED), d]: the candidate's (or request's) id in each shared table
-    history: torch.Tensor  # [N, len(SHARED), d]: each history event's ids, one row per event
+    history: torch.Tensor  # [N, len(SHARED), d]: the same for each history event
     single: torch.Tensor  # [B, len(SINGLE) * d]
 
 
