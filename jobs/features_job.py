@@ -40,7 +40,7 @@ import polars as pl
 
 from features import aggregates, contract, logio
 from features.build import EVALUATION_SPLITS, SPLITS, SplitDays, build_partition
-from features.online import TIMELINE_VIEW
+from features.online import TIMELINE_VIEW, write_timelines
 from features.validate import ValidationConfig, data_window, validate_tables
 from jobs.features_config import FeaturesConfig
 
@@ -163,16 +163,14 @@ def _world(logs: Path, window: tuple[int, int], staging: Path) -> tuple[dict, di
 
 def _push_timelines(store, folder: Path, since: datetime | None) -> int:
     """Write users whose newest event is after `since` (all when None) to the online store, one partition
-    at a time. Feast's push path (`write_to_online_store`) skips the offline read that `materialize`
-    would do over the same files, which for list features costs more than the write itself."""
+    at a time. This skips the offline read that `materialize` would do over the same files, and Feast's
+    element-by-element conversion of list values (see `features.online.write_timelines`)."""
     pushed = 0
     for part in sorted(folder.glob("*.parquet")):
         rows = pl.read_parquet(part)
         if since is not None:
             rows = rows.filter(pl.col("event_timestamp") > since)
-        if rows.height:
-            store.write_to_online_store(TIMELINE_VIEW, rows.to_pandas())
-            pushed += rows.height
+        pushed += write_timelines(store, rows)
     return pushed
 
 
