@@ -84,9 +84,9 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
     import torch
 
     from features.fragments import MISSING, fragment
-    from features.sequences import TIMELINE_FIELDS, geohash_code, history_batch
+    from features.sequences import TIMELINE_FIELDS, geohash_code
     from fin.artifact import load_artifact, resolve
-    from fin.data import CONTEXT_FEATURES, FRAGMENT_CONTEXT, TARGET_FEATURES, Batch, request_batch
+    from fin.data import CONTEXT_FEATURES, FRAGMENT_CONTEXT, TARGET_FEATURES, Batch, history_batch, request_batch
 
     timelines = pl.read_parquet(data / "timelines" / "*.parquet")
     user = timelines.sort(pl.col("ts").list.len(), descending=True).row(0, named=True)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 CONTRACT_VERSION = "1.1"  # 1.1: ad_candidates (additive; a major change would break artifacts)
+MISSING = -1  # an unknown id, AOI or geohash cell, in every integer-coded field derived from the logs
 
 
 class MealSlot(IntEnum):

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from features import geohash
+from features.contract import MISSING
 
 # Fields of a history that fragment() reads, and of a request context.
 HISTORY_FIELDS = ("ts", "place_geohash6", "aoi_id", "time_type")
 CONTEXT_FIELDS = ("ts", "geohash6", "aoi_id", "time_type")
 GEOHASH_PRECISION = 6
-MISSING = -1  # an unknown AOI or cell
 
 TAG_BOTH, TAG_LOCATION_ONLY, TAG_MEAL_ONLY = 1, 2, 3  # 0 is left for padding
 FRAGMENTS = ("full", "recent", "location", "meal", "integrated")

@@ -5,16 +5,16 @@ about 90 µs per 1,000-event list; a run writes one list per user and timeline f
 the list values are encoded for a whole column at once with numpy, as the protobuf bytes Feast stores,
 then handed to the online store as ValueProtos through the provider's `online_write_batch`: the same
 store API Feast's path ends in, so the stored values and any online store (sqlite, Redis) are unchanged.
+Feast itself is imported only where a store is written: the import takes seconds, and the features
+job's Ray workers, which only encode, never pay it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import timezone
 
 import numpy as np
 import polars as pl
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from features.sequences import TIMELINE_FIELDS
 
@@ -39,28 +39,31 @@ def read_timelines(store, user_ids: list[int]) -> list[dict[str, np.ndarray] | N
     return out
 
 
-def write_timelines(store, timelines: pl.DataFrame) -> int:
-    """Write rows of a `user_timeline` source frame (user_id, TIMELINE_FIELDS lists, event_timestamp)
-    to the online store; returns the rows written."""
+def encode_timelines(timelines: pl.DataFrame) -> pl.DataFrame:
+    """A `user_timeline` source frame (user_id, TIMELINE_FIELDS lists, event_timestamp) -> the same rows
+    with each list replaced by its serialised ValueProto (a Binary column): what `write_encoded_timelines`
+    stores. Encoding is the costly part of a write, and it can run where the frame was built."""
+    return timelines.select(ENTITY, TIMESTAMP, *(pl.Series(f, int64_list_bytes(timelines[f]), dtype=pl.Binary)
+                                                 for f in TIMELINE_FIELDS))
+
+
+def write_encoded_timelines(store, encoded: pl.DataFrame) -> int:
+    """Write the rows of an `encode_timelines` frame to the online store; returns the rows written."""
     from feast.infra.provider import get_provider
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-    if timelines.height == 0:
+    if encoded.height == 0:
         return 0
-    view = store.get_feature_view(TIMELINE_VIEW)
-    values = {f: int64_list_values(timelines[f]) for f in TIMELINE_FIELDS}
     keys = [EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(int64_val=u)])
-            for u in timelines[ENTITY].to_list()]
+            for u in encoded[ENTITY].to_list()]
     stamps = [t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
-              for t in timelines[TIMESTAMP].cast(pl.Datetime("us", "UTC")).to_list()]
-    rows = [(key, dict(zip(TIMELINE_FIELDS, row)), stamp, None)
-            for key, stamp, row in zip(keys, stamps, zip(*values.values()))]
-    get_provider(store.config).online_write_batch(store.config, view, rows, progress=None)
+              for t in encoded[TIMESTAMP].cast(pl.Datetime("us", "UTC")).to_list()]
+    values = [map(ValueProto.FromString, encoded[f].to_list()) for f in TIMELINE_FIELDS]
+    rows = [(key, dict(zip(TIMELINE_FIELDS, row)), stamp, None) for key, stamp, row in zip(keys, stamps, zip(*values))]
+    get_provider(store.config).online_write_batch(store.config, store.get_feature_view(TIMELINE_VIEW), rows,
+                                                  progress=None)
     return len(rows)
-
-
-def int64_list_values(column: pl.Series) -> list[ValueProto]:
-    """A list column of integers -> one ValueProto(int64_list_val=...) per row (a null row: an empty list)."""
-    return [ValueProto.FromString(b) for b in int64_list_bytes(column)]
 
 
 def int64_list_bytes(column: pl.Series) -> list[bytes]:

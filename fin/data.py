@@ -2,7 +2,7 @@
 
 Memory stays bounded by one user partition: the loader holds one partition's timelines (flat arrays)
 and examples at a time, gathers each batch's histories by slicing the timelines at the examples'
-`history_len` pointers (`features.sequences.history_batch`), and calls `features.fragments.fragment`,
+`history_len` pointers (`history_batch`), and calls `features.fragments.fragment`,
 the same function the server calls, so train and serve cut sub-sequences identically.
 """
 
@@ -20,7 +20,7 @@ import torch
 from features import contract
 from features.aggregates import WINDOWS
 from features.fragments import MISSING, Fragment, FragmentConfig, fragment
-from features.sequences import TIMELINE_FIELDS, geohash_code, history_batch
+from features.sequences import TIMELINE_FIELDS, geohash_code
 
 # Per-example inputs a model may read: the candidate, the request context, point-in-time statistics.
 TARGET_FEATURES = ("item_id", "shop_id", "category_1_id", "brand_id")
@@ -29,6 +29,20 @@ STAT_KEYS = ("item", "shop")
 STAT_VALUES = tuple(f"{m}_{w}d" for w in WINDOWS for m in ("impressions", "ctr"))  # per key, as the stats views
 STAT_FEATURES = tuple(f"{key}_{value}" for key in STAT_KEYS for value in STAT_VALUES)
 FRAGMENT_CONTEXT = ("geohash6", "aoi_id", "time_type")  # what `fragment()` reads of the request besides its time
+
+
+def history_batch(timelines: dict[str, np.ndarray], timeline_offsets: np.ndarray, rows: np.ndarray,
+                  history_len: np.ndarray, max_len: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gather a jagged batch of histories: for example i, the `max_len` events before position
+    `history_len[i]` of timeline `rows[i]`. `timelines` holds each field's flat values over all users,
+    `timeline_offsets` where each user's timeline starts (length users + 1)."""
+    end = timeline_offsets[rows] + history_len
+    start = np.maximum(end - max_len, timeline_offsets[rows])
+    lengths = end - start
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
+    values = {f: torch.from_numpy(np.ascontiguousarray(v[flat])) for f, v in timelines.items()}
+    return torch.from_numpy(offsets.astype(np.int64)), values
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,16 @@ Output folder:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -40,11 +42,13 @@ import polars as pl
 
 from features import aggregates, contract, logio
 from features.build import EVALUATION_SPLITS, SPLITS, SplitDays, build_partition
-from features.online import TIMELINE_VIEW, write_timelines
+from features.online import TIMELINE_VIEW, encode_timelines, write_encoded_timelines
 from features.validate import ValidationConfig, data_window, validate_tables
 from jobs.features_config import FeaturesConfig
 
 DATA, FEAST = "data", "feast"
+# zstd's fastest level: a third less time to write than its default, and files about 5% larger
+_OUTPUT_PARQUET = {"compression": "zstd", "compression_level": 1}
 _MAX_RAY_TEMP_LEN = 40  # Ray puts ~65 more characters of session and socket names under it; AF_UNIX allows 107
 
 
@@ -95,13 +99,16 @@ def _shard_task(files: list[str], table: str, group: int, work: str, partitions:
     for (p,), shard in rows.partition_by("_p", as_dict=True).items():
         path = Path(work) / table / f"p={p:05d}" / f"g-{group:05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        shard.drop("_p").write_parquet(path, compression="lz4")
+        # scratch read once, on this machine: no compression or statistics, the cheapest parquet to write
+        shard.drop("_p").write_parquet(path, compression="uncompressed", statistics=False)
     return rows.height
 
 
-def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple[int, int], split: SplitDays,
-                max_seq_len: int, utc_offset_hours: float, with_candidates: bool) -> dict:
-    """Ray task: build one user partition and write its parts; returns counts and small tables."""
+def _build_task(p: int, work: str, staging: str, encoded: str, known_keys: dict, window: tuple[int, int],
+                split: SplitDays, max_seq_len: int, utc_offset_hours: float, with_candidates: bool) -> dict:
+    """Ray task: build one user partition and write its parts, and its online timelines encoded for the
+    store into `encoded` (scratch: written to the store only once the whole run has passed); returns
+    counts and small tables."""
     def read(table: str) -> pl.DataFrame:
         files = sorted(str(f) for f in (Path(work) / table / f"p={p:05d}").glob("*.parquet"))
         if not files:
@@ -120,10 +127,12 @@ def _build_task(p: int, work: str, staging: str, known_keys: dict, window: tuple
     def write(df: pl.DataFrame, *parts: str) -> None:
         path = root.joinpath(*parts, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        df.write_parquet(path)
+        df.write_parquet(path, **_OUTPUT_PARQUET)
 
     write(out.timelines, "timelines")
     write(out.online_timelines, "feast_sources", "user_timeline")
+    encode_timelines(out.online_timelines).write_parquet(Path(encoded) / name, compression="uncompressed",
+                                                         statistics=False)
     for s, df in out.examples.items():
         write(df, "examples", s)
     for s, df in out.candidates.items():
@@ -161,20 +170,22 @@ def _world(logs: Path, window: tuple[int, int], staging: Path) -> tuple[dict, di
     return known, summary
 
 
-def _push_timelines(store, folder: Path, since: datetime | None) -> int:
+def _push_timelines(store, encoded: Path, since: datetime | None) -> int:
     """Write users whose newest event is after `since` (all when None) to the online store, one partition
-    at a time. This skips the offline read that `materialize` would do over the same files, and Feast's
-    element-by-element conversion of list values (see `features.online.write_timelines`)."""
+    at a time, from the values the build tasks encoded. This skips the offline read that `materialize`
+    would do over the source files, and Feast's element-by-element conversion of list values (see
+    `features.online`)."""
     pushed = 0
-    for part in sorted(folder.glob("*.parquet")):
+    for part in sorted(encoded.glob("*.parquet")):
         rows = pl.read_parquet(part)
         if since is not None:
             rows = rows.filter(pl.col("event_timestamp") > since)
-        pushed += write_timelines(store, rows)
+        pushed += write_encoded_timelines(store, rows)
     return pushed
 
 
-def _feast(out: Path, data: Path, config: FeaturesConfig, start: datetime, ends: dict[str, datetime]) -> dict:
+def _feast(out: Path, data: Path, encoded: Path, config: FeaturesConfig, start: datetime,
+           ends: dict[str, datetime]) -> dict:
     """Apply the repository, then bring each view's online values up to its newest row: everything on the
     first run, incrementally afterwards (the registry's materialisation intervals are the watermarks).
     Watermarks sit at the newest row, not the window end, so a later run's newer rows always lie after them."""
@@ -196,7 +207,7 @@ def _feast(out: Path, data: Path, config: FeaturesConfig, start: datetime, ends:
                 fv = store.get_feature_view(view)
                 since = fv.most_recent_end_time
                 if view == TIMELINE_VIEW:
-                    pushed = _push_timelines(store, data / "feast_sources" / TIMELINE_VIEW, since)
+                    pushed = _push_timelines(store, encoded, since)
                     store.registry.apply_materialization(fv, store.project, since or start, end)
                 elif since is None:
                     store.materialize(start_date=start, end_date=end, feature_views=[view])
@@ -204,6 +215,45 @@ def _feast(out: Path, data: Path, config: FeaturesConfig, start: datetime, ends:
                     store.materialize_incremental(end_date=end, feature_views=[view])
     return {"repo": str(repo), "apply_s": round(applied - started, 3), "timelines_pushed": pushed,
             "materialize_s": round(time.perf_counter() - applied, 3)}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a run derives from its logs before any work, and where it writes."""
+
+    logs: Path
+    out: Path
+    tables: tuple[str, ...]  # the log tables to read: the optional ad candidates go along when present
+    window: tuple[int, int]
+    offset: float  # hours from UTC of the logs' local time
+    last_day: int
+    split: SplitDays
+    evaluation_from: date  # the first candidate files to read
+
+    @classmethod
+    def of(cls, logs: Path, out: Path, config: FeaturesConfig) -> "_Plan":
+        with_candidates = bool(logio.table_files(logs, "ad_candidates"))
+        manifest = logio.read_manifest(logs) or {}
+        offset = float(manifest.get("utc_offset_hours", 8.0))
+        window = data_window(logs, ValidationConfig())
+        last_day = int((window[1] - 1 + offset * 3_600_000) // aggregates.DAY_MS)
+        split = SplitDays.last_days(last_day, config.validation_days, config.test_days)
+        # a day early: partitions written with another UTC offset than the manifest's still cover the window
+        evaluation_from = date(1970, 1, 1) + timedelta(days=split.validation_start - 1)
+        return cls(logs, out, (*contract.LOG_TABLES, *(["ad_candidates"] if with_candidates else [])), window,
+                   offset, last_day, split, evaluation_from)
+
+    @property
+    def staging(self) -> Path:  # the new dataset, renamed into place once complete
+        return self.out / f".{DATA}.staging"
+
+    @property
+    def work(self) -> Path:  # scratch: the logs split by user partition, removed once built
+        return self.out / ".shards"
+
+    @property
+    def encoded(self) -> Path:  # scratch: timelines encoded for the online store, removed at the end
+        return self.out / ".online_values"
 
 
 def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = FeaturesConfig(),
@@ -221,23 +271,24 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
             raise ValueError(f"{logs} has no {table} (expected {logs}/{table}/**/*.parquet)")
         if any(f.suffix != ".parquet" for f in files):
             raise ValueError(f"{table}: the features job reads parquet only; convert CSV logs first")
-    # the optional evaluation log (every ad candidate) goes along when the source has it
-    with_candidates = bool(logio.table_files(logs, "ad_candidates"))
-    tables = [*contract.LOG_TABLES, *(["ad_candidates"] if with_candidates else [])]
-    manifest = logio.read_manifest(logs) or {}
-    offset = float(manifest.get("utc_offset_hours", 8.0))
-    window = data_window(logs, ValidationConfig())
-    last_day = int((window[1] - 1 + offset * 3_600_000) // aggregates.DAY_MS)
-    split = SplitDays.last_days(last_day, config.validation_days, config.test_days)
-    # a day early: partitions written with another UTC offset than the manifest's still cover the window
-    evaluation_from = date(1970, 1, 1) + timedelta(days=split.validation_start - 1)
-
+    plan = _Plan.of(logs, out, config)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".{DATA}.staging"
-    work = out / ".shards"
-    for d in (staging, work):
+    for d in (plan.staging, plan.work, plan.encoded):
         shutil.rmtree(d, ignore_errors=True)
-    staging.mkdir()
+    plan.staging.mkdir()
+    plan.encoded.mkdir()
+    try:
+        return _build_and_publish(plan, config, say, t0, timings)
+    finally:
+        shutil.rmtree(plan.encoded, ignore_errors=True)
+
+
+def _build_and_publish(plan: _Plan, config: FeaturesConfig, say: Callable[[str], None], t0: float,
+                       timings: dict[str, float]) -> dict:
+    logs, out, window, split, offset = plan.logs, plan.out, plan.window, plan.split, plan.offset
+    staging, work = plan.staging, plan.work
+    # Feast takes seconds to import and is needed only at the end: import it while the driver waits on Ray
+    threading.Thread(target=importlib.import_module, args=("feast",), name="import-feast", daemon=True).start()
     known, world_summary = _world(logs, window, staging)
     timings["world_s"] = time.perf_counter() - t0
 
@@ -254,10 +305,10 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
         shard_refs = []
         # two file groups per CPU: few tasks (each has a fixed cost), all CPUs busy
         n_groups = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-        for table in tables:
+        for table in plan.tables:
             files = logio.table_files(logs, table)
             if table == "ad_candidates":  # only the evaluation days' candidates are kept: read no others
-                files = logio.files_from(files, evaluation_from)
+                files = logio.files_from(files, plan.evaluation_from)
             if not files:
                 continue
             files = [str(f) for f in files]
@@ -270,8 +321,9 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
         t = time.perf_counter()
         keys_ref = ray.put(known)
         task = ray.remote(num_cpus=1)(_build_task)
-        pending = [task.remote(p, str(work.resolve()), str(staging.resolve()), keys_ref, window, split,
-                               config.max_seq_len, offset, with_candidates) for p in range(config.partitions)]
+        pending = [task.remote(p, str(work.resolve()), str(staging.resolve()), str(plan.encoded.resolve()), keys_ref,
+                               window, split, config.max_seq_len, offset, "ad_candidates" in plan.tables)
+                   for p in range(config.partitions)]
         results = []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -290,8 +342,8 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
     newest: dict[str, datetime] = {}
     for key, name in (("item_id", "item_stats"), ("shop_id", "shop_stats")):
         counts = pl.concat([r[f"{key.split('_')[0]}_counts"] for r in results])
-        stats = aggregates.point_in_time_stats(counts, key, first_day, last_day, offset)
-        stats.write_parquet(staging / "feast_sources" / f"{name}.parquet")
+        stats = aggregates.point_in_time_stats(counts, key, first_day, plan.last_day, offset)
+        stats.write_parquet(staging / "feast_sources" / f"{name}.parquet", **_OUTPUT_PARQUET)
         newest[name] = stats["event_timestamp"].max()
     newest["user_timeline"] = max((r["newest_event"] for r in results if r["newest_event"] is not None), default=None)
     timings["aggregate_s"] = time.perf_counter() - t
@@ -310,7 +362,7 @@ def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = Fea
     say("applying and materialising the Feast repository")
     start = datetime.fromtimestamp(window[0] / 1000, tz=timezone.utc)
     ends = {view: (t or start) + timedelta(milliseconds=1) for view, t in newest.items()}
-    feast = _feast(out, out / DATA, config, start, ends)
+    feast = _feast(out, out / DATA, plan.encoded, config, start, ends)
     timings.update(feast_apply_s=feast["apply_s"], feast_materialize_s=feast["materialize_s"])
     timings["total_s"] = time.perf_counter() - t0
     per_task = {k: round(sum(r["seconds"][k] for r in results), 3) for k in ("read", "build", "write")}

@@ -7,7 +7,8 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.online import int64_list_bytes, int64_list_values
+from features.online import encode_timelines, int64_list_bytes
+from features.sequences import TIMELINE_FIELDS
 
 int64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-2, 300), st.integers(2**27, 2**29))
 rows = st.lists(st.one_of(st.none(), st.lists(int64, max_size=12)), min_size=1, max_size=20)
@@ -26,7 +27,10 @@ def test_bytes_equal_protobuf_serialisation(values, data):
     offset = data.draw(st.integers(0, len(values) - 1))
     part = column.slice(offset)
     assert int64_list_bytes(part) == [_protobuf(r) for r in values[offset:]]
-    assert [list(v.int64_list_val.val) for v in int64_list_values(part)] == [r or [] for r in values[offset:]]
+    encoded = encode_timelines(pl.DataFrame({"user_id": range(len(values))}).with_columns(
+        event_timestamp=pl.lit(0).cast(pl.Datetime("ms", "UTC")), **{f: column for f in TIMELINE_FIELDS}).slice(offset))
+    decoded = [list(ValueProto.FromString(b).int64_list_val.val) for b in encoded[TIMELINE_FIELDS[-1]]]
+    assert decoded == [r or [] for r in values[offset:]]
 
 
 def test_narrow_integer_lists_are_widened():
