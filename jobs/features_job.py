@@ -287,8 +287,6 @@ def _build_and_publish(plan: _Plan, config: FeaturesConfig, say: Callable[[str],
                        timings: dict[str, float]) -> dict:
     logs, out, window, split, offset = plan.logs, plan.out, plan.window, plan.split, plan.offset
     staging, work = plan.staging, plan.work
-    # Feast takes seconds to import and is needed only at the end: import it while the driver waits on Ray
-    threading.Thread(target=importlib.import_module, args=("feast",), name="import-feast", daemon=True).start()
     known, world_summary = _world(logs, window, staging)
     timings["world_s"] = time.perf_counter() - t0
 
@@ -296,6 +294,9 @@ def _build_and_publish(plan: _Plan, config: FeaturesConfig, say: Callable[[str],
     t = time.perf_counter()
     session = _RaySession(config, out)
     timings["ray_start_s"] = time.perf_counter() - t
+    # Feast takes seconds to import and is needed only at the end: import it while the driver waits on
+    # Ray's tasks (not before: it would slow Ray's start, which needs the driver's CPU too)
+    threading.Thread(target=importlib.import_module, args=("feast",), name="import-feast", daemon=True).start()
     try:
         import ray
 
