@@ -63,9 +63,10 @@ class Fragment:
 
 
 def keep_last(mask: torch.Tensor, cap: int) -> torch.Tensor:
-    """Within each row, keep the last `cap` True entries of `mask`."""
-    from_end = torch.flip(torch.cumsum(torch.flip(mask.to(torch.int32), [1]), 1), [1])
-    return mask & (from_end <= cap)
+    """Within each row, keep the last `cap` True entries of `mask`: those at which more than
+    `total - cap` True entries have been seen (one forward count; no flipped copies)."""
+    seen = torch.cumsum(mask, 1)
+    return mask & (seen > seen[:, -1:] - cap)
 
 
 def _neighbour_codes(cells: torch.Tensor) -> torch.Tensor:
@@ -125,6 +126,6 @@ def fragment(offsets: torch.Tensor, history: dict[str, torch.Tensor], context: d
     out = {}
     for name in FRAGMENTS:
         k = keep[name]
-        out[name] = Fragment(index=pos[k], lengths=k.sum(1).to(torch.int64),
-                             tags=tag_grid[k] if name == "integrated" else None)
+        out[name] = Fragment(index=pos.masked_select(k), lengths=k.sum(1),  # masked_select: ~2x pos[k]
+                             tags=tag_grid.masked_select(k) if name == "integrated" else None)
     return out
