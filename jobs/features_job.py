@@ -5,7 +5,7 @@ A Ray job in two stages of Ray tasks, both vectorised with polars:
      shards (rows of one user always land in the same partition);
   2. build (one Ray task per partition): validate the partition's rows against the contract
      (quarantining bad ones), build its users' timelines, point examples into them, split by day,
-     and count impressions/clicks per item and shop.
+     count impressions/clicks per item and shop, and encode its users' last events for the online store.
 The driver then turns the counts into point-in-time statistics, writes the stats JSON, moves the new
 dataset into place in one rename, and applies and materialises the Feast repository.
 
@@ -18,6 +18,8 @@ Output folder:
         quarantine/<table>/part-*.parquet     bad rows with a reason
         stats.json
     OUT/feast/           Feast repository: feature_store.yaml, registry, sqlite online store (kept across runs)
+    OUT/.shards/, OUT/.online_values/   scratch of a run (logs split by partition; timelines encoded for
+                         the online store), removed by its end
 """
 
 from __future__ import annotations
@@ -104,11 +106,11 @@ def _shard_task(files: list[str], table: str, group: int, work: str, partitions:
     return rows.height
 
 
-def _build_task(p: int, work: str, staging: str, encoded: str, known_keys: dict, window: tuple[int, int],
+def _build_task(p: int, work: str, staging: str, encoded: str | None, known_keys: dict, window: tuple[int, int],
                 split: SplitDays, max_seq_len: int, utc_offset_hours: float, with_candidates: bool) -> dict:
-    """Ray task: build one user partition and write its parts, and its online timelines encoded for the
-    store into `encoded` (scratch: written to the store only once the whole run has passed); returns
-    counts and small tables."""
+    """Ray task: build one user partition and write its parts, and (unless `encoded` is None) its online
+    timelines encoded for the store into `encoded`, scratch written to the store only once the whole run
+    has passed; returns counts and small tables."""
     def read(table: str) -> pl.DataFrame:
         files = sorted(str(f) for f in (Path(work) / table / f"p={p:05d}").glob("*.parquet"))
         if not files:
@@ -131,8 +133,9 @@ def _build_task(p: int, work: str, staging: str, encoded: str, known_keys: dict,
 
     write(out.timelines, "timelines")
     write(out.online_timelines, "feast_sources", "user_timeline")
-    encode_timelines(out.online_timelines).write_parquet(Path(encoded) / name, compression="uncompressed",
-                                                         statistics=False)
+    if encoded is not None:
+        encode_timelines(out.online_timelines).write_parquet(Path(encoded) / name, compression="uncompressed",
+                                                             statistics=False)
     for s, df in out.examples.items():
         write(df, "examples", s)
     for s, df in out.candidates.items():
@@ -322,8 +325,9 @@ def _build_and_publish(plan: _Plan, config: FeaturesConfig, say: Callable[[str],
         t = time.perf_counter()
         keys_ref = ray.put(known)
         task = ray.remote(num_cpus=1)(_build_task)
-        pending = [task.remote(p, str(work.resolve()), str(staging.resolve()), str(plan.encoded.resolve()), keys_ref,
-                               window, split, config.max_seq_len, offset, "ad_candidates" in plan.tables)
+        encoded = str(plan.encoded.resolve()) if config.materialize else None
+        pending = [task.remote(p, str(work.resolve()), str(staging.resolve()), encoded, keys_ref, window, split,
+                               config.max_seq_len, offset, "ad_candidates" in plan.tables)
                    for p in range(config.partitions)]
         results = []
         while pending:
