@@ -11,8 +11,6 @@ job's Ray workers, which only encode, never pay it.
 
 from __future__ import annotations
 
-from datetime import timezone
-
 import numpy as np
 import polars as pl
 
@@ -57,8 +55,7 @@ def write_encoded_timelines(store, encoded: pl.DataFrame) -> int:
         return 0
     keys = [EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(int64_val=u)])
             for u in encoded[ENTITY].to_list()]
-    stamps = [t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
-              for t in encoded[TIMESTAMP].cast(pl.Datetime("us", "UTC")).to_list()]
+    stamps = encoded[TIMESTAMP].cast(pl.Datetime("us", "UTC")).to_list()  # timezone-aware datetimes
     values = [map(ValueProto.FromString, encoded[f].to_list()) for f in TIMELINE_FIELDS]
     rows = [(key, dict(zip(TIMELINE_FIELDS, row)), stamp, None) for key, stamp, row in zip(keys, stamps, zip(*values))]
     get_provider(store.config).online_write_batch(store.config, store.get_feature_view(TIMELINE_VIEW), rows,
