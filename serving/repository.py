@@ -42,6 +42,14 @@ class Change:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class _Serving:
+    """What serves: name -> version -> loaded model, and name -> the loaded promoted version (the default)."""
+
+    models: dict[str, dict[int, Artifact | vision.VisionModel]]
+    defaults: dict[str, int]
+
+
 def smoke_check(artifact: Artifact) -> None:
     """Score a cold-start request and a request with a long synthetic history; raise if anything is off."""
     rng = np.random.default_rng(0)
@@ -60,19 +68,19 @@ def smoke_check(artifact: Artifact) -> None:
 class ModelRepository:
     def __init__(self, root: str | Path, keep_versions: int = 2, default_model: str = "fin"):
         self.root, self.keep_versions, self.default_model = Path(root), keep_versions, default_model
-        self.models: dict[str, dict[int, Artifact | vision.VisionModel]] = {}  # name -> version -> loaded
-        self.defaults: dict[str, int] = {}  # name -> the loaded promoted version requests get by default
+        self.serving = _Serving({}, {})  # replaced whole by refresh(); never changed in place
         self.refused: dict[tuple[str, int], float] = {}  # (name, version) -> artifact.json's mtime when refused
         self._lock = threading.Lock()  # one refresh at a time; readers never take it
 
     def names(self) -> list[str]:
-        return sorted(self.models)
+        return sorted(self.serving.models)
 
     def versions(self, name: str) -> list[int]:
-        return sorted(self.models.get(name, {}))
+        return sorted(self.serving.models.get(name, {}))
 
     def get(self, name: str | None = None, version: int | None = None) -> Artifact | vision.VisionModel:
-        models = self.models  # one read of the reference: a consistent view
+        serving = self.serving  # one read of the reference: a consistent view
+        models = serving.models
         if not name:  # the default model, or the only one loaded
             if self.default_model in models or len(models) != 1:
                 name = self.default_model
@@ -82,7 +90,7 @@ class ModelRepository:
         if not loaded:
             raise ModelNotFound(f"model {name!r} is not loaded (loaded: {', '.join(sorted(models)) or 'none'})")
         if version is None:
-            default = self.defaults.get(name)
+            default = serving.defaults.get(name)
             return loaded[default] if default in loaded else loaded[max(loaded)]
         if version not in loaded:
             raise ModelNotFound(f"model {name!r} version {version} is not loaded (loaded: {sorted(loaded)})")
@@ -93,8 +101,8 @@ class ModelRepository:
         version once that has loaded (a promoted version that fails keeps the previous default), else its
         newest loaded version."""
         with self._lock:
-            changes, models = [], {n: dict(v) for n, v in self.models.items()}
-            defaults = dict(self.defaults)
+            changes, models = [], {n: dict(v) for n, v in self.serving.models.items()}
+            defaults = dict(self.serving.defaults)
             for name in sorted(p.name for p in self.root.glob("*") if p.is_dir() and not p.name.startswith(".")):
                 wanted = set(versions(self.root, name)[-self.keep_versions:])
                 chosen = promoted(self.root, name)
@@ -112,7 +120,7 @@ class ModelRepository:
                 for old in sorted(loaded)[:-self.keep_versions]:
                     if old != defaults.get(name):
                         del loaded[old]
-            self.models, self.defaults = models, defaults  # the swap (get() reads models first)
+            self.serving = _Serving(models, defaults)  # the swap: one reference
             return changes
 
     def _still_refused(self, name: str, version: int) -> bool:
