@@ -51,6 +51,13 @@ def test_the_scalar_code_of_one_geohash_is_the_vectorised_one(cell):
 
 
 @settings(max_examples=200, deadline=None)
+@given(lat=st.floats(-90, 90), lon=st.floats(-180, 180), precision=st.integers(1, 12))
+def test_the_scalar_neighbours_of_one_cell_are_the_vectorised_ones(lat, lon, precision):
+    code = geohash.to_codes(geohash.encode(lat, lon, precision))[0]  # poles and the antimeridian included
+    assert geohash.neighbour_codes_of(int(code[0]), precision) == geohash.neighbour_codes(code, precision)[0].tolist()
+
+
+@settings(max_examples=200, deadline=None)
 @given(lat=st.floats(-78, 78), lon=st.floats(-179.9, 179.9), precision=st.integers(2, 12))
 def test_neighbours_are_adjacent_cells(lat, lon, precision):
     cell = geohash.encode(lat, lon, precision)
