@@ -17,7 +17,7 @@ class ScoringConfig:
 class OnlineConfig:
     timeline_cache_size: int = 10_000  # users
     timeline_staleness_s: float = 30.0  # a cached timeline is re-read after this long
-    stats_cache_size: int = 100_000  # items + shops
+    stats_cache_size: int = 100_000  # items, and as many shops
     stats_staleness_s: float = 300.0
     read_timeout_s: float = 0.5  # a read slower than this counts as failed
     outage_backoff_s: float = 1.0  # after a failed read, requests skip the store this long
