@@ -117,3 +117,20 @@ def ecpm(pctr: np.ndarray, bids: np.ndarray) -> np.ndarray:
     """Expected revenue per 1,000 impressions of a cost-per-click ad."""
     return 1000.0 * pctr * bids
 
+
+# One `ScoreResponse.scores` entry on the wire: field 1, length-delimited, 10 bytes: pctr (field 1, fixed32
+# float) and ecpm (field 2, fixed32 float). Every entry has the same 12 bytes of layout.
+_SCORE_ENTRY = np.dtype([("tag", "u1"), ("size", "u1"), ("pctr_tag", "u1"), ("pctr", "<f4"),
+                         ("ecpm_tag", "u1"), ("ecpm", "<f4")])
+
+
+def scores_wire(pctr: np.ndarray, ecpm_: np.ndarray) -> bytes:
+    """The `scores` of a ScoreResponse in wire format, built with numpy: `response.MergeFromString` of it
+    appends one Score per candidate, the same message as adding them one by one (~0.3 ms of Python calls
+    for 200 candidates, on the event loop). Floats round to float32 as the message setter rounds them."""
+    entries = np.empty(len(pctr), _SCORE_ENTRY)
+    entries["tag"], entries["size"], entries["pctr_tag"], entries["ecpm_tag"] = 0x0A, 10, 0x0D, 0x15
+    with np.errstate(over="ignore"):  # beyond float32: inf, as the setter stores it
+        entries["pctr"], entries["ecpm"] = pctr, ecpm_
+    return entries.tobytes()
+
