@@ -65,6 +65,8 @@ class Fragment:
 def keep_last(mask: torch.Tensor, cap: int) -> torch.Tensor:
     """Within each row, keep the last `cap` True entries of `mask`: those at which more than
     `total - cap` True entries have been seen (one forward count; no flipped copies)."""
+    if cap >= mask.shape[1]:  # no row can have more (the full fragment of a history no longer than its cap)
+        return mask
     seen = torch.cumsum(mask, 1)
     return mask & (seen > seen[:, -1:] - cap)
 
@@ -94,16 +96,25 @@ def fragment(offsets: torch.Tensor, history: dict[str, torch.Tensor], context: d
     lengths = offsets[1:] - offsets[:-1]
     n = lengths.numel()
     width = int(lengths.max()) if n else 0
-    col = torch.arange(width, device=offsets.device)
-    # right-aligned padded view: column j of row b is event offsets[b+1] - width + j
-    pos = offsets[1:, None] - width + col[None, :]
-    valid = col[None, :] >= (width - lengths)[:, None]
-    pos = torch.where(valid, pos, torch.zeros_like(pos))
+    if n == 1:  # one request (a served one): its events are one slice, with nothing to pad or gather
+        start = int(offsets[0])
+        pos = torch.arange(start, start + width, device=offsets.device)[None]
 
-    def field(name: str) -> torch.Tensor:
-        return history[name][pos] if pos.numel() else pos
+        def field(name: str) -> torch.Tensor:
+            return history[name][start:start + width][None]
 
-    before = valid & (field("ts") < context["ts"][:, None])
+        before = field("ts") < context["ts"][:, None]
+    else:
+        col = torch.arange(width, device=offsets.device)
+        # right-aligned padded view: column j of row b is event offsets[b+1] - width + j
+        pos = offsets[1:, None] - width + col[None, :]
+        valid = col[None, :] >= (width - lengths)[:, None]
+        pos = torch.where(valid, pos, torch.zeros_like(pos))
+
+        def field(name: str) -> torch.Tensor:
+            return history[name][pos] if pos.numel() else pos
+
+        before = valid & (field("ts") < context["ts"][:, None])
     cell = field("place_geohash6")
     request_cell = context["geohash6"]
     at_place = (cell == request_cell[:, None]) & (request_cell[:, None] != MISSING)

@@ -78,6 +78,24 @@ def test_fragments_match_the_rules(batch):
         assert integ.tags[integ.offsets[b]:integ.offsets[b + 1]].tolist() == tags
 
 
+@settings(max_examples=200, deadline=None)
+@given(batches())
+def test_a_batch_cuts_each_request_as_it_alone_cuts(batch):
+    """Training cuts batches, the server one request at a time (through a shortcut for one request): the
+    same fragments. Each request alone is given the whole batch's values and its own two offsets."""
+    histories, contexts, config = batch
+    offsets, history, context = _tensors(histories, contexts)
+    together = fragment(offsets, history, context, config)
+    for b in range(len(histories)):
+        alone = fragment(offsets[b:b + 2], history, {f: v[b:b + 1] for f, v in context.items()}, config)
+        for name, frag in together.items():
+            rows = slice(frag.offsets[b], frag.offsets[b + 1])
+            assert alone[name].index.tolist() == frag.index[rows].tolist(), (name, b)
+            assert alone[name].lengths.tolist() == [frag.lengths[b]]
+            if frag.tags is not None:
+                assert alone[name].tags.tolist() == frag.tags[rows].tolist()
+
+
 def test_empty_batch_and_empty_histories():
     offsets = torch.tensor([0, 0, 0])
     history = {f: torch.zeros(0, dtype=torch.int64) for f in ("ts", "place_geohash6", "aoi_id", "time_type")}
