@@ -33,10 +33,15 @@ def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None =
     return padded * mask[..., None].to(values.dtype), mask
 
 
-def time_gap_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Log2-scale bucket of a time gap in minutes: 0 for < 1 min, then doubling widths, capped."""
-    minutes = (gap_ms.clamp(min=0) // 60_000).to(torch.float32)
-    return torch.floor(torch.log2(minutes + 1)).to(torch.int64).clamp(max=buckets - 1)
+def time_gap_boundaries(buckets: int) -> torch.Tensor:
+    """Where each time-gap bucket after the first starts (ms): 2^b - 1 minutes for b = 1 .. buckets - 1."""
+    return (2 ** torch.arange(1, buckets, dtype=torch.int64) - 1) * 60_000
+
+
+def time_gap_bucket(gap_ms: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Log2-scale bucket of a time gap in whole minutes m: floor(log2(m + 1)), so 0 below one minute (and for
+    negative gaps), then doubling widths, the last bucket open-ended. Exact integer bounds, one operation."""
+    return torch.bucketize(gap_ms, boundaries, right=True)
 
 
 class MLP(nn.Sequential):
@@ -127,7 +132,7 @@ class MultiHeadTargetAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
         self.time_gap = nn.Embedding(time_gap_buckets, dim)
-        self.buckets = time_gap_buckets
+        self.register_buffer("gap_boundaries", time_gap_boundaries(time_gap_buckets), persistent=False)
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(dim, dim, bias=False)
@@ -135,7 +140,7 @@ class MultiHeadTargetAttention(nn.Module):
 
     def project(self, sequence: torch.Tensor, gap_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-user work: sequence [U, L, d] and time gaps to the request [U, L] -> keys, values [U, H, L, h]."""
-        x = sequence + self.time_gap(time_gap_bucket(gap_ms, self.buckets))
+        x = sequence + self.time_gap(time_gap_bucket(gap_ms, self.gap_boundaries))
         u, length, _ = x.shape
         split = (u, length, self.heads, self.head_dim)
         return self.key(x).view(split).transpose(1, 2), self.value(x).view(split).transpose(1, 2)

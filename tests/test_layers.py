@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from fin.layers import MLP, MultiHeadTargetAttention, SimplifiedTargetAttention, time_gap_bucket, to_padded
+from fin.layers import (
+    MLP,
+    MultiHeadTargetAttention,
+    SimplifiedTargetAttention,
+    time_gap_boundaries,
+    time_gap_bucket,
+    to_padded,
+)
 
 
 def test_to_padded_keeps_order_and_the_most_recent_when_capped():
@@ -16,7 +23,12 @@ def test_to_padded_keeps_order_and_the_most_recent_when_capped():
 
 def test_time_gap_buckets_are_log_scale_and_capped():
     minutes = torch.tensor([0, 1, 2, 3, 4, 60, 10**9]) * 60_000
-    assert time_gap_bucket(minutes, 24).tolist() == [0, 1, 1, 2, 2, 5, 23]
+    assert time_gap_bucket(minutes, time_gap_boundaries(24)).tolist() == [0, 1, 1, 2, 2, 5, 23]
+    # every whole minute up to ~4 years, just before and at each minute, and negative gaps: floor(log2(m + 1))
+    m = torch.arange(2_100_000, dtype=torch.int64)
+    gaps = torch.cat([m * 60_000, m * 60_000 + 59_999, -m - 1])
+    expected = torch.cat([m, m, torch.zeros_like(m)]).double().add(1).log2().floor().long().clamp(max=23)
+    assert torch.equal(time_gap_bucket(gaps, time_gap_boundaries(24)), expected)
 
 
 @pytest.mark.parametrize("make", [

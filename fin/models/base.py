@@ -77,10 +77,14 @@ def gather(values: torch.Tensor, frag: Fragment) -> tuple[torch.Tensor, torch.Te
     return to_padded(rows if rows.dim() > 1 else rows[:, None], frag.lengths)
 
 
-def time_gaps(batch: Batch, frag: Fragment, mask: torch.Tensor) -> torch.Tensor:
-    """Request time minus event time (ms, exact int64) for a fragment's padded events [U, L]."""
-    event_ts, _ = gather(batch.history["ts"], frag)
-    return (batch.ts[:, None] - event_ts[..., 0]).masked_fill(~mask, 0)
+def time_gaps(batch: Batch, frag: Fragment) -> torch.Tensor:
+    """Request time minus event time (ms, exact int64) for a fragment's events, padded per request [U, L]
+    (0 in the padding)."""
+    event_ts = batch.history["ts"].index_select(0, frag.index)
+    request_ts = batch.ts if batch.ts.numel() == 1 else batch.ts.repeat_interleave(
+        frag.lengths, output_size=frag.index.numel())
+    gaps, _ = to_padded((request_ts - event_ts)[:, None], frag.lengths)
+    return gaps[..., 0]
 
 
 class TargetAttentionModel(CTRModel):

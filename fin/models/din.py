@@ -13,4 +13,4 @@ class DIN(TargetAttentionModel):
     def attended(self, batch: Batch, x: Encoded):
         frag = batch.fragments["recent"]
         seq, mask = gather(x.events, frag)
-        return seq, time_gaps(batch, frag, mask), mask, batch.candidate_requests()
+        return seq, time_gaps(batch, frag), mask, batch.candidate_requests()

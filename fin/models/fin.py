@@ -46,5 +46,5 @@ class FIN(CTRModel):
             if frag.tags is not None:
                 tags, _ = to_padded(self.set_tag(frag.tags), frag.lengths)
                 seq = seq + tags
-            out.append(self.multi_head[name](x.target, seq, time_gaps(batch, frag, mask), mask, user_of))
+            out.append(self.multi_head[name](x.target, seq, time_gaps(batch, frag), mask, user_of))
         return out

@@ -18,5 +18,5 @@ class SIM(TargetAttentionModel):
         category, _ = gather(batch.history["category_1_id"], frag)
         matched = keep_last(mask[request] & (category[request, :, 0] == batch.ids["category_1_id"][:, None]),
                             self.config.sim_len)
-        gaps = time_gaps(batch, frag, mask)[request].masked_fill(~matched, 0)
+        gaps = time_gaps(batch, frag)[request].masked_fill(~matched, 0)
         return seq[request], gaps, matched, torch.arange(len(batch), device=seq.device)
