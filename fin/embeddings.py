@@ -57,7 +57,7 @@ class EmbeddingSizes:
 def hash_ids(ids: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
     """Any int64 id -> a row of a table with `rows` rows (row 0: unknown); `rows` may be a tensor of
     table sizes broadcast against `ids` (one column per table)."""
-    return torch.where(ids < 0, torch.zeros_like(ids), 1 + torch.remainder(ids, rows - 1))
+    return torch.remainder(ids, rows - 1).add_(1).masked_fill_(ids < 0, 0)  # in place: no temporaries
 
 
 @dataclass

@@ -55,13 +55,14 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
-def by_user(query: torch.Tensor, user_of: torch.Tensor, users: int) -> tuple[torch.Tensor, torch.Tensor]:
+def by_user(query: torch.Tensor, user_of: torch.Tensor, users: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Candidates grouped by user: query [B, ...] -> [U, C, ...] (C: most candidates of one user, zero-padded)
-    and each candidate's column [B], so that `grouped[user_of, column]` is `query` again. Attention then
-    multiplies each user's keys with all of that user's queries at once instead of copying the keys per
-    candidate: in training (one candidate per user) C = 1; for one request of 200 candidates U = 1."""
+    and each candidate's column [B], so that `grouped[user_of, column]` is `query` again (one user: column
+    None, `grouped[0]` is `query`). Attention then multiplies each user's keys with all of that user's
+    queries at once instead of copying the keys per candidate: in training (one candidate per user) C = 1;
+    for one request of 200 candidates U = 1."""
     if users == 1:  # one request (the server's common case): no grouping to do
-        return query[None], torch.arange(query.shape[0], device=query.device)
+        return query[None], None
     counts = torch.bincount(user_of, minlength=users)
     order = torch.argsort(user_of, stable=True)
     starts = torch.cumsum(counts, 0) - counts
@@ -72,7 +73,7 @@ def by_user(query: torch.Tensor, user_of: torch.Tensor, users: int) -> tuple[tor
     return grouped, column
 
 
-def from_users(grouped: torch.Tensor, user_of: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+def from_users(grouped: torch.Tensor, user_of: torch.Tensor, column: torch.Tensor | None) -> torch.Tensor:
     """The inverse of `by_user`: [U, C, ...] -> [B, ...]."""
     return grouped[0] if grouped.shape[0] == 1 else grouped[user_of, column]
 
