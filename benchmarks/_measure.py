@@ -33,6 +33,24 @@ def run_sampled(cmd: list[str], cwd: Path = ROOT) -> dict:
     return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "stdout": stdout}
 
 
+def speed_reference() -> float:
+    """Milliseconds (best of 5) of a fixed single-threaded workload: an interpreter loop and numpy
+    exponentials. The machine's speed moves by tens of percent from one run to the next; this figure
+    moves with it, so runs of a benchmark can be compared."""
+    import numpy as np
+
+    values = np.random.default_rng(0).random(1_000_000)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(200_000):
+            total += i
+        np.exp(values)
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 2)
+
+
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "platform": platform.platform(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}

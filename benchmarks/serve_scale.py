@@ -17,7 +17,9 @@ bounded in requests and seconds:
 - the naive baseline: the same requests scored one candidate per call (the model once per candidate);
 - growth: 50 -> 1,000 candidates (1,000-event histories) and 100 -> 1,000 history events (200 candidates; the
   same users, the request time set so that that many stored events come before it);
-- server RSS with FIN loaded, after the load.
+- server RSS with FIN loaded, after the load;
+- a machine speed reference (`_measure.speed_reference`, ms of a fixed workload) before and after: runs on
+  this shared machine differ by tens of percent, and the reference says how fast the machine was.
 Timelines are cached by the server (30 s staleness by default): the first phase sends one request per
 user, so every timeline comes from the online store; the later phases cycle over those users, and the
 server's cache hit rate is reported with each phase.
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from _measure import ROOT, report, run_sampled
+from _measure import ROOT, report, run_sampled, speed_reference
 
 sys.path.insert(0, str(ROOT))
 
@@ -300,6 +302,7 @@ def main() -> None:
     parser.add_argument("--baseline-options", default="--processes 1",
                         help="options of the server measured for comparison at concurrency 1 and 8")
     args = parser.parse_args()
+    reference_before = speed_reference()
     features, models = build(args.data or Path(tempfile.mkdtemp(prefix="fin-serve-bench-")), args.users, args.days,
                              args.train_steps)
     pool = request_pool(features)
@@ -308,7 +311,9 @@ def main() -> None:
     c1, c8 = results["concurrency_1"], results["concurrency_8"]
     results["goals"] = {"c1_p50_le_5ms": c1["p50_ms"] <= 5, "c1_p99_le_15ms": c1["p99_ms"] <= 15,
                         "c8_ge_150_rps": c8["requests_per_s"] >= 150, "c8_p99_le_50ms": c8["p99_ms"] <= 50}
+    speed = {"before_ms": reference_before, "after_ms": speed_reference()}
     report("serve_scale", {"data": {"users": args.users, "days": args.days, "model": "fin (configs/lifelong.yaml)"},
+                           "machine_speed_reference": speed,
                            **results, "baseline_server": baseline,
                            "concurrency_8_vs_baseline_server": round(
                                c8["requests_per_s"] / baseline["concurrency_8"]["requests_per_s"], 2)})
