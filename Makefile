@@ -7,7 +7,7 @@ DEMO   ?= demo_out
 DEMO_PORT ?= 50051
 
 
-.PHONY: demo test test-services install bench-simulate bench-features bench-train bench-serve clean
+.PHONY: demo test test-services install bench-simulate bench-features bench-train bench-serve bench-serve-work clean
 
 PROTOS := $(shell find proto -name '*.proto')
 
@@ -62,6 +62,9 @@ bench-train: install
 
 bench-serve: install
 	$(PY) benchmarks/serve_scale.py
+
+bench-serve-work: install
+	$(PY) benchmarks/serve_work.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,100 @@
+"""Benchmark: the server's own work per Score request, in process and without gRPC, in CPU ms.
+
+The same data, model and requests as `serve_scale.py` (200 candidates, users with 1,000-event timelines),
+each request taken through what `fin serve` does with it on a cached timeline: parse the message, check it
+(`serving.scoring.request_inputs`), read the features from the caches (`serving.online.OnlineFeatures`,
+over the sqlite store), cut the fragments and run the forward (`serving.scoring.score`), and build and
+serialise the response. The end-to-end benchmark moves with the shared machine's speed by tens of
+percent; CPU time of the same work, the fastest of several blocks, moves less, so two commits can be
+compared by running this script at each, in turn. Reports the fastest and the median block (ms per
+request) and each phase's median, with the machine speed reference.
+Usage: python benchmarks/serve_work.py [--data DIR] [--requests 100] [--blocks 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _measure import report, speed_reference
+from serve_scale import build, request_pool, score_request, users_near
+
+PHASES = ("parse", "inputs", "features", "forward", "response")
+
+
+async def measure(features: Path, models: Path, requests: int, blocks: int) -> dict:
+    import torch
+    from feast import FeatureStore
+
+    from fin.artifact import load_artifact, resolve
+    from serving.config import ScoringConfig
+    from serving.online import OnlineFeatures
+    from serving.pb import ctr_scoring_pb2 as pb
+    from serving.scoring import ecpm, request_inputs, score, scores_wire
+
+    torch.set_num_threads(1)  # as `fin serve --torch-threads 1`
+    pool = request_pool(features)
+    users = users_near(pool["users"], 1000, 40)
+    rng = np.random.default_rng(0)
+    raw = [score_request(users[i % len(users)], pool["candidates"], 200, rng).SerializeToString()
+           for i in range(requests)]
+    artifact = load_artifact(resolve("fin", models))
+    online = OnlineFeatures(FeatureStore(repo_path=str(features / "feast")))
+    config = ScoringConfig()
+
+    async def one(message: bytes) -> list[float]:
+        marks = [time.thread_time()]
+        request = pb.ScoreRequest.FromString(message)
+        marks.append(time.thread_time())
+        inputs = request_inputs(request, config)
+        marks.append(time.thread_time())
+        found = await online.read(inputs.user_id, inputs.candidates)
+        marks.append(time.thread_time())
+        pctr = score(artifact, inputs, found.timeline, found.stats)
+        marks.append(time.thread_time())
+        response = pb.ScoreResponse(model_name=artifact.name, model_version=artifact.version)
+        response.MergeFromString(scores_wire(pctr, ecpm(pctr, inputs.bids)))
+        response.SerializeToString()
+        marks.append(time.thread_time())
+        return list(np.diff(marks))
+
+    for message in raw:  # fills the caches (every later request is a cache hit) and warms the model
+        await one(message)
+    per_block, phases = [], []
+    for _ in range(blocks):
+        started = time.thread_time()
+        phases += [await one(message) for message in raw]
+        per_block.append((time.thread_time() - started) * 1000 / len(raw))
+    online.close()
+    medians = np.median(np.array(phases) * 1000, axis=0)
+    return {"requests_per_block": len(raw), "blocks": blocks, "candidates": 200,
+            "cpu_ms_per_request": {"fastest_block": round(min(per_block), 3),
+                                   "median_block": round(float(np.median(per_block)), 3)},
+            "phase_median_ms": {p: round(float(m), 3) for p, m in zip(PHASES, medians)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="folder to keep (or reuse) the logs, features and model in "
+                                                  "(the same as serve_scale.py's)")
+    parser.add_argument("--users", type=int, default=600)
+    parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=100, help="requests per block")
+    parser.add_argument("--blocks", type=int, default=10)
+    args = parser.parse_args()
+    before = speed_reference()
+    features, models = build(args.data or Path(tempfile.mkdtemp(prefix="fin-serve-bench-")), args.users, args.days,
+                             args.train_steps)
+    results = asyncio.run(measure(features, models, args.requests, args.blocks))
+    report("serve_work", {"data": {"users": args.users, "days": args.days, "model": "fin (configs/lifelong.yaml)"},
+                          "machine_speed_reference": {"before_ms": before, "after_ms": speed_reference()},
+                          **results})
+
+
+if __name__ == "__main__":
+    main()
