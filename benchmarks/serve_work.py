@@ -4,10 +4,10 @@ The same data, model and requests as `serve_scale.py` (200 candidates, users wit
 each request taken through what `fin serve` does with it on a cached timeline: parse the message, check it
 (`serving.scoring.request_inputs`), read the features from the caches (`serving.online.OnlineFeatures`,
 over the sqlite store), cut the fragments and run the forward (`serving.scoring.score`), and build and
-serialise the response. The end-to-end benchmark moves with the shared machine's speed by tens of
-percent; CPU time of the same work, the fastest of several blocks, moves less, so two commits can be
-compared by running this script at each, in turn. Reports the fastest and the median block (ms per
-request) and each phase's median, with the machine speed reference.
+serialise the response. CPU time of the same work, the fastest of several blocks, is less disturbed by
+other load than latency is, but it still moves with the shared machine's speed (see the speed reference
+it reports), so compare two commits by running this script at each, in turn, more than once. Reports the
+fastest and the median block (ms per request) and each phase's median.
 Usage: python benchmarks/serve_work.py [--data DIR] [--requests 100] [--blocks 10]
 """
 
