@@ -80,11 +80,14 @@ def trained_models(features_job, tmp_path_factory) -> tuple[Path, dict[str, Path
 class Running:
     """`fin serve` as a user starts it, on 127.0.0.1 and a free port, with clients for its services."""
 
+    started: "list[Running]" = []  # every server the tests started (`_no_server_outlives_its_test`)
+
     def __init__(self, models: Path, feast_repo: Path, *args: str, credentials=None):
         fin = Path(sys.executable).parent / "fin"
         self.proc = subprocess.Popen([str(fin), "serve", "--models", str(models), "--feast-repo", str(feast_repo),
                                       "--port", "0", "--poll-s", "0.3", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        Running.started.append(self)
         line = self.proc.stdout.readline()
         assert line.startswith("serving on 127.0.0.1:"), line + self.proc.stderr.read()
         self.addr = line.split()[2].rstrip(";")
@@ -108,6 +111,23 @@ class Running:
         if close_channel:
             self.channel.close()
         return self.proc.returncode, err
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    """A test that fails before it stops its server must not leave `fin serve` running: a server the test
+    started (module fixtures' servers start before it) and left running is stopped when the test ends."""
+    before = len(Running.started)
+    yield
+    for running in Running.started[before:]:
+        if running.proc.poll() is None:
+            running.proc.send_signal(signal.SIGTERM)  # its other processes stop with it
+            try:
+                running.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                running.proc.kill()
+                running.proc.communicate()
+    del Running.started[before:]
 
 
 def wait_for(check, timeout: float = 20.0):
