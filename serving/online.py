@@ -37,13 +37,8 @@ class TTLCache:
 
     def get(self, key):
         """(stored at, value), or None when absent or stale."""
-        return self.get_many([key])[0]
-
-    def get_many(self, keys: list) -> list:
-        """`get` of each key."""
-        oldest = self.clock() - self.ttl_s
-        found = map(self._entries.get, keys)
-        return [e if e is not None and e[0] >= oldest else None for e in found]
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry[0] >= self.clock() - self.ttl_s else None
 
     def put(self, key, value) -> None:
         with self._lock:
@@ -170,12 +165,13 @@ class OnlineFeatures:
         for key, (ids, rows, found) in lookup.stats.items():
             if found.all():
                 continue
-            missing = np.unique(ids[~found])
+            absent = ids[~found]
+            missing = np.unique(absent)
             response = self.store.get_online_features(
                 features=[f"{key}_stats:{v}" for v in STAT_VALUES],
                 entity_rows=[{f"{key}_id": i} for i in missing.tolist()]).to_dict()
             # an id the store does not know reads None: zeros, as in training
             read = np.nan_to_num(np.array([response[v] for v in STAT_VALUES], np.float64).T).astype(np.float32)
             self.stats[key].put(missing, read)
-            rows[~found] = read[np.searchsorted(missing, ids[~found])]
+            rows[~found] = read[np.searchsorted(missing, absent)]
         return lookup.features()

@@ -11,7 +11,7 @@ def test_entries_expire_and_the_oldest_stored_goes_first():
     cache.put("a", 1)
     now[0] = 5
     cache.put("b", 2)
-    assert cache.get_many(["a", "b", "c"]) == [(0.0, 1), (5, 2), None]
+    assert [cache.get(k) for k in ("a", "b", "c")] == [(0.0, 1), (5, 2), None]
     cache.put("a", 3)  # stored again: now the newest, so "b" is the oldest
     cache.put("c", 4)
     assert cache.get("b") is None and cache.get("a") == (5, 3) and cache.get("c") == (5, 4)
