@@ -82,10 +82,10 @@ class SparseArch(nn.Module):
 
     def inputs(self, batch: Batch) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
         """The batch as KeyedJaggedTensors (ids hashed into their tables)."""
-        n = len(batch)
-        ones = torch.ones(n, dtype=torch.int64)
+        n, device = len(batch), batch.label.device  # lengths beside the values: a KJT's tensors share a device
+        ones = torch.ones(n, dtype=torch.int64, device=device)
         # every key of a KeyedJaggedTensor has B rows: requests' histories, then empty rows up to B
-        history_lengths = torch.zeros(n, dtype=torch.int64)
+        history_lengths = torch.zeros(n, dtype=torch.int64, device=device)
         history_lengths[:batch.history_offsets.numel() - 1] = batch.history_offsets.diff()
         keys, values, lengths = [], [], []
         for table, (target_id, history_field) in SHARED.items():
@@ -96,7 +96,7 @@ class SparseArch(nn.Module):
         sequence = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
         single = KeyedJaggedTensor.from_lengths_sync(
             keys=list(SINGLE), values=torch.cat([hash_ids(batch.ids[f], self.sizes.rows[f]) for f in SINGLE]),
-            lengths=torch.ones(n * len(SINGLE), dtype=torch.int64))
+            lengths=torch.ones(n * len(SINGLE), dtype=torch.int64, device=device))
         return sequence, single
 
     def forward(self, batch: Batch) -> SparseOutput:

@@ -81,13 +81,15 @@ def full_state_dict(model: DistributedModelParallel) -> dict[str, torch.Tensor] 
     A collective: every worker must call it. Keys are those of the unsharded model.
     """
     rank = dist.get_rank()
+    # the gather's buffers live where the collective runs: NCCL gathers GPU tensors only
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            full = torch.empty(value.size(), dtype=value.dtype, device=on) if rank == 0 else None
             value.gather(dst=0, out=full)
         else:
-            full = value.detach().to("cpu", copy=True)
+            full = value.detach()
         if rank == 0:
-            out[key] = full.contiguous()
+            out[key] = full.to("cpu", copy=True).contiguous()
     return out if rank == 0 else None

@@ -239,7 +239,7 @@ def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps:
         loss_sum += float(losses.detach().sum())
         examples += len(batch)
         on_step(1)
-    totals = torch.tensor([loss_sum, examples], dtype=torch.float64)
+    totals = torch.tensor([loss_sum, examples], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors
     dist.all_reduce(totals)
     return float(totals[0]), int(totals[1])
 

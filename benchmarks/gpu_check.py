@@ -1,0 +1,203 @@
+"""Check and benchmark on a CUDA machine: FIN's fragments, TorchRec training and scoring on the GPU against
+the same machine's CPU.
+
+Everything here also runs where there is no GPU (it then compares the CPU with itself), so the script can be
+tried anywhere before it is taken to a GPU machine. On the GPU machine it reports:
+  fragments  `features.fragments.fragment` on the GPU gives exactly the CPU's sub-sequences: the batches of
+             the validation split (the training path) and single requests cut from them (the server's path);
+  training   `fin train` (configs/lifelong.yaml: 1,000-event histories) for a fixed number of steps, once on
+             the GPU (NCCL, TorchRec's fused table kernels) and once with the GPU hidden (gloo, all CPU cores):
+             examples/s of each and their ratio, and the validation AUC each reached;
+  scoring    the GPU-trained artifact scores the test split on the CPU and on the GPU (largest pCTR difference,
+             AUC of each), then one served request (200 candidates, the longest history of the test split)
+             end to end: batch and fragments on the CPU, forward on the device, scores back; CPU with one
+             intra-op thread (as `fin serve`) against the GPU, p50/p99, and 8 requests in one GPU forward.
+Usage: python benchmarks/gpu_check.py --data DIR (a `fin features` output) [--steps 200] [--reps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _measure import ROOT, report, run_sampled
+from train_scale import LIFELONG, timed
+
+sys.path.insert(0, str(ROOT))
+
+
+def devices():
+    import torch
+
+    return torch.device("cpu"), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
+    """fragment() on the device against the CPU, on real batches and on single requests cut from them."""
+    import torch
+
+    from features.fragments import FRAGMENTS, fragment
+    from fin.data import FRAGMENT_CONTEXT, ExampleStream
+
+    cpu, device = devices()
+
+    def cut(offsets, history, context, on):
+        frags = fragment(offsets.to(on), {k: v.to(on) for k, v in history.items()},
+                         {k: v.to(on) for k, v in context.items()}, loader.fragments)
+        return {name: (f.index.cpu(), f.lengths.cpu(), None if f.tags is None else f.tags.cpu())
+                for name, f in frags.items()}
+
+    def same(a, b) -> bool:
+        return all(all(x is y if x is None or y is None else torch.equal(x, y) for x, y in zip(a[n], b[n]))
+                   for n in FRAGMENTS)
+
+    stream = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False, batch_size=256))
+    checked = {"batches": 0, "single_requests": 0, "events": 0, "mismatches": 0}
+    for _, batch in zip(range(batches), stream):
+        context = {"ts": batch.ts, **{c: batch.ids[c] for c in FRAGMENT_CONTEXT}}
+        checked["batches"] += 1
+        checked["events"] += int(batch.history_offsets[-1])
+        checked["mismatches"] += not same(cut(batch.history_offsets, batch.history, context, cpu),
+                                          cut(batch.history_offsets, batch.history, context, device))
+        for i in range(min(singles, len(batch))):
+            lo, hi = int(batch.history_offsets[i]), int(batch.history_offsets[i + 1])
+            offsets = torch.tensor([0, hi - lo])
+            history = {k: v[lo:hi] for k, v in batch.history.items()}
+            one = {k: v[i:i + 1] for k, v in context.items()}
+            checked["single_requests"] += 1
+            checked["mismatches"] += not same(cut(offsets, history, one, cpu), cut(offsets, history, one, device))
+    return {**checked, "device": device.type, "identical": checked["mismatches"] == 0}
+
+
+def train_run(data: Path, models: Path, name: str, steps: int, hide_gpu: bool) -> dict:
+    """`fin train` as its own process; with `hide_gpu` it cannot see the GPU and trains on the CPU (gloo)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if hide_gpu else None
+    m = run_sampled([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(models),
+                     "--name", name, "--config", str(LIFELONG), "--epochs", "1", "--max-steps", str(steps)], env=env)
+    folder = next((models / name).glob("*/artifact.json")).parent
+    meta = json.loads((folder / "artifact.json").read_text())
+    training = meta["training"]
+    return {"device": training["device"], "plan": sorted(set(training["plan"].values())), "steps": steps,
+            "examples": training["examples"], "train_loop_s": training["seconds"],
+            "examples_per_s": round(training["examples_per_s"], 1),
+            "validation_auc": round(meta["metrics"]["validation_auc"], 4), "process_wall_s": m["wall_s"],
+            "artifact": str(folder)}
+
+
+def scoring(data: Path, artifact_folder: str, candidates: int, reps: int) -> dict:
+    import torch
+
+    from features.sequences import TIMELINE_FIELDS
+    from fin.artifact import load_artifact
+    from fin.data import CONTEXT_FEATURES, TARGET_FEATURES, ExampleStream, ScoringRequest, requests_batch
+    from fin.metrics import auc
+
+    cpu, device = devices()
+    torch.set_num_threads(1)  # as `fin serve --torch-threads 1`
+    artifact = load_artifact(artifact_folder)
+    on_cpu = artifact.model.eval()
+    on_device = load_artifact(artifact_folder).model.to(device).eval()
+    loader = artifact.loader
+
+    # the test split on both
+    stream = ExampleStream(data, "test", dataclasses.replace(loader, shuffle=False, batch_size=1024))
+    labels, p_cpu, p_device, longest = [], [], [], None
+    with torch.inference_mode():
+        for batch in stream:
+            labels.append(batch.label.numpy())
+            p_cpu.append(torch.sigmoid(on_cpu(batch)).numpy())
+            p_device.append(torch.sigmoid(on_device(batch.to(device))).cpu().numpy())
+            i = int(batch.history_offsets.diff().argmax())
+            if longest is None or batch.history_offsets.diff()[i] > longest[0]:
+                longest = (int(batch.history_offsets.diff()[i]), batch, i)
+    labels, p_cpu, p_device = map(np.concatenate, (labels, p_cpu, p_device))
+    test = {"examples": int(labels.size), "max_abs_pctr_difference": float(np.abs(p_cpu - p_device).max()),
+            "auc_cpu": round(auc(labels, p_cpu), 6), "auc_device": round(auc(labels, p_device), 6)}
+
+    # one served request: the longest history of the test split, `candidates` candidates drawn from the split
+    events, batch, i = longest
+    lo, hi = int(batch.history_offsets[i]), int(batch.history_offsets[i + 1])
+    timeline = {f: batch.history[f][lo:hi].numpy() for f in TIMELINE_FIELDS}
+    context = {"ts": int(batch.ts[i]), **{c: int(batch.ids[c][i]) for c in CONTEXT_FEATURES}}
+    rows = np.random.default_rng(0).integers(0, len(batch), candidates)
+    request = ScoringRequest(timeline, context, {c: batch.ids[c].numpy()[rows] for c in TARGET_FEATURES},
+                             batch.stats.numpy()[rows])
+
+    def score(model, on, requests):
+        with torch.inference_mode():
+            return torch.sigmoid(model(requests_batch(requests, loader).to(on))).cpu().numpy()
+
+    np.testing.assert_allclose(score(on_cpu, cpu, [request]), score(on_device, device, [request]), atol=1e-5)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    on_device_batch = requests_batch([request], loader).to(device)
+
+    def forward_only():
+        with torch.inference_mode():
+            on_device(on_device_batch)
+        sync()
+
+    runs = {"cpu_1_thread": timed(lambda: score(on_cpu, cpu, [request]), reps, 60),
+            "device": timed(lambda: score(on_device, device, [request]), reps, 60),
+            "device_forward_only": timed(forward_only, reps, 60),
+            "device_8_requests_per_forward": timed(lambda: score(on_device, device, [request] * 8), reps, 60)}
+    for name, run in runs.items():
+        run["candidates_per_s"] = round(candidates * (8 if name.endswith("per_forward") else 1) / run["p50_ms"] * 1000)
+    return {"test_split": test, "request": {"history_events": events, "candidates": candidates, **runs},
+            "device_vs_cpu_p50": round(runs["cpu_1_thread"]["p50_ms"] / runs["device"]["p50_ms"], 2)}
+
+
+def environment() -> dict:
+    import torch
+    import torchrec
+
+    cpu, device = devices()
+    return {"torch": torch.__version__, "torchrec": getattr(torchrec, "__version__", "?"), "device": device.type,
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "cpu_cores": os.cpu_count()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="a `fin features` output (or its data/ folder)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (of 512 examples) per run")
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=200, help="scoring repetitions (also bounded by 60 s)")
+    parser.add_argument("--fragment-batches", type=int, default=20)
+    args = parser.parse_args()
+    from fin.data import dataset_folder
+    from fin.train import load_train_config
+
+    data = dataset_folder(args.data)
+    doc: dict = {"environment": environment()}
+    started = time.perf_counter()
+    doc["fragments"] = attempt(fragments_agree, data, load_train_config(LIFELONG).loader, args.fragment_batches, 16)
+    models = Path(tempfile.mkdtemp(prefix="fin-gpu-check-"))
+    runs = {name: attempt(train_run, data, models, f"fin-{name}", args.steps, hide_gpu=name == "cpu")
+            for name in (("device", "cpu") if doc["environment"]["device"] == "cuda" else ("cpu",))}
+    trained = [r for r in runs.values() if "error" not in r]
+    doc["training"] = {**runs, "device_vs_cpu_examples_per_s": round(
+        trained[0]["examples_per_s"] / trained[-1]["examples_per_s"], 2) if len(trained) == len(runs) else None}
+    if trained:  # the first trained: the GPU's where it trained
+        doc["scoring"] = attempt(scoring, data, trained[0]["artifact"], args.candidates, args.reps)
+    doc["wall_s"] = round(time.perf_counter() - started, 1)
+    report("gpu_check", doc)
+    if len(trained) < len(runs) or any("error" in doc[part] for part in ("fragments", "scoring")):
+        sys.exit(1)
+
+
+def attempt(section, *args, **kwargs) -> dict:
+    """A section's results, or its error: one part that fails still leaves the others' figures."""
+    try:
+        return section(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported in the JSON and the exit status
+        return {"error": f"{type(e).__name__}: {str(e)[-3000:]}"}
+
+
+if __name__ == "__main__":
+    main()
