@@ -3,8 +3,9 @@
 For each size: the job's wall time as a user sees it (process start to exit: Ray start, sharding,
 building, statistics, Feast apply and materialisation) and with Ray's start excluded, events per
 second, the peak RSS summed over the job and its Ray workers; in the same run, a single-process pandas
-implementation of the same timelines (benchmarks/pandas_timelines.py); and the latency of one user's
-timeline read from the sqlite online store (p50/p99 over 1,000 reads of random users).
+implementation of the same timelines (benchmarks/pandas_timelines.py) and the floor of reading the
+behaviour and impression logs once and writing them once (benchmarks/io_floor.py); and the latency of one
+user's timeline read from the sqlite online store (p50/p99 over 1,000 reads of random users).
 Usage: python benchmarks/features_scale.py [--sizes 1m 20m] [--logs 1m=DIR 20m=DIR] [--no-baseline]
 """
 
@@ -59,6 +60,10 @@ def measure(logs: Path, scratch: Path, baseline: bool) -> dict:
         "peak_rss_mb": job["peak_rss_mb"], "job_timings_s": timings,
         "online_read_one_user": online_latency(out / "feast", stats["users"]),
     }
+    floor = run_sampled([sys.executable, str(ROOT / "benchmarks" / "io_floor.py"), str(logs), str(scratch / "floor")])
+    floor = json.loads(floor["stdout"])
+    result["io_floor"] = {**floor, "events_per_s": round(events / floor["total_s"]),
+                          "job_over_floor": round(wall / floor["total_s"], 2)}
     if baseline:
         pandas = run_sampled([sys.executable, str(ROOT / "benchmarks" / "pandas_timelines.py"), str(logs),
                               str(scratch / "pandas_timelines.parquet")])
