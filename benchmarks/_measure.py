@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_sampled(cmd: list[str], cwd: Path = ROOT, env: dict | None = None) -> dict:
-    """Run `cmd` (with environment `env`, default this one's); wall seconds and the peak of the summed RSS of it and all its descendants (100 ms samples)."""
+    """Run `cmd` (with environment `env`, default this one's); wall seconds and the peak of the summed RSS of
+    it and all its descendants (100 ms samples)."""
     started = time.perf_counter()
     proc = psutil.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
