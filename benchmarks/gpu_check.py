@@ -5,9 +5,10 @@ Everything here also runs where there is no GPU (it then compares the CPU with i
 tried anywhere before it is taken to a GPU machine. On the GPU machine it reports:
   fragments  `features.fragments.fragment` on the GPU gives exactly the CPU's sub-sequences: the batches of
              the validation split (the training path) and single requests cut from them (the server's path);
-  training   `fin train` (configs/lifelong.yaml: 1,000-event histories) for a fixed number of steps, once on
-             the GPU (NCCL, TorchRec's fused table kernels) and once with the GPU hidden (gloo, all CPU cores):
-             examples/s of each and their ratio, and the validation AUC each reached;
+  training   `fin train` (configs/lifelong.yaml: 1,000-event histories) for a fixed number of steps, on the
+             GPU (NCCL, TorchRec's fused table kernels) with each of `--shardings`, and once with the GPU
+             hidden (gloo, all CPU cores): examples/s of each, the first GPU run's ratio to the CPU's, and
+             the validation AUC each reached;
   scoring    the GPU-trained artifact scores the test split on the CPU and on the GPU (largest pCTR difference,
              AUC of each), then one served request (200 candidates, the longest history of the test split)
              end to end: batch and fragments on the CPU, forward on the device, scores back; CPU with one
@@ -76,11 +77,12 @@ def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
     return {**checked, "device": device.type, "identical": checked["mismatches"] == 0}
 
 
-def train_run(data: Path, models: Path, name: str, steps: int, hide_gpu: bool) -> dict:
+def train_run(data: Path, models: Path, name: str, steps: int, sharding: str, hide_gpu: bool) -> dict:
     """`fin train` as its own process; with `hide_gpu` it cannot see the GPU and trains on the CPU (gloo)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if hide_gpu else None
     m = run_sampled([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(models),
-                     "--name", name, "--config", str(LIFELONG), "--epochs", "1", "--max-steps", str(steps)], env=env)
+                     "--name", name, "--config", str(LIFELONG), "--epochs", "1", "--max-steps", str(steps),
+                     "--sharding", sharding], env=env)
     folder = next((models / name).glob("*/artifact.json")).parent
     meta = json.loads((folder / "artifact.json").read_text())
     training = meta["training"]
@@ -163,12 +165,16 @@ def environment() -> dict:
 
 
 def main() -> None:
+    from fin.sharding import SHARDINGS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a `fin features` output (or its data/ folder)")
     parser.add_argument("--steps", type=int, default=200, help="training steps (of 512 examples) per run")
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reps", type=int, default=200, help="scoring repetitions (also bounded by 60 s)")
     parser.add_argument("--fragment-batches", type=int, default=20)
+    parser.add_argument("--shardings", nargs="+", default=["table_wise"], choices=SHARDINGS,
+                        help="table shardings to train with on the GPU (default table_wise; the CPU run uses the first)")
     args = parser.parse_args()
     from fin.data import dataset_folder
     from fin.train import load_train_config
@@ -178,8 +184,9 @@ def main() -> None:
     started = time.perf_counter()
     doc["fragments"] = attempt(fragments_agree, data, load_train_config(LIFELONG).loader, args.fragment_batches, 16)
     models = Path(tempfile.mkdtemp(prefix="fin-gpu-check-"))
-    runs = {name: attempt(train_run, data, models, f"fin-{name}", args.steps, hide_gpu=name == "cpu")
-            for name in (("device", "cpu") if doc["environment"]["device"] == "cuda" else ("cpu",))}
+    on_gpu = args.shardings if doc["environment"]["device"] == "cuda" else []
+    runs = {f"device_{s}": attempt(train_run, data, models, f"fin-{s}", args.steps, s, hide_gpu=False) for s in on_gpu}
+    runs["cpu"] = attempt(train_run, data, models, "fin-cpu", args.steps, args.shardings[0], hide_gpu=True)
     trained = [r for r in runs.values() if "error" not in r]
     doc["training"] = {**runs, "device_vs_cpu_examples_per_s": round(
         trained[0]["examples_per_s"] / trained[-1]["examples_per_s"], 2) if len(trained) == len(runs) else None}
