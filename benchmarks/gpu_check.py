@@ -12,7 +12,9 @@ tried anywhere before it is taken to a GPU machine. On the GPU machine it report
   scoring    the GPU-trained artifact scores the test split on the CPU and on the GPU (largest pCTR difference,
              AUC of each), then one served request (200 candidates, the longest history of the test split)
              end to end: batch and fragments on the CPU, forward on the device, scores back; CPU with one
-             intra-op thread (as `fin serve`) against the GPU, p50/p99, and 8 requests in one GPU forward.
+             intra-op thread (as `fin serve`) against the GPU, p50/p99, and 8 requests in one GPU forward;
+  resume     `fin train` killed after its first epoch's checkpoint resumes from it on the device and
+             finishes (how far it ends from an uninterrupted run).
 Usage: python benchmarks/gpu_check.py --data DIR (a `fin features` output) [--steps 200] [--reps 200]
 """
 
@@ -32,6 +34,9 @@ from _measure import ROOT, report, run_sampled
 from train_scale import LIFELONG, timed
 
 sys.path.insert(0, str(ROOT))
+
+
+SECTIONS = ("fragments", "training", "resume")
 
 
 def devices():
@@ -91,6 +96,42 @@ def train_run(data: Path, models: Path, name: str, steps: int, sharding: str, hi
             "examples_per_s": round(training["examples_per_s"], 1),
             "validation_auc": round(meta["metrics"]["validation_auc"], 4), "process_wall_s": m["wall_s"],
             "artifact": str(folder)}
+
+
+def resume_after_kill(data: Path, models: Path, steps: int) -> dict:
+    """`fin train` (FIN, 2 epochs) killed once its first epoch's checkpoint is on disk, then run again: it must
+    resume there (torch.distributed.checkpoint on the device: sharded tables, fused and dense optimizer state)
+    and finish. Reports how far its weights end from an uninterrupted run's (GPU kernels may sum in another
+    order from run to run, so this is a figure, not a pass/fail)."""
+    import signal
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    args = [sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--epochs", "2", "--patience", "2",
+            "--max-steps", str(steps)]
+
+    def train(run: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([*args, "--out", str(models / run)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"fin train ({run}) failed: {done.stderr.strip()[-2000:]}")
+        return done
+
+    killed = subprocess.Popen([*args, "--out", str(models / "killed")], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = models / "killed" / "fin" / ".checkpoint" / "latest.json"
+    deadline = time.monotonic() + 300
+    while not (pointer.exists() and json.loads(pointer.read_text())["progress"]["epoch"] >= 1):
+        if killed.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("training ended (or ran out of time) before its first checkpoint")
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed = train("killed")
+    train("straight")
+    a, b = (load_file(str(next((models / run / "fin").glob("*/model.safetensors")))) for run in ("killed", "straight"))
+    return {"resumed_at_epoch_2": "resumed from" in resumed.stderr and "epoch 1/2" not in resumed.stderr,
+            "max_abs_weight_difference_vs_uninterrupted": max(float((a[k] - b[k]).abs().max()) for k in a)}
 
 
 def scoring(data: Path, artifact_folder: str, candidates: int, reps: int) -> dict:
@@ -173,6 +214,10 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reps", type=int, default=200, help="scoring repetitions (also bounded by 60 s)")
     parser.add_argument("--fragment-batches", type=int, default=20)
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="what to run (default all; scoring needs training); a subset writes "
+                             "results/gpu_check_<sections>.json")
+    parser.add_argument("--resume-steps", type=int, default=30, help="steps per epoch of the resume check")
     parser.add_argument("--shardings", nargs="+", default=["table_wise"], choices=SHARDINGS,
                         help="table shardings to train with on the GPU (default table_wise; the CPU run uses the first)")
     args = parser.parse_args()
@@ -182,20 +227,30 @@ def main() -> None:
     data = dataset_folder(args.data)
     doc: dict = {"environment": environment()}
     started = time.perf_counter()
-    doc["fragments"] = attempt(fragments_agree, data, load_train_config(LIFELONG).loader, args.fragment_batches, 16)
     models = Path(tempfile.mkdtemp(prefix="fin-gpu-check-"))
-    on_gpu = args.shardings if doc["environment"]["device"] == "cuda" else []
-    runs = {f"device_{s}": attempt(train_run, data, models, f"fin-{s}", args.steps, s, hide_gpu=False) for s in on_gpu}
-    runs["cpu"] = attempt(train_run, data, models, "fin-cpu", args.steps, args.shardings[0], hide_gpu=True)
-    trained = [r for r in runs.values() if "error" not in r]
-    doc["training"] = {**runs, "device_vs_cpu_examples_per_s": round(
-        trained[0]["examples_per_s"] / trained[-1]["examples_per_s"], 2) if len(trained) == len(runs) else None}
-    if trained:  # the first trained: the GPU's where it trained
-        doc["scoring"] = attempt(scoring, data, trained[0]["artifact"], args.candidates, args.reps)
+    if "fragments" in args.sections:
+        doc["fragments"] = attempt(fragments_agree, data, load_train_config(LIFELONG).loader,
+                                   args.fragment_batches, 16)
+    if "training" in args.sections:
+        on_gpu = args.shardings if doc["environment"]["device"] == "cuda" else []
+        runs = {f"device_{s}": attempt(train_run, data, models, f"fin-{s}", args.steps, s, hide_gpu=False)
+                for s in on_gpu}
+        runs["cpu"] = attempt(train_run, data, models, "fin-cpu", args.steps, args.shardings[0], hide_gpu=True)
+        trained = [r for r in runs.values() if "error" not in r]
+        doc["training"] = {**runs, "device_vs_cpu_examples_per_s": round(
+            trained[0]["examples_per_s"] / trained[-1]["examples_per_s"], 2) if len(trained) == len(runs) else None}
+        if trained:  # the first trained: the GPU's where it trained
+            doc["scoring"] = attempt(scoring, data, trained[0]["artifact"], args.candidates, args.reps)
+    if "resume" in args.sections:
+        doc["resume"] = attempt(resume_after_kill, data, models / "resume", args.resume_steps)
     doc["wall_s"] = round(time.perf_counter() - started, 1)
-    report("gpu_check", doc)
-    if len(trained) < len(runs) or any("error" in doc[part] for part in ("fragments", "scoring")):
-        sys.exit(1)
+    report("gpu_check" if set(args.sections) == set(SECTIONS) else "_".join(["gpu_check", *args.sections]), doc)
+    failed = [name for name, part in doc.items() if isinstance(part, dict) and "error" in part]
+    failed += [name for name, run in doc.get("training", {}).items() if isinstance(run, dict) and "error" in run]
+    failed += [name for name, key in (("fragments", "identical"), ("resume", "resumed_at_epoch_2"))
+               if doc.get(name, {}).get(key) is False]
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 def attempt(section, *args, **kwargs) -> dict:
