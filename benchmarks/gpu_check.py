@@ -16,6 +16,7 @@ tried anywhere before it is taken to a GPU machine. On the GPU machine it report
   resume     `fin train` killed after its first epoch's checkpoint resumes from it on the device and
              finishes (how far it ends from an uninterrupted run).
 Usage: python benchmarks/gpu_check.py --data DIR (a `fin features` output) [--steps 200] [--reps 200]
+       [--sections fragments training resume] [--shardings table_wise row_wise auto]
 """
 
 from __future__ import annotations
@@ -121,12 +122,15 @@ def resume_after_kill(data: Path, models: Path, steps: int) -> dict:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = models / "killed" / "fin" / ".checkpoint" / "latest.json"
     deadline = time.monotonic() + 300
-    while not (pointer.exists() and json.loads(pointer.read_text())["progress"]["epoch"] >= 1):
-        if killed.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("training ended (or ran out of time) before its first checkpoint")
-        time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
+    try:
+        while not (pointer.exists() and json.loads(pointer.read_text())["progress"]["epoch"] >= 1):
+            if killed.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("training ended (or ran out of time) before its first checkpoint")
+            time.sleep(0.05)
+    finally:
+        if killed.poll() is None:
+            os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
     resumed = train("killed")
     train("straight")
     a, b = (load_file(str(next((models / run / "fin").glob("*/model.safetensors")))) for run in ("killed", "straight"))
