@@ -65,7 +65,8 @@ def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
         return all(all(x is y if x is None or y is None else torch.equal(x, y) for x, y in zip(a[n], b[n]))
                    for n in FRAGMENTS)
 
-    stream = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False, batch_size=256))
+    # shuffled (as training batches are): one history per example, cut one by one below as the server cuts them
+    stream = ExampleStream(data, "validation", dataclasses.replace(loader, batch_size=256))
     checked = {"batches": 0, "single_requests": 0, "events": 0, "mismatches": 0}
     for _, batch in zip(range(batches), stream):
         context = {"ts": batch.ts, **{c: batch.ids[c] for c in FRAGMENT_CONTEXT}}
@@ -169,10 +170,11 @@ def scoring(data: Path, artifact_folder: str, candidates: int, reps: int) -> dic
             "auc_cpu": round(auc(labels, p_cpu), 6), "auc_device": round(auc(labels, p_device), 6)}
 
     # one served request: the longest history of the test split, `candidates` candidates drawn from the split
-    events, batch, i = longest
+    events, batch, i = longest  # request i of the batch (its examples share its history)
     lo, hi = int(batch.history_offsets[i]), int(batch.history_offsets[i + 1])
     timeline = {f: batch.history[f][lo:hi].numpy() for f in TIMELINE_FIELDS}
-    context = {"ts": int(batch.ts[i]), **{c: int(batch.ids[c][i]) for c in CONTEXT_FEATURES}}
+    example = int((batch.candidate_requests() == i).nonzero()[0, 0])
+    context = {"ts": int(batch.ts[i]), **{c: int(batch.ids[c][example]) for c in CONTEXT_FEATURES}}
     rows = np.random.default_rng(0).integers(0, len(batch), candidates)
     request = ScoringRequest(timeline, context, {c: batch.ids[c].numpy()[rows] for c in TARGET_FEATURES},
                              batch.stats.numpy()[rows])

@@ -2,10 +2,11 @@
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
 from features.fragments import FragmentConfig, fragment
-from fin.data import STAT_FEATURES, ExampleStream, LoaderConfig
+from fin.data import ROW_IDS, STAT_FEATURES, ExampleStream, LoaderConfig
 
 
 def _examples(out, split):
@@ -22,20 +23,37 @@ def test_an_epoch_yields_every_example_once(features_job):
     assert torch.equal(seen.sort().values, again.sort().values)
 
 
-def test_histories_are_the_timeline_before_the_request(features_job):
+@pytest.mark.parametrize("dataset", ["examples", "candidates"])
+def test_histories_are_the_timeline_before_the_request(features_job, dataset):
     out, _ = features_job
     max_len = 20
-    batch = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=64, max_seq_len=max_len, shuffle=False))))
+    cfg = LoaderConfig(batch_size=64, max_seq_len=max_len, shuffle=False)
+    batch = next(iter(ExampleStream(out / "data", "test", cfg, dataset=dataset)))
     timelines = pl.read_parquet(out / "data" / "timelines" / "*.parquet")
-    examples = _examples(out, "test")
+    rows = pl.read_parquet(out / "data" / dataset / "test" / "*.parquet")
+    request = batch.candidate_requests()  # examples of one request share its history
     for i in range(len(batch)):
-        ex = examples.filter(pl.col("impression_id") == int(batch.row_id[i])).row(0, named=True)
+        ex = rows.filter(pl.col(ROW_IDS[dataset]) == int(batch.row_id[i])).row(0, named=True)
         full = timelines.filter(pl.col("user_id") == ex["user_id"])["ts"]
         full = full.item().to_list() if len(full) else []
         expected = [t for t in full if t < ex["ts"]][-max_len:]
-        got = batch.history["ts"][batch.history_offsets[i]:batch.history_offsets[i + 1]].tolist()
-        assert got == expected
-        assert batch.label[i].item() == ex["label"]
+        r = int(request[i])
+        assert int(batch.ts[r]) == ex["ts"]
+        assert batch.history["ts"][batch.history_offsets[r]:batch.history_offsets[r + 1]].tolist() == expected
+        assert batch.label[i].item() == (ex["label"] or 0)
+
+
+def test_examples_of_one_request_share_its_history_when_unshuffled(features_job):
+    """Unshuffled logged candidates (about 30 a request) hold each request's history once; shuffled training
+    batches keep one history per example."""
+    out, _ = features_job
+    grouped = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=256, shuffle=False),
+                                      dataset="candidates")))
+    assert grouped.request_of is not None and 2 * grouped.ts.numel() <= len(grouped)
+    assert grouped.history_offsets.numel() == grouped.ts.numel() + 1
+    assert torch.equal(grouped.request_of.unique(), torch.arange(grouped.ts.numel()))
+    shuffled = next(iter(ExampleStream(out / "data", "train", LoaderConfig(batch_size=256))))
+    assert shuffled.request_of is None and shuffled.ts.numel() == len(shuffled)
 
 
 def test_fragments_come_from_the_shared_function(features_job):

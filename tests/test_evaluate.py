@@ -1,5 +1,6 @@
 """`fin evaluate`: metrics of artifacts and of the oracle on a split, as markdown and strict JSON."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,8 +8,9 @@ import polars as pl
 import pytest
 import torch
 
+from features.fragments import fragment
 from fin.artifact import load_artifact
-from fin.data import ExampleStream
+from fin.data import FRAGMENT_CONTEXT, Batch, ExampleStream, LoaderConfig
 from fin.evaluate import ORACLE, evaluate, examples, markdown, predict
 from fin.metrics import auc
 from tests.conftest import run_fin
@@ -26,6 +28,32 @@ def test_predictions_are_the_artifact_model_on_the_shared_loader(trained_models,
     joined = pl.DataFrame({"impression_id": batch.row_id.numpy()}).join(preds, on="impression_id",
                                                                                  maintain_order="left")
     np.testing.assert_allclose(joined["pctr"].to_numpy(), direct, rtol=1e-5, atol=1e-7)
+
+
+def _each_its_own(batch: Batch, config: LoaderConfig) -> Batch:
+    """The same examples with a copy of their request's history each (`request_of` None), cut by `fragment()`."""
+    request = batch.request_of
+    lengths = batch.history_offsets.diff()[request]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    index = (torch.repeat_interleave(batch.history_offsets[:-1][request] - offsets[:-1], lengths)
+             + torch.arange(int(offsets[-1])))
+    history = {k: v[index] for k, v in batch.history.items()}
+    ts = batch.ts[request]
+    fragments = fragment(offsets, history, {"ts": ts, **{c: batch.ids[c] for c in FRAGMENT_CONTEXT}}, config.fragments)
+    return dataclasses.replace(batch, ts=ts, history_offsets=offsets, history=history, fragments=fragments,
+                               request_of=None)
+
+
+def test_candidates_of_one_request_score_as_with_their_own_histories(trained_models, features_job):
+    out, _ = features_job
+    for path in trained_models[1].values():
+        artifact = load_artifact(path)
+        config = dataclasses.replace(artifact.loader, shuffle=False, batch_size=256)
+        batch = next(iter(ExampleStream(out / "data", "test", config, dataset="candidates")))
+        assert batch.request_of is not None and batch.ts.numel() < len(batch)
+        with torch.no_grad():
+            torch.testing.assert_close(artifact.model(batch), artifact.model(_each_its_own(batch, config)),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_report_compares_models_with_the_oracle(trained_models, features_job):
