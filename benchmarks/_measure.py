@@ -31,7 +31,7 @@ def run_sampled(cmd: list[str], cwd: Path = ROOT, env: dict | None = None) -> di
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed: {stderr.strip()[-2000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "stdout": stdout}
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "stdout": stdout, "stderr": stderr}
 
 
 def speed_reference() -> float:
