@@ -64,6 +64,9 @@ class _RaySession:
         import ray
 
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Ray gives its GCS server 30 s to write its port file; on a loaded 2-core machine that start has
+        # timed out ("Timed out waiting for file .../gcs_server_port_..."). Wait longer instead of failing.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         self.ray, self.started = ray, False
         self.temp_dir: Path | None = None
         if ray.is_initialized():
