@@ -7,7 +7,7 @@ DEMO   ?= demo_out
 DEMO_PORT ?= 50051
 
 
-.PHONY: demo test test-services install bench-simulate bench-features bench-train bench-serve bench-serve-work clean
+.PHONY: demo test test-services install bench-simulate bench-features bench-train bench-serve bench-serve-work bench-serve-floor clean
 
 PROTOS := $(shell find proto -name '*.proto')
 
@@ -65,6 +65,9 @@ bench-serve: install
 
 bench-serve-work: install
 	$(PY) benchmarks/serve_work.py
+
+bench-serve-floor: install
+	$(PY) benchmarks/serve_floor.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -62,6 +62,7 @@ async def measure(features: Path, models: Path, requests: int, blocks: int) -> d
         marks.append(time.thread_time())
         return list(np.diff(marks))
 
+    online.warm_up()  # as the server does before it serves: the store's first read is slow
     for message in raw:  # fills the caches (every later request is a cache hit) and warms the model
         await one(message)
     per_block, phases = [], []
