@@ -1,5 +1,6 @@
-"""Benchmark: where a Score request's time goes at concurrency 1, beside what no Python server on this
-machine can avoid. Prints JSON.
+"""Benchmark: one Score request's time at concurrency 1, part by part, against this design's floor.
+
+Prints JSON and writes results/serve_floor.json.
 
 The same data, model and requests as serve_scale.py and serve_work.py: 200 candidates, users with
 1,000-event timelines, timelines cached by the server. Every part below is measured once per round, the
@@ -31,13 +32,12 @@ import argparse
 import asyncio
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from _measure import report, speed_reference
-from serve_scale import Server, build, request_pool, run_phase, score_request, users_near
+from serve_scale import Server, add_data_arguments, built, request_pool, run_phase, score_request, users_near
 
 # aten operations that do the arithmetic of a forward (the rest move, pad, mask, index or convert)
 KERNELS = ("linear", "matmul", "scaled_dot_product_attention", "embedding", "index_select")
@@ -191,11 +191,7 @@ async def measure(server: Server, echo_addr: str, parts: InProcess, messages: li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, help="folder to keep (or reuse) the logs, features and model in "
-                                                  "(the same as serve_scale.py's)")
-    parser.add_argument("--users", type=int, default=600)
-    parser.add_argument("--days", type=int, default=365)
-    parser.add_argument("--train-steps", type=int, default=30)
+    add_data_arguments(parser)
     parser.add_argument("--requests", type=int, default=200, help="requests per part and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
@@ -205,8 +201,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)  # as `fin serve --torch-threads 1`
-    features, models = build(args.data or Path(tempfile.mkdtemp(prefix="fin-serve-bench-")), args.users, args.days,
-                             args.train_steps)
+    features, models = built(args)
     pool = request_pool(features)
     users = users_near(pool["users"], 1000, 40)
     rng = np.random.default_rng(0)

@@ -66,6 +66,21 @@ def build(folder: Path, users: int, days: int, steps: int) -> tuple[Path, Path]:
     return features, models
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say where the serving benchmarks' data and model are, or how to make them."""
+    parser.add_argument("--data", type=Path, help="folder to keep (or reuse) the logs, features and model in "
+                                                  "(the serving benchmarks share it)")
+    parser.add_argument("--users", type=int, default=600)
+    parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--train-steps", type=int, default=30)
+
+
+def built(args: argparse.Namespace) -> tuple[Path, Path]:
+    """`build` from the options of `add_data_arguments` (a temporary folder without --data)."""
+    return build(args.data or Path(tempfile.mkdtemp(prefix="fin-serve-bench-")), args.users, args.days,
+                 args.train_steps)
+
+
 def request_pool(features: Path, seed: int = 0) -> dict:
     """Users by stored timeline length, with the time just after their last event, and a candidate pool."""
     import polars as pl
@@ -289,10 +304,7 @@ def served(features: Path, models: Path, pool: dict, args, options: str, full_ru
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, help="folder to keep (or reuse) the logs, features and model in")
-    parser.add_argument("--users", type=int, default=600)
-    parser.add_argument("--days", type=int, default=365)
-    parser.add_argument("--train-steps", type=int, default=30)
+    add_data_arguments(parser)
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--requests", type=int, default=300, help="requests per phase (concurrency 8: 4x)")
     parser.add_argument("--seconds", type=float, default=30, help="time limit per phase")
@@ -303,8 +315,7 @@ def main() -> None:
                         help="options of the server measured for comparison at concurrency 1 and 8")
     args = parser.parse_args()
     reference_before = speed_reference()
-    features, models = build(args.data or Path(tempfile.mkdtemp(prefix="fin-serve-bench-")), args.users, args.days,
-                             args.train_steps)
+    features, models = built(args)
     pool = request_pool(features)
     results = served(features, models, pool, args, args.serve_options, full_run=True)
     baseline = served(features, models, pool, args, args.baseline_options, full_run=False)

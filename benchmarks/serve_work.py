@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from _measure import report, speed_reference
-from serve_scale import build, request_pool, score_request, users_near
+from serve_scale import add_data_arguments, built, request_pool, score_request, users_near
 
 PHASES = ("parse", "inputs", "features", "forward", "response")
 
@@ -80,17 +79,12 @@ async def measure(features: Path, models: Path, requests: int, blocks: int) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, help="folder to keep (or reuse) the logs, features and model in "
-                                                  "(the same as serve_scale.py's)")
-    parser.add_argument("--users", type=int, default=600)
-    parser.add_argument("--days", type=int, default=365)
-    parser.add_argument("--train-steps", type=int, default=30)
+    add_data_arguments(parser)
     parser.add_argument("--requests", type=int, default=100, help="requests per block")
     parser.add_argument("--blocks", type=int, default=10)
     args = parser.parse_args()
     before = speed_reference()
-    features, models = build(args.data or Path(tempfile.mkdtemp(prefix="fin-serve-bench-")), args.users, args.days,
-                             args.train_steps)
+    features, models = built(args)
     results = asyncio.run(measure(features, models, args.requests, args.blocks))
     report("serve_work", {"data": {"users": args.users, "days": args.days, "model": "fin (configs/lifelong.yaml)"},
                           "machine_speed_reference": {"before_ms": before, "after_ms": speed_reference()},
