@@ -105,7 +105,8 @@ class InProcess:
     def __init__(self, features: Path, models: Path):
         from feast import FeatureStore
 
-        from fin.artifact import load_artifact, resolve
+        from fin.artifact import load_artifact
+        from fin.versions import resolve
         from serving.config import ScoringConfig
         from serving.online import OnlineFeatures
 

@@ -29,7 +29,8 @@ async def measure(features: Path, models: Path, requests: int, blocks: int) -> d
     import torch
     from feast import FeatureStore
 
-    from fin.artifact import load_artifact, resolve
+    from fin.artifact import load_artifact
+    from fin.versions import resolve
     from serving.config import ScoringConfig
     from serving.online import OnlineFeatures
     from serving.pb import ctr_scoring_pb2 as pb

@@ -85,8 +85,9 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
 
     from features.fragments import MISSING, fragment
     from features.sequences import TIMELINE_FIELDS, geohash_code
-    from fin.artifact import load_artifact, resolve
+    from fin.artifact import load_artifact
     from fin.data import CONTEXT_FEATURES, FRAGMENT_CONTEXT, TARGET_FEATURES, Batch, history_batch, request_batch
+    from fin.versions import resolve
 
     timelines = pl.read_parquet(data / "timelines" / "*.parquet")
     user = timelines.sort(pl.col("ts").list.len(), descending=True).row(0, named=True)

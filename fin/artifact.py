@@ -4,15 +4,15 @@
     MODELS/<name>/<version>/artifact.json       model kind, model and loader configs, data contract version,
                                                 training metrics, sha256 of model.safetensors
 
-Versions are integers counted up per name. A version folder appears by one rename once complete, so a
-reader never sees half an artifact. Loading checks the checksum and the contract version and refuses
-the artifact with `ArtifactError` otherwise.
+The repository's layout (versions, the promoted pointer, resolving a name) is `fin.versions`, which needs
+no torch. A version folder appears by one rename once complete, so a reader never sees half an artifact.
+Loading checks the checksum and the contract version and refuses the artifact with `ArtifactError`
+otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -28,12 +28,7 @@ from safetensors.torch import load_file, save_file
 from features.contract import CONTRACT_VERSION
 from fin.data import LoaderConfig
 from fin.models import MODELS, CTRModel, ModelConfig
-
-WEIGHTS, META = "model.safetensors", "artifact.json"
-
-
-class ArtifactError(Exception):
-    """An artifact that must not be used, with the reason."""
+from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256, versions
 
 
 def to_dict(config: Any) -> dict:
@@ -58,60 +53,10 @@ def from_dict(cls: type, values: dict) -> Any:
     return cls(**kwargs)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass
-class Loaded:
-    """A loaded version folder of a model repository: its path and its artifact.json."""
-
-    path: Path
-    meta: dict
-
-    @property
-    def name(self) -> str:
-        return self.meta["name"]
-
-    @property
-    def version(self) -> int:
-        return int(self.meta["version"])
-
-
 @dataclass
 class Artifact(Loaded):
     model: CTRModel  # unsharded, on CPU, in eval mode
     loader: LoaderConfig
-
-
-def versions(models: Path, name: str) -> list[int]:
-    folder = Path(models) / name
-    return sorted(int(p.name) for p in folder.glob("*") if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
-
-
-PROMOTED = "PROMOTED"  # MODELS/<name>/PROMOTED: the version requests get when they pin none
-
-
-def promote(models: str | Path, name: str, version: int) -> None:
-    """Make `version` of model `name` the serving default (atomically: a server never reads half a file)."""
-    folder = Path(models) / name
-    if version not in versions(models, name):
-        raise ArtifactError(f"{folder / str(version)} is not an artifact version")
-    staging = folder / f".{PROMOTED}.tmp"
-    staging.write_text(f"{version}\n")
-    staging.replace(folder / PROMOTED)
-
-
-def promoted(models: str | Path, name: str) -> int | None:
-    """The promoted version of model `name`, or None when none is (or the pointer is unreadable)."""
-    try:
-        return int((Path(models) / name / PROMOTED).read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def save_artifact(models: str | Path, name: str, model_kind: str, weights: dict[str, torch.Tensor],
@@ -138,28 +83,6 @@ def save_artifact(models: str | Path, name: str, model_kind: str, weights: dict[
                     raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def resolve(spec: str | Path, models: str | Path | None = None) -> Path:
-    """An artifact folder from a version folder's path, a model folder's path (its newest version), or
-    `name` / `name/version` inside the repository `models`."""
-    path = Path(spec)
-    if (path / META).exists():
-        return path
-    if path.is_dir() and versions(path.parent, path.name):
-        return path / str(versions(path.parent, path.name)[-1])
-    if models is None:
-        raise ArtifactError(f"no model artifact at {path}")
-    name, _, version = str(spec).partition("/")
-    if not version:
-        found = versions(models, name)
-        if not found:
-            raise ArtifactError(f"no versions of model {name!r} under {models}")
-        version = str(found[-1])
-    folder = Path(models) / name / version
-    if not (folder / META).exists():
-        raise ArtifactError(f"no model artifact at {folder}")
-    return folder
 
 
 def load_artifact(path: str | Path) -> Artifact:

@@ -40,12 +40,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from fin.artifact import from_dict, load_artifact, resolve, save_artifact, to_dict
+from fin.artifact import from_dict, load_artifact, save_artifact, to_dict
 from fin.data import ExampleStream, LoaderConfig
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
 from fin.quiet import quiet_library_notices
 from fin.sharding import SHARDINGS, full_state_dict, plan_summary, shard
+from fin.versions import resolve
 
 Log = Callable[[str], None]
 

@@ -143,10 +143,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fin.artifact import load_artifact, resolve
+    from fin.artifact import load_artifact
     from fin.auction import AuctionConfig
     from fin.evaluate import evaluate, markdown, write_report
     from fin.revenue import ReplayConfig
+    from fin.versions import resolve
 
     artifacts = [load_artifact(resolve(spec, args.repo)) for spec in args.models]
     try:
@@ -163,8 +164,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from fin.artifact import ArtifactError, promote, promoted
     from fin.promotion import PromotionGate, decide
+    from fin.versions import ArtifactError, promote, promoted
 
     candidate = f"{args.name}/{args.version}"
     if args.report is not None:

@@ -30,8 +30,8 @@ from typing import Callable
 
 import yaml
 
-from fin.artifact import promoted
 from fin.promotion import PromotionGate
+from fin.versions import promoted
 from jobs.cron import Cron
 from jobs.ray_jobs import RayJobTarget
 

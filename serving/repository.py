@@ -7,7 +7,7 @@ replacing one dict reference, so a request sees either the old set or the new on
 model; one that fails is refused with its reason, logged and counted, and whatever served before keeps
 serving. A refused version is retried only when its artifact.json changes. Requests name a model (or
 get the default model) and may pin a version; otherwise the model's promoted version serves
-(`MODELS/<name>/PROMOTED`, written by `fin.artifact.promote`; kept loaded however old), or, before any
+(`MODELS/<name>/PROMOTED`, written by `fin.versions.promote`; kept loaded however old), or, before any
 promotion, the newest loaded version.
 """
 
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from features.sequences import TIMELINE_FIELDS
-from fin.artifact import META, Artifact, load_artifact, promoted, versions
+from fin.artifact import Artifact, load_artifact
 from fin.data import TARGET_FEATURES
+from fin.versions import META, promoted, versions
 from serving import vision
 from serving.scoring import EMPTY_TIMELINE, RequestInputs, score
 

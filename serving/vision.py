@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fin.artifact import META, WEIGHTS, ArtifactError, Loaded, sha256
+from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256
 
 TASK = "vision"
 

@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
-from fin.artifact import load_artifact, promoted, save_artifact
+from fin.artifact import load_artifact, save_artifact
 from fin.promotion import PromotionGate, decide
+from fin.versions import promoted
 from tests.conftest import run_fin
 
 

@@ -13,8 +13,8 @@ import pytest
 from ray.job_submission import JobSubmissionClient
 
 from features.simulator import load_sim_config, simulate
-from fin.artifact import promoted
 from fin.promotion import PromotionGate
+from fin.versions import promoted
 from jobs.cron import Cron
 from jobs.ray_jobs import RayJobResult
 from jobs.schedule import ScheduleConfig, Scheduler, load_schedule

@@ -13,8 +13,9 @@ import polars as pl
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fin.artifact import load_artifact, promote
+from fin.artifact import load_artifact
 from fin.evaluate import predict
+from fin.versions import promote
 from serving.pb import ctr_scoring_pb2 as pb
 from serving.replay import logged_requests
 from tests.conftest import FEATURES_CONFIG, Running, run_fin, wait_for
