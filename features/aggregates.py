@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from features.dataset import EVENT_TIMESTAMP, STAT_COLUMNS, STAT_WINDOWS
+
 DAY_MS = 86_400_000
-WINDOWS = (7, 30)
 
 
 @dataclass(frozen=True)
@@ -47,17 +48,17 @@ def point_in_time_stats(counts: pl.DataFrame, key: str, first_day: int, last_day
     before = {c: pl.col(c).cum_sum().over(key) - pl.col(c) for c in ("impressions", "clicks")}
     grid = grid.with_columns(**{f"{c}_before": e for c, e in before.items()})
     out = []
-    for w in WINDOWS:
+    for w in STAT_WINDOWS:
         for c in ("impressions", "clicks"):
             out.append((pl.col(f"{c}_before") - pl.col(f"{c}_before").shift(w).over(key).fill_null(0)).alias(f"{c}_{w}d"))
     grid = grid.with_columns(out)
     a, p = config.prior_weight, config.prior_ctr
     grid = grid.with_columns(
         [((pl.col(f"clicks_{w}d") + a * p) / (pl.col(f"impressions_{w}d") + a)).cast(pl.Float32).alias(f"ctr_{w}d")
-         for w in WINDOWS])
+         for w in STAT_WINDOWS])
     offset_ms = int(utc_offset_hours * 3_600_000)
     return grid.select(
         key, "day",
-        event_timestamp=(pl.col("day").cast(pl.Int64) * DAY_MS - offset_ms).cast(pl.Datetime("ms", "UTC")),
-        **{f"{m}_{w}d": pl.col(f"{m}_{w}d") for w in WINDOWS for m in ("impressions", "clicks", "ctr")},
+        (pl.col("day").cast(pl.Int64) * DAY_MS - offset_ms).cast(pl.Datetime("ms", "UTC")).alias(EVENT_TIMESTAMP),
+        *STAT_COLUMNS,
     )

@@ -3,7 +3,7 @@
 A partition holds every log row of a set of users (rows are partitioned by user). For it we validate
 rows against the contract, build timelines, point training examples into them, split examples by day,
 and count impressions and clicks per item and shop for the point-in-time statistics. Nothing here
-knows about Ray; `jobs.features_job` runs it across partitions.
+knows about files or Ray: `features.pipeline` reads and writes a partition around it.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import polars as pl
 
 from features import aggregates, contract, sequences
+from features.dataset import EVALUATION_SPLITS, EVENT_TIMESTAMP, SPLITS
 from features.validate import TableResult, validate_table
 
-SPLITS = ("train", "validation", "test")
-EVALUATION_SPLITS = ("validation", "test")  # the splits whose ad candidates are kept (for revenue replay)
 # what a candidate row takes from its request's impressions
 REQUEST_COLUMNS = ("geohash_12", "geohash_6", "aoi_id", "city_id", "hours", "time_type", "weekdays", "history_len",
                    "day", "split")
@@ -60,7 +59,7 @@ def build_partition(behaviours: pl.DataFrame, impressions: pl.DataFrame, *, know
     events = sequences.timeline_events(beh.clean)
     timelines = sequences.build_timelines(events)
     online = sequences.tail_timelines(timelines, max_seq_len).with_columns(
-        event_timestamp=pl.col("ts").list.last().cast(pl.Datetime("ms", "UTC")))
+        pl.col("ts").list.last().cast(pl.Datetime("ms", "UTC")).alias(EVENT_TIMESTAMP))
 
     clean_imp = imp.clean  # input order; examples need no sort (history_len is a binary search)
     examples = clean_imp.with_columns(

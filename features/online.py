@@ -14,12 +14,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from features.dataset import EVENT_TIMESTAMP, TIMELINE_VIEW
 from features.sequences import TIMELINE_FIELDS
 
-TIMELINE_VIEW = "user_timeline"
 TIMELINE_FEATURES = [f"{TIMELINE_VIEW}:{f}" for f in TIMELINE_FIELDS]
 ENTITY = "user_id"
-TIMESTAMP = "event_timestamp"
 # Protobuf wire tags: Value.int64_list_val (field 14) and Int64List.val (field 1), both length-delimited
 _INT64_LIST_VAL, _VAL = bytes([14 << 3 | 2]), bytes([1 << 3 | 2])
 
@@ -41,7 +40,7 @@ def encode_timelines(timelines: pl.DataFrame) -> pl.DataFrame:
     """A `user_timeline` source frame (user_id, TIMELINE_FIELDS lists, event_timestamp) -> the same rows
     with each list replaced by its serialised ValueProto (a Binary column): what `write_encoded_timelines`
     stores. Encoding is the costly part of a write, and it can run where the frame was built."""
-    return timelines.select(ENTITY, TIMESTAMP, *(pl.Series(f, int64_list_bytes(timelines[f]), dtype=pl.Binary)
+    return timelines.select(ENTITY, EVENT_TIMESTAMP, *(pl.Series(f, int64_list_bytes(timelines[f]), dtype=pl.Binary)
                                                  for f in TIMELINE_FIELDS))
 
 
@@ -55,7 +54,7 @@ def write_encoded_timelines(store, encoded: pl.DataFrame) -> int:
         return 0
     keys = [EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(int64_val=u)])
             for u in encoded[ENTITY].to_list()]
-    stamps = encoded[TIMESTAMP].cast(pl.Datetime("us", "UTC")).to_list()  # timezone-aware datetimes
+    stamps = encoded[EVENT_TIMESTAMP].cast(pl.Datetime("us", "UTC")).to_list()  # timezone-aware datetimes
     values = [map(ValueProto.FromString, encoded[f].to_list()) for f in TIMELINE_FIELDS]
     rows = [(key, dict(zip(TIMELINE_FIELDS, row)), stamp, None) for key, stamp, row in zip(keys, stamps, zip(*values))]
     get_provider(store.config).online_write_batch(store.config, store.get_feature_view(TIMELINE_VIEW), rows,

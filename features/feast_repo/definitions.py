@@ -14,11 +14,10 @@ from feast import Entity, FeatureView, Field, FileSource
 from feast.types import Array, Float32, Int64
 from feast.value_type import ValueType
 
+from features.dataset import EVENT_TIMESTAMP, STAT_COLUMNS, STAT_FLOATS, STATS_VIEWS, TIMELINE_VIEW
 from features.sequences import TIMELINE_FIELDS
 
 PROJECT = "fin_ads"
-TIMESTAMP = "event_timestamp"
-STAT_FIELDS = ("impressions_7d", "clicks_7d", "ctr_7d", "impressions_30d", "clicks_30d", "ctr_30d")
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="an app user")
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="an advertised item")
@@ -26,24 +25,23 @@ shop = Entity(name="shop", join_keys=["shop_id"], value_type=ValueType.INT64, de
 
 
 def _stats_schema() -> list[Field]:
-    return [Field(name=f, dtype=Float32 if f.startswith("ctr") else Int64) for f in STAT_FIELDS]
+    return [Field(name=f, dtype=Float32 if f in STAT_FLOATS else Int64) for f in STAT_COLUMNS]
 
 
 def feature_views(sources: Path) -> list[FeatureView]:
     """Feature views over the parquet the features job writes under `sources` (a file, or a folder of parts)."""
     def source(name: str) -> FileSource:
         path = sources / name if (sources / name).is_dir() else sources / f"{name}.parquet"
-        return FileSource(name=name, path=str(path), timestamp_field=TIMESTAMP)
+        return FileSource(name=name, path=str(path), timestamp_field=EVENT_TIMESTAMP)
 
-    return [
-        FeatureView(name="user_timeline", entities=[user], ttl=timedelta(0), source=source("user_timeline"),
-                    schema=[Field(name=f, dtype=Array(Int64)) for f in TIMELINE_FIELDS],
-                    description="the user's last events, oldest first, with place and time keys"),
-        FeatureView(name="item_stats", entities=[item], ttl=timedelta(0), source=source("item_stats"),
-                    schema=_stats_schema(), description="7/30-day impressions, clicks and CTR, as of the day"),
-        FeatureView(name="shop_stats", entities=[shop], ttl=timedelta(0), source=source("shop_stats"),
-                    schema=_stats_schema(), description="7/30-day impressions, clicks and CTR, as of the day"),
-    ]
+    timeline = FeatureView(name=TIMELINE_VIEW, entities=[user], ttl=timedelta(0), source=source(TIMELINE_VIEW),
+                           schema=[Field(name=f, dtype=Array(Int64)) for f in TIMELINE_FIELDS],
+                           description="the user's last events, oldest first, with place and time keys")
+    entities = {"item_id": item, "shop_id": shop}
+    stats = [FeatureView(name=view, entities=[entities[key]], ttl=timedelta(0), source=source(view),
+                         schema=_stats_schema(), description="7/30-day impressions, clicks and CTR, as of the day")
+             for key, view in STATS_VIEWS.items()]
+    return [timeline, *stats]
 
 
 def objects(sources: Path) -> list:
