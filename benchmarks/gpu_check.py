@@ -51,7 +51,8 @@ def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
     import torch
 
     from features.fragments import FRAGMENTS, fragment
-    from fin.data import FRAGMENT_CONTEXT, ExampleStream
+    from fin.inputs import FRAGMENT_CONTEXT
+    from fin.loader import ExampleStream
 
     cpu, device = devices()
 
@@ -137,7 +138,8 @@ def scoring(data: Path, artifact_folder: str, candidates: int, reps: int) -> dic
 
     from features.sequences import TIMELINE_FIELDS
     from fin.artifact import load_artifact
-    from fin.data import CONTEXT_FEATURES, TARGET_FEATURES, ExampleStream, ScoringRequest, requests_batch
+    from fin.inputs import CONTEXT_FEATURES, TARGET_FEATURES, ScoringRequest, requests_batch
+    from fin.loader import ExampleStream
     from fin.metrics import auc
 
     cpu, device = devices()
@@ -220,10 +222,10 @@ def main() -> None:
     parser.add_argument("--shardings", nargs="+", default=["table_wise"], choices=SHARDINGS,
                         help="table shardings to train with on the GPU (default table_wise; the CPU run uses the first)")
     args = parser.parse_args()
-    from fin.data import dataset_folder
+    from features.dataset import Dataset
     from fin.train import load_train_config
 
-    data = dataset_folder(args.data)
+    data = Dataset.at(args.data).root
     doc: dict = {"environment": environment()}
     started = time.perf_counter()
     models = Path(tempfile.mkdtemp(prefix="fin-gpu-check-"))

@@ -42,7 +42,7 @@ def build_data(folder: Path, users: int, days: int) -> Path:
 
 def history_lengths(data: Path) -> dict:
     """Mean and p50 of the history events FIN's loader feeds per training example (first 20 batches)."""
-    from fin.data import ExampleStream
+    from fin.loader import ExampleStream
     from fin.train import load_train_config
 
     stream = ExampleStream(data, "train", load_train_config(LIFELONG).loader)
@@ -86,7 +86,7 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
     from features.fragments import MISSING, fragment
     from features.sequences import TIMELINE_FIELDS, geohash_code
     from fin.artifact import load_artifact
-    from fin.data import CONTEXT_FEATURES, FRAGMENT_CONTEXT, TARGET_FEATURES, Batch, history_batch, request_batch
+    from fin.inputs import CONTEXT_FEATURES, FRAGMENT_CONTEXT, TARGET_FEATURES, Batch, history_batch, request_batch
     from fin.versions import resolve
 
     timelines = pl.read_parquet(data / "timelines" / "*.parquet")
@@ -121,7 +121,7 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
 def scoring_runs(model, loader, timeline, context, cands, copies_batch, reps: int) -> dict:
     import torch
 
-    from fin.data import request_batch
+    from fin.inputs import request_batch
 
     candidates = len(cands["item_id"])
 

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from features.contract import CONTRACT_VERSION
-from fin.data import LoaderConfig
+from fin.inputs import LoaderConfig
 from fin.models import MODELS, CTRModel, ModelConfig
 from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256, versions
 

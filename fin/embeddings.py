@@ -31,7 +31,7 @@ from torchrec import (
     PoolingType,
 )
 
-from fin.data import Batch
+from fin.inputs import Batch
 
 # table -> (the batch id used as the target or request side, the history field)
 SHARED = {

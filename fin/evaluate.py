@@ -1,4 +1,4 @@
-"""Offline evaluation of model artifacts on a split of the features job's output (DESIGN.md section 7).
+"""Offline evaluation of model artifacts on a split of the features job's output (docs/design.md, "Evaluation").
 
 For each model: AUC, GAUC (by user), logloss, calibration, AUC by meal slot (TAUC) and by city (CAUC).
 On simulated data the same metrics of the simulator's true click probability give the ceiling
@@ -19,9 +19,10 @@ import polars as pl
 import torch
 
 from features import contract
+from features.dataset import CANDIDATES, EXAMPLES, ROW_IDS, Dataset
 from fin.artifact import Artifact
 from fin.auction import AuctionConfig, auction
-from fin.data import ROW_IDS, ExampleStream, dataset_folder
+from fin.loader import ExampleStream
 from fin.metrics import auc, calibration, calibration_curve, gauc, logloss
 from fin.revenue import ReplayConfig, evaluate_policies, logged_candidates, logging_slate
 
@@ -31,7 +32,7 @@ SCORE = "pctr"
 
 @torch.inference_mode()
 def predict(artifact: Artifact, data: str | Path, split: str = "test", batch_size: int = 4096,
-            progress: Callable[[int], None] | None = None, dataset: str = "examples") -> pl.DataFrame:
+            progress: Callable[[int], None] | None = None, dataset: str = EXAMPLES) -> pl.DataFrame:
     """pCTR of every row of `split` of `dataset` (examples or candidates): columns <row id>, pctr."""
     loader = dataclasses.replace(artifact.loader, shuffle=False, batch_size=batch_size)
     ids, scores = [], []
@@ -57,7 +58,7 @@ def _scores(artifact: Artifact, data: str | Path, split: str, frame: pl.DataFram
 def examples(data: str | Path, split: str = "test") -> pl.DataFrame:
     """The columns evaluation reads, one row per example of `split`."""
     columns = ["impression_id", "user_id", "label", "time_type", "city_id", *contract.ORACLE_COLUMNS]
-    frame = pl.scan_parquet(dataset_folder(data) / "examples" / split / "*.parquet")
+    frame = Dataset.at(data).scan(EXAMPLES, split)
     present = [c for c in columns if c in frame.collect_schema().names()]
     return frame.select(present).collect()
 
@@ -90,7 +91,7 @@ def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
     for artifact in artifacts:
         models[f"{artifact.name}/{artifact.version}"] = {
             "model": artifact.meta["model"], "path": str(artifact.path),
-            **scored(_scores(artifact, data, split, frame, "examples", progress))}
+            **scored(_scores(artifact, data, split, frame, EXAMPLES, progress))}
     report = {"data": str(data), "split": split, "examples": frame.height, "clicks": int(columns["label"].sum()),
               "models": models}
     oracle = contract.ORACLE_COLUMNS[0]
@@ -110,10 +111,10 @@ def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
     """RPM and CTR replay (`fin.revenue`) of every model ranking the logged candidates by pCTR x bid under
     the auction, against the logging policy (and the oracle ranking on simulated data), with lifts over
     the logging policy and of the first model over each other; None without logged candidates."""
-    folder = dataset_folder(data) / "candidates" / split
-    if not any(folder.glob("*.parquet")):
+    parts = Dataset.at(data).parts(CANDIDATES, split)
+    if not parts:
         return None
-    frame = pl.read_parquet(folder / "*.parquet")
+    frame = pl.read_parquet(parts)
     logged = logged_candidates(frame)
     config = auction_config or AuctionConfig()
     if config.slots is None:
@@ -125,7 +126,7 @@ def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
     policies = {LOGGING: (*logging_slate(logged, frame["logging_score"].cast(pl.Float64).to_numpy(), bid, config),
                           True)}
     for artifact in artifacts:
-        pctr = _scores(artifact, data, split, frame, "candidates", progress)
+        pctr = _scores(artifact, data, split, frame, CANDIDATES, progress)
         policies[f"{artifact.name}/{artifact.version}"] = (*auction(request, pctr, bid, config), False)
     if logged.oracle is not None:
         policies[ORACLE] = (*auction(request, logged.oracle[:, 0], bid, config), False)

@@ -7,7 +7,7 @@ to several machines:
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
         $(which fin) train --data DATA --model fin --out MODELS
 
-Every worker walks the same global batches and builds its own slice (`fin.data.ExampleStream`). Each
+Every worker walks the same global batches and builds its own slice (`fin.loader.ExampleStream`). Each
 worker's loss is its slice's summed loss over the global batch size, times the world size, so data
 parallelism's gradient average over workers equals one worker's gradient on the global batch. TorchRec
 sums the table gradients over workers instead of averaging; the tables' row-wise Adagrad is invariant
@@ -41,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fin.artifact import from_dict, load_artifact, save_artifact, to_dict
-from fin.data import ExampleStream, LoaderConfig
+from fin.inputs import LoaderConfig
+from fin.loader import ExampleStream
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
 from fin.quiet import quiet_library_notices

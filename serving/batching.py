@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from fin.artifact import Artifact
-from fin.data import ScoringRequest
+from fin.inputs import ScoringRequest
 from serving.scoring import score_requests
 
 

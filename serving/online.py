@@ -21,8 +21,9 @@ from typing import Callable
 
 import numpy as np
 
+from features.dataset import STATS_VIEWS
 from features.online import read_timelines
-from fin.data import STAT_FEATURES, STAT_KEYS, STAT_VALUES
+from fin.inputs import STAT_FEATURES, STAT_KEYS, STAT_VALUES
 from serving.config import OnlineConfig
 
 
@@ -128,7 +129,7 @@ class OnlineFeatures:
     def warm_up(self) -> None:
         """One read without a timeout (of id 0, which no entity has): the store's first read also opens
         connections and loads its registry."""
-        self._complete(self._lookup(0, {f"{key}_id": np.zeros(1, np.int64) for key in STAT_KEYS}))
+        self._complete(self._lookup(0, {key: np.zeros(1, np.int64) for key in STAT_KEYS}))
 
     def close(self) -> None:
         self._reads.shutdown(wait=False, cancel_futures=True)
@@ -152,7 +153,7 @@ class OnlineFeatures:
     def _lookup(self, user_id: int, candidates: dict[str, np.ndarray]) -> _Lookup:
         stats = {}
         for key in STAT_KEYS:
-            ids = candidates[f"{key}_id"]
+            ids = candidates[key]
             stats[key] = (ids, *self.stats[key].get(ids))
         return _Lookup(user_id, self.timelines.get(user_id), stats)
 
@@ -168,8 +169,8 @@ class OnlineFeatures:
             absent = ids[~found]
             missing = np.unique(absent)
             response = self.store.get_online_features(
-                features=[f"{key}_stats:{v}" for v in STAT_VALUES],
-                entity_rows=[{f"{key}_id": i} for i in missing.tolist()]).to_dict()
+                features=[f"{STATS_VIEWS[key]}:{v}" for v in STAT_VALUES],
+                entity_rows=[{key: i} for i in missing.tolist()]).to_dict()
             # an id the store does not know reads None: zeros, as in training
             read = np.nan_to_num(np.array([response[v] for v in STAT_VALUES], np.float64).T).astype(np.float32)
             self.stats[key].put(missing, read)

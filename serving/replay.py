@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from fin.data import dataset_folder
+from features.dataset import EXAMPLES, Dataset
 from serving.pb import ctr_scoring_pb2 as pb
 from serving.scoring import CANDIDATE_IDS, CANDIDATE_NUMBERS
 
@@ -22,7 +22,7 @@ class LoggedRequest:
 def logged_requests(data: str | Path, split: str = "test", limit: int | None = None,
                     where: pl.Expr | None = None) -> list[LoggedRequest]:
     """Requests of `split` (optionally filtered by `where` on the examples) in log order, at most `limit`."""
-    examples = pl.scan_parquet(dataset_folder(data) / "examples" / split / "*.parquet")
+    examples = Dataset.at(data).scan(EXAMPLES, split)
     if where is not None:
         examples = examples.filter(where)
     examples = examples.sort("ts", "request_id", "position", "impression_id")

@@ -23,7 +23,7 @@ import numpy as np
 
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact, load_artifact
-from fin.data import TARGET_FEATURES
+from fin.inputs import TARGET_FEATURES
 from fin.versions import META, promoted, versions
 from serving import vision
 from serving.scoring import EMPTY_TIMELINE, RequestInputs, score

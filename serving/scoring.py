@@ -1,4 +1,4 @@
-"""A CTR scoring request -> checked model inputs -> pCTR per candidate, through `fin.data.requests_batch`.
+"""A CTR scoring request -> checked model inputs -> pCTR per candidate, through `fin.inputs.requests_batch`.
 
 Everything here is plain data in, numbers out (no gRPC): the server validates a request, reads the
 user's features and calls `score`; the offline evaluator and the consistency test can do the same.
@@ -17,7 +17,7 @@ from features import contract, geohash
 from features.fragments import MISSING
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact
-from fin.data import ScoringRequest, requests_batch
+from fin.inputs import ScoringRequest, requests_batch
 from serving.config import ScoringConfig
 
 GEOHASH6 = 6
@@ -37,8 +37,8 @@ class RequestInputs:
     """One request's model inputs, before the user's features are read."""
 
     user_id: int
-    context: dict[str, int]  # "ts" and fin.data.CONTEXT_FEATURES
-    candidates: dict[str, np.ndarray]  # fin.data.TARGET_FEATURES -> int64 [B]
+    context: dict[str, int]  # "ts" and fin.inputs.CONTEXT_FEATURES
+    candidates: dict[str, np.ndarray]  # fin.inputs.TARGET_FEATURES -> int64 [B]
     bids: np.ndarray  # float64 [B]
 
     def with_features(self, timeline: dict[str, np.ndarray] | None, stats: np.ndarray | None) -> ScoringRequest:

@@ -5,7 +5,7 @@ import pytest
 
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import load_artifact
-from fin.data import TARGET_FEATURES, ScoringRequest
+from fin.inputs import TARGET_FEATURES, ScoringRequest
 from serving.batching import ForwardBatcher
 from serving.scoring import score_requests
 

@@ -5,8 +5,10 @@ import polars as pl
 import pytest
 import torch
 
+from features.dataset import ROW_IDS
 from features.fragments import FragmentConfig, fragment
-from fin.data import ROW_IDS, STAT_FEATURES, ExampleStream, LoaderConfig
+from fin.inputs import STAT_FEATURES, LoaderConfig
+from fin.loader import ExampleStream
 
 
 def _examples(out, split):

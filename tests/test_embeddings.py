@@ -2,8 +2,9 @@
 
 import torch
 
-from fin.data import ExampleStream, LoaderConfig
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, hash_ids
+from fin.inputs import LoaderConfig
+from fin.loader import ExampleStream
 
 
 def test_hashing_keeps_row_zero_for_unknown_ids_and_never_overflows():

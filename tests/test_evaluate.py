@@ -10,8 +10,9 @@ import torch
 
 from features.fragments import fragment
 from fin.artifact import load_artifact
-from fin.data import FRAGMENT_CONTEXT, Batch, ExampleStream, LoaderConfig
 from fin.evaluate import ORACLE, evaluate, examples, markdown, predict
+from fin.inputs import FRAGMENT_CONTEXT, Batch, LoaderConfig
+from fin.loader import ExampleStream
 from fin.metrics import auc
 from tests.conftest import run_fin
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from features import geohash
 from features.fragments import MISSING, TAG_BOTH, TAG_LOCATION_ONLY, TAG_MEAL_ONLY, FragmentConfig, fragment
-from fin.data import history_batch
+from fin.inputs import history_batch
 
 CENTRE = int(geohash.to_codes(np.array(["wtw3sj"]))[0][0])
 RING = geohash.neighbour_codes(np.array([CENTRE]), 6)[0].tolist()

@@ -10,9 +10,10 @@ import torch
 from features.fragments import MISSING, FragmentConfig
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from features.simulator import load_sim_config, simulate
-from fin.data import CONTEXT_FEATURES, TARGET_FEATURES, ExampleStream, LoaderConfig, ScoringRequest, requests_batch
 from fin.embeddings import EmbeddingSizes
+from fin.inputs import CONTEXT_FEATURES, TARGET_FEATURES, LoaderConfig, ScoringRequest, requests_batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
+from fin.loader import ExampleStream
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
 from jobs.features_job import FeaturesConfig, run_features
@@ -86,6 +87,7 @@ def month(tmp_path_factory):
     return root / "features"
 
 
+@pytest.mark.integration  # trains FIN for a simulated month
 def test_fin_learns_the_simulated_clicks(month):
     model = _model("fin")
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)

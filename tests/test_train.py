@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fin.artifact import load_artifact
-from fin.data import ExampleStream
+from fin.loader import ExampleStream
 from fin.train import TrainConfig, load_train_config, train
 from fin.versions import WEIGHTS, ArtifactError, resolve
 from tests.conftest import TRAIN_CONFIG

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from features.fragments import Fragment
-from fin.data import STAT_FEATURES, Batch
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch
+from fin.inputs import STAT_FEATURES, Batch
 from fin.layers import MLP, MultiHeadTargetAttention, to_padded
 
 

@@ -5,7 +5,7 @@ It reads the `recent` fragment: set `FragmentConfig.recent_len` to 50 for the cl
 
 from __future__ import annotations
 
-from fin.data import Batch
+from fin.inputs import Batch
 from fin.models.base import Encoded, TargetAttentionModel, gather, time_gaps
 
 

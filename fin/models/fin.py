@@ -1,6 +1,6 @@
 """FIN: Fragment Network + Integrate Network over a user's lifelong spatial-temporal timeline.
 
-Follows DESIGN.md section 2; choices that are our reconstruction rather than the paper's text:
+Follows docs/design.md, "FIN"; choices that are our reconstruction rather than the paper's text:
 - an event is the projection of its item, shop, category, brand, place cell and AOI embeddings (the
   tables it shares with the candidate and the request; `fin.models.base`);
 - Fragment Network: simplified (one-head, dot-product, no MLP) target attention over the location, meal
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fin.data import Batch
+from fin.inputs import Batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention, to_padded
 from fin.models.base import CTRModel, Encoded, ModelConfig, gather, time_gaps
 

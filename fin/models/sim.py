@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from features.fragments import keep_last
-from fin.data import Batch
+from fin.inputs import Batch
 from fin.models.base import Encoded, TargetAttentionModel, gather, time_gaps
 
 
