@@ -8,7 +8,7 @@ field and `offsets`), and one request context per history. Output: for each sub-
 into the history's values plus a length per request (KeyedJaggedTensor-ready: gather any field with
 `values[field][index]`).
 
-Sub-sequences (DESIGN.md section 2; the exact rules are our reconstruction, not the paper's text):
+Sub-sequences (docs/design.md, "Fragments"; the exact rules are our reconstruction, not the paper's text):
     full        every event before the request, the most recent `full_len`
     recent      the most recent `recent_len` events before the request
     location    events at the request's place: same geohash6 cell, or (optional) one of its 8

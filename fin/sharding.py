@@ -10,7 +10,7 @@ Sharding choices (`--sharding`):
     table_wise  every table whole on one worker (the default plan on CPU)
     row_wise    every table split by rows over all workers. The stock EmbeddingBagCollection sharder offers
                 row-wise on CUDA only; `RowWiseEmbeddingBagCollectionSharder` also offers it on CPU, where
-                its kernels run correctly over gloo (DESIGN.md section 5).
+                its kernels run correctly over gloo (docs/design.md, "Training").
 """
 
 from __future__ import annotations

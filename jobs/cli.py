@@ -62,9 +62,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
           f"({manifest['requests']:,} requests, {manifest['clicks']:,} clicks), {rows['users']:,} users, "
           f"{config.days} days, in {manifest['wall_s']:.1f}s")
     if args.report:
-        from features.simulator import properties
+        from fin import signal_report
 
-        print(json.dumps(properties.signal_report(args.out), indent=2))
+        print(json.dumps(signal_report.signal_report(args.out), indent=2))
     return 0
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.simulator import load_sim_config, properties, simulate
+from features.simulator import load_sim_config, simulate
 from features.validate import validate_logs
+from fin import signal_report
 from tests.conftest import ROOT
 
 
@@ -62,7 +63,7 @@ def test_default_logs_follow_the_contract(default_logs):
 
 
 def test_labels_are_drawn_from_the_oracle_probability(default_logs):
-    imp = properties.scan(default_logs, "impressions").select("label", "oracle_click_prob").collect()
+    imp = signal_report.scan(default_logs, "impressions").select("label", "oracle_click_prob").collect()
     ctr, oracle = imp["label"].mean(), imp["oracle_click_prob"].mean()
     assert 0.02 < ctr < 0.2
     assert abs(ctr - oracle) < 4 * np.sqrt(oracle * (1 - oracle) / imp.height) + 1e-3
@@ -74,7 +75,7 @@ def test_labels_are_drawn_from_the_oracle_probability(default_logs):
 
 
 def test_logging_policy_propensities(default_logs):
-    imp = properties.scan(default_logs, "impressions").collect()
+    imp = signal_report.scan(default_logs, "impressions").collect()
     cfg = load_sim_config().ads
     assert imp["propensity"].min() >= cfg.logging_epsilon / cfg.candidates - 1e-6
     assert imp["propensity"].max() <= 1.0
@@ -83,27 +84,27 @@ def test_logging_policy_propensities(default_logs):
 
 
 def test_click_rate_falls_with_distance(default_logs):
-    ctr = properties.ctr_by_distance(default_logs)["ctr"].to_numpy()
+    ctr = signal_report.ctr_by_distance(default_logs)["ctr"].to_numpy()
     assert np.all(np.diff(ctr) < 0), ctr
     assert ctr[0] > 3 * ctr[-1]
 
 
 def test_category_choice_differs_by_meal_slot(default_logs):
-    shares = properties.category_share_by_slot(default_logs)
+    shares = signal_report.category_share_by_slot(default_logs)
     top = shares.sort("share", descending=True).group_by("time_type", maintain_order=True).first()
     assert top["category_1_id"].n_unique() >= 4  # most slots have a different favourite category
-    assert properties.slot_category_divergence(default_logs) > 0.3
+    assert signal_report.slot_category_divergence(default_logs) > 0.3
 
 
 def test_same_place_and_slot_history_beats_the_last_50(default_logs):
-    aucs = properties.history_feature_auc(default_logs)
+    aucs = signal_report.history_feature_auc(default_logs)
     assert aucs["same_place_slot_auc"] > aucs["last_50_auc"] + 0.05, aucs
 
 
 def test_history_features_never_look_ahead(small_logs):
-    f = properties.history_count_features(small_logs)
-    beh = properties.scan(small_logs, "behaviours").collect()
-    imp = properties.scan(small_logs, "impressions").collect()
+    f = signal_report.history_count_features(small_logs)
+    beh = signal_report.scan(small_logs, "behaviours").collect()
+    imp = signal_report.scan(small_logs, "impressions").collect()
     row = f.join(imp, on="impression_id").filter(pl.col("same_place_slot") > 0).row(0, named=True)
     earlier = beh.filter((pl.col("user_id") == row["user_id"]) & (pl.col("shop_id") == row["shop_id"])
                          & (pl.col("geohash_6") == row["geohash_6"]) & (pl.col("time_type") == row["time_type"])
@@ -116,6 +117,6 @@ def test_large_config_has_lifelong_users(tmp_path):
     """The large config's per-user activity (a year), on fewer users: a fifth pass 1,000 behaviours."""
     cfg = load_sim_config(ROOT / "configs" / "large.yaml", **{"users.users": 300, "workers": 1})
     simulate(cfg, tmp_path / "logs")
-    per_user = properties.behaviours_per_user(tmp_path / "logs")
+    per_user = signal_report.behaviours_per_user(tmp_path / "logs")
     assert per_user.size >= 0.95 * 300
     assert (per_user > 1000).mean() >= 0.20

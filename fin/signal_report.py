@@ -1,7 +1,8 @@
-"""Measurements of what a log folder shows: the properties the simulator claims, read from its output.
+"""The signal a log folder holds: the properties the simulator claims, measured on its output.
 
 These work on any contract log folder (simulated or converted), are vectorised with polars, and are
-used by the tests and printed by `fin simulate --report`.
+used by the tests and printed by `fin simulate --report`. They live beside the models, not the
+simulator, because they score features with the evaluation's own metrics (`fin.metrics`).
 """
 
 from __future__ import annotations
