@@ -7,7 +7,7 @@ DEMO   ?= demo_out
 DEMO_PORT ?= 50051
 
 
-.PHONY: demo test test-services install bench-simulate bench-features bench-train bench-serve bench-serve-work bench-serve-floor clean
+.PHONY: demo test test-fast lint test-services install bench-simulate bench-features bench-train bench-serve bench-serve-work bench-serve-floor clean
 
 PROTOS := $(shell find proto -name '*.proto')
 
@@ -48,8 +48,16 @@ test-services:
 	@command -v redis-server >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server openssl >/dev/null; }
 
-test: install test-services
+# CI's command: lint, then every test (~13 minutes on 2 cores)
+test: install test-services lint
 	$(PY) -m pytest -q
+
+# The unit tier for quick loops (under 2 minutes): no features run, training, Ray, Feast or server
+test-fast: install
+	$(PY) -m pytest -q -m "not integration and not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 bench-simulate: install
 	$(PY) benchmarks/simulate_scale.py

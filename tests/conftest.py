@@ -18,6 +18,15 @@ from serving.metrics import scrape
 from serving.pb import ctr_scoring_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
+# fixtures that simulate a city, run the features job (Ray, Feast), train models or start services: a test
+# using one is in the integration tier, which `make test` runs and `make test-fast` skips
+INTEGRATION_FIXTURES = frozenset({"default_logs", "features_logs", "features_job", "trained_models", "redis_server"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

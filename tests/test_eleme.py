@@ -63,6 +63,7 @@ def test_cli_on_a_file_of_the_wrong_layout(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.integration  # runs the features job
 def test_converted_logs_feed_the_features_job(converted, tmp_path):
     """Real data goes through the same pipeline: events without the user's place use the shop's cell."""
     from jobs.features_job import FeaturesConfig, run_features
