@@ -50,15 +50,15 @@ def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
     """fragment() on the device against the CPU, on real batches and on single requests cut from them."""
     import torch
 
-    from features.fragments import FRAGMENTS, fragment
+    from features.fragments import FRAGMENTS, fragment_windows
     from fin.inputs import FRAGMENT_CONTEXT
     from fin.loader import ExampleStream
 
     cpu, device = devices()
 
-    def cut(offsets, history, context, on):
-        frags = fragment(offsets.to(on), {k: v.to(on) for k, v in history.items()},
-                         {k: v.to(on) for k, v in context.items()}, loader.fragments)
+    def cut(starts, ends, history, context, on):
+        frags = fragment_windows(starts.to(on), ends.to(on), {k: v.to(on) for k, v in history.items()},
+                                 {k: v.to(on) for k, v in context.items()}, loader.fragments)
         return {name: (f.index.cpu(), f.lengths.cpu(), None if f.tags is None else f.tags.cpu())
                 for name, f in frags.items()}
 
@@ -66,22 +66,25 @@ def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
         return all(all(x is y if x is None or y is None else torch.equal(x, y) for x, y in zip(a[n], b[n]))
                    for n in FRAGMENTS)
 
-    # shuffled (as training batches are): one history per example, cut one by one below as the server cuts them
+    # shuffled (as training batches are): examples of a user share its timeline slice, each reading its own
+    # window; the first of a batch are also cut one by one below, as the server cuts them
     stream = ExampleStream(data, "validation", dataclasses.replace(loader, batch_size=256))
     checked = {"batches": 0, "single_requests": 0, "events": 0, "mismatches": 0}
     for _, batch in zip(range(batches), stream):
         context = {"ts": batch.ts, **{c: batch.ids[c] for c in FRAGMENT_CONTEXT}}
         checked["batches"] += 1
-        checked["events"] += int(batch.history_offsets[-1])
-        checked["mismatches"] += not same(cut(batch.history_offsets, batch.history, context, cpu),
-                                          cut(batch.history_offsets, batch.history, context, device))
+        h = batch.histories
+        checked["events"] += int(h.offsets[-1])
+        checked["mismatches"] += not same(cut(h.start, h.end, batch.history, context, cpu),
+                                          cut(h.start, h.end, batch.history, context, device))
         for i in range(min(singles, len(batch))):
-            lo, hi = int(batch.history_offsets[i]), int(batch.history_offsets[i + 1])
-            offsets = torch.tensor([0, hi - lo])
+            lo, hi = int(h.start[i]), int(h.end[i])
+            starts, ends = torch.tensor([0]), torch.tensor([hi - lo])
             history = {k: v[lo:hi] for k, v in batch.history.items()}
             one = {k: v[i:i + 1] for k, v in context.items()}
             checked["single_requests"] += 1
-            checked["mismatches"] += not same(cut(offsets, history, one, cpu), cut(offsets, history, one, device))
+            checked["mismatches"] += not same(cut(starts, ends, history, one, cpu),
+                                              cut(starts, ends, history, one, device))
     return {**checked, "device": device.type, "identical": checked["mismatches"] == 0}
 
 
@@ -157,16 +160,17 @@ def scoring(data: Path, artifact_folder: str, candidates: int, reps: int) -> dic
             labels.append(batch.label.numpy())
             p_cpu.append(torch.sigmoid(on_cpu(batch)).numpy())
             p_device.append(torch.sigmoid(on_device(batch.to(device))).cpu().numpy())
-            i = int(batch.history_offsets.diff().argmax())
-            if longest is None or batch.history_offsets.diff()[i] > longest[0]:
-                longest = (int(batch.history_offsets.diff()[i]), batch, i)
+            lengths = batch.histories.end - batch.histories.start
+            i = int(lengths.argmax())
+            if longest is None or lengths[i] > longest[0]:
+                longest = (int(lengths[i]), batch, i)
     labels, p_cpu, p_device = map(np.concatenate, (labels, p_cpu, p_device))
     test = {"examples": int(labels.size), "max_abs_pctr_difference": float(np.abs(p_cpu - p_device).max()),
             "auc_cpu": round(auc(labels, p_cpu), 6), "auc_device": round(auc(labels, p_device), 6)}
 
     # one served request: the longest history of the test split, `candidates` candidates drawn from the split
     events, batch, i = longest  # request i of the batch (its examples share its history)
-    lo, hi = int(batch.history_offsets[i]), int(batch.history_offsets[i + 1])
+    lo, hi = int(batch.histories.start[i]), int(batch.histories.end[i])
     timeline = {f: batch.history[f][lo:hi].numpy() for f in TIMELINE_FIELDS}
     example = int((batch.candidate_requests() == i).nonzero()[0, 0])
     context = {"ts": int(batch.ts[i]), **{c: int(batch.ids[c][example]) for c in CONTEXT_FEATURES}}

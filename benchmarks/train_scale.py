@@ -48,7 +48,7 @@ def history_lengths(data: Path) -> dict:
     stream = ExampleStream(data, "train", load_train_config(LIFELONG).loader)
     lengths = []
     for _, batch in zip(range(20), stream):
-        lengths.append(batch.history_offsets.diff().numpy())
+        lengths.append((batch.histories.end - batch.histories.start).numpy())
     lengths = np.concatenate(lengths)
     return {"mean": round(float(lengths.mean()), 1), "p50": float(np.median(lengths)),
             "share_at_1000": round(float((lengths >= 1000).mean()), 3)}
@@ -83,7 +83,7 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
     import polars as pl
     import torch
 
-    from features.fragments import MISSING, fragment
+    from features.fragments import MISSING
     from features.sequences import TIMELINE_FIELDS, geohash_code
     from fin.artifact import load_artifact
     from fin.inputs import CONTEXT_FEATURES, FRAGMENT_CONTEXT, TARGET_FEATURES, Batch, history_batch, request_batch
@@ -103,13 +103,13 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
     def copies_batch(loader) -> Batch:
         """The training layout: every candidate carries its own copy of the user's history."""
         n = len(timeline["ts"])
-        offsets, history = history_batch(timeline, np.array([0, n]), np.zeros(candidates, np.int64),
-                                         np.full(candidates, n), loader.max_seq_len)
+        histories = history_batch(timeline, np.array([0, n]), np.zeros(candidates, np.int64),
+                                  np.full(candidates, n), loader.max_seq_len, share=False)
         one = request_batch(timeline, context, cands, config=loader)
         ts = one.ts.expand(candidates)
-        frags = fragment(offsets, history, {"ts": ts, **{c: one.ids[c] for c in FRAGMENT_CONTEXT}}, loader.fragments)
-        return Batch(label=one.label, ids=one.ids, stats=one.stats, ts=ts, history_offsets=offsets, history=history,
-                     fragments=frags, row_id=one.row_id)
+        return Batch(label=one.label, ids=one.ids, stats=one.stats, ts=ts,
+                     request_context={c: one.ids[c] for c in FRAGMENT_CONTEXT}, histories=histories,
+                     row_id=one.row_id).cut(loader.fragments)
 
     out = {"user_history_events": len(timeline["ts"]), "candidates": candidates, "threads": torch.get_num_threads()}
     for kind in ("fin", "din"):

@@ -84,30 +84,38 @@ def _neighbour_codes(cells: torch.Tensor) -> torch.Tensor:
 
 def fragment(offsets: torch.Tensor, history: dict[str, torch.Tensor], context: dict[str, torch.Tensor],
              config: FragmentConfig = FragmentConfig()) -> dict[str, Fragment]:
-    """Cut every FIN sub-sequence for a batch of requests.
+    """Cut every FIN sub-sequence for a batch of requests whose histories lie one after the other.
 
     offsets: int64 [B+1], request b's history is values[offsets[b]:offsets[b+1]], oldest first.
     history: HISTORY_FIELDS -> int64 [offsets[-1]] (geohash as `geohash.to_codes` codes, MISSING if unknown).
     context: CONTEXT_FIELDS -> int64 [B].
     """
+    return fragment_windows(offsets[:-1], offsets[1:], history, context, config)
+
+
+def fragment_windows(starts: torch.Tensor, ends: torch.Tensor, history: dict[str, torch.Tensor],
+                     context: dict[str, torch.Tensor], config: FragmentConfig = FragmentConfig()) -> dict[str, Fragment]:
+    """`fragment()` for histories that are windows of shared timelines: request b's history is
+    values[starts[b]:ends[b]], oldest first, and windows may overlap (the requests of one user read one
+    slice of its timeline, each up to its own time). The indices point into the shared values."""
     missing = [f for f in HISTORY_FIELDS if f not in history] + [f"context.{f}" for f in CONTEXT_FIELDS if f not in context]
     if missing:
         raise ValueError(f"fragment() needs {', '.join(missing)}")
-    lengths = offsets[1:] - offsets[:-1]
+    lengths = ends - starts
     n = lengths.numel()
     width = int(lengths.max()) if n else 0
     if n == 1:  # one request (a served one): its events are one slice, with nothing to pad or gather
-        start = int(offsets[0])
-        pos = torch.arange(start, start + width, device=offsets.device)[None]
+        start = int(starts[0])
+        pos = torch.arange(start, start + width, device=starts.device)[None]
 
         def field(name: str) -> torch.Tensor:
             return history[name][start:start + width][None]
 
         before = field("ts") < context["ts"][:, None]
     else:
-        col = torch.arange(width, device=offsets.device)
-        # right-aligned padded view: column j of row b is event offsets[b+1] - width + j
-        pos = offsets[1:, None] - width + col[None, :]
+        col = torch.arange(width, device=starts.device)
+        # right-aligned padded view: column j of row b is event ends[b] - width + j
+        pos = ends[:, None] - width + col[None, :]
         valid = col[None, :] >= (width - lengths)[:, None]
         pos = torch.where(valid, pos, torch.zeros_like(pos))
 

@@ -86,7 +86,7 @@ class SparseArch(nn.Module):
         ones = torch.ones(n, dtype=torch.int64, device=device)
         # every key of a KeyedJaggedTensor has B rows: requests' histories, then empty rows up to B
         history_lengths = torch.zeros(n, dtype=torch.int64, device=device)
-        history_lengths[:batch.history_offsets.numel() - 1] = batch.history_offsets.diff()
+        history_lengths[:batch.histories.offsets.numel() - 1] = batch.histories.offsets.diff()
         keys, values, lengths = [], [], []
         for table, (target_id, history_field) in SHARED.items():
             rows = self.sizes.rows[table]

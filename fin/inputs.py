@@ -2,7 +2,7 @@
 
 Both paths build batches here: the training loader (`fin.loader`) from the offline dataset, and the server
 from the requests it scores (`ScoringRequest`, `requests_batch`). Each gathers its histories with
-`history_batch` and cuts them with the one `features.fragments.fragment` (in `assembled`), so training
+`history_batch` and cuts them with the one `features.fragments.fragment` (`Batch.cut`), so training
 and serving cut sub-sequences identically (docs/design.md, "Fragments"). No polars here: the server
 depends on the model's inputs, not on the training loader.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from features.dataset import STAT_COLUMNS, STATS_VIEWS
-from features.fragments import Fragment, FragmentConfig, fragment
+from features.fragments import Fragment, FragmentConfig, fragment_windows
 from features.sequences import TIMELINE_FIELDS
 
 # Per-example inputs a model may read: the candidate, the request context, point-in-time statistics.
@@ -30,17 +30,43 @@ FRAGMENT_CONTEXT = ("geohash6", "aoi_id", "time_type")  # what `fragment()` read
 
 
 def history_batch(timelines: dict[str, np.ndarray], timeline_offsets: np.ndarray, rows: np.ndarray,
-                  history_len: np.ndarray, max_len: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Gather a jagged batch of histories: for example i, the `max_len` events before position
+                  history_len: np.ndarray, max_len: int, share: bool = True) -> Histories:
+    """Gather the histories of a batch of requests: for request i, the `max_len` events before position
     `history_len[i]` of timeline `rows[i]`. `timelines` holds each field's flat values over all users,
-    `timeline_offsets` where each user's timeline starts (length users + 1)."""
-    end = timeline_offsets[rows] + history_len
-    start = np.maximum(end - max_len, timeline_offsets[rows])
-    lengths = end - start
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    flat = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
-    values = {f: torch.from_numpy(np.ascontiguousarray(v[flat])) for f, v in timelines.items()}
-    return torch.from_numpy(offsets.astype(np.int64)), values
+    `timeline_offsets` where each user's timeline starts (length users + 1).
+
+    With `share`, the requests of one timeline read one slice of it, holding once every event any of them
+    reads, so a user's events are embedded once however many of its requests the batch has; without, each
+    request gets its own copy (the per-example path, kept to compare against)."""
+    history_len = np.asarray(history_len, dtype=np.int64)
+    first = np.maximum(history_len - max_len, 0)  # each request's first event, within its timeline
+    if share:
+        users, slot = np.unique(rows, return_inverse=True)
+        lo = np.full(users.size, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(lo, slot, first)
+        hi = np.zeros(users.size, dtype=np.int64)
+        np.maximum.at(hi, slot, history_len)
+    else:
+        users, slot, lo, hi = rows, np.arange(rows.size), first, history_len
+    lengths = hi - lo
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.repeat(timeline_offsets[users] + lo - offsets[:-1], lengths) + np.arange(offsets[-1])
+    start = offsets[slot] + first - lo[slot]
+    return Histories(offsets=torch.from_numpy(offsets),
+                     values={f: torch.from_numpy(np.ascontiguousarray(v[flat])) for f, v in timelines.items()},
+                     start=torch.from_numpy(start), end=torch.from_numpy(start + history_len - first))
+
+
+@dataclass
+class Histories:
+    """The history events of a batch: S timeline slices one after the other (the rows the sparse side
+    embeds), and each request's window into them, oldest first: request u reads
+    values[f][start[u]:end[u]]. Windows of one user's requests overlap in its slice."""
+
+    offsets: torch.Tensor  # int64 [S+1]
+    values: dict[str, torch.Tensor]  # TIMELINE_FIELDS -> int64 [N]
+    start: torch.Tensor  # int64 [U]
+    end: torch.Tensor  # int64 [U]
 
 
 @dataclass(frozen=True)
@@ -52,25 +78,35 @@ class LoaderConfig:
         full_len=200, recent_len=50, location_len=50, meal_len=50, integrated_len=50))
     shuffle: bool = True
     seed: int = 0
+    # Shuffled batches are made of chunks of `examples_per_user` consecutive examples of one user (chunks
+    # shuffled across users), whose histories share one slice of the user's timeline; False: the
+    # per-example path (examples shuffled one by one, each with its own copy of its history)
+    shared_timelines: bool = True
+    examples_per_user: int = 16
 
 
 @dataclass
 class Batch:
-    """B candidates of U requests. A request carries the user's history and its fragments once; each
-    candidate points at its request (`request_of`). In training every example is its own request (U = B,
-    `request_of` None); an evaluation batch of logged candidates has about 30 candidates per request, and the
+    """B candidates of U requests. A request has its time, place and history window (into the batch's shared
+    history slices) and its fragments; each candidate points at its request (`request_of`). In training
+    every example is its own request (U = B, `request_of` None) and the examples of one user share its
+    timeline slice; an evaluation batch of logged candidates has about 30 candidates per request, and the
     server scores many candidates of one request (U = 1)."""
 
     label: torch.Tensor  # float32 [B]
     ids: dict[str, torch.Tensor]  # TARGET_FEATURES and CONTEXT_FEATURES -> int64 [B] (MISSING when unknown)
     stats: torch.Tensor  # float32 [B, len(STAT_FEATURES)]
     ts: torch.Tensor  # int64 [U], request time (ms)
-    history_offsets: torch.Tensor  # int64 [U+1]
-    history: dict[str, torch.Tensor]  # TIMELINE_FIELDS -> int64 [N], oldest first per request
-    fragments: dict[str, Fragment]  # U rows
+    request_context: dict[str, torch.Tensor]  # FRAGMENT_CONTEXT -> int64 [U]
+    histories: Histories
     row_id: torch.Tensor  # int64 [B], to join predictions back: impression_id (candidate_id for candidates)
     request_of: torch.Tensor | None = None  # int64 [B]: candidate -> request; None: candidate b is request b
+    fragments: dict[str, Fragment] | None = None  # U rows; None until cut (`cut`)
     global_size: int = 0  # examples in this step over all workers (this batch is one worker's slice)
+
+    @property
+    def history(self) -> dict[str, torch.Tensor]:
+        return self.histories.values
 
     def candidate_requests(self) -> torch.Tensor:
         if self.request_of is not None:
@@ -80,16 +116,27 @@ class Batch:
     def __len__(self) -> int:
         return int(self.label.numel())
 
+    def cut(self, config: FragmentConfig) -> Batch:
+        """The batch with its fragments, cut by the one `fragment()` on the batch's device (no-op when cut)."""
+        if self.fragments is not None:
+            return self
+        h = self.histories
+        fragments = fragment_windows(h.start, h.end, h.values, {"ts": self.ts, **self.request_context}, config)
+        return dataclasses.replace(self, fragments=fragments)
+
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
             return self
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        h = self.histories
         return dataclasses.replace(
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
-            ts=move(self.ts), history_offsets=move(self.history_offsets),
-            history={k: move(v) for k, v in self.history.items()}, row_id=move(self.row_id),
-            request_of=move(self.request_of),
-            fragments={k: Fragment(move(f.index), move(f.lengths), move(f.tags)) for k, f in self.fragments.items()})
+            ts=move(self.ts), request_context={k: move(v) for k, v in self.request_context.items()},
+            histories=Histories(move(h.offsets), {k: move(v) for k, v in h.values.items()}, move(h.start),
+                                move(h.end)),
+            row_id=move(self.row_id), request_of=move(self.request_of),
+            fragments=None if self.fragments is None else
+            {k: Fragment(move(f.index), move(f.lengths), move(f.tags)) for k, f in self.fragments.items()})
 
 
 @dataclass
@@ -120,7 +167,7 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
     starts = np.concatenate([[0], np.cumsum(sizes)])
     before = np.array([np.searchsorted(np.asarray(r.timeline["ts"]), r.context["ts"], side="left") for r in requests])
     flat = {f: np.concatenate([np.asarray(r.timeline[f], dtype=np.int64) for r in requests]) for f in TIMELINE_FIELDS}
-    offsets, history = history_batch(flat, starts, np.arange(len(requests)), before, config.max_seq_len)
+    histories = history_batch(flat, starts, np.arange(len(requests)), before, config.max_seq_len)
     request_of = torch.from_numpy(np.repeat(np.arange(len(requests)), counts))
     ids = {c: torch.from_numpy(np.concatenate([np.asarray(r.candidates[c], dtype=np.int64) for r in requests]))
            for c in TARGET_FEATURES}
@@ -132,11 +179,10 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
     stats = np.concatenate([np.zeros((len(r), len(STAT_FEATURES)), np.float32) if r.stats is None
                             else np.asarray(r.stats, np.float32) for r in requests])
     b = int(counts.sum())
-    return assembled(
-        label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), ts=context["ts"],
-        request_context={c: context[c] for c in FRAGMENT_CONTEXT},
-        history_offsets=offsets, history=history, config=config,
-        row_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of)
+    batch = Batch(label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), ts=context["ts"],
+                  request_context={c: context[c] for c in FRAGMENT_CONTEXT}, histories=histories,
+                  row_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of)
+    return batch.cut(config.fragments)
 
 
 def request_batch(timeline: Mapping[str, np.ndarray], context: Mapping[str, int],
@@ -144,10 +190,3 @@ def request_batch(timeline: Mapping[str, np.ndarray], context: Mapping[str, int]
                   config: LoaderConfig = LoaderConfig()) -> Batch:
     """One scoring request as a batch (U = 1); see `ScoringRequest` for the arguments."""
     return requests_batch([ScoringRequest(timeline, context, candidates, stats)], config)
-
-
-def assembled(ts: torch.Tensor, request_context: dict[str, torch.Tensor], history_offsets: torch.Tensor,
-               history: dict[str, torch.Tensor], config: LoaderConfig, **candidate_fields) -> Batch:
-    """A Batch with its fragments cut by the shared `fragment()` (the one place either path calls it)."""
-    fragments = fragment(history_offsets, history, {"ts": ts, **request_context}, config.fragments)
-    return Batch(ts=ts, history_offsets=history_offsets, history=history, fragments=fragments, **candidate_fields)

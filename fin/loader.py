@@ -2,8 +2,9 @@
 
 Memory stays bounded by one user partition: the loader holds one partition's timelines (flat arrays)
 and examples at a time, gathers each batch's histories by slicing the timelines at the examples'
-`history_len` pointers (`fin.inputs.history_batch`), and cuts their fragments with the same `fragment()`
-the server calls (`fin.inputs.assembled`). It reads the dataset through `features.dataset`.
+`history_len` pointers (`fin.inputs.history_batch`: the examples of one user share one slice of its
+timeline), and cuts their fragments with the same `fragment()` the server calls (`Batch.cut`), here or,
+with `cut=False`, where the model runs. It reads the dataset through `features.dataset`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from fin.inputs import (
     TARGET_FEATURES,
     Batch,
     LoaderConfig,
-    assembled,
     history_batch,
 )
 
@@ -38,6 +38,25 @@ def _stats(data: Dataset, key: str) -> pl.DataFrame:
     prefix = key.removesuffix("_id")
     table = pl.read_parquet(data.stats_source(key))
     return table.select(key, "day", *[pl.col(v).cast(pl.Float32).alias(f"{prefix}_{v}") for v in STAT_VALUES])
+
+
+def user_chunk_order(user_id: np.ndarray, ts: np.ndarray, examples_per_user: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """A permutation of examples: each user's examples in time order, cut into chunks of `examples_per_user`,
+    the chunks in random order across users. A batch of B examples then holds about B / examples_per_user
+    users, each with a few neighbouring examples whose histories overlap in one slice of its timeline, which
+    is embedded once (`fin.inputs.history_batch`)."""
+    n = user_id.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    by_user = np.lexsort((np.arange(n), ts, user_id))
+    user = user_id[by_user]
+    new_user = np.concatenate([[True], user[1:] != user[:-1]])
+    position = np.arange(n) - np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    chunk = np.cumsum(new_user | (position % examples_per_user == 0)) - 1
+    rank = np.empty(int(chunk[-1]) + 1, dtype=np.int64)
+    rank[rng.permutation(rank.size)] = np.arange(rank.size)
+    return by_user[np.argsort(rank[chunk], kind="stable")]
 
 
 class ExampleStream:
@@ -51,11 +70,11 @@ class ExampleStream:
     """
 
     def __init__(self, data: str | Path, split: str, config: LoaderConfig = LoaderConfig(), rank: int = 0,
-                 world: int = 1, dataset: str = EXAMPLES):
+                 world: int = 1, dataset: str = EXAMPLES, cut: bool = True):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
         self.data, self.split, self.config, self.rank, self.world = Dataset.at(data), split, config, rank, world
-        self.dataset = dataset
+        self.dataset, self.cut = dataset, cut  # cut: fragments cut here; else where the model runs (`Batch.cut`)
         self.parts = self.data.parts(dataset, split)
         if not self.parts:
             raise FileNotFoundError(f"no {split} {dataset} under {self.data.root / dataset} (run fin features first)")
@@ -90,7 +109,7 @@ class ExampleStream:
                                                                     "time_type", "weekdays", "hours")],
             *[pl.col(c).fill_null(0.0) for c in STAT_FEATURES],
         )
-        order = rng.permutation(examples.height) if self.config.shuffle else np.arange(examples.height)
+        order = self._order(examples, rng)
         for lo in range(0, examples.height, self.config.batch_size):
             rows = order[lo:lo + self.config.batch_size]
             if rows.size < self.world:
@@ -99,14 +118,24 @@ class ExampleStream:
             batch.global_size = rows.size
             yield batch
 
+    def _order(self, examples: pl.DataFrame, rng: np.random.Generator) -> np.ndarray:
+        """The order in which a partition's examples are batched: file order unshuffled, else shuffled one by
+        one (per-example path) or by user chunks (`user_chunk_order`)."""
+        if not self.config.shuffle:
+            return np.arange(examples.height)
+        if not self.config.shared_timelines:
+            return rng.permutation(examples.height)
+        return user_chunk_order(examples["user_id"].to_numpy(), examples["ts"].to_numpy(),
+                                self.config.examples_per_user, rng)
+
     def _batch(self, ex: pl.DataFrame, flat: dict, starts: np.ndarray, users: np.ndarray) -> Batch:
         # Examples with the same user, history pointer, time and place are one request (the candidates of one
         # logged request, the impressions of one page). Unshuffled (evaluation, validation), a request's
-        # examples are neighbours in the file and share one history and one set of fragments, as the server's
-        # candidates do (`requests_batch`), pointing at it with `request_of`: about 30 times less history work
-        # for logged candidates. Shuffled training batches hold about one example per request, and grouping
-        # their few repeats would pad every request's queries to the most repeated one's (`fin.layers.by_user`),
-        # so there each example keeps its own history.
+        # examples are neighbours in the file and share one set of fragments, as the server's candidates do
+        # (`requests_batch`), pointing at it with `request_of`: about 30 times less fragment work for logged
+        # candidates. Shuffled training batches keep one request per example: grouping their few repeats would
+        # pad every request's queries to the most repeated one's (`fin.layers.by_user`). Either way the
+        # requests of one user share one slice of its timeline (`history_batch`).
         request_of, requests = None, ex
         if not self.config.shuffle:
             keys = ex.select(pl.struct("user_id", "history_len", "ts", *FRAGMENT_CONTEXT).rank("dense")).to_series()
@@ -114,18 +143,20 @@ class ExampleStream:
             _, first = np.unique(request_of, return_index=True)  # each request's first example
             request_of, requests = (None, ex) if first.size == ex.height else (request_of, ex[first])
         rows = np.searchsorted(users, requests["user_id"].to_numpy())
-        offsets, history = history_batch(flat, starts, rows, requests["history_len"].to_numpy(),
-                                         self.config.max_seq_len)
+        share = self.config.shared_timelines or not self.config.shuffle
+        histories = history_batch(flat, starts, rows, requests["history_len"].to_numpy(), self.config.max_seq_len,
+                                  share=share)
         ids = {c: torch.from_numpy(ex[c].to_numpy(writable=True)) for c in (*TARGET_FEATURES, *CONTEXT_FEATURES)}
-        return assembled(
+        batch = Batch(
             label=torch.from_numpy(ex["label"].to_numpy().astype(np.float32)),
             ids=ids,
             stats=torch.from_numpy(ex.select(STAT_FEATURES).to_numpy().astype(np.float32)),
             ts=torch.from_numpy(requests["ts"].to_numpy(writable=True)),
             request_context={c: torch.from_numpy(requests[c].to_numpy(writable=True)) for c in FRAGMENT_CONTEXT},
-            history_offsets=offsets, history=history, config=self.config,
+            histories=histories,
             row_id=torch.from_numpy(ex[ROW_IDS[self.dataset]].to_numpy(writable=True)),
             request_of=None if request_of is None else torch.from_numpy(request_of),
         )
+        return batch.cut(self.config.fragments) if self.cut else batch
 
 

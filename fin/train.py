@@ -178,8 +178,11 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     progress = checkpoints.restore(model, optimizer, dense, log)
     log(f"train {name}: {config.model}, {world} worker(s) on {device.type}, tables {_plan_text(model)}")
 
-    train_stream = ExampleStream(data, "train", config.loader, rank, world)
-    validation = ExampleStream(data, "validation", dataclasses.replace(config.loader, shuffle=False), rank, world)
+    # fragments are cut where the model runs: on a GPU the loader ships timeline slices and pointers only
+    on_host = device.type == "cpu"
+    train_stream = ExampleStream(data, "train", config.loader, rank, world, cut=on_host)
+    validation = ExampleStream(data, "validation", dataclasses.replace(config.loader, shuffle=False), rank, world,
+                               cut=on_host)
     while progress.epoch < config.epochs and progress.epoch - progress.best_epoch < config.patience:
         started = time.perf_counter()
         train_stream.epoch = progress.epoch  # the data order depends on (seed, epoch) only: resumable
@@ -232,7 +235,7 @@ def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps:
     for step, batch in enumerate(stream):
         if max_steps and step >= max_steps:
             break
-        batch = batch.to(device)
+        batch = batch.to(device).cut(stream.config.fragments)
         losses = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label, reduction="none")
         loss = losses.sum() * world / batch.global_size
         optimizer.zero_grad()
@@ -251,7 +254,7 @@ def _validation_auc(model, stream: ExampleStream, device: torch.device) -> float
     model.eval()
     scores, labels = [], []
     for batch in stream:
-        scores.append(model(batch.to(device)).float().cpu().numpy())
+        scores.append(model(batch.to(device).cut(stream.config.fragments)).float().cpu().numpy())
         labels.append(batch.label.numpy())
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (np.concatenate(scores or [np.zeros(0)]), np.concatenate(labels or [np.zeros(0)])))

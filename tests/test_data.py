@@ -4,11 +4,13 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from features.dataset import ROW_IDS
-from features.fragments import FragmentConfig, fragment
+from features.fragments import FragmentConfig, fragment_windows
 from fin.inputs import STAT_FEATURES, LoaderConfig
-from fin.loader import ExampleStream
+from fin.loader import ExampleStream, user_chunk_order
 
 
 def _examples(out, split):
@@ -41,7 +43,7 @@ def test_histories_are_the_timeline_before_the_request(features_job, dataset):
         expected = [t for t in full if t < ex["ts"]][-max_len:]
         r = int(request[i])
         assert int(batch.ts[r]) == ex["ts"]
-        assert batch.history["ts"][batch.history_offsets[r]:batch.history_offsets[r + 1]].tolist() == expected
+        assert batch.history["ts"][batch.histories.start[r]:batch.histories.end[r]].tolist() == expected
         assert batch.label[i].item() == (ex["label"] or 0)
 
 
@@ -52,7 +54,7 @@ def test_examples_of_one_request_share_its_history_when_unshuffled(features_job)
     grouped = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=256, shuffle=False),
                                       dataset="candidates")))
     assert grouped.request_of is not None and 2 * grouped.ts.numel() <= len(grouped)
-    assert grouped.history_offsets.numel() == grouped.ts.numel() + 1
+    assert grouped.histories.start.numel() == grouped.ts.numel()
     assert torch.equal(grouped.request_of.unique(), torch.arange(grouped.ts.numel()))
     shuffled = next(iter(ExampleStream(out / "data", "train", LoaderConfig(batch_size=256))))
     assert shuffled.request_of is None and shuffled.ts.numel() == len(shuffled)
@@ -64,7 +66,7 @@ def test_fragments_come_from_the_shared_function(features_job):
     batch = next(iter(ExampleStream(out / "data", "validation", cfg)))
     context = {"ts": batch.ts, "geohash6": batch.ids["geohash6"], "aoi_id": batch.ids["aoi_id"],
                "time_type": batch.ids["time_type"]}
-    direct = fragment(batch.history_offsets, batch.history, context, cfg.fragments)
+    direct = fragment_windows(batch.histories.start, batch.histories.end, batch.history, context, cfg.fragments)
     for name, frag in batch.fragments.items():
         assert torch.equal(frag.index, direct[name].index) and torch.equal(frag.lengths, direct[name].lengths)
     assert int(batch.fragments["location"].lengths.max()) <= 7 and int(batch.fragments["meal"].lengths.max()) <= 5
@@ -80,3 +82,69 @@ def test_statistics_are_joined_point_in_time(features_job):
     col = STAT_FEATURES.index("item_impressions_7d")
     assert batch.stats[0, col].item() == row["impressions_7d"]
     assert np.isfinite(batch.stats.numpy()).all()
+
+
+def test_shared_timeline_batches_give_each_example_its_own_history_and_fragments(features_job):
+    """A training batch of users' chunks holds each user's events once, and every example reads exactly the
+    history and fragments the per-example path gives it."""
+    out, _ = features_job
+    cfg = LoaderConfig(batch_size=128, max_seq_len=30, examples_per_user=8,
+                       fragments=FragmentConfig(full_len=30, recent_len=10, location_len=12, meal_len=9,
+                                                integrated_len=15))
+    shared = next(iter(ExampleStream(out / "data", "train", cfg)))
+    users = _examples(out, "train").select("impression_id", "user_id")
+    of_batch = pl.DataFrame({"impression_id": shared.row_id.numpy()}).join(users, on="impression_id",
+                                                                          maintain_order="left")["user_id"]
+    assert shared.histories.offsets.numel() - 1 == of_batch.n_unique() < len(shared) // 4  # one slice a user
+    assert shared.histories.offsets[-1] < (shared.histories.end - shared.histories.start).sum()  # events once
+    # the same examples, each with its own copy: rebuild them through the per-example path
+    stream = ExampleStream(out / "data", "train", LoaderConfig(**{**cfg.__dict__, "shared_timelines": False}))
+    own = {int(i): (b, k) for b in stream for k, i in enumerate(b.row_id.tolist()) if i in set(shared.row_id.tolist())}
+    assert len(own) == len(shared)
+    for k, row in enumerate(shared.row_id.tolist()):
+        b, j = own[row]
+        s, e = int(shared.histories.start[k]), int(shared.histories.end[k])
+        s2, e2 = int(b.histories.start[j]), int(b.histories.end[j])
+        assert torch.equal(shared.history["ts"][s:e], b.history["ts"][s2:e2])
+        for name, frag in shared.fragments.items():
+            mine = frag.index[frag.offsets[k]:frag.offsets[k + 1]]
+            theirs = b.fragments[name].index[b.fragments[name].offsets[j]:b.fragments[name].offsets[j + 1]]
+            assert torch.equal(shared.history["ts"][mine], b.history["ts"][theirs]), name
+            if frag.tags is not None:
+                assert torch.equal(frag.tags[frag.offsets[k]:frag.offsets[k + 1]],
+                                   b.fragments[name].tags[b.fragments[name].offsets[j]:b.fragments[name].offsets[j + 1]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(users=st.lists(st.integers(0, 6), min_size=0, max_size=80), k=st.integers(1, 9), seed=st.integers(0, 99))
+def test_user_chunks_are_contiguous_in_time_order_and_cover_every_example_once(users, k, seed):
+    user = np.array(users, dtype=np.int64)
+    ts = np.random.default_rng(seed).integers(0, 20, user.size)  # with ties
+    order = user_chunk_order(user, ts, k, np.random.default_rng(seed))
+    assert sorted(order.tolist()) == list(range(user.size))
+    where = np.empty(user.size, dtype=np.int64)
+    where[order] = np.arange(user.size)
+    for u in np.unique(user):
+        mine = np.flatnonzero(user == u)
+        mine = mine[np.lexsort((mine, ts[mine]))]  # the user's examples in time order
+        for chunk in np.array_split(mine, range(k, mine.size, k)):
+            assert np.array_equal(where[chunk], where[chunk[0]] + np.arange(chunk.size))
+
+
+def test_an_epoch_of_user_chunks_yields_every_example_once(features_job):
+    out, stats = features_job
+    seen = torch.cat([b.row_id for b in ExampleStream(out / "data", "train", LoaderConfig(batch_size=64,
+                                                                                          examples_per_user=4))])
+    assert seen.numel() == seen.unique().numel() == stats["examples"]["train"]
+
+
+def test_fragments_cut_where_the_model_runs_equal_the_loaders(features_job):
+    out, _ = features_job
+    cfg = LoaderConfig(batch_size=64, max_seq_len=40)
+    cut_here = next(iter(ExampleStream(out / "data", "train", cfg)))
+    uncut = next(iter(ExampleStream(out / "data", "train", cfg, cut=False)))
+    assert uncut.fragments is None
+    later = uncut.cut(cfg.fragments)
+    for name, frag in cut_here.fragments.items():
+        assert torch.equal(frag.index, later.fragments[name].index)
+        assert torch.equal(frag.lengths, later.fragments[name].lengths)

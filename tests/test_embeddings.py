@@ -20,7 +20,7 @@ def test_target_and_history_share_tables(features_job):
     arch = SparseArch(sizes)
     batch = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=32, max_seq_len=50))))
     result = arch(batch)
-    n_events = int(batch.history_offsets[-1])
+    n_events = int(batch.histories.offsets[-1])
     assert result.target.shape == (len(batch), len(SHARED), 8)
     assert result.history.shape == (n_events, len(SHARED), 8)
     assert result.single.shape == (len(batch), 8 * len(SINGLE))
@@ -43,6 +43,6 @@ def test_eval_mode_reads_the_same_rows_without_keyed_jagged_tensors(features_job
     through_torchrec = arch(batch)
     monkeypatch.setattr(arch, "inputs", None)  # eval mode must not build KeyedJaggedTensors
     direct = arch.eval()(batch)
-    assert int(batch.history_offsets[-1]) > 0
+    assert int(batch.histories.offsets[-1]) > 0
     for side in ("target", "history", "single"):
         assert torch.equal(getattr(direct, side), getattr(through_torchrec, side)), side

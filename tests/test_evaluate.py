@@ -11,7 +11,7 @@ import torch
 from features.fragments import fragment
 from fin.artifact import load_artifact
 from fin.evaluate import ORACLE, evaluate, examples, markdown, predict
-from fin.inputs import FRAGMENT_CONTEXT, Batch, LoaderConfig
+from fin.inputs import FRAGMENT_CONTEXT, Batch, Histories, LoaderConfig
 from fin.loader import ExampleStream
 from fin.metrics import auc
 from tests.conftest import run_fin
@@ -33,16 +33,16 @@ def test_predictions_are_the_artifact_model_on_the_shared_loader(trained_models,
 
 def _each_its_own(batch: Batch, config: LoaderConfig) -> Batch:
     """The same examples with a copy of their request's history each (`request_of` None), cut by `fragment()`."""
-    request = batch.request_of
-    lengths = batch.history_offsets.diff()[request]
+    request, h = batch.request_of, batch.histories
+    lengths = (h.end - h.start)[request]
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    index = (torch.repeat_interleave(batch.history_offsets[:-1][request] - offsets[:-1], lengths)
-             + torch.arange(int(offsets[-1])))
+    index = torch.repeat_interleave(h.start[request] - offsets[:-1], lengths) + torch.arange(int(offsets[-1]))
     history = {k: v[index] for k, v in batch.history.items()}
     ts = batch.ts[request]
     fragments = fragment(offsets, history, {"ts": ts, **{c: batch.ids[c] for c in FRAGMENT_CONTEXT}}, config.fragments)
-    return dataclasses.replace(batch, ts=ts, history_offsets=offsets, history=history, fragments=fragments,
-                               request_of=None)
+    return dataclasses.replace(batch, ts=ts, request_context={c: batch.ids[c] for c in FRAGMENT_CONTEXT},
+                               histories=Histories(offsets, history, offsets[:-1], offsets[1:]),
+                               fragments=fragments, request_of=None)
 
 
 def test_candidates_of_one_request_score_as_with_their_own_histories(trained_models, features_job):

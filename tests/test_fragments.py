@@ -115,9 +115,17 @@ def test_history_batch_takes_the_last_events_before_the_pointer():
     # two users' timelines, flat: user 0 has events 10..14, user 1 has 20..22
     values = {"ts": np.array([10, 11, 12, 13, 14, 20, 21, 22])}
     starts = np.array([0, 5, 8])
-    offsets, hist = history_batch(values, starts, rows=np.array([0, 1, 0]), history_len=np.array([4, 2, 0]), max_len=3)
-    assert offsets.tolist() == [0, 3, 5, 5]
-    assert hist["ts"].tolist() == [11, 12, 13, 20, 21]
+    rows, history_len = np.array([0, 1, 0, 0]), np.array([4, 2, 0, 5])
+    own = history_batch(values, starts, rows, history_len, max_len=3, share=False)
+    assert own.offsets.tolist() == [0, 3, 5, 5, 8]
+    assert own.values["ts"].tolist() == [11, 12, 13, 20, 21, 12, 13, 14]
+    # shared: user 0's requests read one slice (events 10..14 hold every event any of them reads), once
+    shared = history_batch(values, starts, rows, history_len, max_len=3)
+    assert shared.offsets.tolist() == [0, 5, 7]
+    assert shared.values["ts"].tolist() == [10, 11, 12, 13, 14, 20, 21]
+    for h in (own, shared):
+        windows = [h.values["ts"][s:e].tolist() for s, e in zip(h.start.tolist(), h.end.tolist())]
+        assert windows == [[11, 12, 13], [20, 21], [], [12, 13, 14]]
 
 
 @settings(max_examples=100, deadline=None)

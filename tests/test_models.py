@@ -69,7 +69,7 @@ def test_a_request_batch_scores_like_the_training_batches(features_job, name):
             scoring.append(ScoringRequest(timeline, context, {c: rows[c].to_numpy() for c in TARGET_FEATURES},
                                           torch.stack([offline[i][1] for i in ids]).numpy()))
             batch = requests_batch(scoring[-1:], loader)
-            assert batch.history_offsets.tolist() == [0, batch.history_offsets[-1]] and len(batch) == rows.height
+            assert batch.histories.offsets.tolist() == [0, batch.histories.offsets[-1]] and len(batch) == rows.height
             expected.append(torch.stack([offline[i][0] for i in ids]))
             torch.testing.assert_close(model(batch), expected[-1], rtol=1e-5, atol=1e-5)
         together = requests_batch(scoring, loader)
