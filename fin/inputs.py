@@ -35,15 +35,25 @@ def history_batch(timelines: dict[str, np.ndarray], timeline_offsets: np.ndarray
     `history_len[i]` of timeline `rows[i]`. `timelines` holds each field's flat values over all users,
     `timeline_offsets` where each user's timeline starts (length users + 1).
 
-    With `share`, the requests of one timeline read one slice of it, holding once every event any of them
-    reads, so a user's events are embedded once however many of its requests the batch has; without, each
+    With `share`, requests of one timeline whose windows overlap read one slice of it, holding once every
+    event any of them reads, so a user's events are embedded once however many of its neighbouring requests
+    the batch has (two far apart in time get a slice each: nothing between them is read); without, each
     request gets its own copy (the per-example path, kept to compare against)."""
     history_len = np.asarray(history_len, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
     first = np.maximum(history_len - max_len, 0)  # each request's first event, within its timeline
-    if share:
-        users, slot = np.unique(rows, return_inverse=True)
-        lo = np.full(users.size, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(lo, slot, first)
+    if share and rows.size:
+        # merge overlapping windows per timeline: in (timeline, first event) order, a request opens a new slice
+        # when its timeline changes or it starts after every window of the slice so far has ended
+        order = np.lexsort((history_len, first, rows))
+        r, f = rows[order], first[order]
+        base = r * (int(history_len.max()) + 1)  # keeps the running maximum within one timeline
+        reach = np.maximum.accumulate(base + history_len[order]) - base
+        opens = np.concatenate([[True], (r[1:] != r[:-1]) | (f[1:] > reach[:-1])])
+        slot = np.empty(rows.size, dtype=np.int64)
+        slot[order] = np.cumsum(opens) - 1
+        users = r[opens]
+        lo = f[opens]  # the first request of a slice starts it
         hi = np.zeros(users.size, dtype=np.int64)
         np.maximum.at(hi, slot, history_len)
     else:
@@ -54,7 +64,8 @@ def history_batch(timelines: dict[str, np.ndarray], timeline_offsets: np.ndarray
     start = offsets[slot] + first - lo[slot]
     return Histories(offsets=torch.from_numpy(offsets),
                      values={f: torch.from_numpy(np.ascontiguousarray(v[flat])) for f, v in timelines.items()},
-                     start=torch.from_numpy(start), end=torch.from_numpy(start + history_len - first))
+                     start=torch.from_numpy(start), end=torch.from_numpy(start + history_len - first),
+                     slice_of=torch.from_numpy(np.asarray(slot, dtype=np.int64)))
 
 
 @dataclass
@@ -67,6 +78,12 @@ class Histories:
     values: dict[str, torch.Tensor]  # TIMELINE_FIELDS -> int64 [N]
     start: torch.Tensor  # int64 [U]
     end: torch.Tensor  # int64 [U]
+    slice_of: torch.Tensor  # int64 [U]: the slice holding request u's window
+
+    @property
+    def shared(self) -> bool:
+        """Whether some requests share a slice (fewer slices than requests)."""
+        return self.offsets.numel() - 1 < self.start.numel()
 
 
 @dataclass(frozen=True)
@@ -133,7 +150,7 @@ class Batch:
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
             ts=move(self.ts), request_context={k: move(v) for k, v in self.request_context.items()},
             histories=Histories(move(h.offsets), {k: move(v) for k, v in h.values.items()}, move(h.start),
-                                move(h.end)),
+                                move(h.end), move(h.slice_of)),
             row_id=move(self.row_id), request_of=move(self.request_of),
             fragments=None if self.fragments is None else
             {k: Fragment(move(f.index), move(f.lengths), move(f.tags)) for k, f in self.fragments.items()})

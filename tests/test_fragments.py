@@ -119,10 +119,16 @@ def test_history_batch_takes_the_last_events_before_the_pointer():
     own = history_batch(values, starts, rows, history_len, max_len=3, share=False)
     assert own.offsets.tolist() == [0, 3, 5, 5, 8]
     assert own.values["ts"].tolist() == [11, 12, 13, 20, 21, 12, 13, 14]
-    # shared: user 0's requests read one slice (events 10..14 hold every event any of them reads), once
+    # shared: user 0's overlapping windows read one slice (events 11..14, once); its empty window reads nothing
     shared = history_batch(values, starts, rows, history_len, max_len=3)
-    assert shared.offsets.tolist() == [0, 5, 7]
-    assert shared.values["ts"].tolist() == [10, 11, 12, 13, 14, 20, 21]
+    assert shared.offsets.tolist() == [0, 0, 4, 6]
+    assert shared.values["ts"].tolist() == [11, 12, 13, 14, 20, 21]
+    assert shared.slice_of.tolist() == [1, 2, 0, 1]
+    # windows far apart in one timeline get a slice each: nothing between them is read
+    apart = history_batch({"ts": np.arange(100)}, np.array([0, 100]), np.zeros(3, np.int64),
+                          np.array([10, 12, 90]), max_len=5)
+    assert apart.offsets.tolist() == [0, 7, 12] and apart.values["ts"].tolist() == [5, 6, 7, 8, 9, 10, 11,
+                                                                                    85, 86, 87, 88, 89]
     for h in (own, shared):
         windows = [h.values["ts"][s:e].tolist() for s, e in zip(h.start.tolist(), h.end.tolist())]
         assert windows == [[11, 12, 13], [20, 21], [], [12, 13, 14]]
