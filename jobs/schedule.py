@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from cronsim import CronSim, CronSimError
 
 from fin.promotion import PromotionGate
 from fin.versions import promoted
-from jobs.cron import Cron
 from jobs.ray_jobs import RayJobTarget
 
 JOBS = ("features", "train", "evaluate", "promote")
@@ -85,11 +85,30 @@ class ScheduleConfig:
             if spec.cron is None and spec.after is None:
                 raise ValueError(f"job {name} needs a cron expression or a job to run after")
             if spec.cron is not None:
-                Cron(spec.cron)  # fails early on a bad expression
+                check_cron(spec.cron)  # fails early on a bad expression
 
     def ray_target(self) -> RayJobTarget | None:
         return None if self.ray_address is None else RayJobTarget(self.ray_address, self.ray_entrypoint,
                                                                   self.ray_runtime_env)
+
+
+def check_cron(expression: str) -> None:
+    """A five-field cron expression (minute hour day-of-month month day-of-week), else ValueError."""
+    if len(expression.split()) != 5:  # cronsim also takes a leading seconds field, which cron has not
+        raise ValueError(f"cron expression {expression!r} needs 5 fields: minute hour day month weekday")
+    try:
+        CronSim(expression, datetime(2000, 1, 1))
+    except CronSimError as e:
+        raise ValueError(f"cron expression {expression!r}: {e}") from None
+
+
+def last_fire(expression: str, at_or_before: datetime) -> datetime | None:
+    """The last time at or before `at_or_before` (naive, local) that the cron expression fired; None when
+    it did not in 50 years. As in cron, when both day fields are restricted a day matches either."""
+    # CronSim steps back one second before it looks for a match: start one second later, so that a fire
+    # at `at_or_before` itself counts
+    start = at_or_before.replace(microsecond=0) + timedelta(seconds=1)
+    return next(CronSim(expression, start, reverse=True), None)
 
 
 def load_schedule(path: str | Path) -> ScheduleConfig:
@@ -201,9 +220,10 @@ class Scheduler:
             before = self.store.get(f"{spec.after}:{day}")
             if before is None or before["status"] != "done":
                 return False
-        if spec.cron is not None:
+        if spec.cron is not None:  # due once it fired after the data date ended
             day_end = datetime.combine(date.fromisoformat(day) + timedelta(days=1), datetime.min.time())
-            return Cron(spec.cron).next_fire(day_end) <= now
+            fired = last_fire(spec.cron, now)
+            return fired is not None and fired >= day_end
         return True
 
     def _maybe_run(self, job: str, day: str, now: datetime) -> dict | None:
