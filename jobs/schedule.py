@@ -28,9 +28,9 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
-import yaml
 from cronsim import CronSim, CronSimError
 
+from features.configfile import load_config, read_config_file
 from fin.promotion import PromotionGate
 from fin.versions import promoted
 from jobs.ray_jobs import RayJobTarget
@@ -111,23 +111,25 @@ def last_fire(expression: str, at_or_before: datetime) -> datetime | None:
     return next(CronSim(expression, start, reverse=True), None)
 
 
+PATHS = ("state", "logs", "features", "models", "reports")
+ARGUMENT_LISTS = ("baselines", "features_args", "train_args", "evaluate_args")
+
+
 def load_schedule(path: str | Path) -> ScheduleConfig:
     """A schedule YAML file; relative paths are relative to the file's folder."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_config_file(path)
     root = path.parent.absolute()
-    paths = {k: root / raw.pop(k) for k in ("state", "logs", "features", "models", "reports") if k in raw}
-    missing = {"state", "logs", "features", "models", "reports"} - set(paths)
-    if missing:
-        raise ValueError(f"{path}: missing {', '.join(sorted(missing))}")
-    jobs = {name: JobSpec(**(spec or {})) for name, spec in raw.pop("jobs", {}).items()} or None
-    gate = PromotionGate(**raw.pop("gate", {}))
-    lists = {k: tuple(str(x) for x in raw.pop(k)) for k in ("baselines", "features_args", "train_args",
-                                                             "evaluate_args") if k in raw}
-    try:
-        return ScheduleConfig(**paths, **lists, **raw, gate=gate, **({"jobs": jobs} if jobs else {}))
-    except TypeError as e:
-        raise ValueError(f"{path}: {e}") from None
+    # resolved before validation: with ray_address, ScheduleConfig itself insists on absolute paths
+    raw.update({k: str(root / raw[k]) for k in PATHS if isinstance(raw.get(k), str)})
+    # command-line arguments and model names are text, even where YAML reads a number (`--epochs`, 1)
+    raw.update({k: [str(x) for x in raw[k]] for k in ARGUMENT_LISTS if isinstance(raw.get(k), list)})
+    # `jobs:` left empty keeps the default chain; a job written with no settings is JobSpec()'s
+    if not raw.get("jobs"):
+        raw.pop("jobs", None)
+    elif isinstance(raw["jobs"], dict):
+        raw["jobs"] = {name: {} if spec is None else spec for name, spec in raw["jobs"].items()}
+    return load_config(ScheduleConfig, raw, label=str(path))
 
 
 class RunStore:
