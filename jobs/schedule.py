@@ -64,6 +64,7 @@ class ScheduleConfig:
     retries: int = 2
     backoff_s: float = 60.0
     timeout_s: float = 6 * 3600.0  # per run
+    poll_s: float = 60.0  # seconds between checks of a long-running `fin schedule` (without --once)
     gate: PromotionGate = field(default_factory=PromotionGate)
     jobs: dict[str, JobSpec] = field(default_factory=lambda: {
         "features": JobSpec(cron="30 2 * * *"), "train": JobSpec(after="features"),
