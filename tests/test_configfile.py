@@ -41,7 +41,8 @@ def test_unknown_keys_are_named_with_their_path_and_the_keys_that_exist(tmp_path
     path.write_text("epoch: 2\n")
     assert _error(TrainConfig, path).startswith(f"{path}: epoch: unknown key (expected one of model, epochs, lr,")
     path.write_text("loader:\n  fragments:\n    full: 10\n")  # a section inside a section
-    assert _error(TrainConfig, path).startswith(f"{path}: loader.fragments.full: unknown key (expected one of full_len,")
+    assert _error(TrainConfig, path).startswith(
+        f"{path}: loader.fragments.full: unknown key (expected one of full_len,")
 
 
 def test_wrong_types_say_what_was_expected(tmp_path):
@@ -148,7 +149,8 @@ def test_schedule_paths_are_the_files_folder_s_and_arguments_are_text(tmp_path):
     path = tmp_path / "conf" / "jobs.yaml"
     path.parent.mkdir()
     path.write_text("state: runs.sqlite\nlogs: /data/logs\nfeatures: f\nmodels: m\nreports: r\n"
-                    "train_args: [--epochs, 1]\njobs:\n  features: {cron: '0 3 * * *'}\n  train:\n    after: features\n")
+                    "train_args: [--epochs, 1]\n"
+                    "jobs:\n  features: {cron: '0 3 * * *'}\n  train:\n    after: features\n")
     config = load_schedule(path)
     assert config.state == tmp_path / "conf" / "runs.sqlite" and config.logs == Path("/data/logs")
     assert config.train_args == ("--epochs", "1")
