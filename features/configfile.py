@@ -78,9 +78,16 @@ def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = No
         _set_dotted(data, key, value, label)
     try:
         # JSON mode: YAML's and JSON's values are JSON's (a YAML date, unquoted, is read as its text)
-        return _wrapper(cls).model_validate_json(json.dumps({"value": data}, default=str)).value
+        return _wrapper(cls).model_validate_json(json.dumps({"value": data}, default=_as_json)).value
     except ValidationError as e:
         raise ConfigError("; ".join(_describe(cls, error, label, given) for error in e.errors())) from None
+
+
+def _as_json(value: Any) -> Any:
+    """Values JSON has no type for: a YAML date as its text, a path as text, a numpy scalar as its number."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def _set_dotted(data: dict, key: str, value: Any, label: str) -> None:

@@ -1,6 +1,7 @@
 """`features.configfile`: one loader for the simulator, training, artifact and schedule configs."""
 
 import dataclasses
+import datetime
 import enum
 import json
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from features.configfile import ConfigError, load_config
@@ -100,6 +102,9 @@ def test_overrides_are_dotted_win_over_the_file_and_none_is_not_given(tmp_path):
     assert _error(TrainConfig, path, {"loader.batch": 3}).startswith(
         f"{path} (override): loader.batch: unknown key (expected one of batch_size,")
     assert _error(TrainConfig, None, {"epochs": "3"}) == "TrainConfig (override): epochs: expected an integer, got '3'"
+    # values computed by a program: numpy scalars are their numbers, paths their text
+    assert load_config(TrainConfig, None, {"epochs": np.int64(4), "lr": np.float32(0.5)}).epochs == 4
+    assert load_config(SimConfig, {"start_date": datetime.date(2026, 1, 5)}).start_date == "2026-01-05"
     # the wrappers of the simulator and training take the same overrides
     assert load_sim_config(None, **{"users.users": 7, "seed": None}).users.users == 7
     assert load_train_config(None, **{"loader.batch_size": 8}).loader.batch_size == 8
