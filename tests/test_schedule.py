@@ -86,6 +86,7 @@ class Clock:
         self.t += timedelta(**delta)
 
 
+@pytest.mark.integration  # the real chain: Ray, Feast, training and a Ray cluster
 def test_two_days_through_the_chain(tmp_path):
     logs = tmp_path / "logs"
     sim = dict(days=24, **{"users.users": 200})  # 2026-03-02 .. 2026-03-25
