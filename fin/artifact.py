@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from features.configfile import load_config
 from features.contract import CONTRACT_VERSION
 from fin.inputs import LoaderConfig
 from fin.models import MODELS, CTRModel, ModelConfig
@@ -33,24 +33,6 @@ from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256, versions
 
 def to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def from_dict(cls: type, values: dict) -> Any:
-    """A (nested, frozen) config dataclass from `to_dict`'s output; unknown keys are an error."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            value = from_dict(hint, value)
-        elif typing.get_origin(hint) is tuple:
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
 @dataclass
@@ -100,8 +82,8 @@ def load_artifact(path: str | Path) -> Artifact:
     if meta.get("model") not in MODELS:
         raise ArtifactError(f"{path}: unknown model kind {meta.get('model')!r}")
     try:
-        config = from_dict(ModelConfig, meta["model_config"])
-        loader = from_dict(LoaderConfig, meta["loader_config"])
+        config = load_config(ModelConfig, meta["model_config"], label=f"{path / META} model_config")
+        loader = load_config(LoaderConfig, meta["loader_config"], label=f"{path / META} loader_config")
         model = MODELS[meta["model"]](config)
         model.load_state_dict(load_file(str(path / WEIGHTS)))
     except (KeyError, ValueError, TypeError, RuntimeError) as e:

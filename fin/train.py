@@ -40,7 +40,8 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from fin.artifact import from_dict, load_artifact, save_artifact, to_dict
+from features.configfile import load_config
+from fin.artifact import load_artifact, save_artifact, to_dict
 from fin.inputs import LoaderConfig
 from fin.loader import ExampleStream
 from fin.metrics import auc
@@ -92,18 +93,7 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
 
     Override keys may be dotted (`loader.batch_size`); None values are ignored.
     """
-    import yaml
-
-    values: dict = yaml.safe_load(Path(path).read_text()) or {} if path else {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        *parents, leaf = key.split(".")
-        node = values
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return from_dict(TrainConfig, values)
+    return load_config(TrainConfig, path, overrides)
 
 
 def _stderr(message: str) -> None:

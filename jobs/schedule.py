@@ -7,7 +7,9 @@ job is done for the same date. Run state lives in a small sqlite database: run i
 attempts, outputs, timings, the error. A job done for a date is never run again; a failed one is retried
 after `backoff_s x 2^(attempt - 1)` up to `retries` more times, then stays failed and is reported.
 
-Each run is the `fin` command of its job, with its output in STATE/logs/. Without `ray_address` it runs
+Each run is the `fin` command of its job with --json, its output in STATE/logs/; what the scheduler takes
+from a run (the artifact, the report, the promotion decision) is the command's JSON result, the last line
+of its output that is a JSON object (`command_result`). Without `ray_address` it runs
 as a local process (the features job on a local Ray it starts); with `ray_address`, a cluster's dashboard
 address, it is submitted to that cluster through Ray's job submission API (`jobs.ray_jobs`), the features
 job joining the cluster it runs on. Train makes a new version of `model`, starting from the serving
@@ -23,16 +25,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
-import yaml
+from cronsim import CronSim, CronSimError
 
+from features.configfile import load_config, read_config_file
 from fin.promotion import PromotionGate
 from fin.versions import promoted
-from jobs.cron import Cron
 from jobs.ray_jobs import RayJobTarget
 
 JOBS = ("features", "train", "evaluate", "promote")
@@ -64,6 +66,7 @@ class ScheduleConfig:
     retries: int = 2
     backoff_s: float = 60.0
     timeout_s: float = 6 * 3600.0  # per run
+    poll_s: float = 60.0  # seconds between checks of a long-running `fin schedule` (without --once)
     gate: PromotionGate = field(default_factory=PromotionGate)
     jobs: dict[str, JobSpec] = field(default_factory=lambda: {
         "features": JobSpec(cron="30 2 * * *"), "train": JobSpec(after="features"),
@@ -85,30 +88,51 @@ class ScheduleConfig:
             if spec.cron is None and spec.after is None:
                 raise ValueError(f"job {name} needs a cron expression or a job to run after")
             if spec.cron is not None:
-                Cron(spec.cron)  # fails early on a bad expression
+                check_cron(spec.cron)  # fails early on a bad expression
 
     def ray_target(self) -> RayJobTarget | None:
         return None if self.ray_address is None else RayJobTarget(self.ray_address, self.ray_entrypoint,
                                                                   self.ray_runtime_env)
 
 
+def check_cron(expression: str) -> None:
+    """A five-field cron expression (minute hour day-of-month month day-of-week), else ValueError."""
+    if len(expression.split()) != 5:  # cronsim also takes a leading seconds field, which cron has not
+        raise ValueError(f"cron expression {expression!r} needs 5 fields: minute hour day month weekday")
+    try:
+        CronSim(expression, datetime(2000, 1, 1))
+    except CronSimError as e:
+        raise ValueError(f"cron expression {expression!r}: {e}") from None
+
+
+def last_fire(expression: str, at_or_before: datetime) -> datetime | None:
+    """The last time at or before `at_or_before` (naive, local) that the cron expression fired; None when
+    it did not in 50 years. As in cron, when both day fields are restricted a day matches either."""
+    # CronSim steps back one second before it looks for a match: start one second later, so that a fire
+    # at `at_or_before` itself counts
+    start = at_or_before.replace(microsecond=0) + timedelta(seconds=1)
+    return next(CronSim(expression, start, reverse=True), None)
+
+
+PATHS = ("state", "logs", "features", "models", "reports")
+ARGUMENT_LISTS = ("baselines", "features_args", "train_args", "evaluate_args")
+
+
 def load_schedule(path: str | Path) -> ScheduleConfig:
     """A schedule YAML file; relative paths are relative to the file's folder."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_config_file(path)
     root = path.parent.absolute()
-    paths = {k: root / raw.pop(k) for k in ("state", "logs", "features", "models", "reports") if k in raw}
-    missing = {"state", "logs", "features", "models", "reports"} - set(paths)
-    if missing:
-        raise ValueError(f"{path}: missing {', '.join(sorted(missing))}")
-    jobs = {name: JobSpec(**(spec or {})) for name, spec in raw.pop("jobs", {}).items()} or None
-    gate = PromotionGate(**raw.pop("gate", {}))
-    lists = {k: tuple(str(x) for x in raw.pop(k)) for k in ("baselines", "features_args", "train_args",
-                                                             "evaluate_args") if k in raw}
-    try:
-        return ScheduleConfig(**paths, **lists, **raw, gate=gate, **({"jobs": jobs} if jobs else {}))
-    except TypeError as e:
-        raise ValueError(f"{path}: {e}") from None
+    # resolved before validation: with ray_address, ScheduleConfig itself insists on absolute paths
+    raw.update({k: str(root / raw[k]) for k in PATHS if isinstance(raw.get(k), str)})
+    # command-line arguments and model names are text, even where YAML reads a number (`--epochs`, 1)
+    raw.update({k: [str(x) for x in raw[k]] for k in ARGUMENT_LISTS if isinstance(raw.get(k), list)})
+    # `jobs:` left empty keeps the default chain; a job written with no settings is JobSpec()'s
+    if not raw.get("jobs"):
+        raw.pop("jobs", None)
+    elif isinstance(raw["jobs"], dict):
+        raw["jobs"] = {name: {} if spec is None else spec for name, spec in raw["jobs"].items()}
+    return load_config(ScheduleConfig, raw, label=str(path))
 
 
 class RunStore:
@@ -150,18 +174,23 @@ def _fin(*args: str) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", *args]
 
 
-def _artifact_folder(output: str, model_folder: Path) -> Path:
-    """The version folder `fin train` printed (its last line on stdout; a Ray job's logs interleave stderr,
-    so the last line naming a version folder of the model)."""
-    for line in reversed(output.strip().splitlines()):
-        folder = Path(line.strip())
-        if folder.parent == model_folder and folder.name.isdigit():
-            return folder
-    raise RuntimeError(f"fin train printed no version folder of {model_folder}")
+def command_result(output: str) -> dict:
+    """What a fin command printed with --json: the last line of its output that is a JSON object. A Ray
+    job's logs interleave the command's stderr and Ray's own lines with its stdout, so every line is tried."""
+    for line in reversed(output.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(result, dict):
+                return result
+    raise RuntimeError("the command printed no JSON result")
 
 
 class Scheduler:
-    def __init__(self, config: ScheduleConfig, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    def __init__(self, config: ScheduleConfig, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  say: Callable[[str], None] = lambda _: None):
         self.config, self.clock, self.say = config, clock, say
         self.store = RunStore(config.state)
@@ -180,7 +209,7 @@ class Scheduler:
         return done
 
     def _local(self, t: datetime) -> datetime:
-        return (t.astimezone(timezone.utc) + timedelta(hours=self.config.utc_offset_hours)).replace(tzinfo=None)
+        return (t.astimezone(UTC) + timedelta(hours=self.config.utc_offset_hours)).replace(tzinfo=None)
 
     def tick(self) -> list[dict]:
         """Run every job that is due now (in dependency order, each date's chain as far as it goes);
@@ -201,16 +230,17 @@ class Scheduler:
             before = self.store.get(f"{spec.after}:{day}")
             if before is None or before["status"] != "done":
                 return False
-        if spec.cron is not None:
+        if spec.cron is not None:  # due once it fired after the data date ended
             day_end = datetime.combine(date.fromisoformat(day) + timedelta(days=1), datetime.min.time())
-            return Cron(spec.cron).next_fire(day_end) <= now
+            fired = last_fire(spec.cron, now)
+            return fired is not None and fired >= day_end
         return True
 
     def _maybe_run(self, job: str, day: str, now: datetime) -> dict | None:
         run_id = f"{job}:{day}"
         previous = self.store.get(run_id)
         if previous is not None and (previous["status"] == "done" or previous["next_attempt"] is None
-                                     or self._local(datetime.fromtimestamp(previous["next_attempt"], timezone.utc))
+                                     or self._local(datetime.fromtimestamp(previous["next_attempt"], UTC))
                                      > now):
             return None
         if not self._due(job, day, now):
@@ -237,26 +267,32 @@ class Scheduler:
         return run
 
     # ---------------------------------------------------------------------------- the jobs
-    def _command(self, run_id: str, attempt: int, args: list[str]) -> str:
-        """Run one fin command, locally or as a Ray job; its output goes to STATE/logs/<run>.<attempt>.log.
-        Returns the output."""
+    def _command(self, run_id: str, attempt: int, args: list[str]) -> dict:
+        """Run one fin command with --json, locally or as a Ray job; its output goes to
+        STATE/logs/<run>.<attempt>.log. Returns the command's JSON result."""
         logs = self.config.state.parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"{run_id.replace(':', '_')}.{attempt}.log"
+        args = [*args, "--json"]
         if self.ray is None:
-            proc = subprocess.run(_fin(*args), capture_output=True, text=True, timeout=self.config.timeout_s)
-            output, failure = proc.stdout + proc.stderr, f"exited {proc.returncode}" if proc.returncode else None
+            proc = subprocess.run(_fin(*args), capture_output=True, text=True, timeout=self.config.timeout_s,
+                                  check=False)
+            output, stdout = proc.stdout + proc.stderr, proc.stdout
+            failure = f"exited {proc.returncode}" if proc.returncode else None
             last = ((proc.stderr or proc.stdout).strip().splitlines() or [""])[-1]
         else:
             job = self.ray.run(args, f"fin-{run_id.replace(':', '-')}-{attempt}", self.config.timeout_s)
             self.ray_job = job.submission_id
-            output = job.logs if job.ok else f"{job.logs}\n{job.message}"
+            output = stdout = job.logs if job.ok else f"{job.logs}\n{job.message}"
             failure, last = None if job.ok else f"Ray job {job.submission_id} {job.status.lower()}", job.last_line
             self.say(f"{run_id}: Ray job {job.submission_id} {job.status.lower()}")
         log.write_text(output)
         if failure:
             raise RuntimeError(f"fin {args[0]} {failure}: {last}")
-        return output
+        try:
+            return command_result(stdout)
+        except RuntimeError as e:
+            raise RuntimeError(f"fin {args[0]}: {e}") from None
 
     def _outputs(self, job: str, day: str) -> dict:
         return json.loads(self.store.get(f"{job}:{day}")["outputs"])
@@ -264,18 +300,18 @@ class Scheduler:
     def _features(self, day: str, attempt: int) -> dict:
         c = self.config
         ray = ["--ray-address", "auto"] if self.ray else []  # as a Ray job: join the cluster it runs on
-        self._command(f"features:{day}", attempt, ["features", "--logs", str(c.logs), "--out", str(c.features),
-                                                   *ray, *c.features_args])
-        return {"features": str(c.features)}
+        result = self._command(f"features:{day}", attempt, ["features", "--logs", str(c.logs),
+                                                            "--out", str(c.features), *ray, *c.features_args])
+        return {"features": result["out"], "users": result["users"], "examples": result["examples"]}
 
     def _train(self, day: str, attempt: int) -> dict:
         c = self.config
         current = promoted(c.models, c.model)
         start = ["--init-from", str(c.models / c.model / str(current))] if c.warm_start and current else []
-        out = self._command(f"train:{day}", attempt, ["train", "--data", str(c.features), "--out", str(c.models),
-                                                      "--model", c.model, "--name", c.model, *start, *c.train_args])
-        folder = _artifact_folder(out, c.models / c.model)
-        return {"artifact": str(folder), "version": int(folder.name), "init_from": current}
+        result = self._command(f"train:{day}", attempt, ["train", "--data", str(c.features), "--out", str(c.models),
+                                                         "--model", c.model, "--name", c.model, *start, *c.train_args])
+        return {"artifact": result["artifact"], "version": result["version"], "init_from": current,
+                "metrics": result["metrics"]}
 
     def _evaluate(self, day: str, attempt: int) -> dict:
         c = self.config
@@ -283,19 +319,19 @@ class Scheduler:
         current = promoted(c.models, c.model)
         specs = [f"{c.model}/{new}", *([f"{c.model}/{current}"] if current not in (None, new) else []),
                  *c.baselines]
-        report = c.reports / day
-        self._command(f"evaluate:{day}", attempt, ["evaluate", "--data", str(c.features), "--repo", str(c.models),
-                                                   "--models", *specs, "--out", str(report), *c.evaluate_args])
-        return {"report": str(report / "report.json"), "models": specs}
+        result = self._command(f"evaluate:{day}", attempt, [
+            "evaluate", "--data", str(c.features), "--repo", str(c.models), "--models", *specs,
+            "--out", str(c.reports / day), *c.evaluate_args])
+        return {"report": result["report"], "models": specs}
 
     def _promote(self, day: str, attempt: int) -> dict:
         c = self.config
-        new, report = self._outputs("train", day)["version"], Path(self._outputs("evaluate", day)["report"])
-        self._command(f"promote:{day}", attempt, [
-            "promote", "--models", str(c.models), "--name", c.model, "--version", str(new), "--report", str(report),
+        new, report = self._outputs("train", day)["version"], self._outputs("evaluate", day)["report"]
+        # the decision comes from the command's JSON result (promotion.json beside the report is for people)
+        result = self._command(f"promote:{day}", attempt, [
+            "promote", "--models", str(c.models), "--name", c.model, "--version", str(new), "--report", report,
             "--auc-tolerance", str(c.gate.auc_tolerance), "--rpm-tolerance", str(c.gate.rpm_tolerance)])
-        decision = json.loads((report.parent / "promotion.json").read_text())
-        return {"version": new, "promoted": decision["promote"], "reasons": decision["reasons"]}
+        return {"version": new, "promoted": result["promoted"], "reasons": result["decision"]["reasons"]}
 
     def close(self) -> None:
         self.store.close()

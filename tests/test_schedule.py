@@ -6,7 +6,7 @@ with its dashboard on 127.0.0.1) through Ray's job submission API."""
 
 import dataclasses
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,24 +15,32 @@ from ray.job_submission import JobSubmissionClient
 from features.simulator import load_sim_config, simulate
 from fin.promotion import PromotionGate
 from fin.versions import promoted
-from jobs.cron import Cron
 from jobs.ray_jobs import RayJobResult
-from jobs.schedule import ScheduleConfig, Scheduler, load_schedule
+from jobs.schedule import JobSpec, ScheduleConfig, Scheduler, check_cron, command_result, last_fire, load_schedule
 from tests.conftest import ROOT, RayHead, run_fin
 
 
-def test_cron_next_fire():
-    daily = Cron("30 2 * * *")
-    assert daily.next_fire(datetime(2026, 3, 5, 1, 0)) == datetime(2026, 3, 5, 2, 30)
-    assert daily.next_fire(datetime(2026, 3, 5, 2, 30)) == datetime(2026, 3, 5, 2, 30)
-    assert daily.next_fire(datetime(2026, 3, 5, 2, 30, 1)) == datetime(2026, 3, 6, 2, 30)
-    assert Cron("0 */6 * * 1-5").next_fire(datetime(2026, 11, 27, 7, 1)) == datetime(2026, 11, 27, 12, 0)  # Friday
-    assert Cron("0 9 * * 0").next_fire(datetime(2026, 11, 27, 7, 1)) == datetime(2026, 11, 29, 9, 0)  # Sunday
-    assert Cron("0 0 1,15 * *").next_fire(datetime(2026, 11, 27)) == datetime(2026, 12, 1)
-    with pytest.raises(ValueError, match="outside 0-59"):
-        Cron("61 * * * *")
+def test_cron_last_fire():
+    daily = "30 2 * * *"
+    assert last_fire(daily, datetime(2026, 3, 5, 2, 30)) == datetime(2026, 3, 5, 2, 30)  # a fire at the moment counts
+    assert last_fire(daily, datetime(2026, 3, 5, 2, 30, 0, 500)) == datetime(2026, 3, 5, 2, 30)
+    assert last_fire(daily, datetime(2026, 3, 5, 2, 29, 59)) == datetime(2026, 3, 4, 2, 30)
+    assert last_fire("0 */6 * * 1-5", datetime(2026, 11, 28, 7, 1)) == datetime(2026, 11, 27, 18, 0)  # Saturday
+    assert last_fire("0 9 * * 0", datetime(2026, 11, 27, 7, 1)) == datetime(2026, 11, 22, 9, 0)  # Sunday
+    assert last_fire("0 9 * * 7", datetime(2026, 11, 27, 7, 1)) == datetime(2026, 11, 22, 9, 0)  # 7 is Sunday too
+    assert last_fire("0 0 1,15 * *", datetime(2026, 11, 27)) == datetime(2026, 11, 15)
+    # both day fields restricted: the 14th OR a Friday (2026-11-13 is a Friday, the 14th a Saturday)
+    assert last_fire("0 0 14 * 5", datetime(2026, 11, 19)) == datetime(2026, 11, 14)
+    assert last_fire("0 0 14 * 5", datetime(2026, 11, 13, 12)) == datetime(2026, 11, 13)
+    with pytest.raises(ValueError, match="Bad minute"):
+        check_cron("61 * * * *")
     with pytest.raises(ValueError, match="5 fields"):
-        Cron("* * *")
+        check_cron("* * *")
+    with pytest.raises(ValueError, match="5 fields"):
+        check_cron("0 30 2 * * *")  # a seconds field is not cron's
+    with pytest.raises(ValueError, match="cron expression"):
+        ScheduleConfig(state=Path("s"), logs=Path("l"), features=Path("f"), models=Path("m"), reports=Path("r"),
+                       jobs={"features": JobSpec(cron="30 25 * * *")})
 
 
 def test_the_shipped_schedule_loads():
@@ -52,9 +60,24 @@ def test_a_ray_jobs_last_line_is_the_commands():
     assert RayJobResult("fin-x-1", "FAILED", ray_lines, message).last_line == error
 
 
+def test_a_commands_json_result_is_found_among_the_other_lines():
+    """A Ray job's logs interleave the command's stderr and Ray's own lines with its stdout: the result is
+    the last line that is a JSON object."""
+    logs = ("2026-11-27 10:28:05,976\tINFO job_manager.py:581 -- Runtime env is setting up.\n"
+            '{"command": "train", "version": 1}\n'
+            '{"command": "train", "version": 2, "artifact": "/m/fin/2"}\n'
+            "epoch 1/1: train logloss 0.41\n"
+            "[1, 2]\n"
+            "{not json}\n"
+            "wrote /m/fin/2 (best epoch 1, validation AUC 0.61)\n")
+    assert command_result(logs) == {"command": "train", "version": 2, "artifact": "/m/fin/2"}
+    with pytest.raises(RuntimeError, match="no JSON result"):
+        command_result("wrote /m/fin/2\n[1, 2]\n")
+
+
 class Clock:
     def __init__(self, local: datetime, utc_offset_hours: float = 8):
-        self.t = (local - timedelta(hours=utc_offset_hours)).replace(tzinfo=timezone.utc)
+        self.t = (local - timedelta(hours=utc_offset_hours)).replace(tzinfo=UTC)
 
     def __call__(self) -> datetime:
         return self.t
@@ -63,6 +86,7 @@ class Clock:
         self.t += timedelta(**delta)
 
 
+@pytest.mark.integration  # the real chain: Ray, Feast, training and a Ray cluster
 def test_two_days_through_the_chain(tmp_path):
     logs = tmp_path / "logs"
     sim = dict(days=24, **{"users.users": 200})  # 2026-03-02 .. 2026-03-25
@@ -80,7 +104,7 @@ def test_two_days_through_the_chain(tmp_path):
     assert scheduler.tick() == []  # nothing due yet
 
     # day 1 (data date 2026-03-25): a corrupt log file fails the features run; it is retried after its backoff
-    part = sorted((logs / "behaviours").rglob("*.parquet"))[0]
+    part = min((logs / "behaviours").rglob("*.parquet"))
     saved = part.read_bytes()
     part.write_bytes(b"not parquet")
     clock.advance(hours=2)  # 03:00

@@ -147,7 +147,7 @@ def test_config_file_and_overrides(tmp_path):
     config = load_train_config(path, **{"epochs": 5, "loader.max_seq_len": 20, "lr": None})
     assert (config.model, config.epochs, config.loader.batch_size, config.loader.max_seq_len) == ("sim", 5, 32, 20)
     assert config.model_config.tower == (8, 4) and config.lr == TrainConfig().lr
-    with pytest.raises(ValueError, match="no field"):
+    with pytest.raises(ValueError, match="loader.batch: unknown key"):
         load_train_config(None, **{"loader.batch": 3})
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from features.configfile import load_config
 
 
 @dataclass(frozen=True)
@@ -110,43 +109,7 @@ class SimConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"unknown simulator config key(s) {', '.join(where + k for k in unknown)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
-                raise ValueError(f"simulator config {where}{name} must be a mapping")
-            kwargs[name] = _build(type(default), value, f"{where}{name}.")
-        elif isinstance(default, tuple):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = type(default)(value)
-    return cls(**kwargs)
-
-
-def sim_config_from_dict(data: dict[str, Any]) -> SimConfig:
-    return _build(SimConfig, data, "")
-
-
 def load_sim_config(path: str | Path | None = None, **overrides: Any) -> SimConfig:
-    """Defaults, then a YAML/JSON file, then explicit overrides (dotted keys allowed: 'users.users')."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = (json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: simulator config must be a mapping")
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return sim_config_from_dict(data)
+    """Defaults, then a YAML/JSON file, then explicit overrides (dotted keys allowed: 'users.users';
+    None: not given). Unknown keys and wrong types are a ConfigError (a ValueError)."""
+    return load_config(SimConfig, path, overrides)
