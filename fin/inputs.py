@@ -100,6 +100,8 @@ class LoaderConfig:
     # per-example path (examples shuffled one by one, each with its own copy of its history)
     shared_timelines: bool = True
     examples_per_user: int = 16
+    workers: int = 0  # processes reading and assembling batches ahead of the step (0: in the training process)
+    prefetch: int = 4  # batches each of them keeps ready
 
 
 @dataclass
@@ -141,10 +143,17 @@ class Batch:
         fragments = fragment_windows(h.start, h.end, h.values, {"ts": self.ts, **self.request_context}, config)
         return dataclasses.replace(self, fragments=fragments)
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (what a DataLoader does before batches go to a GPU)."""
+        return self._map(lambda t: t.pin_memory())
+
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
             return self
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def _map(self, fn) -> Batch:
+        move = lambda t: None if t is None else fn(t)  # noqa: E731
         h = self.histories
         return dataclasses.replace(
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
@@ -184,7 +193,7 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
     starts = np.concatenate([[0], np.cumsum(sizes)])
     before = np.array([np.searchsorted(np.asarray(r.timeline["ts"]), r.context["ts"], side="left") for r in requests])
     flat = {f: np.concatenate([np.asarray(r.timeline[f], dtype=np.int64) for r in requests]) for f in TIMELINE_FIELDS}
-    histories = history_batch(flat, starts, np.arange(len(requests)), before, config.max_seq_len)
+    histories = history_batch(flat, starts, np.arange(len(requests)), before, config.max_seq_len, share=False)
     request_of = torch.from_numpy(np.repeat(np.arange(len(requests)), counts))
     ids = {c: torch.from_numpy(np.concatenate([np.asarray(r.candidates[c], dtype=np.int64) for r in requests]))
            for c in TARGET_FEATURES}

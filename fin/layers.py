@@ -80,25 +80,22 @@ def from_users(grouped: torch.Tensor, user_of: torch.Tensor, column: torch.Tenso
 
 def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:
-    """softmax(query keys^T * scale) values over each user's events where `mask` is set, fused
+    """softmax(query keys^T * scale) values over each user's events where `mask` [U, L], fused
     (`scaled_dot_product_attention`); query [U, H, C, h], keys and values [U, H, L, h] (4-D: the fused CPU
-    kernel takes nothing else); mask [U, L] (a user's queries all see the same events) or [U, C, L] (each
-    query its own). A query without events gets zeros: its first slot is unmasked for the kernel (so no
-    backend sees an all-masked row and no gradient is NaN) and its result is zeroed. A batch without any
-    event gets one masked slot: the projections stay in the graph (zero gradients), which
+    kernel takes nothing else). A user without events gets zeros: its first slot is unmasked for the
+    kernel (so no backend sees an all-masked row and no gradient is NaN) and its result is zeroed. A batch
+    without any event gets one masked slot: the projections stay in the graph (zero gradients), which
     DistributedModelParallel's static-graph replication requires of every step."""
-    length = mask.shape[-1]
+    users, length = mask.shape
     if length and bool(mask.all()):  # no padding (one request, or users of equal lengths): no mask to apply
         return F.scaled_dot_product_attention(query, keys, values, scale=scale)
     if length == 0:
         keys, values = F.pad(keys, (0, 0, 0, 1)), F.pad(values, (0, 0, 0, 1))
-        mask, length = mask.new_zeros(*mask.shape[:-1], 1), 1
-    empty = ~mask.any(-1)  # [U] or [U, C]
-    mask = torch.cat([mask[..., :1] | empty[..., None], mask[..., 1:]], dim=-1)
-    per_query = mask.dim() == 3
-    attn_mask = mask[:, None] if per_query else mask.view(mask.shape[0], 1, 1, length)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask, scale=scale)
-    return out.masked_fill(empty[:, None, :, None] if per_query else empty.view(-1, 1, 1, 1), 0.0)
+        mask, length = mask.new_zeros(users, 1), 1
+    empty = ~mask.any(-1)
+    mask = torch.cat([mask[:, :1] | empty[:, None], mask[:, 1:]], dim=1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask.view(users, 1, 1, length), scale=scale)
+    return out.masked_fill(empty.view(users, 1, 1, 1), 0.0)
 
 
 class SimplifiedTargetAttention(nn.Module):
@@ -120,18 +117,6 @@ class SimplifiedTargetAttention(nn.Module):
                 user_of: torch.Tensor) -> torch.Tensor:
         """query [B, d] against its user's (`user_of` [B]) events, sequence [U, L, d] and mask [U, L] -> [B, d]."""
         grouped, column = by_user(query @ self.key.weight, user_of, sequence.shape[0])  # [U, C, d]
-        events = sequence[:, None]
-        pooled = _attention(grouped[:, None], events, events, mask, self.scale)[:, 0]  # one head
-        return self.value(from_users(pooled, user_of, column))
-
-    def per_query(self, query: torch.Tensor, sequence: torch.Tensor, query_mask: torch.Tensor,
-                  user_of: torch.Tensor) -> torch.Tensor:
-        """query [B, d] against the events of its row `user_of` [B] of sequence [U, L, d] where its own
-        `query_mask` [B, L] is set -> [B, d]. The queries of one row share its events but not their mask:
-        training batches whose examples read one slice of their user's timeline, each its own fragment of
-        it, attend over the slice as it is, with no copy of the events per example."""
-        grouped, column = by_user(query @ self.key.weight, user_of, sequence.shape[0])  # [U, C, d]
-        mask, _ = by_user(query_mask, user_of, sequence.shape[0])  # [U, C, L], padding queries see nothing
         events = sequence[:, None]
         pooled = _attention(grouped[:, None], events, events, mask, self.scale)[:, 0]  # one head
         return self.value(from_users(pooled, user_of, column))

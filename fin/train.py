@@ -173,6 +173,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     train_stream = ExampleStream(data, "train", config.loader, rank, world, cut=on_host)
     validation = ExampleStream(data, "validation", dataclasses.replace(config.loader, shuffle=False), rank, world,
                                cut=on_host)
+    train_stream.pin_memory = validation.pin_memory = device.type == "cuda"
     while progress.epoch < config.epochs and progress.epoch - progress.best_epoch < config.patience:
         started = time.perf_counter()
         train_stream.epoch = progress.epoch  # the data order depends on (seed, epoch) only: resumable

@@ -48,15 +48,17 @@ def test_histories_are_the_timeline_before_the_request(features_job, dataset):
 
 
 def test_examples_of_one_request_share_its_history_when_unshuffled(features_job):
-    """Unshuffled logged candidates (about 30 a request) hold each request's history once; shuffled training
-    batches keep one history per example."""
+    """Unshuffled logged candidates (about 30 a request) and training batches of user chunks hold each
+    request's history once; the per-example path keeps one history per example."""
     out, _ = features_job
     grouped = next(iter(ExampleStream(out / "data", "test", LoaderConfig(batch_size=256, shuffle=False),
                                       dataset="candidates")))
     assert grouped.request_of is not None and 2 * grouped.ts.numel() <= len(grouped)
     assert grouped.histories.start.numel() == grouped.ts.numel()
     assert torch.equal(grouped.request_of.unique(), torch.arange(grouped.ts.numel()))
-    shuffled = next(iter(ExampleStream(out / "data", "train", LoaderConfig(batch_size=256))))
+    chunks = next(iter(ExampleStream(out / "data", "train", LoaderConfig(batch_size=256))))
+    assert chunks.request_of is not None and chunks.ts.numel() < len(chunks)  # a user's impressions of a page
+    shuffled = next(iter(ExampleStream(out / "data", "train", LoaderConfig(batch_size=256, shared_timelines=False))))
     assert shuffled.request_of is None and shuffled.ts.numel() == len(shuffled)
 
 
@@ -64,8 +66,9 @@ def test_fragments_come_from_the_shared_function(features_job):
     out, _ = features_job
     cfg = LoaderConfig(batch_size=128, max_seq_len=50, fragments=FragmentConfig(location_len=7, meal_len=5))
     batch = next(iter(ExampleStream(out / "data", "validation", cfg)))
-    context = {"ts": batch.ts, "geohash6": batch.ids["geohash6"], "aoi_id": batch.ids["aoi_id"],
-               "time_type": batch.ids["time_type"]}
+    first = torch.zeros(batch.ts.numel(), dtype=torch.int64).index_reduce_(
+        0, batch.candidate_requests(), torch.arange(len(batch)), "amin", include_self=False)  # a request's example
+    context = {"ts": batch.ts, **{c: batch.ids[c][first] for c in ("geohash6", "aoi_id", "time_type")}}
     direct = fragment_windows(batch.histories.start, batch.histories.end, batch.history, context, cfg.fragments)
     for name, frag in batch.fragments.items():
         assert torch.equal(frag.index, direct[name].index) and torch.equal(frag.lengths, direct[name].lengths)
@@ -101,18 +104,20 @@ def test_shared_timeline_batches_give_each_example_its_own_history_and_fragments
     stream = ExampleStream(out / "data", "train", LoaderConfig(**{**cfg.__dict__, "shared_timelines": False}))
     own = {int(i): (b, k) for b in stream for k, i in enumerate(b.row_id.tolist()) if i in set(shared.row_id.tolist())}
     assert len(own) == len(shared)
+    request = shared.candidate_requests()
     for k, row in enumerate(shared.row_id.tolist()):
-        b, j = own[row]
-        s, e = int(shared.histories.start[k]), int(shared.histories.end[k])
+        b, j = own[row]  # example k is request r of the shared batch, request j of its per-example batch
+        r = int(request[k])
+        s, e = int(shared.histories.start[r]), int(shared.histories.end[r])
         s2, e2 = int(b.histories.start[j]), int(b.histories.end[j])
         assert torch.equal(shared.history["ts"][s:e], b.history["ts"][s2:e2])
         for name, frag in shared.fragments.items():
-            mine = frag.index[frag.offsets[k]:frag.offsets[k + 1]]
-            theirs = b.fragments[name].index[b.fragments[name].offsets[j]:b.fragments[name].offsets[j + 1]]
-            assert torch.equal(shared.history["ts"][mine], b.history["ts"][theirs]), name
+            theirs = b.fragments[name]
+            assert torch.equal(shared.history["ts"][frag.index[frag.offsets[r]:frag.offsets[r + 1]]],
+                               b.history["ts"][theirs.index[theirs.offsets[j]:theirs.offsets[j + 1]]]), name
             if frag.tags is not None:
-                assert torch.equal(frag.tags[frag.offsets[k]:frag.offsets[k + 1]],
-                                   b.fragments[name].tags[b.fragments[name].offsets[j]:b.fragments[name].offsets[j + 1]])
+                assert torch.equal(frag.tags[frag.offsets[r]:frag.offsets[r + 1]],
+                                   theirs.tags[theirs.offsets[j]:theirs.offsets[j + 1]])
 
 
 @settings(max_examples=60, deadline=None)
@@ -148,3 +153,16 @@ def test_fragments_cut_where_the_model_runs_equal_the_loaders(features_job):
     for name, frag in cut_here.fragments.items():
         assert torch.equal(frag.index, later.fragments[name].index)
         assert torch.equal(frag.lengths, later.fragments[name].lengths)
+
+
+def test_loader_workers_yield_the_same_batches_as_the_training_process(features_job):
+    """Worker processes read whole partitions ahead of the step: the same batches, in turns."""
+    out, _ = features_job
+    cfg = LoaderConfig(batch_size=64, max_seq_len=20)
+    alone = [tuple(b.row_id.tolist()) for b in ExampleStream(out / "data", "train", cfg)]
+    two = ExampleStream(out / "data", "train", LoaderConfig(**{**cfg.__dict__, "workers": 2}))
+    together = list(two)
+    assert sorted(tuple(b.row_id.tolist()) for b in together) == sorted(alone)
+    assert [tuple(b.row_id.tolist()) for b in two] != [tuple(b.row_id.tolist()) for b in together]  # next epoch
+    first = together[0]
+    assert first.fragments is not None and first.global_size == len(first)

@@ -77,18 +77,6 @@ def gather(values: torch.Tensor, frag: Fragment) -> tuple[torch.Tensor, torch.Te
     return to_padded(rows if rows.dim() > 1 else rows[:, None], frag.lengths)
 
 
-def slice_mask(batch: Batch, frag: Fragment, width: int) -> torch.Tensor:
-    """A fragment as a mask over the timeline slice each request reads [U, width]: request u's fragment
-    events, as positions within slice `batch.histories.slice_of[u]` (padded to `width`)."""
-    h = batch.histories
-    requests = frag.lengths.numel()
-    request = torch.repeat_interleave(torch.arange(requests, device=frag.index.device), frag.lengths,
-                                      output_size=frag.index.numel())
-    mask = torch.zeros(requests, width, dtype=torch.bool, device=frag.index.device)
-    mask[request, frag.index - h.offsets.index_select(0, h.slice_of).index_select(0, request)] = True
-    return mask
-
-
 def time_gaps(batch: Batch, frag: Fragment) -> torch.Tensor:
     """Request time minus event time (ms, exact int64) for a fragment's events, padded per request [U, L]
     (0 in the padding)."""

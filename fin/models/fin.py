@@ -18,7 +18,7 @@ from torch import nn
 
 from fin.inputs import Batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention, to_padded
-from fin.models.base import CTRModel, Encoded, ModelConfig, gather, slice_mask, time_gaps
+from fin.models.base import CTRModel, Encoded, ModelConfig, gather, time_gaps
 
 SIMPLIFIED = ("location", "meal", "full")
 MULTI_HEAD = ("recent", "integrated")
@@ -37,18 +37,9 @@ class FIN(CTRModel):
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
         user_of = batch.candidate_requests()
         out = []
-        h = batch.histories
-        if h.shared:  # requests share timeline slices: the long fragments attend over the slices as they are
-            slices, _ = to_padded(x.events, h.offsets.diff())  # [S, L, d]
-            slice_of = h.slice_of.index_select(0, user_of)
         for name in SIMPLIFIED:
-            frag = batch.fragments[name]
-            if h.shared:
-                mask = slice_mask(batch, frag, slices.shape[1]).index_select(0, user_of)
-                out.append(self.simplified[name].per_query(x.target, slices, mask, slice_of))
-            else:  # each request its own events (a served request): gather the fragment's events
-                seq, mask = gather(x.events, frag)
-                out.append(self.simplified[name](x.target, seq, mask, user_of))
+            seq, mask = gather(x.events, batch.fragments[name])
+            out.append(self.simplified[name](x.target, seq, mask, user_of))
         for name in MULTI_HEAD:
             frag = batch.fragments[name]
             seq, mask = gather(x.events, frag)
