@@ -1,15 +1,21 @@
-"""Benchmark: training throughput of FIN over 1000-long timelines vs DIN, 1 and 2 workers; inference for
-one user x 200 candidates (the server's case) against per-example history copies and a per-candidate loop.
+"""Benchmark: training throughput of FIN over 1,000-event histories with shared-timeline batches, against the
+per-example path it replaces and against DIN over 50 events as it trained before; the loader alone; inference
+for one user x 200 candidates (the server's case) against per-example history copies and a per-candidate loop.
 
 Data: a simulated city over a long period (configs/large.yaml with fewer users) so that most impressions
-have 1,000 events of history. Training: each (model, workers) runs as its own `fin train` process for a
-fixed number of steps; examples/s is the training loop's own figure (loading and fragmenting included,
-validation excluded), peak RSS the largest sum over the process and its workers. FIN reads the last 1,000
-events (configs/lifelong.yaml); DIN reads the last 50 (all it attends over). Inference: the 1-worker
-artifacts score 200 candidates of one request of the user with the longest history: (a) one request batch
-(U = 1: history, fragments and user-side work once), (b) one batch of 200 examples each with its own copy
-of the history (how training batches look), (c) the model run once per candidate.
-Usage: python benchmarks/train_scale.py [--data DIR] [--steps 40] [--reps 100]
+have 1,000 events of history. Training: each run is its own `fin train` process for a fixed number of steps
+of 512, one worker unless said; examples/s is the training loop's own figure (loading, fragments and the
+sharded update; validation excluded), peak RSS the largest sum over the process and its workers. Runs:
+  fin_shared           FIN, the defaults: the last 1,000 events, batches of user chunks sharing timelines
+  fin_per_example      FIN, the last 1,000 events, each example with its own history copy (the previous path)
+  din_50_per_example   DIN over the last 50 events, per example (how DIN trained before)
+  din_shared           DIN, the defaults (shared timelines; the loader ships the 50 events DIN reads)
+  fin_shared_2         FIN, the defaults, 2 workers (gloo)
+The loader alone iterates the same batches as fin_shared without a model, in the training process and with
+one reader process. Inference: the 1-worker FIN and DIN artifacts score 200 candidates of one request of the
+user with the longest history: (a) one request batch, (b) one batch of 200 examples each with its own copy
+of the history, (c) the model run once per candidate.
+Usage: python benchmarks/train_scale.py [--data DIR] [--steps 150] [--reps 100]
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ from _measure import ROOT, report, run_sampled
 sys.path.insert(0, str(ROOT))
 
 LIFELONG = ROOT / "configs" / "lifelong.yaml"
-RUNS = {"fin": ["--config", str(LIFELONG)], "din": ["--max-seq-len", "50"]}
+PER_EXAMPLE = ["--config", str(ROOT / "benchmarks" / "per_example.yaml")]
+RUNS = {  # name: (model, workers, extra options)
+    "fin_shared": ("fin", 1, []),
+    "fin_per_example": ("fin", 1, PER_EXAMPLE),
+    "din_50_per_example": ("din", 1, [*PER_EXAMPLE, "--max-seq-len", "50"]),
+    "din_shared": ("din", 1, []),
+    "fin_shared_2": ("fin", 2, []),
+}
 
 
 def build_data(folder: Path, users: int, days: int) -> Path:
@@ -41,28 +54,51 @@ def build_data(folder: Path, users: int, days: int) -> Path:
 
 
 def history_lengths(data: Path) -> dict:
-    """Mean and p50 of the history events FIN's loader feeds per training example (first 20 batches)."""
+    """Per training example of the first 20 batches of FIN's defaults: the history events it reads, and the
+    events a batch embeds per example (its timeline slices, shared by the examples of a user chunk)."""
     from fin.loader import ExampleStream
-    from fin.train import load_train_config
+    from fin.train import TrainConfig
 
-    stream = ExampleStream(data, "train", load_train_config(LIFELONG).loader)
-    lengths = []
-    for _, batch in zip(range(20), stream):
-        lengths.append((batch.histories.end - batch.histories.start).numpy())
-    lengths = np.concatenate(lengths)
-    return {"mean": round(float(lengths.mean()), 1), "p50": float(np.median(lengths)),
-            "share_at_1000": round(float((lengths >= 1000).mean()), 3)}
+    reads, embedded, examples = [], 0, 0
+    for _, batch in zip(range(20), ExampleStream(data, "train", TrainConfig().loader, cut=False)):
+        h = batch.histories
+        reads.append((h.end - h.start)[batch.candidate_requests()].numpy())
+        embedded, examples = embedded + int(h.offsets[-1]), examples + len(batch)
+    reads = np.concatenate(reads)
+    return {"mean": round(float(reads.mean()), 1), "p50": float(np.median(reads)),
+            "share_at_1000": round(float((reads >= 1000).mean()), 3),
+            "embedded_per_example": round(embedded / examples, 1)}
 
 
-def train_run(data: Path, models: Path, model: str, workers: int, steps: int) -> dict:
-    name = f"{model}-w{workers}"
+def loader_alone(data: Path, batches: int) -> dict:
+    """Examples/s of the loader alone (FIN's default batches, fragments cut), in this process and with one
+    reader process (its start included)."""
+    import dataclasses
+
+    from fin.loader import ExampleStream
+    from fin.train import TrainConfig
+
+    out = {}
+    for readers in (0, 1):
+        stream = ExampleStream(data, "train", dataclasses.replace(TrainConfig().loader, workers=readers))
+        started, examples = time.perf_counter(), 0
+        for _, batch in zip(range(batches), stream):
+            examples += len(batch)
+        out[f"readers_{readers}"] = {"batches": batches, "examples_per_s": round(examples / (time.perf_counter()
+                                                                                             - started), 1)}
+    return out
+
+
+def train_run(data: Path, models: Path, name: str, steps: int) -> dict:
+    model, workers, options = RUNS[name]
     m = run_sampled([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(models),
                      "--model", model, "--name", name, "--workers", str(workers), "--epochs", "1",
-                     "--max-steps", str(steps), *RUNS[model]])
+                     "--max-steps", str(steps), *options])
     meta = json.loads(next((models / name).glob("*/artifact.json")).read_text())
     training = meta["training"]
-    return {"model": model, "workers": workers, "steps": steps, "examples": training["examples"],
+    return {"run": name, "model": model, "workers": workers, "steps": steps, "examples": training["examples"],
             "train_loop_s": training["seconds"], "examples_per_s": round(training["examples_per_s"], 1),
+            "validation_auc": round(meta["metrics"]["validation_auc"], 4),
             "process_wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"]}
 
 
@@ -113,7 +149,7 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
 
     out = {"user_history_events": len(timeline["ts"]), "candidates": candidates, "threads": torch.get_num_threads()}
     for kind in ("fin", "din"):
-        artifact = load_artifact(resolve(models / f"{kind}-w1"))
+        artifact = load_artifact(resolve(models / f"{kind}_shared"))
         out[kind] = scoring_runs(artifact.model, artifact.loader, timeline, context, cands, copies_batch, reps)
     return out
 
@@ -153,23 +189,31 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder to keep (or reuse) the simulated logs and features in")
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--days", type=int, default=730)
-    parser.add_argument("--steps", type=int, default=40, help="training steps (of 512 examples) per run")
+    parser.add_argument("--steps", type=int, default=150, help="training steps (of 512 examples) per run")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reps", type=int, default=100, help="inference repetitions (also bounded by 30 s)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="fin-train-bench-"))
     data = build_data(args.data or scratch / "data", args.users, args.days)
-    runs = [train_run(data, scratch / "models", model, workers, args.steps)
-            for model in ("fin", "din") for workers in (1, 2)]
-    by = {(r["model"], r["workers"]): r for r in runs}
+    runs = [train_run(data, scratch / "models", name, args.steps) for name in args.runs]
+    by = {r["run"]: r["examples_per_s"] for r in runs}
+    loader = loader_alone(data, 60)
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(by[a] / by[b], 2) if a in by and b in by else None
+
     report("train_scale", {
         "data": {"users": args.users, "days": args.days, "fin_history_per_example": history_lengths(data)},
         "training": runs,
-        "fin_vs_din_examples_per_s": {w: round(by["fin", w]["examples_per_s"] / by["din", w]["examples_per_s"], 3)
-                                      for w in (1, 2)},
-        "two_vs_one_worker_examples_per_s": {m: round(by[m, 2]["examples_per_s"] / by[m, 1]["examples_per_s"], 3)
-                                             for m in ("fin", "din")},
-        "inference": inference(data, scratch / "models", args.candidates, args.reps),
+        "fin_shared_vs_per_example": ratio("fin_shared", "fin_per_example"),
+        "fin_shared_vs_din_50_per_example": ratio("fin_shared", "din_50_per_example"),
+        "fin_two_vs_one_worker": ratio("fin_shared_2", "fin_shared"),
+        "loader": loader,
+        "loader_vs_fin_step": (round(max(v["examples_per_s"] for v in loader.values()) / by["fin_shared"], 2)
+                               if "fin_shared" in by else None),
+        "inference": inference(data, scratch / "models", args.candidates, args.reps)
+        if {"fin_shared", "din_shared"} <= set(by) else None,
     })
 
 

@@ -88,11 +88,12 @@ class Histories:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    # Defaults tuned on the default simulator (2-core CPU budget); configs/lifelong.yaml reads 1000 events.
+    # Lifelong by default: the last 1,000 events before each request (the paper's setting);
+    # configs/history200.yaml is the earlier 200-event setting
     batch_size: int = 512
-    max_seq_len: int = 200
+    max_seq_len: int = 1000
     fragments: FragmentConfig = field(default_factory=lambda: FragmentConfig(
-        full_len=200, recent_len=50, location_len=50, meal_len=50, integrated_len=50))
+        full_len=1000, recent_len=50, location_len=200, meal_len=200, integrated_len=100))
     shuffle: bool = True
     seed: int = 0
     # Shuffled batches are made of chunks of `examples_per_user` consecutive examples of one user (chunks

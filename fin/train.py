@@ -56,11 +56,11 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "fin"
-    epochs: int = 3
+    epochs: int = 8  # at most: training stops once validation AUC has not improved for `patience` epochs
     lr: float = 6e-3  # dense weights (Adam)
     sparse_lr: float = 0.1  # tables (row-wise Adagrad)
     patience: int = 1  # epochs without a better validation AUC before stopping
-    max_steps: int | None = 600  # per epoch (0 or None: the whole train split); 600 x 512 is half the demo data
+    max_steps: int | None = 0  # per epoch (0 or None: the whole train split)
     workers: int = 1
     sharding: str = "table_wise"
     seed: int = 0
@@ -168,10 +168,13 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     progress = checkpoints.restore(model, optimizer, dense, log)
     log(f"train {name}: {config.model}, {world} worker(s) on {device.type}, tables {_plan_text(model)}")
 
-    # fragments are cut where the model runs: on a GPU the loader ships timeline slices and pointers only
+    # fragments are cut where the model runs: on a GPU the loader ships timeline slices and pointers only;
+    # and it ships no event older than the model reads (DIN's 50, none for the DNN: the same fragments)
     on_host = device.type == "cpu"
-    train_stream = ExampleStream(data, "train", config.loader, rank, world, cut=on_host)
-    validation = ExampleStream(data, "validation", dataclasses.replace(config.loader, shuffle=False), rank, world,
+    loader = dataclasses.replace(config.loader, max_seq_len=min(config.loader.max_seq_len,
+                                                                MODELS[config.model].events_read(config.loader.fragments)))
+    train_stream = ExampleStream(data, "train", loader, rank, world, cut=on_host)
+    validation = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False), rank, world,
                                cut=on_host)
     train_stream.pin_memory = validation.pin_memory = device.type == "cuda"
     while progress.epoch < config.epochs and progress.epoch - progress.best_epoch < config.patience:

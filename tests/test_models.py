@@ -103,3 +103,22 @@ def test_fin_learns_the_simulated_clicks(month):
                   for b in ExampleStream(month / "data", "test", LoaderConfig(**{**LOADER.__dict__, "shuffle": False}))]
     preds, labels = (torch.cat(x).numpy() for x in zip(*scored))
     assert auc(labels, preds) > 0.65
+
+
+@pytest.mark.parametrize("name", ["fin", "sim", "din", "dnn"])
+def test_a_shared_timeline_batch_scores_each_example_as_the_per_example_path(features_job, name):
+    """The same examples, once in a batch of user chunks (requests grouped, histories windows of shared
+    slices) and once each with its own history copy: the same logits."""
+    out, _ = features_job
+    model = _model(name).eval()
+    shared = next(iter(ExampleStream(out / "data", "train", LOADER)))
+    assert shared.histories.offsets[-1] < (shared.histories.end - shared.histories.start).sum()
+    own = ExampleStream(out / "data", "train", dataclasses.replace(LOADER, shared_timelines=False))
+    wanted, found = set(shared.row_id.tolist()), {}
+    with torch.no_grad():
+        expected = model(shared)
+        for batch in own:
+            logits = model(batch)
+            found |= {i: logits[k] for k, i in enumerate(batch.row_id.tolist()) if i in wanted}
+    torch.testing.assert_close(expected, torch.stack([found[i] for i in shared.row_id.tolist()]),
+                               rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from features.fragments import Fragment
+from features.fragments import Fragment, FragmentConfig
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch
 from fin.inputs import STAT_FEATURES, Batch
 from fin.layers import MLP, MultiHeadTargetAttention, to_padded
@@ -40,6 +40,12 @@ class CTRModel(nn.Module):
     """Base of FIN and the baselines. Subclasses say how many interest vectors they make and make them."""
 
     interests: int = 0
+
+    @staticmethod
+    def events_read(fragments: FragmentConfig) -> int:
+        """The most recent history events the model reads of a request (its longest fragment): a loader
+        need not ship older ones, whatever its `max_seq_len`."""
+        return fragments.full_len
 
     def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
         super().__init__()

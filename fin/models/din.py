@@ -5,11 +5,16 @@ It reads the `recent` fragment: set `FragmentConfig.recent_len` to 50 for the cl
 
 from __future__ import annotations
 
+from features.fragments import FragmentConfig
 from fin.inputs import Batch
 from fin.models.base import Encoded, TargetAttentionModel, gather, time_gaps
 
 
 class DIN(TargetAttentionModel):
+    @staticmethod
+    def events_read(fragments: FragmentConfig) -> int:
+        return fragments.recent_len
+
     def attended(self, batch: Batch, x: Encoded):
         frag = batch.fragments["recent"]
         seq, mask = gather(x.events, frag)
