@@ -10,7 +10,10 @@ deterministic, no tuning), it cannot overfit the validation days, and with scale
 increasing, so every ranking by pCTR (AUC, GAUC, the order of a request's candidates by pCTR) is
 unchanged while the level is corrected. Isotonic regression can bend the curve further, but it is a step
 function: it ties scores that the model told apart (AUC and the order within a request change) and it
-would put a table of breakpoints into every artifact and into the server's hot path.
+would put a table of breakpoints into every artifact and into the server's hot path. Measured on the
+default simulator (FIN and DIN, 200 steps, fitted on the validation days): isotonic reached the same test
+calibration as Platt (1.005 vs 1.004, 0.994 vs 0.993) and the same logloss, with AUC 0.0005-0.0007 lower
+and about a hundred distinct pCTRs on the test days.
 
 Where it is applied. `pctr` is the one function from logits to pCTR: the evaluator (`fin.evaluate`) and
 the server (`serving.scoring`) both call it through `fin.artifact.Artifact.pctr`, so a served pCTR is the
