@@ -2,12 +2,14 @@
 
     MODELS/<name>/<version>/model.safetensors   every weight, whole (gathered from the shards), no pickle
     MODELS/<name>/<version>/artifact.json       model kind, model and loader configs, data contract version,
-                                                training metrics, sha256 of model.safetensors
+                                                training metrics, sha256 of model.safetensors, and the
+                                                calibration fitted on the validation days (`fin.calibration`)
 
 The repository's layout (versions, the promoted pointer, resolving a name) is `fin.versions`, which needs
 no torch. A version folder appears by one rename once complete, so a reader never sees half an artifact.
 Loading checks the checksum and the contract version and refuses the artifact with `ArtifactError`
-otherwise.
+otherwise. An artifact without a `calibration` entry (written before calibration existed) loads and scores
+with the plain sigmoid, as it always did; `Artifact.pctr` is the one way from logits to pCTR.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from features.configfile import load_config
 from features.contract import CONTRACT_VERSION
+from fin.calibration import PlattScaling, from_meta
+from fin.calibration import pctr as calibrated_pctr
 from fin.inputs import LoaderConfig
 from fin.models import MODELS, CTRModel, ModelConfig
 from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256, versions
@@ -39,11 +43,18 @@ def to_dict(config: Any) -> dict:
 class Artifact(Loaded):
     model: CTRModel  # unsharded, on CPU, in eval mode
     loader: LoaderConfig
+    calibration: PlattScaling | None = None  # None: the plain sigmoid (artifacts without calibration)
+
+    def pctr(self, logits: torch.Tensor) -> torch.Tensor:
+        """The served and evaluated pCTR of this model's logits."""
+        return calibrated_pctr(logits, self.calibration)
 
 
 def save_artifact(models: str | Path, name: str, model_kind: str, weights: dict[str, torch.Tensor],
-                  model_config: ModelConfig, loader: LoaderConfig, metrics: dict, training: dict) -> Path:
-    """Write a new version of `name` under `models`; returns its folder."""
+                  model_config: ModelConfig, loader: LoaderConfig, metrics: dict, training: dict,
+                  calibration: dict | None = None) -> Path:
+    """Write a new version of `name` under `models`; returns its folder. `calibration` is the artifact.json
+    entry of `fin.calibration.CalibrationFit.to_meta` (None: the artifact is scored uncalibrated)."""
     folder = Path(models) / name
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
@@ -54,6 +65,8 @@ def save_artifact(models: str | Path, name: str, model_kind: str, weights: dict[
             "model_config": to_dict(model_config), "loader_config": to_dict(loader),
             "metrics": metrics, "training": training, "sha256": sha256(staging / WEIGHTS),
         }
+        if calibration is not None:
+            meta["calibration"] = calibration
         while True:  # another writer may take a version number first: count on
             version = (versions(models, name) or [0])[-1] + 1
             (staging / META).write_text(json.dumps({**meta, "version": version}, indent=2, sort_keys=True) + "\n")
@@ -88,4 +101,8 @@ def load_artifact(path: str | Path) -> Artifact:
         model.load_state_dict(load_file(str(path / WEIGHTS)))
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise ArtifactError(f"{path}: weights or configs do not fit the model: {e}") from None
-    return Artifact(path=path, meta=meta, model=model.eval(), loader=loader)
+    try:
+        scaling = from_meta(meta.get("calibration"))
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    return Artifact(path=path, meta=meta, model=model.eval(), loader=loader, calibration=scaling)

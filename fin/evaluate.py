@@ -3,7 +3,9 @@
 For each model: AUC, GAUC (by user), logloss, calibration, AUC by meal slot (TAUC) and by city (CAUC).
 On simulated data the same metrics of the simulator's true click probability give the ceiling
 ("oracle"). Predictions come from the artifact alone (`fin.artifact.load_artifact`) through the same
-loader and `fragment()` as training, so the server can be checked against `predict`.
+loader and `fragment()` as training, so the server can be checked against `predict`. pCTR is the
+artifact's calibrated pCTR (`Artifact.pctr`, what the server returns); the calibration and logloss of the
+plain sigmoid are reported beside it, so the report shows what the calibration changed.
 """
 
 from __future__ import annotations
@@ -22,37 +24,43 @@ from features import contract
 from features.dataset import CANDIDATES, EXAMPLES, ROW_IDS, Dataset
 from fin.artifact import Artifact
 from fin.auction import AuctionConfig, auction
+from fin.calibration import pctr
 from fin.loader import ExampleStream
 from fin.metrics import auc, calibration, calibration_curve, gauc, logloss
 from fin.revenue import ReplayConfig, evaluate_policies, logged_candidates, logging_slate
 
 ORACLE = "oracle"
 SCORE = "pctr"
+UNCALIBRATED = "pctr_uncalibrated"  # the plain sigmoid of the logits, as artifacts without calibration score
 
 
 @torch.inference_mode()
 def predict(artifact: Artifact, data: str | Path, split: str = "test", batch_size: int = 4096,
             progress: Callable[[int], None] | None = None, dataset: str = EXAMPLES) -> pl.DataFrame:
-    """pCTR of every row of `split` of `dataset` (examples or candidates): columns <row id>, pctr."""
+    """pCTR of every row of `split` of `dataset` (examples or candidates): columns <row id>, pctr (calibrated
+    when the artifact has a calibration) and pctr_uncalibrated."""
     loader = dataclasses.replace(artifact.loader, shuffle=False, batch_size=batch_size)
-    ids, scores = [], []
+    ids, scores, plain = [], [], []
     for batch in ExampleStream(data, split, loader, dataset=dataset):
+        logits = artifact.model(batch)
         ids.append(batch.row_id.numpy())
-        scores.append(torch.sigmoid(artifact.model(batch)).numpy())
+        scores.append(artifact.pctr(logits).numpy().astype(np.float64))
+        plain.append(pctr(logits, None).numpy().astype(np.float64))
         if progress:
             progress(len(batch))
-    return pl.DataFrame({ROW_IDS[dataset]: np.concatenate(ids), SCORE: np.concatenate(scores).astype(np.float64)})
+    return pl.DataFrame({ROW_IDS[dataset]: np.concatenate(ids), SCORE: np.concatenate(scores),
+                         UNCALIBRATED: np.concatenate(plain)})
 
 
 def _scores(artifact: Artifact, data: str | Path, split: str, frame: pl.DataFrame, dataset: str,
-            progress: Callable[[int], None] | None) -> np.ndarray:
-    """The artifact's pCTR of each row of `frame` (rows of `dataset`), in its order; every row must get one."""
+            progress: Callable[[int], None] | None) -> pl.DataFrame:
+    """`predict` of each row of `frame` (rows of `dataset`), in its order; every row must get one."""
     key = ROW_IDS[dataset]
     preds = frame.select(key).join(predict(artifact, data, split, progress=progress, dataset=dataset),
                                    on=key, how="left", maintain_order="left")
     if preds[SCORE].null_count():
         raise ValueError(f"{artifact.path}: no prediction for {preds[SCORE].null_count()} {dataset}")
-    return preds[SCORE].to_numpy()
+    return preds
 
 
 def examples(data: str | Path, split: str = "test") -> pl.DataFrame:
@@ -89,9 +97,14 @@ def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
 
     models = {}
     for artifact in artifacts:
+        preds = _scores(artifact, data, split, frame, EXAMPLES, progress)
+        plain = preds[UNCALIBRATED].to_numpy()
         models[f"{artifact.name}/{artifact.version}"] = {
             "model": artifact.meta["model"], "path": str(artifact.path),
-            **scored(_scores(artifact, data, split, frame, EXAMPLES, progress))}
+            "calibration_method": None if artifact.calibration is None else artifact.meta["calibration"]["method"],
+            **scored(preds[SCORE].to_numpy()),
+            "calibration_uncalibrated": calibration(columns["label"], plain),
+            "logloss_uncalibrated": logloss(columns["label"], plain)}
     report = {"data": str(data), "split": split, "examples": frame.height, "clicks": int(columns["label"].sum()),
               "models": models}
     oracle = contract.ORACLE_COLUMNS[0]
@@ -126,8 +139,8 @@ def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
     policies = {LOGGING: (*logging_slate(logged, frame["logging_score"].cast(pl.Float64).to_numpy(), bid, config),
                           True)}
     for artifact in artifacts:
-        pctr = _scores(artifact, data, split, frame, CANDIDATES, progress)
-        policies[f"{artifact.name}/{artifact.version}"] = (*auction(request, pctr, bid, config), False)
+        scores = _scores(artifact, data, split, frame, CANDIDATES, progress)[SCORE].to_numpy()
+        policies[f"{artifact.name}/{artifact.version}"] = (*auction(request, scores, bid, config), False)
     if logged.oracle is not None:
         policies[ORACLE] = (*auction(request, logged.oracle[:, 0], bid, config), False)
     models = [f"{a.name}/{a.version}" for a in artifacts]
@@ -158,10 +171,12 @@ def markdown(report: dict) -> str:
                    key=lambda s: contract.MealSlot[s.upper()])
     cities = sorted({c for m in rows.values() for c in m["auc_by_city"]}, key=int)
     lines = [f"# Evaluation on {report['split']}: {report['examples']:,} examples, {report['clicks']:,} clicks", "",
-             "| model | AUC | GAUC | logloss | calibration | gap closed |", "|---|---|---|---|---|---|"]
+             "| model | AUC | GAUC | logloss | calibration | calibration uncalibrated | logloss uncalibrated | "
+             "gap closed |", "|---|---|---|---|---|---|---|---|"]
     for key, m in rows.items():
         lines.append(f"| {key} | {_number(m['auc'])} | {_number(m['gauc'])} | {_number(m['logloss'])} | "
-                     f"{_number(m['calibration'], 3)} | {_number(report['gap_closed'].get(key), 3)} |")
+                     f"{_number(m['calibration'], 3)} | {_number(m.get('calibration_uncalibrated'), 3)} | "
+                     f"{_number(m.get('logloss_uncalibrated'))} | {_number(report['gap_closed'].get(key), 3)} |")
     lines += ["", "AUC by meal slot (TAUC)", "", "| model | " + " | ".join(slots) + " |",
               "|---|" + "---|" * len(slots)]
     lines += [f"| {key} | " + " | ".join(_number(m["auc_by_meal_slot"].get(s)) for s in slots) + " |"
@@ -169,7 +184,10 @@ def markdown(report: dict) -> str:
     lines += ["", "AUC by city (CAUC)", "", "| model | " + " | ".join(cities) + " |", "|---|" + "---|" * len(cities)]
     lines += [f"| {key} | " + " | ".join(_number(m["auc_by_city"].get(c)) for c in cities) + " |"
               for key, m in rows.items()]
-    lines += ["", "gap closed = (AUC - AUC of DNN) / (AUC of the oracle - AUC of DNN); the oracle scores with the "
+    lines += ["", "calibration = sum of pCTR / clicks (1 = the right level). pCTR is each artifact's calibrated "
+              "pCTR, as served (fitted on the validation days by `fin train`; the ranking and so AUC are those of "
+              "the logits); \"uncalibrated\" is the plain sigmoid of the same logits.",
+              "", "gap closed = (AUC - AUC of DNN) / (AUC of the oracle - AUC of DNN); the oracle scores with the "
               "simulator's true click probability."]
     if report.get("revenue"):
         lines += ["", *_revenue_markdown(report["revenue"])]

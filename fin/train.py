@@ -17,6 +17,10 @@ Checkpoints. After every epoch the sharded model and optimizer state are saved w
 torch.distributed.checkpoint under `MODELS/<name>/.checkpoint/epoch-<k>` (a pointer file names the last
 complete one); a rerun of the same command resumes there. Early stopping on validation AUC keeps the
 best epoch's weights, which go into the artifact (`fin.artifact`); the checkpoints are then removed.
+
+Calibration. The validation pass that scores each epoch also fits Platt scaling (`fin.calibration`) to
+its logits, gathered over the workers; the fit of the best epoch is kept in the checkpoint's progress (a
+resumed run keeps it without rescoring) and goes into the artifact, so no extra pass over the data.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from tqdm import tqdm
 
 from features.configfile import load_config
 from fin.artifact import load_artifact, save_artifact, to_dict
+from fin.calibration import fit_platt
 from fin.inputs import LoaderConfig
 from fin.loader import ExampleStream
 from fin.metrics import auc
@@ -83,6 +88,7 @@ class Progress:
     epoch: int = 0  # epochs completed
     best_auc: float = -math.inf
     best_epoch: int = 0
+    best_calibration: dict | None = None  # artifact.json's `calibration` entry, fitted at the best epoch
     history: list[dict] = field(default_factory=list)
     examples: int = 0
     seconds: float = 0.0
@@ -185,7 +191,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
             loss_sum, examples = _train_epoch(model, optimizer, train_stream, world, config.max_steps, device,
                                               bar.update)
         seconds = time.perf_counter() - started
-        val_auc = _validation_auc(model, validation, device)
+        val_auc, val_logits, val_labels = _validation(model, validation, device)
         progress.epoch += 1
         progress.examples += examples
         progress.seconds += seconds
@@ -194,6 +200,8 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
         weights = full_state_dict(model)  # a collective: every worker joins
         if val_auc > progress.best_auc:
             progress.best_auc, progress.best_epoch = val_auc, progress.epoch
+            fit = fit_platt(val_logits, val_labels)  # every worker fits the same gathered arrays alike
+            progress.best_calibration = None if fit is None else fit.to_meta("validation")
             checkpoints.save_best(weights)
         checkpoints.save(model, optimizer, progress)
         log(f"epoch {progress.epoch}/{config.epochs}: train logloss {loss_sum / max(examples, 1):.4f}, "
@@ -210,9 +218,10 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
                 "examples_per_s": progress.examples / max(progress.seconds, 1e-9), "train_config": to_dict(config),
                 "data": str(data), "init_from": None if init_from is None else str(init_from)}
     folder = save_artifact(models, name, config.model, checkpoints.best(), config.model_config, config.loader,
-                           {"validation_auc": progress.best_auc}, training)
+                           {"validation_auc": progress.best_auc}, training, calibration=progress.best_calibration)
     checkpoints.clear()
-    log(f"wrote {folder} (best epoch {progress.best_epoch}, validation AUC {progress.best_auc:.4f})")
+    log(f"wrote {folder} (best epoch {progress.best_epoch}, validation AUC {progress.best_auc:.4f}; "
+        f"{_calibration_text(progress.best_calibration)})")
     dist.barrier()
     return folder
 
@@ -243,8 +252,17 @@ def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps:
     return float(totals[0]), int(totals[1])
 
 
+def _calibration_text(entry: dict | None) -> str:
+    if entry is None:
+        return "uncalibrated: the validation labels have one class"
+    fitted = entry["validation"]
+    return (f"{entry['method']} calibration, validation sum of pCTR / clicks {fitted['calibration_before']:.3f} "
+            f"-> {fitted['calibration_after']:.3f}")
+
+
 @torch.no_grad()
-def _validation_auc(model, stream: ExampleStream, device: torch.device) -> float:
+def _validation(model, stream: ExampleStream, device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
+    """Validation AUC and the logits and labels it was computed from, gathered over every worker."""
     model.eval()
     scores, labels = [], []
     for batch in stream:
@@ -252,8 +270,9 @@ def _validation_auc(model, stream: ExampleStream, device: torch.device) -> float
         labels.append(batch.label.numpy())
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (np.concatenate(scores or [np.zeros(0)]), np.concatenate(labels or [np.zeros(0)])))
-    value = auc(np.concatenate([g[1] for g in gathered]), np.concatenate([g[0] for g in gathered]))
-    return -math.inf if math.isnan(value) else value
+    logits, labels = np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
+    value = auc(labels, logits)
+    return -math.inf if math.isnan(value) else value, logits, labels
 
 
 def _fingerprint(data: Path, config: TrainConfig, init_from: Path | None = None) -> dict:

@@ -102,8 +102,9 @@ def _context(ctx, config: ScoringConfig) -> dict[str, int]:
 @torch.inference_mode()
 def score_requests(artifact: Artifact, requests: list[ScoringRequest]) -> list[np.ndarray]:
     """pCTR [B] of each request's candidates, all requests in one forward (each user's history and fragments
-    once); the same numbers as scoring the requests one by one."""
-    pctr = torch.sigmoid(artifact.model(requests_batch(requests, artifact.loader))).numpy().astype(np.float64)
+    once); the same numbers as scoring the requests one by one, calibrated as `fin evaluate` calibrates them
+    (`Artifact.pctr`)."""
+    pctr = artifact.pctr(artifact.model(requests_batch(requests, artifact.loader))).numpy().astype(np.float64)
     return np.split(pctr, np.cumsum([len(r) for r in requests])[:-1])
 
 

@@ -25,10 +25,14 @@ def test_predictions_are_the_artifact_model_on_the_shared_loader(trained_models,
     assert preds.height == frame.height and preds["impression_id"].n_unique() == frame.height
     batch = next(iter(ExampleStream(out / "data", "test", artifact.loader)))
     with torch.no_grad():
-        direct = torch.sigmoid(artifact.model(batch)).numpy()
+        logits = artifact.model(batch).double()
+    platt = artifact.meta["calibration"]["parameters"]  # what fin train fitted on the validation days
     joined = pl.DataFrame({"impression_id": batch.row_id.numpy()}).join(preds, on="impression_id",
                                                                                  maintain_order="left")
-    np.testing.assert_allclose(joined["pctr"].to_numpy(), direct, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(joined["pctr"].to_numpy(),
+                               torch.sigmoid(platt["scale"] * logits + platt["shift"]).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(joined["pctr_uncalibrated"].to_numpy(), torch.sigmoid(logits).numpy(),
+                               rtol=1e-5, atol=1e-7)
 
 
 def _each_its_own(batch: Batch, config: LoaderConfig) -> Batch:
@@ -65,6 +69,16 @@ def test_report_compares_models_with_the_oracle(trained_models, features_job):
     oracle = report[ORACLE]
     assert abs(oracle["auc"] - auc(frame["label"].to_numpy(), frame["oracle_click_prob"].to_numpy())) < 1e-12
     assert oracle["auc"] > max(m["auc"] for m in report["models"].values())  # the ceiling is a ceiling here
+    labels = frame["label"].to_numpy()
+    for key, m in report["models"].items():  # calibrated: the level moves, the ranking and so AUC do not
+        preds = frame.select("impression_id").join(predict(load_artifact(m["path"]), out / "data", "test"),
+                                                   on="impression_id", maintain_order="left")
+        assert m["calibration_method"] == "platt"
+        assert m["calibration"] == pytest.approx(_pctr_over_clicks(labels, preds["pctr"]), rel=1e-12)
+        assert m["calibration_uncalibrated"] == pytest.approx(_pctr_over_clicks(labels, preds["pctr_uncalibrated"]),
+                                                              rel=1e-12)
+        assert abs(m["calibration"] - m["calibration_uncalibrated"]) > 1e-3
+        assert m["auc"] == pytest.approx(auc(labels, preds["pctr_uncalibrated"].to_numpy()), abs=1e-6)
     for m in (*report["models"].values(), oracle):
         assert 0 <= m["auc"] <= 1 and 0 <= m["gauc"] <= 1 and m["logloss"] > 0 and m["calibration"] > 0
         assert set(m["auc_by_meal_slot"]) <= {"breakfast", "lunch", "afternoon_tea", "dinner", "night"}
@@ -76,6 +90,15 @@ def test_report_compares_models_with_the_oracle(trained_models, features_job):
     assert abs(gap["fin/1"] - expected) < 1e-12
     text = markdown(report)
     assert "| oracle |" in text and "| fin/1 |" in text and "TAUC" in text and "CAUC" in text
+    assert "| calibration | calibration uncalibrated |" in text
+    fin = report["models"]["fin/1"]
+    assert (f"| {fin['calibration']:.3f} | {fin['calibration_uncalibrated']:.3f} | "
+            f"{fin['logloss_uncalibrated']:.4f} |") in text
+
+
+def _pctr_over_clicks(labels: np.ndarray, pctr: pl.Series) -> float:
+    """Sum of pCTR over clicks, written out here rather than taken from fin.metrics."""
+    return float(pctr.sum()) / float(labels.sum())
 
 
 def test_revenue_replay_ranks_every_logged_candidate(trained_models, features_job):

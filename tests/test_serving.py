@@ -148,7 +148,8 @@ def test_metrics_count_calls_by_code(server):
 
 
 def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, tmp_path):
-    """Logged test requests replayed through gRPC score as the evaluator scores them: one code path.
+    """Logged test requests replayed through gRPC score as the evaluator scores them: one code path, the
+    artifact's calibration included (`fin train` fitted one; it moves these pCTRs beyond the tolerance).
 
     The online store holds the latest state: each user's last `max_seq_len` events and the statistics as of
     the day after the data. So the replayed requests are from the last day, of users whose whole timeline is
@@ -179,13 +180,16 @@ def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, 
 
     running = Running(trained_models[0], tmp_path / "feast")
     try:
-        offline = predict(load_artifact(trained_models[1]["fin"]), out / "data", "test")
+        artifact = load_artifact(trained_models[1]["fin"])
+        assert artifact.calibration is not None
+        offline = predict(artifact, out / "data", "test")
         for logged in replayed:
             logged.request.model_name = "fin"
             served = np.array([s.pctr for s in running.stub.Score(logged.request, timeout=10).scores])
             expected = pl.DataFrame({"impression_id": logged.impression_ids}).join(
-                offline, on="impression_id", maintain_order="left")["pctr"]
-            np.testing.assert_allclose(served, expected.to_numpy(), rtol=1e-4, atol=1e-6)
+                offline, on="impression_id", maintain_order="left")
+            np.testing.assert_allclose(served, expected["pctr"].to_numpy(), rtol=1e-4, atol=1e-6)
+            assert not np.allclose(served, expected["pctr_uncalibrated"].to_numpy(), rtol=1e-4, atol=1e-6)
     finally:
         running.stop()
 

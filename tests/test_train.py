@@ -55,6 +55,26 @@ def test_artifact_is_plain_and_complete(one_worker, features_job):
         assert torch.isfinite(artifact.model(batch)).all()
 
 
+def test_the_calibration_is_fitted_on_the_validation_days_with_the_saved_weights(one_worker, features_job):
+    """artifact.json's calibration is the best epoch's fit to the validation split: the saved weights'
+    validation pCTR has the stored level before calibration and level 1 after it."""
+    from fin.evaluate import examples, predict
+    from fin.metrics import calibration
+
+    out, _ = features_job
+    entry = json.loads((one_worker / "artifact.json").read_text())["calibration"]
+    assert entry["method"] == "platt" and entry["parameters"]["scale"] > 0
+    fitted = entry["validation"]
+    labels = examples(out / "data", "validation")
+    preds = labels.join(predict(load_artifact(one_worker), out / "data", "validation"), on="impression_id")
+    assert preds.height == fitted["examples"] and int(preds["label"].sum()) == fitted["clicks"]
+    before = calibration(preds["label"].to_numpy(), preds["pctr_uncalibrated"].to_numpy())
+    assert before == pytest.approx(fitted["calibration_before"], rel=1e-4)
+    assert calibration(preds["label"].to_numpy(), preds["pctr"].to_numpy()) == pytest.approx(1.0, abs=1e-4)
+    assert fitted["calibration_after"] == pytest.approx(1.0, abs=1e-6)
+    assert fitted["logloss_after"] <= fitted["logloss_before"]
+
+
 def test_broken_artifacts_are_refused(one_worker, tmp_path):
     import shutil
 
@@ -139,6 +159,11 @@ def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path
     assert straight.returncode == 0, straight.stderr
     a, b = _weights(tmp_path / "killed" / "din" / "1"), _weights(tmp_path / "straight" / "din" / "1")
     assert _max_difference(a, b) < 1e-5
+    # the best epoch's calibration survives the kill in the checkpoint, whichever epoch was best
+    calibrations = [json.loads((tmp_path / run / "din" / "1" / "artifact.json").read_text())["calibration"]
+                    ["parameters"] for run in ("killed", "straight")]
+    for key in ("scale", "shift"):
+        assert calibrations[0][key] == pytest.approx(calibrations[1][key], abs=1e-4)
 
 
 def test_config_file_and_overrides(tmp_path):
