@@ -8,7 +8,7 @@ from pathlib import Path
 from jobs.commands.common import Command, CommandError, add_json_flag, emit, progress
 
 # what --json carries of each model's metrics (the report.json beside it has them all)
-MODEL_METRICS = ("model", "path", "examples", "auc", "gauc", "logloss", "calibration")
+MODEL_METRICS = ("model", "path", "examples", "auc", "gauc", "logloss", "calibration", "calibration_uncalibrated")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

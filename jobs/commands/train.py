@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
               "artifact": folder, "init_from": args.init_from, "metrics": meta.get("metrics", {}),
               "epochs": training.get("epochs"), "best_epoch": training.get("best_epoch"),
               "examples": training.get("examples"), "workers": training.get("workers"),
-              "seconds": training.get("seconds")}
+              "seconds": training.get("seconds"), "examples_per_s": training.get("examples_per_s"),
+              "calibration": meta.get("calibration")}
     emit(args, result, str(folder))  # the text: the artifact folder alone, for scripts
     return 0
 
