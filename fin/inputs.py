@@ -100,7 +100,7 @@ class LoaderConfig:
     # shuffled across users), whose histories share one slice of the user's timeline; False: the
     # per-example path (examples shuffled one by one, each with its own copy of its history)
     shared_timelines: bool = True
-    examples_per_user: int = 16
+    examples_per_user: int = 4
     workers: int = 0  # processes reading and assembling batches ahead of the step (0: in the training process)
     prefetch: int = 4  # batches each of them keeps ready
 
