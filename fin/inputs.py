@@ -80,11 +80,6 @@ class Histories:
     end: torch.Tensor  # int64 [U]
     slice_of: torch.Tensor  # int64 [U]: the slice holding request u's window
 
-    @property
-    def shared(self) -> bool:
-        """Whether some requests share a slice (fewer slices than requests)."""
-        return self.offsets.numel() - 1 < self.start.numel()
-
 
 @dataclass(frozen=True)
 class LoaderConfig:

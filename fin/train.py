@@ -177,8 +177,8 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     # fragments are cut where the model runs: on a GPU the loader ships timeline slices and pointers only;
     # and it ships no event older than the model reads (DIN's 50, none for the DNN: the same fragments)
     on_host = device.type == "cpu"
-    loader = dataclasses.replace(config.loader, max_seq_len=min(config.loader.max_seq_len,
-                                                                MODELS[config.model].events_read(config.loader.fragments)))
+    reads = MODELS[config.model].events_read(config.loader.fragments)
+    loader = dataclasses.replace(config.loader, max_seq_len=min(config.loader.max_seq_len, reads))
     train_stream = ExampleStream(data, "train", loader, rank, world, cut=on_host)
     validation = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False), rank, world,
                                cut=on_host)
