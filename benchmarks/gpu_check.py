@@ -51,7 +51,6 @@ def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
     import torch
 
     from features.fragments import FRAGMENTS, fragment_windows
-    from fin.inputs import FRAGMENT_CONTEXT
     from fin.loader import ExampleStream
 
     cpu, device = devices()
@@ -71,13 +70,13 @@ def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
     stream = ExampleStream(data, "validation", dataclasses.replace(loader, batch_size=256))
     checked = {"batches": 0, "single_requests": 0, "events": 0, "mismatches": 0}
     for _, batch in zip(range(batches), stream):
-        context = {"ts": batch.ts, **{c: batch.ids[c] for c in FRAGMENT_CONTEXT}}
+        context = {"ts": batch.ts, **batch.request_context}  # per request: a request's examples share it
         checked["batches"] += 1
         h = batch.histories
         checked["events"] += int(h.offsets[-1])
         checked["mismatches"] += not same(cut(h.start, h.end, batch.history, context, cpu),
                                           cut(h.start, h.end, batch.history, context, device))
-        for i in range(min(singles, len(batch))):
+        for i in range(min(singles, batch.ts.numel())):
             lo, hi = int(h.start[i]), int(h.end[i])
             starts, ends = torch.tensor([0]), torch.tensor([hi - lo])
             history = {k: v[lo:hi] for k, v in batch.history.items()}
