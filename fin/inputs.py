@@ -64,8 +64,7 @@ def history_batch(timelines: dict[str, np.ndarray], timeline_offsets: np.ndarray
     start = offsets[slot] + first - lo[slot]
     return Histories(offsets=torch.from_numpy(offsets),
                      values={f: torch.from_numpy(np.ascontiguousarray(v[flat])) for f, v in timelines.items()},
-                     start=torch.from_numpy(start), end=torch.from_numpy(start + history_len - first),
-                     slice_of=torch.from_numpy(np.asarray(slot, dtype=np.int64)))
+                     start=torch.from_numpy(start), end=torch.from_numpy(start + history_len - first))
 
 
 @dataclass
@@ -78,7 +77,6 @@ class Histories:
     values: dict[str, torch.Tensor]  # TIMELINE_FIELDS -> int64 [N]
     start: torch.Tensor  # int64 [U]
     end: torch.Tensor  # int64 [U]
-    slice_of: torch.Tensor  # int64 [U]: the slice holding request u's window
 
 
 @dataclass(frozen=True)
@@ -155,7 +153,7 @@ class Batch:
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
             ts=move(self.ts), request_context={k: move(v) for k, v in self.request_context.items()},
             histories=Histories(move(h.offsets), {k: move(v) for k, v in h.values.items()}, move(h.start),
-                                move(h.end), move(h.slice_of)),
+                                move(h.end)),
             row_id=move(self.row_id), request_of=move(self.request_of),
             fragments=None if self.fragments is None else
             {k: Fragment(move(f.index), move(f.lengths), move(f.tags)) for k, f in self.fragments.items()})

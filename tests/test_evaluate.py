@@ -45,7 +45,7 @@ def _each_its_own(batch: Batch, config: LoaderConfig) -> Batch:
     ts = batch.ts[request]
     fragments = fragment(offsets, history, {"ts": ts, **{c: batch.ids[c] for c in FRAGMENT_CONTEXT}}, config.fragments)
     return dataclasses.replace(batch, ts=ts, request_context={c: batch.ids[c] for c in FRAGMENT_CONTEXT},
-                               histories=Histories(offsets, history, offsets[:-1], offsets[1:], torch.arange(len(ts))),
+                               histories=Histories(offsets, history, offsets[:-1], offsets[1:]),
                                fragments=fragments, request_of=None)
 
 

@@ -123,7 +123,7 @@ def test_history_batch_takes_the_last_events_before_the_pointer():
     shared = history_batch(values, starts, rows, history_len, max_len=3)
     assert shared.offsets.tolist() == [0, 0, 4, 6]
     assert shared.values["ts"].tolist() == [11, 12, 13, 14, 20, 21]
-    assert shared.slice_of.tolist() == [1, 2, 0, 1]
+    assert shared.start.tolist() == [0, 4, 0, 1]  # requests 0 and 3 start in user 0 slice, request 1 in user 1
     # windows far apart in one timeline get a slice each: nothing between them is read
     apart = history_batch({"ts": np.arange(100)}, np.array([0, 100]), np.zeros(3, np.int64),
                           np.array([10, 12, 90]), max_len=5)
