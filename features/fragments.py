@@ -61,6 +61,22 @@ class Fragment:
     def offsets(self) -> torch.Tensor:
         return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
 
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fragment per request, oldest first and left-aligned: positions into `index` (and `tags`)
+        [U, L] and which of them are real [U, L]. A padding slot repeats a real position, so a model gathers
+        its rows in one pass with no bounds care and masks them (attention gives them zero weight and zero
+        gradient): no second, zero-filled copy of the gathered rows."""
+        lengths = self.lengths
+        if lengths.numel() == 1:  # one request (a served one): nothing to pad
+            n = self.index.numel()
+            pos = torch.arange(n, device=lengths.device)[None]
+            return pos, torch.ones(1, n, dtype=torch.bool, device=lengths.device)
+        width = int(lengths.max()) if lengths.numel() else 0
+        col = torch.arange(width, device=lengths.device)
+        mask = col[None, :] < lengths[:, None]
+        first = torch.cumsum(lengths, 0) - lengths
+        return (first[:, None] + col[None, :]).clamp(max=max(self.index.numel() - 1, 0)), mask
+
 
 def keep_last(mask: torch.Tensor, cap: int) -> torch.Tensor:
     """Within each row, keep the last `cap` True entries of `mask`: those at which more than

@@ -15,7 +15,7 @@ from torch import nn
 from features.fragments import Fragment, FragmentConfig
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch
 from fin.inputs import STAT_FEATURES, Batch
-from fin.layers import MLP, MultiHeadTargetAttention, to_padded
+from fin.layers import MLP, MultiHeadTargetAttention
 
 
 @dataclass(frozen=True)
@@ -77,20 +77,34 @@ class CTRModel(nn.Module):
         return self.tower(torch.cat(features, dim=1)).squeeze(1)
 
 
-def gather(values: torch.Tensor, frag: Fragment) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fragment's rows of per-event `values` ([N, ...]), padded per request, with the mask."""
-    rows = values.index_select(0, frag.index)
-    return to_padded(rows if rows.dim() > 1 else rows[:, None], frag.lengths)
+@dataclass
+class Padded:
+    """A fragment padded per request: rows of the batch's history events [U, L], which are real [U, L], and
+    (integrated) the set tags [U, L]. Padding slots point at real rows: only masked readers may read them."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    tags: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, frag: Fragment) -> Padded:
+        pos, mask = frag.padded()
+        return cls(frag.index[pos], mask, None if frag.tags is None else frag.tags[pos])
+
+    def rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-event `values` ([N, ...]) at the fragment's events: [U, L, ...], one gather (and, in backward,
+        one scatter) however the fragment was cut."""
+        return gather(values, self.index)
 
 
-def time_gaps(batch: Batch, frag: Fragment) -> torch.Tensor:
-    """Request time minus event time (ms, exact int64) for a fragment's events, padded per request [U, L]
-    (0 in the padding)."""
-    event_ts = batch.history["ts"].index_select(0, frag.index)
-    request_ts = batch.ts if batch.ts.numel() == 1 else batch.ts.repeat_interleave(
-        frag.lengths, output_size=frag.index.numel())
-    gaps, _ = to_padded((request_ts - event_ts)[:, None], frag.lengths)
-    return gaps[..., 0]
+def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [N, ...] at an index of any shape -> [*index.shape, ...]."""
+    return values.index_select(0, index.flatten()).view(*index.shape, *values.shape[1:])
+
+
+def time_gaps(request_ts: torch.Tensor, event_ts: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Request time [R] minus the time of each event at `index` [R, L] (ms, exact int64; 0 where masked)."""
+    return (request_ts[:, None] - event_ts[index]).masked_fill(~mask, 0)
 
 
 class TargetAttentionModel(CTRModel):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from features.fragments import FragmentConfig
 from fin.inputs import Batch
-from fin.models.base import Encoded, TargetAttentionModel, gather, time_gaps
+from fin.models.base import Encoded, Padded, TargetAttentionModel, time_gaps
 
 
 class DIN(TargetAttentionModel):
@@ -16,6 +16,6 @@ class DIN(TargetAttentionModel):
         return fragments.recent_len
 
     def attended(self, batch: Batch, x: Encoded):
-        frag = batch.fragments["recent"]
-        seq, mask = gather(x.events, frag)
-        return seq, time_gaps(batch, frag), mask, batch.candidate_requests()
+        frag = Padded.of(batch.fragments["recent"])
+        gaps = time_gaps(batch.ts, batch.history["ts"], frag.index, frag.mask)
+        return frag.rows(x.events), gaps, frag.mask, batch.candidate_requests()

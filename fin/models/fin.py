@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from fin.inputs import Batch
-from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention, to_padded
-from fin.models.base import CTRModel, Encoded, ModelConfig, gather, time_gaps
+from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
+from fin.models.base import CTRModel, Encoded, ModelConfig, Padded, time_gaps
 
 SIMPLIFIED = ("location", "meal", "full")
 MULTI_HEAD = ("recent", "integrated")
@@ -32,19 +32,19 @@ class FIN(CTRModel):
         d = config.dim
         self.simplified = nn.ModuleDict({f: SimplifiedTargetAttention(d) for f in SIMPLIFIED})
         self.multi_head = nn.ModuleDict({f: MultiHeadTargetAttention(d, config.heads) for f in MULTI_HEAD})
-        self.set_tag = nn.Embedding(4, d)  # 0 padding, then TAG_BOTH / TAG_LOCATION_ONLY / TAG_MEAL_ONLY
+        self.set_tag = nn.Embedding(4, d)  # rows TAG_BOTH / TAG_LOCATION_ONLY / TAG_MEAL_ONLY (1-3); 0 unused
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
         user_of = batch.candidate_requests()
         out = []
         for name in SIMPLIFIED:
-            seq, mask = gather(x.events, batch.fragments[name])
-            out.append(self.simplified[name](x.target, seq, mask, user_of))
+            frag = Padded.of(batch.fragments[name])
+            out.append(self.simplified[name](x.target, frag.rows(x.events), frag.mask, user_of))
         for name in MULTI_HEAD:
-            frag = batch.fragments[name]
-            seq, mask = gather(x.events, frag)
+            frag = Padded.of(batch.fragments[name])
+            seq = frag.rows(x.events)
             if frag.tags is not None:
-                tags, _ = to_padded(self.set_tag(frag.tags), frag.lengths)
-                seq = seq + tags
-            out.append(self.multi_head[name](x.target, seq, time_gaps(batch, frag), mask, user_of))
+                seq = seq + self.set_tag(frag.tags)
+            gaps = time_gaps(batch.ts, batch.history["ts"], frag.index, frag.mask)
+            out.append(self.multi_head[name](x.target, seq, gaps, frag.mask, user_of))
         return out

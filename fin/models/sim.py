@@ -7,16 +7,30 @@ import torch
 
 from features.fragments import keep_last
 from fin.inputs import Batch
-from fin.models.base import Encoded, TargetAttentionModel, gather, time_gaps
+from fin.models.base import Encoded, Padded, TargetAttentionModel, gather, time_gaps
 
 
 class SIM(TargetAttentionModel):
     def attended(self, batch: Batch, x: Encoded):
-        # the retrieved events depend on the candidate's category: one row per candidate
-        frag, request = batch.fragments["full"], batch.candidate_requests()
-        seq, mask = gather(x.events, frag)
-        category, _ = gather(batch.history["category_1_id"], frag)
-        matched = keep_last(mask[request] & (category[request, :, 0] == batch.ids["category_1_id"][:, None]),
+        # the search runs on ids (one row per candidate: what it retrieves depends on the candidate's
+        # category); only the retrieved events are gathered
+        full, request = Padded.of(batch.fragments["full"]), batch.candidate_requests()
+        events = full.index[request]  # [B, L]
+        category = batch.history["category_1_id"][events]
+        matched = keep_last(full.mask[request] & (category == batch.ids["category_1_id"][:, None]),
                             self.config.sim_len)
-        gaps = time_gaps(batch, frag)[request].masked_fill(~matched, 0)
-        return seq[request], gaps, matched, torch.arange(len(batch), device=seq.device)
+        index, mask = left_aligned(events, matched)
+        gaps = time_gaps(batch.ts[request], batch.history["ts"], index, mask)
+        return gather(x.events, index), gaps, mask, torch.arange(len(batch), device=index.device)
+
+
+def left_aligned(index: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept entries of each row of `index` [R, L], in order, moved to the row's start: [R, K] and its mask
+    (K: the most kept in a row; padding slots hold 0, a real row while there is any)."""
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: each row's kept columns in order
+    counts = keep.sum(1)
+    width = int(counts.max()) if counts.numel() else 0
+    slot = torch.arange(rows.numel(), device=index.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    out = index.new_zeros(index.shape[0], width)
+    out[rows, slot] = index[rows, cols]
+    return out, torch.arange(width, device=index.device)[None, :] < counts[:, None]
