@@ -4,7 +4,8 @@ One EmbeddingCollection holds the tables that a candidate (or request) id shares
 the user's history: item, shop, category, brand, and the place keys geohash6 and AOI (the request's
 place against each event's place). Each history event is embedded once; FIN's fragments are then
 gathers from those rows by `Fragment.index`, so the sub-sequences cost no extra lookups. Single ids
-with no sequence counterpart (city, meal slot, weekday, hour) go through an EmbeddingBagCollection.
+with no sequence counterpart (the user, city, meal slot, weekday, hour) go through an
+EmbeddingBagCollection; the user id table is the large one, the kind a planner shards row-wise.
 
 Unsharded and in eval mode (the evaluator, the server), the same rows are read straight from the
 tables' weights: for one request, building KeyedJaggedTensors and splitting the collections' outputs
@@ -42,7 +43,7 @@ SHARED = {
     "geohash6": ("geohash6", "place_geohash6"),
     "aoi": ("aoi_id", "aoi_id"),
 }
-SINGLE = ("city_id", "time_type", "weekdays", "hours")
+SINGLE = ("user_id", "city_id", "time_type", "weekdays", "hours")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class EmbeddingSizes:
     dim: int = 8
     rows: dict[str, int] = field(default_factory=lambda: {
         "item": 100_000, "shop": 50_000, "category": 1_000, "brand": 10_000, "geohash6": 50_000, "aoi": 10_000,
-        "city_id": 1_000, "time_type": 8, "weekdays": 8, "hours": 32,
+        "user_id": 200_000, "city_id": 1_000, "time_type": 8, "weekdays": 8, "hours": 32,
     })
 
 

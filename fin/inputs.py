@@ -20,9 +20,12 @@ from features.dataset import STAT_COLUMNS, STATS_VIEWS
 from features.fragments import Fragment, FragmentConfig, fragment_windows
 from features.sequences import TIMELINE_FIELDS
 
-# Per-example inputs a model may read: the candidate, the request context, point-in-time statistics.
+# Per-example inputs a model may read: the candidate, the request context (its user among it), the candidate's
+# numbers and point-in-time statistics; in training also the slot the example was shown in (`Batch.position`).
 TARGET_FEATURES = ("item_id", "shop_id", "category_1_id", "brand_id")
-CONTEXT_FEATURES = ("geohash6", "aoi_id", "city_id", "time_type", "weekdays", "hours")
+CONTEXT_FEATURES = ("user_id", "geohash6", "aoi_id", "city_id", "time_type", "weekdays", "hours")
+CANDIDATE_NUMBERS = ("price", "distance_m")  # the candidate's price, its shop's distance from the user (0: unknown)
+POSITION = "position"  # the slot an impression was shown in: a training-only input (the ranker picks the slot)
 STAT_KEYS = tuple(STATS_VIEWS)  # the entities whose statistics a candidate carries: item_id, shop_id
 STAT_VALUES = tuple(c for c in STAT_COLUMNS if not c.startswith("clicks"))  # read per key: impressions and CTR
 STAT_FEATURES = tuple(f"{key.removesuffix('_id')}_{value}" for key in STAT_KEYS for value in STAT_VALUES)
@@ -109,6 +112,7 @@ class Batch:
     label: torch.Tensor  # float32 [B]
     ids: dict[str, torch.Tensor]  # TARGET_FEATURES and CONTEXT_FEATURES -> int64 [B] (MISSING when unknown)
     stats: torch.Tensor  # float32 [B, len(STAT_FEATURES)]
+    numbers: torch.Tensor  # float32 [B, len(CANDIDATE_NUMBERS)]
     ts: torch.Tensor  # int64 [U], request time (ms)
     request_context: dict[str, torch.Tensor]  # FRAGMENT_CONTEXT -> int64 [U]
     histories: Histories
@@ -116,6 +120,9 @@ class Batch:
     request_of: torch.Tensor | None = None  # int64 [B]: candidate -> request; None: candidate b is request b
     fragments: dict[str, Fragment] | None = None  # U rows; None until cut (`cut`)
     global_size: int = 0  # examples in this step over all workers (this batch is one worker's slice)
+    # int64 [B]: the slot each training example was shown in (None when scoring: the score must not depend
+    # on a slot the ranking has yet to choose)
+    position: torch.Tensor | None = None
 
     @property
     def history(self) -> dict[str, torch.Tensor]:
@@ -151,7 +158,7 @@ class Batch:
         h = self.histories
         return dataclasses.replace(
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
-            ts=move(self.ts), request_context={k: move(v) for k, v in self.request_context.items()},
+            numbers=move(self.numbers), position=move(self.position), ts=move(self.ts), request_context={k: move(v) for k, v in self.request_context.items()},
             histories=Histories(move(h.offsets), {k: move(v) for k, v in h.values.items()}, move(h.start),
                                 move(h.end)),
             row_id=move(self.row_id), request_of=move(self.request_of),
@@ -166,7 +173,8 @@ class ScoringRequest:
     timeline: TIMELINE_FIELDS -> one user's events, oldest first (events at or after the request time are
     ignored, as in training, which reads the events strictly before the impression).
     context: "ts" (ms) and CONTEXT_FEATURES -> int (geohash6 as a `geohash_code`, MISSING when unknown).
-    candidates: TARGET_FEATURES -> int64 [B]; stats: float32 [B, len(STAT_FEATURES)] (zeros when None).
+    candidates: TARGET_FEATURES -> int64 [B], and CANDIDATE_NUMBERS -> float [B] (each 0 when left out);
+    stats: float32 [B, len(STAT_FEATURES)] (zeros when None).
     """
 
     timeline: Mapping[str, np.ndarray]
@@ -192,14 +200,18 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
     ids = {c: torch.from_numpy(np.concatenate([np.asarray(r.candidates[c], dtype=np.int64) for r in requests]))
            for c in TARGET_FEATURES}
     names = ("ts", *CONTEXT_FEATURES)
-    by_request = np.array([[int(r.context[c]) for r in requests] for c in names], dtype=np.int64)  # [7, U]
-    by_candidate = np.repeat(by_request, counts, axis=1)  # [7, B]: numpy, where tiny arrays cost least
+    by_request = np.array([[int(r.context[c]) for r in requests] for c in names], dtype=np.int64)  # [8, U]
+    by_candidate = np.repeat(by_request, counts, axis=1)  # [8, B]: numpy, where tiny arrays cost least
     context = {c: torch.from_numpy(by_request[i]) for i, c in enumerate(names)}
     ids |= {c: torch.from_numpy(by_candidate[i]) for i, c in enumerate(names) if c != "ts"}
     stats = np.concatenate([np.zeros((len(r), len(STAT_FEATURES)), np.float32) if r.stats is None
                             else np.asarray(r.stats, np.float32) for r in requests])
+    numbers = np.concatenate([np.stack([np.asarray(r.candidates[c], np.float32) if c in r.candidates
+                                        else np.zeros(len(r), np.float32) for c in CANDIDATE_NUMBERS], axis=1)
+                              for r in requests])
     b = int(counts.sum())
-    batch = Batch(label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), ts=context["ts"],
+    batch = Batch(label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), numbers=torch.from_numpy(numbers),
+                  ts=context["ts"],
                   request_context={c: context[c] for c in FRAGMENT_CONTEXT}, histories=histories,
                   row_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of)
     return batch.cut(config.fragments)

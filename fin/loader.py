@@ -21,8 +21,10 @@ from features.dataset import EXAMPLES, ROW_IDS, Dataset
 from features.fragments import MISSING
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from fin.inputs import (
+    CANDIDATE_NUMBERS,
     CONTEXT_FEATURES,
     FRAGMENT_CONTEXT,
+    POSITION,
     STAT_FEATURES,
     STAT_KEYS,
     STAT_VALUES,
@@ -121,9 +123,10 @@ class ExampleStream:
             examples = examples.join(stats, on=[key, "day"], how="left", maintain_order="left")
         examples = examples.with_columns(
             geohash_code(pl.col("geohash_6")).fill_null(MISSING).alias("geohash6"),
-            *[pl.col(c).fill_null(MISSING).cast(pl.Int64) for c in (*TARGET_FEATURES, "aoi_id", "city_id",
-                                                                    "time_type", "weekdays", "hours")],
+            *[pl.col(c).fill_null(MISSING).cast(pl.Int64) for c in (*TARGET_FEATURES, "user_id", "aoi_id", "city_id",
+                                                                    "time_type", "weekdays", "hours", POSITION)],
             *[pl.col(c).fill_null(0.0) for c in STAT_FEATURES],
+            *[pl.col(c).fill_null(0.0).cast(pl.Float32) for c in CANDIDATE_NUMBERS],
         )
         order = self._order(examples, rng)
         for lo in range(0, examples.height, self.config.batch_size):
@@ -167,6 +170,9 @@ class ExampleStream:
             label=torch.from_numpy(ex["label"].to_numpy().astype(np.float32)),
             ids=ids,
             stats=torch.from_numpy(ex.select(STAT_FEATURES).to_numpy().astype(np.float32)),
+            numbers=torch.from_numpy(ex.select(CANDIDATE_NUMBERS).to_numpy().astype(np.float32)),
+            # the slot is a training input only: validation and test are scored as the server scores
+            position=torch.from_numpy(ex[POSITION].to_numpy(writable=True)) if self.split == "train" else None,
             ts=torch.from_numpy(requests["ts"].to_numpy(writable=True)),
             request_context={c: torch.from_numpy(requests[c].to_numpy(writable=True)) for c in FRAGMENT_CONTEXT},
             histories=histories,

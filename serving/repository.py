@@ -23,7 +23,7 @@ import numpy as np
 
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact, load_artifact
-from fin.inputs import TARGET_FEATURES
+from fin.inputs import CANDIDATE_NUMBERS, CONTEXT_FEATURES, TARGET_FEATURES
 from fin.versions import META, promoted, versions
 from serving import vision
 from serving.scoring import EMPTY_TIMELINE, RequestInputs, score
@@ -55,9 +55,9 @@ def smoke_check(artifact: Artifact) -> None:
     """Score a cold-start request and a request with a long synthetic history; raise if anything is off."""
     rng = np.random.default_rng(0)
     n, events = 4, artifact.loader.max_seq_len
-    inputs = RequestInputs(user_id=1, context={"ts": 10**12, "geohash6": 1, "aoi_id": 1, "city_id": 1,
-                                               "time_type": 1, "weekdays": 1, "hours": 12},
-                           candidates={c: rng.integers(1, 1000, n) for c in TARGET_FEATURES}, bids=np.ones(n))
+    candidates = {c: rng.integers(1, 1000, n) for c in TARGET_FEATURES} | {c: rng.random(n) for c in CANDIDATE_NUMBERS}
+    inputs = RequestInputs(user_id=1, context={"ts": 10**12, **{c: 1 for c in CONTEXT_FEATURES}},
+                           candidates=candidates, bids=np.ones(n))
     history = {f: rng.integers(0, 5, events) for f in TIMELINE_FIELDS}
     history["ts"] = np.arange(events, dtype=np.int64)
     for timeline in (EMPTY_TIMELINE, history):

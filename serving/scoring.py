@@ -17,6 +17,7 @@ from features import contract, geohash
 from features.fragments import MISSING
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact
+from fin.inputs import CANDIDATE_NUMBERS as MODEL_NUMBERS
 from fin.inputs import ScoringRequest, requests_batch
 from serving.config import ScoringConfig
 
@@ -38,7 +39,7 @@ class RequestInputs:
 
     user_id: int
     context: dict[str, int]  # "ts" and fin.inputs.CONTEXT_FEATURES
-    candidates: dict[str, np.ndarray]  # fin.inputs.TARGET_FEATURES -> int64 [B]
+    candidates: dict[str, np.ndarray]  # fin.inputs.TARGET_FEATURES -> int64 [B], CANDIDATE_NUMBERS -> float64 [B]
     bids: np.ndarray  # float64 [B]
 
     def with_features(self, timeline: dict[str, np.ndarray] | None, stats: np.ndarray | None) -> ScoringRequest:
@@ -57,7 +58,7 @@ def request_inputs(request, config: ScoringConfig) -> RequestInputs:
         raise BadRequest("candidates is empty")
     if n > config.max_candidates:
         raise BadRequest(f"{n} candidates is more than this server's maximum of {config.max_candidates}")
-    context = _context(request.context, config)
+    context = {"user_id": int(request.user_id), **_context(request.context, config)}
     # one pass over the candidate messages (reading their attributes is the cost), then one array per column
     columns = list(zip(*map(_CANDIDATE_FIELDS, request.candidates)))
     ids = {name: np.array(columns[i], np.int64) for i, name in enumerate(CANDIDATE_IDS)}  # int64: no rounding
@@ -72,6 +73,7 @@ def request_inputs(request, config: ScoringConfig) -> RequestInputs:
         bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
         if bad.size:
             raise BadRequest(f"candidates[{bad[0]}].{field} must be a finite number >= 0, got {values[bad[0]]}")
+    ids |= {name: numbers[name] for name in CANDIDATE_NUMBERS if name in MODEL_NUMBERS}
     return RequestInputs(user_id=int(request.user_id), context=context, candidates=ids, bids=numbers["bid"])
 
 

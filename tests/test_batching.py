@@ -5,11 +5,11 @@ import pytest
 
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import load_artifact
-from fin.inputs import TARGET_FEATURES, ScoringRequest
+from fin.inputs import CANDIDATE_NUMBERS, TARGET_FEATURES, ScoringRequest
 from serving.batching import ForwardBatcher
 from serving.scoring import score_requests
 
-CONTEXT = {"ts": 1_780_000_000_000, "geohash6": 123, "aoi_id": -1, "city_id": 1, "time_type": 2, "weekdays": 3,
+CONTEXT = {"ts": 1_780_000_000_000, "user_id": 7, "geohash6": 123, "aoi_id": -1, "city_id": 1, "time_type": 2, "weekdays": 3,
            "hours": 12}
 
 
@@ -20,8 +20,9 @@ def _requests(count: int, candidates: int, seed: int = 0) -> list[ScoringRequest
         events = int(rng.integers(0, 80))
         timeline = {f: rng.integers(1, 50, events) for f in TIMELINE_FIELDS}
         timeline["ts"] = np.sort(rng.integers(CONTEXT["ts"] - 10**9, CONTEXT["ts"], events))
-        out.append(ScoringRequest(timeline, CONTEXT, {c: rng.integers(1, 500, candidates) for c in TARGET_FEATURES},
-                                  rng.random((candidates, 8)).astype(np.float32)))
+        candidate = {c: rng.integers(1, 500, candidates) for c in TARGET_FEATURES}
+        candidate |= {c: rng.random(candidates) * 100 for c in CANDIDATE_NUMBERS}
+        out.append(ScoringRequest(timeline, CONTEXT, candidate, rng.random((candidates, 8)).astype(np.float32)))
     return out
 
 

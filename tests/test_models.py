@@ -11,7 +11,14 @@ from features.fragments import MISSING, FragmentConfig
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from features.simulator import load_sim_config, simulate
 from fin.embeddings import EmbeddingSizes
-from fin.inputs import CONTEXT_FEATURES, TARGET_FEATURES, LoaderConfig, ScoringRequest, requests_batch
+from fin.inputs import (
+    CANDIDATE_NUMBERS,
+    CONTEXT_FEATURES,
+    TARGET_FEATURES,
+    LoaderConfig,
+    ScoringRequest,
+    requests_batch,
+)
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
 from fin.loader import ExampleStream
 from fin.metrics import auc
@@ -66,7 +73,8 @@ def test_a_request_batch_scores_like_the_training_batches(features_job, name):
             timeline = {f: np.asarray(user[f][0].to_list() if user.height else [], np.int64) for f in TIMELINE_FIELDS}
             context = {c: int(rows[c][0]) for c in ("ts", *CONTEXT_FEATURES)}
             ids = rows["impression_id"].to_list()
-            scoring.append(ScoringRequest(timeline, context, {c: rows[c].to_numpy() for c in TARGET_FEATURES},
+            candidates = {c: rows[c].to_numpy() for c in (*TARGET_FEATURES, *CANDIDATE_NUMBERS)}
+            scoring.append(ScoringRequest(timeline, context, candidates,
                                           torch.stack([offline[i][1] for i in ids]).numpy()))
             batch = requests_batch(scoring[-1:], loader)
             assert batch.histories.offsets.tolist() == [0, batch.histories.offsets[-1]] and len(batch) == rows.height

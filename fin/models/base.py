@@ -1,8 +1,14 @@
 """What every model shares: the sparse side, the event and candidate encoders, and the tower inputs.
 
 A model embeds each history event once (`events`, [N, d]) and the candidate once (`target`, [B, d]),
-then adds its own interest vectors; the tower reads [candidate, request context, statistics, interests,
-candidate x interest products].
+then adds its own interest vectors; the tower reads [candidate, request context and user, the candidate's
+price and distance, statistics, interests, candidate x interest products]. Every model reads the same
+inputs; they differ in what they make of the history.
+
+In training, a shallow position term (one learned bias per slot) is added to the tower's logit, so that
+the tower need not explain the click-rate fall-off down the page with the other inputs; scoring leaves it
+out (the slot is what the ranking decides): the logit of a scored candidate is position-free and its
+calibration is fitted on position-free validation logits.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ import torch
 from torch import nn
 
 from features.fragments import Fragment, FragmentConfig
-from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch
-from fin.inputs import STAT_FEATURES, Batch
+from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, hash_ids
+from fin.inputs import CANDIDATE_NUMBERS, STAT_FEATURES, Batch
 from fin.layers import MLP, MultiHeadTargetAttention
 
 
@@ -25,6 +31,8 @@ class ModelConfig:
     tower: tuple[int, ...] = (256, 128)
     dropout: float = 0.0
     sim_len: int = 50  # SIM-hard: category-matched events kept from the lifelong sequence
+    position_bias: bool = True  # the training-only position term (above)
+    positions: int = 64  # slots with a bias of their own (later ones share by hashing)
     embeddings: EmbeddingSizes = field(default_factory=EmbeddingSizes)
 
 
@@ -33,7 +41,7 @@ class Encoded:
     target: torch.Tensor  # [B, d]
     events: torch.Tensor  # [N, d], one row per history event of the batch
     single: torch.Tensor  # [B, len(SINGLE) * embedding dim]
-    stats: torch.Tensor  # [B, len(STAT_FEATURES)]
+    stats: torch.Tensor  # [B, len(STAT_FEATURES) + len(CANDIDATE_NUMBERS)], log1p
 
 
 class CTRModel(nn.Module):
@@ -54,8 +62,11 @@ class CTRModel(nn.Module):
         self.sparse = SparseArch(config.embeddings, device)
         self.event = nn.Linear(len(SHARED) * e, d)  # history events and the candidate live in one space
         self.target = nn.Linear(len(SHARED) * e, d)
-        tower_in = d + len(SINGLE) * e + len(STAT_FEATURES) + 2 * self.interests * d
+        tower_in = d + len(SINGLE) * e + len(STAT_FEATURES) + len(CANDIDATE_NUMBERS) + 2 * self.interests * d
         self.tower = MLP(tower_in, config.tower, out_dim=1, dropout=config.dropout)
+        self.position = nn.Embedding(config.positions, 1) if config.position_bias else None
+        if self.position is not None:
+            nn.init.zeros_(self.position.weight)  # row 0, the unknown slot, stays 0
 
     def encode(self, batch: Batch) -> Encoded:
         sparse = self.sparse(batch)
@@ -63,7 +74,7 @@ class CTRModel(nn.Module):
             target=self.target(sparse.target.flatten(1)),
             events=self.event(sparse.history.flatten(1)),
             single=sparse.single,
-            stats=torch.log1p(batch.stats.clamp(min=0)),
+            stats=torch.log1p(torch.cat([batch.stats, batch.numbers], dim=1).clamp(min=0)),
         )
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
@@ -74,7 +85,10 @@ class CTRModel(nn.Module):
         x = self.encode(batch)
         interests = self.interest_vectors(batch, x)
         features = [x.target, x.single, x.stats, *interests, *(x.target * i for i in interests)]
-        return self.tower(torch.cat(features, dim=1)).squeeze(1)
+        logit = self.tower(torch.cat(features, dim=1)).squeeze(1)
+        if self.position is not None and batch.position is not None:
+            logit = logit + self.position(hash_ids(batch.position, self.config.positions)).squeeze(1)
+        return logit
 
 
 @dataclass
