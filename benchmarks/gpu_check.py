@@ -140,7 +140,7 @@ def scoring(data: Path, artifact_folder: str, candidates: int, reps: int) -> dic
 
     from features.sequences import TIMELINE_FIELDS
     from fin.artifact import load_artifact
-    from fin.inputs import CONTEXT_FEATURES, TARGET_FEATURES, ScoringRequest, requests_batch
+    from fin.inputs import CANDIDATE_NUMBERS, CONTEXT_FEATURES, TARGET_FEATURES, ScoringRequest, requests_batch
     from fin.loader import ExampleStream
     from fin.metrics import auc
 
@@ -174,8 +174,9 @@ def scoring(data: Path, artifact_folder: str, candidates: int, reps: int) -> dic
     example = int((batch.candidate_requests() == i).nonzero()[0, 0])
     context = {"ts": int(batch.ts[i]), **{c: int(batch.ids[c][example]) for c in CONTEXT_FEATURES}}
     rows = np.random.default_rng(0).integers(0, len(batch), candidates)
-    request = ScoringRequest(timeline, context, {c: batch.ids[c].numpy()[rows] for c in TARGET_FEATURES},
-                             batch.stats.numpy()[rows])
+    candidate = {c: batch.ids[c].numpy()[rows] for c in TARGET_FEATURES}
+    candidate |= {c: batch.numbers[:, k].numpy()[rows] for k, c in enumerate(CANDIDATE_NUMBERS)}
+    request = ScoringRequest(timeline, context, candidate, batch.stats.numpy()[rows])
 
     def score(model, on, requests):
         with torch.inference_mode():

@@ -19,6 +19,7 @@ Worlds:
 Usage: python benchmarks/quality.py [--worlds default seed11 short] [--models fin fin_200 sim din dnn]
                                     [--work DIR]   (writes results/quality.json)
 A world's logs and features are reused when its folder under --work has them; models are always retrained.
+Worlds measured by separate runs are merged into results/quality.json, each with the commit it ran at.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,8 +115,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["fin", "fin_200", *BASELINES], choices=list(MODELS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/fin_quality"), help="worlds' folders")
     args = parser.parse_args()
-    worlds = {name: world_quality(args.work / name, WORLDS[name], args.models) for name in args.worlds}
+    previous = ROOT / "results" / "quality.json"
+    worlds = json.loads(previous.read_text())["worlds"] if previous.exists() else {}
+    for name in args.worlds:  # a world measured again replaces its entry; the others are kept
+        worlds[name] = {"commit": commit(), **world_quality(args.work / name, WORLDS[name], args.models)}
     report("quality", {"worlds": worlds, "goals": goals(worlds)})
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def inference(data: Path, models: Path, candidates: int, reps: int) -> dict:
                                   np.full(candidates, n), loader.max_seq_len, share=False)
         one = request_batch(timeline, context, cands, config=loader)
         ts = one.ts.expand(candidates)
-        return Batch(label=one.label, ids=one.ids, stats=one.stats, ts=ts,
+        return Batch(label=one.label, ids=one.ids, stats=one.stats, numbers=one.numbers, ts=ts,
                      request_context={c: one.ids[c] for c in FRAGMENT_CONTEXT}, histories=histories,
                      row_id=one.row_id).cut(loader.fragments)
 

@@ -1,10 +1,10 @@
 """Dense building blocks shared by FIN and the baselines: plain torch modules that run on any device.
 
 Embedding lookups (TorchRec) happen before these; everything here takes embedded tensors. Sequences
-arrive jagged (flat values + lengths per user) and are padded once per *user*; a user's candidates
-attend over its events together (`by_user`), so scoring many candidates for one user (the server's
-case) costs one attention kernel, not one per candidate. Gathers use `index_select` (about 3x faster
-than advanced indexing on CPU) and a request without padding skips the mask: a served request pays
+arrive padded once per *user* ([U, L, d] with a mask; `fin.models.base.Padded` gathers them, and what a
+masked slot holds is never read: it gets zero weight and zero gradient); a user's candidates attend over
+its events together (`by_user`), so scoring many candidates for one user (the server's case) costs one
+attention kernel, not one per candidate. A request without padding skips the mask: a served request pays
 for few operations, and each costs microseconds whatever its size.
 """
 
@@ -15,22 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jagged rows (values [N, d], lengths [U]) -> padded [U, L, d] (oldest first, left-aligned) and a bool
-    mask [U, L]. With `max_len`, a longer row keeps its last (most recent) `max_len` values."""
-    if lengths.shape[0] == 1 and (max_len is None or values.shape[0] <= max_len):  # one row: nothing to pad
-        return values[None], torch.ones(1, values.shape[0], dtype=torch.bool, device=values.device)
-    width = int(lengths.max()) if lengths.numel() else 0
-    width = width if max_len is None else min(width, max_len)
-    col = torch.arange(width, device=values.device)
-    mask = col[None, :] < lengths[:, None].clamp(max=width)
-    first = torch.cumsum(lengths, 0) - lengths + (lengths - width).clamp(min=0)
-    index = (first[:, None] + col[None, :]).clamp(max=max(values.shape[0] - 1, 0))
-    padded = (values.index_select(0, index.flatten()).view(*index.shape, values.shape[-1]) if values.shape[0]
-              else values.new_zeros(lengths.shape[0], width, values.shape[-1]))
-    return padded * mask[..., None].to(values.dtype), mask
 
 
 def time_gap_boundaries(buckets: int) -> torch.Tensor:

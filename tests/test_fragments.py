@@ -96,6 +96,23 @@ def test_a_batch_cuts_each_request_as_it_alone_cuts(batch):
                 assert alone[name].tags.tolist() == frag.tags[rows].tolist()
 
 
+@settings(max_examples=200, deadline=None)
+@given(batches())
+def test_padded_rows_hold_each_request_s_fragment_in_order(batch):
+    """What a model gathers (`Fragment.padded`): row b's unmasked slots are request b's fragment, oldest
+    first; masked slots point at real events (a gather through them needs no bounds care)."""
+    histories, contexts, config = batch
+    offsets, history, context = _tensors(histories, contexts)
+    for name, frag in fragment(offsets, history, context, config).items():
+        pos, mask = frag.padded()
+        assert pos.shape == mask.shape == (len(histories), int(frag.lengths.max()) if len(histories) > 1 else
+                                            frag.index.numel())
+        for b in range(len(histories)):
+            assert frag.index[pos[b][mask[b]]].tolist() == frag.index[frag.offsets[b]:frag.offsets[b + 1]].tolist()
+        assert mask.sum(1).tolist() == frag.lengths.tolist()
+        assert pos.numel() == 0 or 0 <= int(pos.min()) <= int(pos.max()) < max(frag.index.numel(), 1)
+
+
 def test_empty_batch_and_empty_histories():
     offsets = torch.tensor([0, 0, 0])
     history = {f: torch.zeros(0, dtype=torch.int64) for f in ("ts", "place_geohash6", "aoi_id", "time_type")}

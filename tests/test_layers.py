@@ -9,16 +9,7 @@ from fin.layers import (
     SimplifiedTargetAttention,
     time_gap_boundaries,
     time_gap_bucket,
-    to_padded,
 )
-
-
-def test_to_padded_keeps_order_and_the_most_recent_when_capped():
-    values = torch.arange(6, dtype=torch.float32)[:, None]  # rows: [0 1 2], [], [3 4 5]
-    padded, mask = to_padded(values, torch.tensor([3, 0, 3]))
-    assert padded[..., 0].tolist() == [[0, 1, 2], [0, 0, 0], [3, 4, 5]] and mask.sum(1).tolist() == [3, 0, 3]
-    capped, mask = to_padded(values, torch.tensor([3, 0, 3]), max_len=2)
-    assert capped[..., 0].tolist() == [[1, 2], [0, 0], [4, 5]] and mask.sum(1).tolist() == [2, 0, 2]
 
 
 def test_time_gap_buckets_are_log_scale_and_capped():
@@ -50,9 +41,14 @@ def test_attention_ignores_padding_and_shares_user_work(make):
         return layer(q, s, *((g,) if extra else ()), m, u)
 
     out = run(seq, gaps, mask, user_of, query)
-    noisy = seq.clone()
-    noisy[~mask] = 1e3  # garbage in padded slots
-    assert torch.allclose(out, run(noisy, gaps, mask, user_of, query), atol=1e-5)
+    noisy = seq.clone().requires_grad_()
+    with torch.no_grad():
+        noisy[~mask] = 1e3  # garbage in padded slots (a model's padding repeats real events)
+    noisy_out = run(noisy, gaps, mask, user_of, query)
+    assert torch.allclose(out, noisy_out, atol=1e-5)
+    noisy_out.sum().backward()  # ... and padded slots get no gradient, so the events they repeat get none from them
+    assert noisy.grad[~mask].abs().max() == 0 and noisy.grad[mask].abs().max() > 0
+    layer.zero_grad()
     # the same as giving every candidate its own copy of the sequence
     per_candidate = run(seq[user_of], gaps[user_of], mask[user_of], torch.arange(user_of.numel()), query)
     assert torch.allclose(out, per_candidate, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 from features.fragments import MISSING, FragmentConfig
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from features.simulator import load_sim_config, simulate
-from fin.embeddings import EmbeddingSizes
+from fin.embeddings import EmbeddingSizes, hash_ids
 from fin.inputs import (
     CANDIDATE_NUMBERS,
     CONTEXT_FEATURES,
@@ -47,6 +47,38 @@ def test_forward_and_backward(features_job, name):
     attentions = [m for m in model.modules() if isinstance(m, (SimplifiedTargetAttention, MultiHeadTargetAttention))]
     assert len(attentions) == {"fin": 5, "din": 1, "sim": 1, "dnn": 0}[name]
     assert all(m.key.weight.grad.abs().sum() > 0 for m in attentions)  # every sequence path is used
+    assert model.position.weight.grad.abs().sum() > 0  # training batches carry the slot
+
+
+def test_the_position_term_is_trained_on_and_left_out_of_scores(features_job):
+    out, _ = features_job
+    train = next(iter(ExampleStream(out / "data", "train", LOADER)))
+    assert train.position is not None and bool((train.position >= 0).all())
+    assert next(iter(ExampleStream(out / "data", "validation", LOADER))).position is None  # scored as served
+    model = _model("dnn").eval()
+    with torch.no_grad():
+        model.position.weight.normal_()
+        moved = model(train) - model(dataclasses.replace(train, position=None))
+    torch.testing.assert_close(moved, model.position.weight[hash_ids(train.position, CONFIG.positions), 0].detach())
+
+
+def test_sim_attends_over_the_latest_events_of_the_candidate_s_category(features_job):
+    out, _ = features_job
+    model = _model("sim").eval()
+    batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
+    with torch.no_grad():
+        x = model.encode(batch)
+        seq, gaps, mask, rows = model.attended(batch, x)
+    full, request, category = batch.fragments["full"], batch.candidate_requests(), batch.history["category_1_id"]
+    found = 0
+    for b in range(len(batch)):
+        u = int(request[b])
+        events = full.index[full.offsets[u]:full.offsets[u + 1]]
+        expected = events[category[events] == batch.ids["category_1_id"][b]][-CONFIG.sim_len:]
+        torch.testing.assert_close(seq[b][mask[b]], x.events[expected])
+        assert torch.equal(gaps[b][mask[b]], batch.ts[u] - batch.history["ts"][expected])
+        found += expected.numel()
+    assert found > 0 and int(mask.sum(1).max()) <= CONFIG.sim_len and torch.equal(rows, torch.arange(len(batch)))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
