@@ -158,7 +158,8 @@ class Batch:
         h = self.histories
         return dataclasses.replace(
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
-            numbers=move(self.numbers), position=move(self.position), ts=move(self.ts), request_context={k: move(v) for k, v in self.request_context.items()},
+            numbers=move(self.numbers), position=move(self.position), ts=move(self.ts),
+            request_context={k: move(v) for k, v in self.request_context.items()},
             histories=Histories(move(h.offsets), {k: move(v) for k, v in h.values.items()}, move(h.start),
                                 move(h.end)),
             row_id=move(self.row_id), request_of=move(self.request_of),
@@ -200,8 +201,8 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
     ids = {c: torch.from_numpy(np.concatenate([np.asarray(r.candidates[c], dtype=np.int64) for r in requests]))
            for c in TARGET_FEATURES}
     names = ("ts", *CONTEXT_FEATURES)
-    by_request = np.array([[int(r.context[c]) for r in requests] for c in names], dtype=np.int64)  # [8, U]
-    by_candidate = np.repeat(by_request, counts, axis=1)  # [8, B]: numpy, where tiny arrays cost least
+    by_request = np.array([[int(r.context[c]) for r in requests] for c in names], dtype=np.int64)  # [names, U]
+    by_candidate = np.repeat(by_request, counts, axis=1)  # [names, B]: numpy, where tiny arrays cost least
     context = {c: torch.from_numpy(by_request[i]) for i, c in enumerate(names)}
     ids |= {c: torch.from_numpy(by_candidate[i]) for i, c in enumerate(names) if c != "ts"}
     stats = np.concatenate([np.zeros((len(r), len(STAT_FEATURES)), np.float32) if r.stats is None
@@ -211,8 +212,7 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
                               for r in requests])
     b = int(counts.sum())
     batch = Batch(label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), numbers=torch.from_numpy(numbers),
-                  ts=context["ts"],
-                  request_context={c: context[c] for c in FRAGMENT_CONTEXT}, histories=histories,
+                  ts=context["ts"], request_context={c: context[c] for c in FRAGMENT_CONTEXT}, histories=histories,
                   row_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of)
     return batch.cut(config.fragments)
 

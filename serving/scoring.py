@@ -73,7 +73,7 @@ def request_inputs(request, config: ScoringConfig) -> RequestInputs:
         bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
         if bad.size:
             raise BadRequest(f"candidates[{bad[0]}].{field} must be a finite number >= 0, got {values[bad[0]]}")
-    ids |= {name: numbers[name] for name in CANDIDATE_NUMBERS if name in MODEL_NUMBERS}
+    ids |= {name: numbers[name] for name in MODEL_NUMBERS}  # price and distance are model inputs, the bid is not
     return RequestInputs(user_id=int(request.user_id), context=context, candidates=ids, bids=numbers["bid"])
 
 
