@@ -1,0 +1,179 @@
+"""Real-time timeline events: each user's newest behaviours since the last features run, kept beside the
+Feast-materialised timeline in the online store's own primitives.
+
+An event is stored once (its `event_id`, the contract's key: a retried event is a duplicate, not a second
+event), every user's events are read in time order (then event id) however they arrived, and a user keeps
+at most `max_len` of them (the newest: the same bound as the materialised timeline). Appends from several
+clients or server processes interleave safely: each store applies a user's append atomically.
+
+- `SqliteRealtime` (one machine, the default beside Feast's sqlite online store): one table keyed by event
+  id in a database file in WAL mode; an append is one transaction (insert-or-ignore, then the trim of the
+  users it touched), durable when it commits.
+- `RedisRealtime` (beside Feast's Redis online store): per user a sorted set of event ids scored by time
+  and a hash of their packed fields, changed by one server-side script per user (dedupe, add, trim), so
+  an append is atomic per user and a read of many users is one pipelined round trip. Durability is the
+  Redis server's (append-only file).
+
+Events are the rows of `features.sequences.timeline_events` (the features job's own timeline rows, so
+both paths derive the fields alike) with their `event_id`: `EVENT_ID`, `USER` and `TIMELINE_FIELDS`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from features.sequences import TIMELINE_FIELDS
+
+EVENT_ID, USER = "event_id", "user_id"
+_COLUMNS = (EVENT_ID, USER, *TIMELINE_FIELDS)
+
+
+@dataclass(frozen=True)
+class Appended:
+    stored: int  # events new to the store
+    duplicates: int  # events whose id it already held (retries)
+
+
+def _columns(events: pl.DataFrame) -> dict[str, np.ndarray]:
+    missing = [c for c in _COLUMNS if c not in events.columns]
+    if missing:
+        raise ValueError(f"real-time events need the columns {', '.join(missing)}")
+    cols = {c: events[c].cast(pl.Int64).to_numpy() for c in _COLUMNS}
+    if cols[EVENT_ID].size and int(cols[EVENT_ID].min()) < 0:
+        raise ValueError("real-time events need non-negative event ids")
+    return cols
+
+
+def _empty() -> dict[str, np.ndarray]:
+    return {f: np.zeros(0, np.int64) for f in TIMELINE_FIELDS}
+
+
+class SqliteRealtime:
+    """Real-time events in a sqlite file (created when missing)."""
+
+    def __init__(self, path: str | Path, max_len: int = 1000, timeout_s: float = 10.0):
+        self.path, self.max_len = Path(path), max_len
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed append survives a crash of the machine
+        fields = ", ".join(f"{f} INTEGER NOT NULL" for f in TIMELINE_FIELDS)
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS realtime_events (event_id INTEGER PRIMARY KEY, "
+                         f"user_id INTEGER NOT NULL, {fields})")
+        self._db.execute("CREATE INDEX IF NOT EXISTS realtime_by_user ON realtime_events (user_id, ts, event_id)")
+
+    def append(self, events: pl.DataFrame) -> Appended:
+        cols = _columns(events)
+        rows = list(zip(*(cols[c].tolist() for c in _COLUMNS)))
+        placeholders = ", ".join("?" * len(_COLUMNS))
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes; readers go on
+        try:
+            before = db.total_changes
+            db.executemany(f"INSERT OR IGNORE INTO realtime_events ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                           rows)
+            stored = db.total_changes - before
+            db.executemany(
+                "DELETE FROM realtime_events WHERE user_id = ?1 AND event_id IN (SELECT event_id FROM "
+                "realtime_events WHERE user_id = ?1 ORDER BY ts DESC, event_id DESC LIMIT -1 OFFSET ?2)",
+                [(int(u), self.max_len) for u in np.unique(cols[USER])])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return Appended(stored=stored, duplicates=len(rows) - stored)
+
+    def read(self, user_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """Each user's events (TIMELINE_FIELDS -> int64 array, oldest first; empty when none)."""
+        out = []
+        for user in user_ids:
+            rows = self._db.execute(f"SELECT {', '.join(TIMELINE_FIELDS)} FROM realtime_events WHERE user_id = ? "
+                                    "ORDER BY ts, event_id", (int(user),)).fetchall()
+            values = np.array(rows, dtype=np.int64).reshape(len(rows), len(TIMELINE_FIELDS))
+            out.append({f: values[:, i].copy() for i, f in enumerate(TIMELINE_FIELDS)} if rows else _empty())
+        return out
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# Per user: KEYS[1] the sorted set of event ids (scored by time), KEYS[2] the hash event id -> packed fields.
+# ARGV: max_len, then (event id, time, fields) per event. Adds the events whose id the set lacks, trims the
+# oldest beyond max_len from both keys, returns how many it added. One script: atomic per user.
+_APPEND_SCRIPT = """
+local added = 0
+for i = 2, #ARGV, 3 do
+  if redis.call('ZADD', KEYS[1], 'NX', ARGV[i + 1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+    added = added + 1
+  end
+end
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+  redis.call('HDEL', KEYS[2], unpack(old))
+end
+return added
+"""
+_ID_WIDTH = 20  # event ids as zero-padded decimals: equal times order by id, as in sqlite
+
+
+class RedisRealtime:
+    """Real-time events in Redis, under keys `<prefix>:<user>:ids` and `<prefix>:<user>:events`."""
+
+    def __init__(self, client, max_len: int = 1000, prefix: str = "fin:realtime"):
+        self.client, self.max_len, self.prefix = client, max_len, prefix
+        self._append = client.register_script(_APPEND_SCRIPT)
+
+    @classmethod
+    def connect(cls, address: str, max_len: int = 1000, **kwargs) -> RedisRealtime:
+        import redis
+
+        host, _, port = address.rpartition(":")
+        return cls(redis.Redis(host=host or "127.0.0.1", port=int(port)), max_len, **kwargs)
+
+    def _keys(self, user: int) -> list[str]:
+        return [f"{self.prefix}:{user}:ids", f"{self.prefix}:{user}:events"]
+
+    def append(self, events: pl.DataFrame) -> Appended:
+        cols = _columns(events)
+        packed = np.stack([cols[f] for f in TIMELINE_FIELDS], axis=1).astype("<i8")
+        order = np.argsort(cols[USER], kind="stable")
+        users, starts = np.unique(cols[USER][order], return_index=True)
+        pipe = self.client.pipeline(transaction=False)
+        for user, rows in zip(users.tolist(), np.split(order, starts[1:])):
+            args = [self.max_len]
+            for r in rows.tolist():
+                args += [f"{int(cols[EVENT_ID][r]):0{_ID_WIDTH}d}", int(cols["ts"][r]), packed[r].tobytes()]
+            self._append(keys=self._keys(user), args=args, client=pipe)
+        stored = int(sum(pipe.execute()))
+        return Appended(stored=stored, duplicates=len(packed) - stored)
+
+    def read(self, user_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """Each user's events (TIMELINE_FIELDS -> int64 array, oldest first; empty when none), all users in
+        one round trip (MULTI/EXEC: no append lands between a user's two reads)."""
+        pipe = self.client.pipeline(transaction=True)
+        for user in user_ids:
+            ids_key, events_key = self._keys(int(user))
+            pipe.zrange(ids_key, 0, -1)
+            pipe.hgetall(events_key)
+        replies = pipe.execute()
+        out = []
+        for ids, fields in zip(replies[0::2], replies[1::2]):
+            packed = [fields[i] for i in ids]
+            if not packed:
+                out.append(_empty())
+                continue
+            values = np.frombuffer(b"".join(packed), dtype="<i8").reshape(len(packed), len(TIMELINE_FIELDS))
+            out.append({f: values[:, i].astype(np.int64) for i, f in enumerate(TIMELINE_FIELDS)})
+        return out
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,99 @@
+"""Real-time timeline events in the online stores (`features.realtime`), against a real sqlite file and a real
+redis-server: time order whatever the arrival order, one copy per event id, the newest `max_len` kept,
+concurrent writers all kept, durable across a reopen or a server restart."""
+
+import threading
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.realtime import EVENT_ID, USER, RedisRealtime, SqliteRealtime
+from features.sequences import TIMELINE_FIELDS
+
+
+def _events(ids, users, ts) -> pl.DataFrame:
+    ids = np.asarray(ids)
+    rng = np.random.default_rng(int(ids.sum()) if ids.size else 0)
+    columns = {f: rng.integers(0, 1000, ids.size) for f in TIMELINE_FIELDS}
+    return pl.DataFrame({EVENT_ID: ids, USER: np.broadcast_to(users, ids.shape), **columns, "ts": np.asarray(ts)})
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def open_store(request, tmp_path):
+    """A function that opens a client of one store (every call a new client of the same data)."""
+    opened = []
+    if request.param == "sqlite":
+        def open_(max_len=1000):
+            opened.append(SqliteRealtime(tmp_path / "realtime.db", max_len))
+            return opened[-1]
+    else:
+        server = request.getfixturevalue("redis_server")
+
+        def open_(max_len=1000):
+            opened.append(RedisRealtime.connect(f"127.0.0.1:{server.port}", max_len))
+            return opened[-1]
+    open_.kind = request.param
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def test_events_end_in_time_order_whatever_order_they_arrive_in(open_store):
+    store = open_store()
+    events = _events(ids=[5, 3, 9, 1, 7], users=42, ts=[500, 300, 300, 100, 700])
+    store.append(events[[2, 4]])
+    store.append(events[[0, 1, 3]])
+    (got,) = store.read([42])
+    expected = events.sort("ts", EVENT_ID)  # equal times: by event id
+    for field in TIMELINE_FIELDS:
+        assert got[field].tolist() == expected[field].to_list(), field
+    assert store.read([43])[0]["ts"].size == 0  # a user without events
+
+
+def test_a_repeated_event_id_is_stored_once(open_store):
+    store = open_store()
+    first = store.append(_events(ids=[1, 2, 2], users=7, ts=[10, 20, 20]))  # a duplicate inside the batch
+    retry = store.append(_events(ids=[2, 3], users=7, ts=[20, 30]))  # the ad server retries
+    assert (first.stored, first.duplicates, retry.stored, retry.duplicates) == (2, 1, 1, 1)
+    assert store.read([7])[0]["ts"].tolist() == [10, 20, 30]
+
+
+def test_each_user_keeps_the_newest_max_len_events(open_store):
+    store = open_store(max_len=4)
+    store.append(_events(ids=np.arange(1, 8), users=1, ts=[70, 10, 60, 20, 50, 30, 40]))
+    store.append(_events(ids=[100], users=2, ts=[5]))
+    store.append(_events(ids=[8], users=1, ts=[15]))  # late and old: older than all it keeps, so trimmed
+    one, two = store.read([1, 2])
+    assert one["ts"].tolist() == [40, 50, 60, 70] and two["ts"].tolist() == [5]
+
+
+def test_concurrent_writers_of_one_user_are_all_kept(open_store):
+    stores = [open_store(), open_store()]
+
+    def write(k):
+        for batch in range(20):
+            ids = 1 + k * 1000 + batch * 10 + np.arange(10)
+            stores[k].append(_events(ids=ids, users=3, ts=ids * 7 % 997))
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = open_store().read([3])[0]
+    assert got["ts"].size == 400 and np.all(np.diff(got["ts"]) >= 0)
+
+
+def test_stored_events_outlive_the_client_and_the_server(open_store, request):
+    open_store().append(_events(ids=[1, 2], users=9, ts=[1, 2]))
+    if open_store.kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        server.stop()
+        server.start()  # the append-only file brings the data back
+    assert open_store().read([9])[0]["ts"].tolist() == [1, 2]
+
+
+def test_events_without_the_needed_columns_are_refused(open_store):
+    with pytest.raises(ValueError, match="hours"):
+        open_store().append(_events(ids=[1], users=1, ts=[1]).drop("hours"))
