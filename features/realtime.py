@@ -21,7 +21,8 @@ both paths derive the fields alike) with their `event_id`: `EVENT_ID`, `USER` an
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,11 +68,16 @@ class SqliteRealtime:
         self._db.execute(f"CREATE TABLE IF NOT EXISTS realtime_events (event_id INTEGER PRIMARY KEY, "
                          f"user_id INTEGER NOT NULL, {fields})")
         self._db.execute("CREATE INDEX IF NOT EXISTS realtime_by_user ON realtime_events (user_id, ts, event_id)")
+        self._lock = threading.Lock()  # one connection, used by one thread at a time
 
     def append(self, events: pl.DataFrame) -> Appended:
         cols = _columns(events)
         rows = list(zip(*(cols[c].tolist() for c in _COLUMNS)))
         placeholders = ", ".join("?" * len(_COLUMNS))
+        with self._lock:
+            return self._append(cols, rows, placeholders)
+
+    def _append(self, cols: dict[str, np.ndarray], rows: list[tuple], placeholders: str) -> Appended:
         db = self._db
         db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes; readers go on
         try:
@@ -91,13 +97,14 @@ class SqliteRealtime:
 
     def read(self, user_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
         """Each user's events (TIMELINE_FIELDS -> int64 array, oldest first; empty when none)."""
-        out = []
-        for user in user_ids:
-            rows = self._db.execute(f"SELECT {', '.join(TIMELINE_FIELDS)} FROM realtime_events WHERE user_id = ? "
-                                    "ORDER BY ts, event_id", (int(user),)).fetchall()
-            values = np.array(rows, dtype=np.int64).reshape(len(rows), len(TIMELINE_FIELDS))
-            out.append({f: values[:, i].copy() for i, f in enumerate(TIMELINE_FIELDS)} if rows else _empty())
-        return out
+        with self._lock:
+            return [self._read(int(user)) for user in user_ids]
+
+    def _read(self, user: int) -> dict[str, np.ndarray]:
+        rows = self._db.execute(f"SELECT {', '.join(TIMELINE_FIELDS)} FROM realtime_events WHERE user_id = ? "
+                                "ORDER BY ts, event_id", (user,)).fetchall()
+        values = np.array(rows, dtype=np.int64).reshape(len(rows), len(TIMELINE_FIELDS))
+        return {f: values[:, i].copy() for i, f in enumerate(TIMELINE_FIELDS)} if rows else _empty()
 
     def close(self) -> None:
         self._db.close()
@@ -177,3 +184,30 @@ class RedisRealtime:
 
     def close(self) -> None:
         self.client.close()
+
+
+def merged(stored: Mapping[str, np.ndarray] | None, recent: Mapping[str, np.ndarray],
+           max_len: int) -> Mapping[str, np.ndarray] | None:
+    """The timeline a request reads: the materialised one (None: none) followed by the real-time events after
+    its newest event, the newest `max_len` of them. Real-time events at or before that event are in it, or
+    arrived too late for the features run that built it: that run's successor places them (they are in
+    the behaviour log)."""
+    if recent["ts"].size == 0:
+        return stored
+    if stored is not None and stored["ts"].size:
+        recent = {f: v[recent["ts"] > stored["ts"][-1]] for f, v in recent.items()}
+        if recent["ts"].size == 0:
+            return stored
+        both = {f: np.concatenate([stored[f], recent[f]]) for f in TIMELINE_FIELDS}
+    else:
+        both = dict(recent)
+    return {f: v[-max_len:] for f, v in both.items()}
+
+
+def open_realtime(store, repo: str | Path, max_len: int = 1000) -> SqliteRealtime | RedisRealtime:
+    """The real-time events beside a Feast repository's online store: `realtime.db` in the repository for
+    sqlite, the same Redis server for Redis."""
+    online = store.config.online_store
+    if online.type == "redis":
+        return RedisRealtime.connect(online.connection_string.split(",")[0], max_len)
+    return SqliteRealtime(Path(repo) / "realtime.db", max_len)

@@ -33,8 +33,9 @@ def price_bucket(expr: pl.Expr) -> pl.Expr:
     return b.clip(1, PRICE_BUCKETS - 1).fill_null(0)
 
 
-def timeline_events(behaviours: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
-    """Contract behaviours -> timeline events (user_id + TIMELINE_FIELDS), sorted by user, time, event id.
+def timeline_events(behaviours: pl.DataFrame | pl.LazyFrame, keep_event_id: bool = False) -> pl.DataFrame:
+    """Contract behaviours -> timeline events (user_id + TIMELINE_FIELDS, and event_id when asked), sorted by
+    user, time, event id.
 
     The place of an event is where the user was (`geohash_6`); sources that do not know it (the Ele.me
     histories) fall back to the shop's cell. Unknown ids become MISSING. Every field is an integer
@@ -54,7 +55,7 @@ def timeline_events(behaviours: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     ).collect()
     order = np.lexsort([events[c].to_numpy() for c in ("event_id", "ts", "user_id")])  # last key first
     # the gather is the costly step (a random permutation): it moves the narrow types, widened after
-    return events.drop("event_id")[pl.Series(order)].with_columns(
+    return (events if keep_event_id else events.drop("event_id"))[pl.Series(order)].with_columns(
         pl.col("action", "price_bucket", "time_type", "weekdays", "hours").cast(pl.Int64))
 
 

@@ -21,6 +21,8 @@ class OnlineConfig:
     stats_staleness_s: float = 300.0
     read_timeout_s: float = 0.5  # a read slower than this counts as failed
     outage_backoff_s: float = 1.0  # after a failed read, requests skip the store this long
+    realtime_max_events: int = 1000  # per user, the newest ingested events kept (the timelines' own bound)
+    ingest_max_events: int = 1000  # per Ingest call
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ Requests whose features are all cached do not touch the store, so they are score
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import numpy as np
 
 from features.dataset import STATS_VIEWS
 from features.online import read_timelines
+from features.realtime import merged
 from fin.inputs import STAT_FEATURES, STAT_KEYS, STAT_VALUES
 from serving.config import OnlineConfig
 
@@ -118,8 +120,9 @@ class _Lookup:
 
 
 class OnlineFeatures:
-    def __init__(self, store, config: OnlineConfig = OnlineConfig(), threads: int = 2):
+    def __init__(self, store, config: OnlineConfig = OnlineConfig(), threads: int = 2, realtime=None):
         self.store, self.config = store, config
+        self.realtime = realtime  # features.realtime store of ingested events (None: materialised timelines only)
         self.timelines = TTLCache(config.timeline_cache_size, config.timeline_staleness_s)
         self.stats = {key: RowCache(config.stats_cache_size, len(STAT_VALUES), config.stats_staleness_s)
                       for key in STAT_KEYS}
@@ -135,9 +138,24 @@ class OnlineFeatures:
         self._reads.shutdown(wait=False, cancel_futures=True)
 
     async def read(self, user_id: int, candidates: dict[str, np.ndarray]) -> UserFeatures:
-        """The user's features: straight from the caches when all are there (on the event loop: a dict read
-        per id costs less than a thread hop), else what they lack read on this reader's threads (the event
-        loop only waits)."""
+        """The user's features; the timeline with the user's ingested events after it (read every time,
+        never cached: an event is seen by the next request). If they cannot be read in time, the request
+        is scored with the materialised timeline."""
+        features = await self._stored(user_id, candidates)
+        if self.realtime is None or features.degraded:
+            return features
+        try:
+            read = self._reads.submit(self.realtime.read, [user_id])
+            recent = await asyncio.wait_for(asyncio.wrap_future(read), self.config.read_timeout_s)
+        except Exception:  # noqa: BLE001 - the stored timeline still scores the request
+            return features
+        return dataclasses.replace(features, timeline=merged(features.timeline, recent[0],
+                                                             self.config.realtime_max_events))
+
+    async def _stored(self, user_id: int, candidates: dict[str, np.ndarray]) -> UserFeatures:
+        """The materialised features: straight from the caches when all are there (on the event loop: a dict
+        read per id costs less than a thread hop), else what they lack read on this reader's threads (the
+        event loop only waits)."""
         lookup = self._lookup(user_id, candidates)
         if lookup.complete:
             return lookup.features()

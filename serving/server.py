@@ -28,10 +28,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from features.realtime import open_realtime
 from fin.artifact import Artifact
 from serving.batching import ForwardBatcher
 from serving.config import ServerConfig
 from serving.inference_protocol import InferenceService
+from serving.ingest import check_events
 from serving.metrics import ServingMetrics
 from serving.online import OnlineFeatures
 from serving.pb import ctr_scoring_pb2 as pb
@@ -49,9 +51,23 @@ INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 
 class CtrScoring(pb_grpc.CtrScoringServicer):
     def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
-                 batcher: ForwardBatcher, metrics: ServingMetrics):
+                 batcher: ForwardBatcher, metrics: ServingMetrics, realtime):
         self.repository, self.features, self.config = repository, features, config
-        self.batcher, self.metrics = batcher, metrics
+        self.batcher, self.metrics, self.realtime = batcher, metrics, realtime
+
+    async def Ingest(self, request: pb.IngestRequest, context: grpc.aio.ServicerContext) -> pb.IngestResponse:
+        n, limit = len(request.events), self.config.online.ingest_max_events
+        if n == 0 or n > limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"an Ingest call takes 1 to {limit} events, this one has {n}")
+        checked = await asyncio.to_thread(check_events, request.events, self.config.scoring.utc_offset_hours)
+        refused = [pb.RefusedEvent(index=i, reason=reason) for i, reason in checked.refused]
+        if checked.events.height == 0 and refused:
+            shown = "; ".join(f"events[{r.index}]: {r.reason}" for r in refused[:5])
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"every event was refused: {shown}")
+        appended = await asyncio.to_thread(self.realtime.append, checked.events)  # stored before the answer
+        return pb.IngestResponse(accepted=n - len(refused), duplicates=appended.duplicates + checked.repeats,
+                                 refused=refused)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         started = time.perf_counter()
@@ -172,8 +188,9 @@ class Server:
         self.config = config
         torch.set_num_threads(config.torch_threads)
         self.repository = ModelRepository(config.models, default_model=config.default_model)
-        self.features = OnlineFeatures(store or FeatureStore(repo_path=str(config.feast_repo)), config.online,
-                                       threads=config.workers)
+        store = store or FeatureStore(repo_path=str(config.feast_repo))
+        self.realtime = open_realtime(store, config.feast_repo, config.online.realtime_max_events)
+        self.features = OnlineFeatures(store, config.online, threads=config.workers, realtime=self.realtime)
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="infer")  # ModelInfer forwards
         self.metrics = ServingMetrics()
         self.batcher = ForwardBatcher(config.workers, config.scoring.batch_candidates,
@@ -188,7 +205,8 @@ class Server:
 
     async def start(self) -> int:
         pb_grpc.add_CtrScoringServicer_to_server(
-            CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics), self.server)
+            CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.realtime),
+            self.server)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.executor, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -257,6 +275,7 @@ class Server:
         self.executor.shutdown(wait=True)
         self.batcher.close()
         self.features.close()
+        self.realtime.close()
         self.metrics.close()
 
     async def wait(self) -> None:

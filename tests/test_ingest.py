@@ -1,0 +1,80 @@
+"""Ingest: behaviour events into the real-time timelines through a real `fin serve` process (real Feast sqlite
+store, real gRPC client), read by the next Score of the user."""
+
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.pb import ctr_scoring_pb2 as pb
+from tests.conftest import Running
+from tests.test_serving import _request
+
+TS = 1_780_000_000_000  # the request time of `_request`
+
+
+@pytest.fixture(scope="module")
+def server(trained_models, features_job, tmp_path_factory):
+    """A server over a private copy of the Feast repository: the events ingested here stay here."""
+    out, _ = features_job
+    root = tmp_path_factory.mktemp("ingest")
+    shutil.copytree(out / "feast", root / "feast")
+    fin = trained_models[1]["fin"]
+    shutil.copytree(fin, root / "models" / "fin" / fin.name)
+    running = Running(root / "models", root / "feast")
+    yield running
+    code, err = running.stop()
+    assert code == 0, err
+
+
+def _event(event_id: int, user_id: int, ts: int, **changes) -> pb.BehaviourEvent:
+    event = pb.BehaviourEvent(event_id=event_id, user_id=user_id, ts_ms=ts, action=1, shop_id=5, item_id=10,
+                              category_id=2, brand_id=1, price=20, shop_geohash="wtw3sj", geohash="wtw3sjq6")
+    for key, value in changes.items():
+        setattr(event, key, value)
+    return event
+
+
+def _pctr(server, user_id: int) -> np.ndarray:
+    return np.array([s.pctr for s in server.stub.Score(_request(user_id, candidates=4), timeout=10).scores])
+
+
+def test_an_ingested_event_reaches_the_next_score_and_a_retry_changes_nothing(server):
+    before = _pctr(server, 1)
+    events = [_event(10_000 + i, 1, TS - 60_000 * (i + 1), shop_id=5 + i % 4, item_id=10 + i % 4) for i in range(12)]
+    events.append(_event(20_000, 1, TS + 60_000))  # after the request: not part of its history
+    response = server.stub.Ingest(pb.IngestRequest(events=events), timeout=10)
+    assert (response.accepted, response.duplicates, len(response.refused)) == (13, 0, 0)
+    after = _pctr(server, 1)
+    assert np.abs(after - before).max() > 1e-6  # the user's new orders move its scores
+    retry = server.stub.Ingest(pb.IngestRequest(events=events[::-1]), timeout=10)  # the ad server retries
+    assert (retry.accepted, retry.duplicates) == (13, 13)
+    np.testing.assert_array_equal(_pctr(server, 1), after)
+    assert np.array_equal(_pctr(server, 2), _pctr(server, 2))  # another user: untouched, deterministic
+
+
+def test_a_cold_start_user_has_a_history_once_it_has_events(server):
+    user = 987_654_321
+    assert server.stub.Score(_request(user), timeout=10).cold_start_user
+    server.stub.Ingest(pb.IngestRequest(events=[_event(30_000, user, TS - 1000)]), timeout=10)
+    assert not server.stub.Score(_request(user), timeout=10).cold_start_user
+
+
+def test_bad_events_are_refused_one_by_one_and_the_good_ones_kept(server):
+    events = [_event(40_000, 3, TS - 5000), _event(40_001, 3, TS - 4000, price=-1.0),
+              _event(40_002, 3, TS - 3000, shop_id=0), _event(40_000, 3, TS - 5000)]  # the last: a repeat
+    response = server.stub.Ingest(pb.IngestRequest(events=events), timeout=10)
+    assert [(r.index, r.reason) for r in response.refused] == [(1, "out_of_range:price"), (2, "null:shop_id")]
+    assert (response.accepted, response.duplicates) == (2, 1)
+
+
+@pytest.mark.parametrize("events, message", [
+    ([], "1 to 1000 events"),
+    ([_event(i, 4, TS) for i in range(1001)], "this one has 1001"),
+    ([_event(50_000, 4, TS, geohash="?"), _event(50_001, 0, TS)], "every event was refused: events[0]: bad_geohash"),
+])
+def test_calls_without_a_good_event_are_invalid_argument(server, events, message):
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.Ingest(pb.IngestRequest(events=events), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
