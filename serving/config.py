@@ -42,5 +42,6 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain and private key: serve TLS instead of plaintext
     tls_key: Path | None = None
     auth_token: str | None = None  # when set, calls need `authorization: Bearer <token>` (health excepted)
+    behaviour_log: Path | None = None  # log folder ingested behaviours go to (None: Ingest is refused)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)

@@ -32,7 +32,8 @@ _FUTURE_MS = 86_400_000  # times up to a day ahead of the server's clock are acc
 
 @dataclass
 class CheckedEvents:
-    events: pl.DataFrame  # accepted events as timeline rows: event_id, user_id, TIMELINE_FIELDS
+    behaviours: pl.DataFrame  # accepted events as rows of the contract's behaviours table (for the log)
+    events: pl.DataFrame  # the same as timeline rows: event_id, user_id, TIMELINE_FIELDS
     refused: list[tuple[int, str]]  # (index in the call, reasons)
     repeats: int  # events whose id came earlier in the same call (kept once, counted as duplicates)
 
@@ -61,5 +62,5 @@ def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -
                             known_keys={})  # ids are checked for form; the world tables live with the job
     refused = [(int(i), reason) for i, reason in result.quarantine.select(_INDEX, REASON).iter_rows()]
     events = sequences.timeline_events(result.clean, keep_event_id=True) if result.clean.height else None
-    return CheckedEvents(events=events if events is not None else pl.DataFrame(),
+    return CheckedEvents(behaviours=result.clean, events=events if events is not None else pl.DataFrame(),
                          refused=sorted(refused), repeats=rows.height - first.height)

@@ -28,6 +28,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from features.behaviour_log import BehaviourLog
 from features.realtime import open_realtime
 from fin.artifact import Artifact
 from serving.batching import ForwardBatcher
@@ -51,11 +52,15 @@ INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 
 class CtrScoring(pb_grpc.CtrScoringServicer):
     def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
-                 batcher: ForwardBatcher, metrics: ServingMetrics, realtime):
+                 batcher: ForwardBatcher, metrics: ServingMetrics, realtime, log: BehaviourLog | None):
         self.repository, self.features, self.config = repository, features, config
-        self.batcher, self.metrics, self.realtime = batcher, metrics, realtime
+        self.batcher, self.metrics, self.realtime, self.log = batcher, metrics, realtime, log
 
     async def Ingest(self, request: pb.IngestRequest, context: grpc.aio.ServicerContext) -> pb.IngestResponse:
+        if self.log is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this server keeps no behaviour log (fin serve --behaviour-log LOGS): an ingested "
+                                "event would miss the next features run")
         n, limit = len(request.events), self.config.online.ingest_max_events
         if n == 0 or n > limit:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -65,7 +70,9 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         if checked.events.height == 0 and refused:
             shown = "; ".join(f"events[{r.index}]: {r.reason}" for r in refused[:5])
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"every event was refused: {shown}")
-        appended = await asyncio.to_thread(self.realtime.append, checked.events)  # stored before the answer
+        # durable in the log, then in the timelines, before the answer: an acknowledged event is never lost
+        await asyncio.to_thread(self.log.append, checked.behaviours)
+        appended = await asyncio.to_thread(self.realtime.append, checked.events)
         return pb.IngestResponse(accepted=n - len(refused), duplicates=appended.duplicates + checked.repeats,
                                  refused=refused)
 
@@ -191,6 +198,8 @@ class Server:
         store = store or FeatureStore(repo_path=str(config.feast_repo))
         self.realtime = open_realtime(store, config.feast_repo, config.online.realtime_max_events)
         self.features = OnlineFeatures(store, config.online, threads=config.workers, realtime=self.realtime)
+        self.log = (None if config.behaviour_log is None
+                    else BehaviourLog(config.behaviour_log, config.scoring.utc_offset_hours))
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="infer")  # ModelInfer forwards
         self.metrics = ServingMetrics()
         self.batcher = ForwardBatcher(config.workers, config.scoring.batch_candidates,
@@ -205,7 +214,8 @@ class Server:
 
     async def start(self) -> int:
         pb_grpc.add_CtrScoringServicer_to_server(
-            CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.realtime),
+            CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.realtime,
+                       self.log),
             self.server)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.executor, self.metrics), self.server)
@@ -276,6 +286,8 @@ class Server:
         self.batcher.close()
         self.features.close()
         self.realtime.close()
+        if self.log is not None:
+            self.log.close()  # what is pending goes into the date partitions
         self.metrics.close()
 
     async def wait(self) -> None:

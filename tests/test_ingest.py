@@ -7,6 +7,8 @@ import grpc
 import numpy as np
 import pytest
 
+from features import logio
+from features.behaviour_log import BehaviourLog
 from serving.pb import ctr_scoring_pb2 as pb
 from tests.conftest import Running
 from tests.test_serving import _request
@@ -22,7 +24,8 @@ def server(trained_models, features_job, tmp_path_factory):
     shutil.copytree(out / "feast", root / "feast")
     fin = trained_models[1]["fin"]
     shutil.copytree(fin, root / "models" / "fin" / fin.name)
-    running = Running(root / "models", root / "feast")
+    running = Running(root / "models", root / "feast", "--behaviour-log", str(root / "logs"))
+    running.root = root
     yield running
     code, err = running.stop()
     assert code == 0, err
@@ -78,3 +81,34 @@ def test_calls_without_a_good_event_are_invalid_argument(server, events, message
     with pytest.raises(grpc.RpcError) as e:
         server.stub.Ingest(pb.IngestRequest(events=events), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+
+
+def test_an_acknowledged_event_survives_a_crash_right_after_the_answer(trained_models, features_job, tmp_path):
+    out, _ = features_job
+    shutil.copytree(out / "feast", tmp_path / "feast")
+    fin = trained_models[1]["fin"]
+    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    logs = tmp_path / "logs"
+    running = Running(tmp_path / "models", tmp_path / "feast", "--behaviour-log", str(logs))
+    events = [_event(60_000 + i, 5, TS - 1000 * i) for i in range(3)]
+    assert running.stub.Ingest(pb.IngestRequest(events=events), timeout=10).accepted == 3
+    running.proc.kill()  # SIGKILL: no shutdown, no flush
+    running.proc.wait(timeout=30)
+    running.channel.close()
+    BehaviourLog(logs, 8.0).close()  # what the next server start does
+    stored = logio.read_raw(logs, "behaviours")
+    assert sorted(stored["event_id"].to_list()) == [60_000, 60_001, 60_002]
+
+
+def test_a_server_without_a_behaviour_log_refuses_ingest(trained_models, features_job, tmp_path):
+    out, _ = features_job
+    fin = trained_models[1]["fin"]
+    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    running = Running(tmp_path / "models", out / "feast")
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            running.stub.Ingest(pb.IngestRequest(events=[_event(1, 1, TS)]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--behaviour-log" in e.value.details()
+    finally:
+        code, err = running.stop()
+    assert code == 0, err

@@ -1,6 +1,7 @@
 """Real-time timeline events in the online stores (`features.realtime`), against a real sqlite file and a real
 redis-server: time order whatever the arrival order, one copy per event id, the newest `max_len` kept,
-concurrent writers all kept, durable across a reopen or a server restart."""
+concurrent writers all kept, durable across a reopen or a server restart. And the behaviour log the
+ingested events also go to (`features.behaviour_log`)."""
 
 import threading
 
@@ -8,8 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+from features import contract, logio
+from features.behaviour_log import PENDING, BehaviourLog
 from features.realtime import EVENT_ID, USER, RedisRealtime, SqliteRealtime
 from features.sequences import TIMELINE_FIELDS
+from features.validate import validate_table
 
 
 def _events(ids, users, ts) -> pl.DataFrame:
@@ -97,3 +101,40 @@ def test_stored_events_outlive_the_client_and_the_server(open_store, request):
 def test_events_without_the_needed_columns_are_refused(open_store):
     with pytest.raises(ValueError, match="hours"):
         open_store().append(_events(ids=[1], users=1, ts=[1]).drop("hours"))
+
+
+def test_the_behaviour_log_writes_contract_partitions_and_recovers_after_a_crash(tmp_path):
+
+    def rows(ids, ts):
+        n = len(ids)
+        local = contract.local_time_fields(np.asarray(ts), 8.0)
+        return pl.DataFrame({"event_id": ids, "user_id": [1] * n, "ts": ts, "action": [0] * n, "shop_id": [2] * n,
+                             "item_id": [3] * n, "category_1_id": [4] * n, "brand_id": [None] * n,
+                             "price": [9.5] * n, "shop_aoi_id": [None] * n, "shop_geohash_6": ["wtw3sj"] * n,
+                             "geohash_6": [None] * n, "aoi_id": [None] * n, **local, "city_id": [1] * n},
+                            schema_overrides={"brand_id": pl.Int64, "shop_aoi_id": pl.Int64, "aoi_id": pl.Int64,
+                                              "geohash_6": pl.String})
+
+    day = 1_780_000_000_000
+    log = BehaviourLog(tmp_path, 8.0, flush_s=3600)
+    log.append(rows([1, 2], [day, day + 86_400_000]))  # two local dates
+    assert logio.read_raw(tmp_path, "behaviours") is None  # pending: durable, not yet in the layout
+    log.append(rows([3], [day + 1]))
+    log.close()
+    stored = logio.read_raw(tmp_path, "behaviours")
+    assert sorted(stored["event_id"].to_list()) == [1, 2, 3]
+    assert len({p.parent.name for p in logio.table_files(tmp_path, "behaviours")}) == 2
+    result = validate_table(stored, contract.BEHAVIOURS, window=(0, 2 * day), known_keys={})
+    assert result.quarantine.height == 0  # what the features job will read is clean contract rows
+
+    # a crash after the part files were written but before the pending files were removed: nothing twice
+    crashed = BehaviourLog(tmp_path / "crash", 8.0, flush_s=3600)
+    crashed.append(rows([7, 8], [day, day]))
+    pending = sorted((tmp_path / "crash" / "behaviours" / PENDING).glob("*.arrows"))
+    kept = [p.read_bytes() for p in pending]
+    crashed.close()
+    for p, data in zip(pending, kept):
+        p.write_bytes(data)  # as if the process died before the unlink
+    BehaviourLog(tmp_path / "crash", 8.0, flush_s=3600).append(rows([9], [day]))  # a process that dies with it pending
+    BehaviourLog(tmp_path / "crash", 8.0, flush_s=3600).close()  # the next start recovers
+    assert sorted(logio.read_raw(tmp_path / "crash", "behaviours")["event_id"].to_list()) == [7, 8, 9]

@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=sd.processes,
                    help=f"server processes sharing the port (default {sd.processes}); one Python process uses "
                         "about one core, so give one per core for throughput")
+    p.add_argument("--behaviour-log", type=Path,
+                   help="log folder (the one fin features reads) that ingested behaviours are appended to, durably "
+                        "before each Ingest answers; without it the server refuses Ingest calls")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve TLS instead of plaintext")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--auth-token-file", type=Path,
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
                           default_model=args.default_model, metrics_port=args.metrics_port, poll_s=args.poll_s,
                           torch_threads=args.torch_threads, workers=args.workers, processes=args.processes,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=read_token(args.auth_token_file),
+                          behaviour_log=args.behaviour_log,
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
                                                 batch_candidates=args.batch_candidates,
                                                 utc_offset_hours=args.utc_offset_hours))
