@@ -64,3 +64,15 @@ def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -
     events = sequences.timeline_events(result.clean, keep_event_id=True) if result.clean.height else None
     return CheckedEvents(behaviours=result.clean, events=events if events is not None else pl.DataFrame(),
                          refused=sorted(refused), repeats=rows.height - first.height)
+
+
+def behaviour_events(rows: pl.DataFrame) -> list:
+    """Rows of the contract's behaviours table -> BehaviourEvent messages (nulls as the message's unknowns):
+    what a client of Ingest sends, e.g. `fin ingest` replaying a log folder."""
+    from serving.pb import ctr_scoring_pb2 as pb
+
+    ints = rows.select(*[pl.col(c).cast(pl.Int64).fill_null(0).alias(f) for c, f in _INTS.items()])
+    cells = rows.select(*[pl.col(c).fill_null("").alias(f) for c, f in _CELLS.items()])
+    prices = rows["price"].cast(pl.Float64).fill_null(0.0).to_list()
+    return [pb.BehaviourEvent(**i, **c, price=p)
+            for i, c, p in zip(ints.iter_rows(named=True), cells.iter_rows(named=True), prices)]

@@ -10,7 +10,7 @@ from jobs.cli import build_parser
 from tests.conftest import ROOT, TRAIN_CONFIG, run_fin
 
 SUBCOMMANDS = ["simulate", "validate", "features", "convert-eleme", "train", "evaluate", "promote", "schedule", "runs",
-               "serve", "score"]
+               "serve", "score", "ingest"]
 
 
 def test_every_subcommand_has_help():

@@ -1,6 +1,7 @@
 """Ingest: behaviour events into the real-time timelines through a real `fin serve` process (real Feast sqlite
 store, real gRPC client), read by the next Score of the user."""
 
+import json
 import shutil
 
 import grpc
@@ -10,7 +11,7 @@ import pytest
 from features import logio
 from features.behaviour_log import BehaviourLog
 from serving.pb import ctr_scoring_pb2 as pb
-from tests.conftest import Running
+from tests.conftest import Running, run_fin
 from tests.test_serving import _request
 
 TS = 1_780_000_000_000  # the request time of `_request`
@@ -112,3 +113,22 @@ def test_a_server_without_a_behaviour_log_refuses_ingest(trained_models, feature
     finally:
         code, err = running.stop()
     assert code == 0, err
+
+
+def test_fin_ingest_replays_a_log_folder(server, tmp_path):
+    from serving.ingest import behaviour_rows
+
+    events = [_event(70_000 + i, 6, TS - 10_000 * (i + 1), shop_id=6 + i % 3) for i in range(25)]
+    log = BehaviourLog(tmp_path / "logs", 8.0)
+    log.append(behaviour_rows(events, 8.0))
+    log.close()
+    before = _pctr(server, 6)
+    first = run_fin("ingest", "--addr", server.addr, "--logs", str(tmp_path / "logs"), "--batch", "10", "--json")
+    assert first.returncode == 0, first.stderr
+    result = json.loads(first.stdout)
+    assert (result["events"], result["accepted"], result["duplicates"], result["refused"]) == (25, 25, 0, 0)
+    assert np.abs(_pctr(server, 6) - before).max() > 1e-6
+    again = json.loads(run_fin("ingest", "--addr", server.addr, "--logs", str(tmp_path / "logs"), "--json").stdout)
+    assert (again["accepted"], again["duplicates"]) == (25, 25)
+    missing = run_fin("ingest", "--addr", server.addr, "--logs", str(tmp_path / "nothing"))
+    assert missing.returncode != 0 and "no behaviours under" in missing.stderr

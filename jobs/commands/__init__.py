@@ -2,11 +2,23 @@
 (`run`). Modules import only the standard library at import time; config classes (for the options'
 defaults) and the libraries a command needs are imported when that command runs."""
 
-from jobs.commands import convert_eleme, evaluate, features, promote, schedule, score, serve, simulate, train, validate
+from jobs.commands import (
+    convert_eleme,
+    evaluate,
+    features,
+    ingest,
+    promote,
+    schedule,
+    score,
+    serve,
+    simulate,
+    train,
+    validate,
+)
 from jobs.commands.common import Command
 
 # in the order `fin --help` lists them
 COMMANDS: tuple[Command, ...] = (
     simulate.COMMAND, validate.COMMAND, features.COMMAND, train.COMMAND, evaluate.COMMAND, serve.COMMAND,
-    promote.COMMAND, schedule.SCHEDULE, schedule.RUNS, score.COMMAND, convert_eleme.COMMAND,
+    promote.COMMAND, schedule.SCHEDULE, schedule.RUNS, score.COMMAND, ingest.COMMAND, convert_eleme.COMMAND,
 )
