@@ -132,3 +132,48 @@ def test_fin_ingest_replays_a_log_folder(server, tmp_path):
     assert (again["accepted"], again["duplicates"]) == (25, 25)
     missing = run_fin("ingest", "--addr", server.addr, "--logs", str(tmp_path / "nothing"))
     assert missing.returncode != 0 and "no behaviours under" in missing.stderr
+
+
+def test_after_the_next_features_run_the_online_timeline_is_what_was_served(trained_models, features_logs,
+                                                                           features_job, tmp_path):
+    """Ingested events go to the log the features job reads: the timeline its next run stores for the user
+    equals the one Score read before that run (the stored timeline followed by the real-time events)."""
+    import polars as pl
+    from feast import FeatureStore
+
+    from features.online import read_timelines
+    from features.realtime import SqliteRealtime, merged
+    from jobs.features_job import run_features
+    from serving.ingest import behaviour_events
+    from tests.conftest import FEATURES_CONFIG
+
+    out, _ = features_job
+    logs = tmp_path / "logs"
+    shutil.copytree(features_logs, logs)
+    shutil.copytree(out / "feast", tmp_path / "feast")
+    fin = trained_models[1]["fin"]
+    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    end = json.loads((logs / "manifest.json").read_text())["window_end_ms"]
+    behaviours = logio.read_raw(logs, "behaviours")
+    last = behaviours.group_by("user_id").agg(pl.col("ts").max()).filter(pl.col("ts") < end - 3_600_000)
+    user = int(last.sort("user_id")["user_id"][0])
+    rows = behaviours.filter(pl.col("user_id") == user).sort("ts").tail(4).with_columns(
+        event_id=pl.int_range(pl.len()) + int(behaviours["event_id"].max()) + 1,
+        ts=pl.int_range(pl.len()) * 60_000 + int(last.filter(pl.col("user_id") == user)["ts"][0]) + 60_000)
+
+    running = Running(tmp_path / "models", tmp_path / "feast", "--behaviour-log", str(logs))
+    try:
+        response = running.stub.Ingest(pb.IngestRequest(events=behaviour_events(rows)), timeout=10)
+        assert (response.accepted, len(response.refused)) == (4, 0)
+        stored = read_timelines(FeatureStore(repo_path=str(tmp_path / "feast")), [user])[0]
+        recent = SqliteRealtime(tmp_path / "feast" / "realtime.db").read([user])[0]
+        served = merged(stored, recent, FEATURES_CONFIG.max_seq_len)
+        assert served["ts"].size > stored["ts"].size or stored["ts"].size == FEATURES_CONFIG.max_seq_len
+    finally:
+        code, err = running.stop()  # the log flushes what is pending into its date partitions
+    assert code == 0, err
+
+    run_features(logs, tmp_path / "out2", FEATURES_CONFIG)
+    rebuilt = read_timelines(FeatureStore(repo_path=str(tmp_path / "out2" / "feast")), [user])[0]
+    for field, values in served.items():
+        assert rebuilt[field].tolist() == values.tolist(), field
