@@ -72,7 +72,8 @@ async def ingest_phase(addr: str, calls: list, concurrency: int, seconds: float)
             if time.perf_counter() > deadline:
                 return
             t = time.perf_counter()
-            accepted += (await stub.Ingest(call, timeout=10)).accepted
+            response = await stub.Ingest(call, timeout=10)  # (`x += await ...` would read x before waiting)
+            accepted += response.accepted
             latencies.append(time.perf_counter() - t)
 
     started = time.perf_counter()
@@ -101,7 +102,8 @@ async def score_phase(addr: str, requests: list, seconds: float, beside: list | 
             if stop.is_set():
                 return
             await asyncio.sleep(max(0.0, ingested / rate - (time.perf_counter() - started)))
-            ingested += (await ingest_stub.Ingest(call, timeout=10)).accepted
+            response = await ingest_stub.Ingest(call, timeout=10)
+            ingested += response.accepted
 
     task = asyncio.create_task(ingest()) if beside else None
     started, deadline = time.perf_counter(), time.perf_counter() + seconds

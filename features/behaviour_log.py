@@ -7,11 +7,12 @@ the answer. `flush` moves what is pending into the contract's layout, one parque
 (`behaviours/date=YYYY-MM-DD/part-<first>-<last>.parquet`, each written to a temporary name, fsynced and
 renamed, its metadata naming the pending files it holds), then removes those pending files. A crash
 between the two is undone at the next start (`recover`): pending files that a part file names are
-removed, the rest flushed, so every event lands in exactly one part file. Server processes sharing a
-folder flush one at a time (a lock file). Flushes happen when `flush_rows` rows
-are pending, every `flush_s` seconds (a background thread), and on `close`.
+removed, the rest flushed, so every event lands in exactly one part file. A background thread flushes
+every `flush_s` seconds and as soon as `flush_rows` rows are pending (appends never wait for a flush:
+they add files a running flush has not listed); `close` flushes the rest. Server processes sharing a
+folder flush one at a time (a lock file).
 
-The features job reads `behaviours/date=*/` and skips folders whose names start with `_` (`_pending`).
+The features job reads the `.parquet` files under `behaviours/` (the pending `.arrows` files are not).
 """
 
 from __future__ import annotations
@@ -59,10 +60,12 @@ class BehaviourLog:
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.pending = self.folder / TABLE / PENDING
         self.pending.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pending row count
+        self._flushing = threading.Lock()  # one flush (or recovery) at a time in this process
         self._sequence = itertools.count()
         self._pending_rows = 0
         self._closed = threading.Event()
+        self._wake = threading.Event()  # set when `flush_rows` rows are pending
         self.recover()
         self._flusher = threading.Thread(target=self._flush_every, name="behaviour-log", daemon=True)
         self._flusher.start()
@@ -78,17 +81,17 @@ class BehaviourLog:
             with pa.ipc.new_stream(f, table.schema) as writer:
                 writer.write_table(table)
 
+        _durable_write(self.pending / name, write)
         with self._lock:
-            _durable_write(self.pending / name, write)
             self._pending_rows += rows.height
-            full = self._pending_rows >= self.flush_rows
-        if full:
-            self.flush()
+            if self._pending_rows >= self.flush_rows:
+                self._wake.set()  # the flusher thread moves them: appends never wait for a flush
 
     def flush(self) -> int:
         """Move every pending row into the date partitions; returns how many. Server processes sharing the
         folder flush one at a time (a lock file)."""
-        with self._lock, open(self.pending / ".lock", "a") as lock:
+        # appends go on meanwhile: they add files this flush has not listed
+        with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             files = sorted(self.pending.glob("*.arrows"))
             if not files:
@@ -104,12 +107,13 @@ class BehaviourLog:
                                lambda f, part=part: pq.write_table(part, f))
             for f in files:
                 f.unlink()
-            self._pending_rows = 0
+            with self._lock:
+                self._pending_rows = max(0, self._pending_rows - table.num_rows)
             return table.num_rows
 
     def recover(self) -> int:
         """After a crash: drop pending files a part file already holds, flush the others."""
-        with self._lock, open(self.pending / ".lock", "a") as lock:
+        with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if any(self.pending.glob("*.arrows")):
                 for part in (self.folder / TABLE).glob("date=*/part-*.parquet"):
@@ -119,10 +123,14 @@ class BehaviourLog:
         return self.flush()
 
     def _flush_every(self) -> None:
-        while not self._closed.wait(self.flush_s):
-            self.flush()
+        while not self._closed.is_set():
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
+            if not self._closed.is_set():
+                self.flush()
 
     def close(self) -> None:
         self._closed.set()
+        self._wake.set()
         self._flusher.join()
         self.flush()

@@ -55,6 +55,7 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
                  batcher: ForwardBatcher, metrics: ServingMetrics, realtime, log: BehaviourLog | None):
         self.repository, self.features, self.config = repository, features, config
         self.batcher, self.metrics, self.realtime, self.log = batcher, metrics, realtime, log
+        self._ingest = ThreadPoolExecutor(1, thread_name_prefix="ingest")
 
     async def Ingest(self, request: pb.IngestRequest, context: grpc.aio.ServicerContext) -> pb.IngestResponse:
         if self.log is None:
@@ -65,16 +66,24 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         if n == 0 or n > limit:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"an Ingest call takes 1 to {limit} events, this one has {n}")
-        checked = await asyncio.to_thread(check_events, request.events, self.config.scoring.utc_offset_hours)
+        loop = asyncio.get_running_loop()
+        checked, appended = await loop.run_in_executor(self._ingest, self._ingest_call, request.events)
         refused = [pb.RefusedEvent(index=i, reason=reason) for i, reason in checked.refused]
-        if checked.events.height == 0 and refused:
+        if appended is None:
             shown = "; ".join(f"events[{r.index}]: {r.reason}" for r in refused[:5])
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"every event was refused: {shown}")
-        # durable in the log, then in the timelines, before the answer: an acknowledged event is never lost
-        await asyncio.to_thread(self.log.append, checked.behaviours)
-        appended = await asyncio.to_thread(self.realtime.append, checked.events)
         return pb.IngestResponse(accepted=n - len(refused), duplicates=appended.duplicates + checked.repeats,
                                  refused=refused)
+
+    def _ingest_call(self, events) -> tuple:
+        """Check a call's events, then make the accepted ones durable in the log and add them to the
+        timelines, before the answer (an acknowledged event is never lost). On one thread: polars queries
+        from several threads at once slow each other down by orders of magnitude."""
+        checked = check_events(events, self.config.scoring.utc_offset_hours)
+        if checked.events.height == 0:
+            return checked, None
+        self.log.append(checked.behaviours)
+        return checked, self.realtime.append(checked.events)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         started = time.perf_counter()
