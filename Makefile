@@ -38,9 +38,15 @@ demo: install
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model dnn --epochs 2
 	$(FIN) evaluate --data $(DEMO)/features --repo $(DEMO)/models --models fin din dnn --out $(DEMO)/report
 	$(FIN) promote --models $(DEMO)/models --name fin --version 1 --report $(DEMO)/report/report.json
-	@# serve on loopback, replay three logged requests through gRPC, then stop the server (SIGTERM drains it)
-	$(FIN) serve --models $(DEMO)/models --feast-repo $(DEMO)/features/feast --port $(DEMO_PORT) & pid=$$!; \
-	  $(FIN) score --addr 127.0.0.1:$(DEMO_PORT) --replay $(DEMO)/features --requests 3 --wait 120; rc=$$?; \
+	@# serve on loopback, replay three logged requests through gRPC; then score user 1418 the day after the
+	@# logs end, ingest five orders it placed since, and score it again (its pCTRs move); then stop the
+	@# server (SIGTERM drains it; the ingested orders are in $(DEMO)/logs for the next features run)
+	$(FIN) serve --models $(DEMO)/models --feast-repo $(DEMO)/features/feast --port $(DEMO_PORT) \
+	  --behaviour-log $(DEMO)/logs & pid=$$!; \
+	  $(FIN) score --addr 127.0.0.1:$(DEMO_PORT) --replay $(DEMO)/features --requests 3 --wait 120 && \
+	  $(FIN) score --addr 127.0.0.1:$(DEMO_PORT) --request configs/demo/score_request.json --brief && \
+	  $(FIN) ingest --addr 127.0.0.1:$(DEMO_PORT) --events configs/demo/ingest_events.json && \
+	  $(FIN) score --addr 127.0.0.1:$(DEMO_PORT) --request configs/demo/score_request.json --brief; rc=$$?; \
 	  kill $$pid; wait $$pid; exit $$rc
 
 # The Redis online-store test needs a redis-server binary (Debian package; it listens on 127.0.0.1 only),

@@ -132,6 +132,13 @@ def test_fin_ingest_replays_a_log_folder(server, tmp_path):
     assert (again["accepted"], again["duplicates"]) == (25, 25)
     missing = run_fin("ingest", "--addr", server.addr, "--logs", str(tmp_path / "nothing"))
     assert missing.returncode != 0 and "no behaviours under" in missing.stderr
+    from google.protobuf import json_format
+
+    request = pb.IngestRequest(events=[_event(80_000, 6, TS - 500), _event(80_001, 6, TS - 400, price=-2.0)])
+    (tmp_path / "events.json").write_text(json_format.MessageToJson(request))
+    sent = json.loads(run_fin("ingest", "--addr", server.addr, "--events", str(tmp_path / "events.json"),
+                              "--json").stdout)
+    assert (sent["events"], sent["accepted"], sent["refused"]) == (2, 1, 1)
 
 
 def test_after_the_next_features_run_the_online_timeline_is_what_was_served(trained_models, features_logs,

@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sd = ServerConfig(models=Path(), feast_repo=Path())
     addr = f"{sd.host}:{sd.port}"
     p.add_argument("--addr", default=addr, help=f"server address (default {addr})")
-    p.add_argument("--logs", required=True, type=Path, help="log folder whose behaviours are replayed")
+    p.add_argument("--logs", type=Path, help="log folder whose behaviours are replayed")
+    p.add_argument("--events", type=Path, help="instead of --logs: an IngestRequest as JSON (protobuf JSON mapping)")
     p.add_argument("--since", type=time_ms, help="first event time (ms or ISO; default: the first event)")
     p.add_argument("--until", type=time_ms, help="replay events before this time (ms or ISO; default: all)")
     p.add_argument("--limit", type=int, help="at most this many events (the earliest)")
@@ -43,9 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.speed < 0:
         raise CommandError("--batch must be at least 1 and --speed at least 0")
-    rows = logio.read_raw(args.logs, "behaviours")
-    if rows is None:
-        raise CommandError(f"no behaviours under {args.logs}")
+    if (args.logs is None) == (args.events is None):
+        raise CommandError("give one of --logs DIR or --events FILE.json")
+    if args.events is not None:
+        rows = _events_file(args.events)
+    else:
+        rows = logio.read_raw(args.logs, "behaviours")
+        if rows is None:
+            raise CommandError(f"no behaviours under {args.logs}")
     rows = rows.with_columns(pl.col("ts").cast(pl.Int64, strict=False)).sort("ts", "event_id", nulls_last=True)
     if args.since is not None:
         rows = rows.filter(pl.col("ts") >= args.since)
@@ -86,9 +92,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _events_file(path: Path):
+    """An IngestRequest written as JSON -> rows of the contract's behaviours table."""
+    from google.protobuf import json_format
+
+    from serving.ingest import behaviour_rows
+    from serving.pb import ctr_scoring_pb2 as pb
+
+    try:
+        request = json_format.Parse(path.read_text(), pb.IngestRequest())
+    except (OSError, json_format.ParseError) as e:
+        raise CommandError(f"cannot read an IngestRequest from {path}: {e}") from None
+    return behaviour_rows(request.events, 0.0)  # local time fields are the server's to derive
+
+
 COMMAND = Command(
     name="ingest", help="replay a log folder's behaviours into a server's Ingest API",
-    description="Sends the behaviours of a log folder (in time order, optionally a time range) to a running "
+    description="Sends the behaviours of a log folder (in time order, optionally a time range), or the events of "
+                "an IngestRequest JSON file, to a running "
                 "`fin serve` through Ingest, in batches, as fast as it takes them or at a multiple of the "
                 "logged pace; prints how many were accepted, already stored or refused.",
     add_arguments=add_arguments, run=run)

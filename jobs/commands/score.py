@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name to ask for (default: the request's, else the server's default)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default 5)")
     p.add_argument("--wait", type=float, default=0, help="first wait up to this many seconds for the server to serve")
+    p.add_argument("--brief", action="store_true",
+                   help="with --request: one line per candidate instead of the response as JSON")
     p.add_argument("--tls-ca", type=Path, help="PEM certificate to trust: connect with TLS")
     p.add_argument("--auth-token-file", type=Path, help="file holding the server's bearer token")
 
@@ -72,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
                 response = stub.Score(request, timeout=args.timeout, metadata=metadata)
             except grpc.RpcError as e:
                 raise CommandError(f"{e.code().name}: {e.details()}") from None
-            if labels is None:
+            if labels is None and args.brief:
+                _print_replayed(request, response, [0] * len(request.candidates))
+            elif labels is None:
                 print(json_format.MessageToJson(response, indent=2))
             else:
                 _print_replayed(request, response, labels)
