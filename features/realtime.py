@@ -73,26 +73,21 @@ class SqliteRealtime:
     def append(self, events: pl.DataFrame) -> Appended:
         cols = _columns(events)
         rows = list(zip(*(cols[c].tolist() for c in _COLUMNS)))
-        placeholders = ", ".join("?" * len(_COLUMNS))
+        insert = f"INSERT OR IGNORE INTO realtime_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        trim = ("DELETE FROM realtime_events WHERE user_id = ?1 AND event_id IN (SELECT event_id FROM "
+                "realtime_events WHERE user_id = ?1 ORDER BY ts DESC, event_id DESC LIMIT -1 OFFSET ?2)")
         with self._lock:
-            return self._append(cols, rows, placeholders)
-
-    def _append(self, cols: dict[str, np.ndarray], rows: list[tuple], placeholders: str) -> Appended:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes; readers go on
-        try:
-            before = db.total_changes
-            db.executemany(f"INSERT OR IGNORE INTO realtime_events ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                           rows)
-            stored = db.total_changes - before
-            db.executemany(
-                "DELETE FROM realtime_events WHERE user_id = ?1 AND event_id IN (SELECT event_id FROM "
-                "realtime_events WHERE user_id = ?1 ORDER BY ts DESC, event_id DESC LIMIT -1 OFFSET ?2)",
-                [(int(u), self.max_len) for u in np.unique(cols[USER])])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes; readers go on
+            try:
+                before = db.total_changes
+                db.executemany(insert, rows)
+                stored = db.total_changes - before
+                db.executemany(trim, [(int(u), self.max_len) for u in np.unique(cols[USER])])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         return Appended(stored=stored, duplicates=len(rows) - stored)
 
     def read(self, user_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:

@@ -61,9 +61,9 @@ def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -
     result = validate_table(first, contract.BEHAVIOURS, window=(_WINDOW_START_MS, now_ms + _FUTURE_MS),
                             known_keys={})  # ids are checked for form; the world tables live with the job
     refused = [(int(i), reason) for i, reason in result.quarantine.select(_INDEX, REASON).iter_rows()]
-    events = sequences.timeline_events(result.clean, keep_event_id=True) if result.clean.height else None
-    return CheckedEvents(behaviours=result.clean, events=events if events is not None else pl.DataFrame(),
-                         refused=sorted(refused), repeats=rows.height - first.height)
+    events = sequences.timeline_events(result.clean, keep_event_id=True) if result.clean.height else pl.DataFrame()
+    return CheckedEvents(behaviours=result.clean, events=events, refused=sorted(refused),
+                         repeats=rows.height - first.height)
 
 
 def behaviour_events(rows: pl.DataFrame) -> list:

@@ -52,10 +52,11 @@ INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 
 class CtrScoring(pb_grpc.CtrScoringServicer):
     def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
-                 batcher: ForwardBatcher, metrics: ServingMetrics, realtime, log: BehaviourLog | None):
+                 batcher: ForwardBatcher, metrics: ServingMetrics, realtime, log: BehaviourLog | None,
+                 ingest: ThreadPoolExecutor):
         self.repository, self.features, self.config = repository, features, config
         self.batcher, self.metrics, self.realtime, self.log = batcher, metrics, realtime, log
-        self._ingest = ThreadPoolExecutor(1, thread_name_prefix="ingest")
+        self._ingest = ingest  # one thread (see `_ingest_call`)
 
     async def Ingest(self, request: pb.IngestRequest, context: grpc.aio.ServicerContext) -> pb.IngestResponse:
         if self.log is None:
@@ -210,6 +211,7 @@ class Server:
         self.log = (None if config.behaviour_log is None
                     else BehaviourLog(config.behaviour_log, config.scoring.utc_offset_hours))
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="infer")  # ModelInfer forwards
+        self.ingest = ThreadPoolExecutor(1, thread_name_prefix="ingest")  # Ingest checks and writes
         self.metrics = ServingMetrics()
         self.batcher = ForwardBatcher(config.workers, config.scoring.batch_candidates,
                                       self.metrics.forward_requests.observe)
@@ -224,7 +226,7 @@ class Server:
     async def start(self) -> int:
         pb_grpc.add_CtrScoringServicer_to_server(
             CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.realtime,
-                       self.log),
+                       self.log, self.ingest),
             self.server)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.executor, self.metrics), self.server)
@@ -292,6 +294,7 @@ class Server:
         await asyncio.sleep(self.config.drain_delay_s)
         await self.server.stop(self.config.grace_s)
         self.executor.shutdown(wait=True)
+        self.ingest.shutdown(wait=True)  # before the store and the log it writes to close
         self.batcher.close()
         self.features.close()
         self.realtime.close()
