@@ -27,6 +27,11 @@ def local_day(ts: pl.Expr, utc_offset_hours: float) -> pl.Expr:
     return ((ts + int(utc_offset_hours * 3_600_000)) // DAY_MS).cast(pl.Int32)
 
 
+def local_day_start_ms(day: int, utc_offset_hours: float) -> int:
+    """The UTC millisecond timestamp at which local day `day` (days since 1970-01-01) begins."""
+    return day * DAY_MS - int(utc_offset_hours * 3_600_000)
+
+
 def daily_counts(impressions: pl.LazyFrame, key: str) -> pl.LazyFrame:
     """(key, day) -> impressions, clicks. `impressions` must carry a `day` column."""
     return impressions.group_by(key, "day").agg(impressions=pl.len().cast(pl.Int64),

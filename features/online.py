@@ -11,10 +11,14 @@ job's Ray workers, which only encode, never pay it.
 
 from __future__ import annotations
 
+import contextlib
+import io
+from datetime import datetime, timedelta, timezone
+
 import numpy as np
 import polars as pl
 
-from features.dataset import EVENT_TIMESTAMP, TIMELINE_VIEW
+from features.dataset import EVENT_TIMESTAMP, STATS_VIEWS, TIMELINE_VIEW, Dataset
 from features.sequences import TIMELINE_FIELDS
 
 TIMELINE_FEATURES = [f"{TIMELINE_VIEW}:{f}" for f in TIMELINE_FIELDS]
@@ -60,6 +64,40 @@ def write_encoded_timelines(store, encoded: pl.DataFrame) -> int:
     get_provider(store.config).online_write_batch(store.config, store.get_feature_view(TIMELINE_VIEW), rows,
                                                   progress=None)
     return len(rows)
+
+
+def timelines_before(timelines: pl.DataFrame, cutoff_ms: int, max_len: int) -> pl.DataFrame:
+    """Offline timelines (one row per user, TIMELINE_FIELDS lists in time order) -> each user's newest
+    `max_len` events before `cutoff_ms`, as a `user_timeline` source frame (the event time is the newest
+    event's, or the cutoff for a user with none yet)."""
+    before = pl.col("ts").list.eval((pl.element() < cutoff_ms).sum()).list.first().fill_null(0).cast(pl.Int64)
+    start = pl.max_horizontal(before - max_len, 0)
+    cut = timelines.with_columns(_start=start, _len=before - start)
+    return cut.select(
+        ENTITY, *(pl.col(f).list.slice(pl.col("_start"), pl.col("_len")) for f in TIMELINE_FIELDS),
+        pl.when(pl.col("_len") > 0).then(pl.col("ts").list.get(pl.col("_start") + pl.col("_len") - 1, null_on_oob=True))
+        .otherwise(cutoff_ms).cast(pl.Datetime("ms", "UTC")).alias(EVENT_TIMESTAMP))
+
+
+def write_as_of(store, data, cutoff_ms: int, max_len: int, timelines: bool = True) -> int:
+    """Write into the online store what a features run over the logs before `cutoff_ms` leaves there: each
+    user's newest `max_len` events before it (through the job's own encoding and write) and, through Feast's
+    materialisation, each item's and shop's newest statistics row at or before it (a local day's start:
+    the statistics of that day). With `timelines=False` only the statistics (a day of real-time serving).
+    Returns the timelines written.
+
+    For replaying logged days against a server: a copy of the store is set back to the first day, then
+    moved forward a day at a time. Feast's sqlite store takes any event time; its Redis store keeps the
+    newer of two writes, so only a fresh Redis store can be set back."""
+    written = 0
+    if timelines:
+        offline = pl.read_parquet(Dataset.at(data).timelines / "*.parquet").select(ENTITY, *TIMELINE_FIELDS)
+        written = write_encoded_timelines(store, encode_timelines(timelines_before(offline, cutoff_ms, max_len)))
+    cutoff = datetime.fromtimestamp(cutoff_ms / 1000, tz=timezone.utc)
+    with contextlib.redirect_stdout(io.StringIO()):  # Feast prints its progress
+        store.materialize(start_date=cutoff - timedelta(days=1) + timedelta(milliseconds=1),
+                          end_date=cutoff + timedelta(milliseconds=1), feature_views=list(STATS_VIEWS.values()))
+    return written
 
 
 def int64_list_bytes(column: pl.Series) -> list[bytes]:
@@ -110,3 +148,4 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+

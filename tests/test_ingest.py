@@ -184,3 +184,54 @@ def test_after_the_next_features_run_the_online_timeline_is_what_was_served(trai
     rebuilt = read_timelines(FeatureStore(repo_path=str(tmp_path / "out2" / "feast")), [user])[0]
     for field, values in served.items():
         assert rebuilt[field].tolist() == values.tolist(), field
+
+
+def test_replayed_days_are_served_as_the_evaluator_scores_them(trained_models, features_logs, features_job, tmp_path):
+    """The test days through a real server in time order, the store as a features run the day before left it
+    (each user's timeline and the first day's statistics; each later day's statistics written as its daily
+    run would): with every logged behaviour ingested before the requests that came after it, each served
+    pCTR equals `fin evaluate`'s for that impression (which cuts the history at the request); with nothing
+    ingested, the requests of users who acted earlier in the days score otherwise."""
+    import polars as pl
+    from feast import FeatureStore
+
+    from features.aggregates import local_day_start_ms
+    from features.online import write_as_of
+    from fin.artifact import load_artifact
+    from fin.evaluate import predict
+    from serving.replay import logged_requests, replay_in_time_order
+    from tests.conftest import FEATURES_CONFIG
+
+    out, _ = features_job
+    data = out / "data"
+    shutil.copytree(out / "feast", tmp_path / "feast")
+    fin = trained_models[1]["fin"]
+    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    offset = json.loads((features_logs / "manifest.json").read_text())["utc_offset_hours"]
+    store = FeatureStore(repo_path=str(tmp_path / "feast"))
+    requests = logged_requests(data, "test")
+    start = local_day_start_ms(requests[0].day, offset)
+    write_as_of(store, data, start, FEATURES_CONFIG.max_seq_len)
+    behaviours = logio.read_raw(features_logs, "behaviours").filter(pl.col("ts") >= start)
+    behaviours = behaviours.filter(pl.col("ts") < requests[-1].request.context.ts_ms)  # what the requests follow
+    acted_before = {r.request.user_id for r in requests} & set(behaviours["user_id"].to_list())
+    assert len(requests) >= 10 and acted_before  # requests after behaviours of the same users
+
+    def new_day(day: int) -> None:  # the statistics of the day, as its daily run writes them
+        write_as_of(store, data, local_day_start_ms(day, offset), FEATURES_CONFIG.max_seq_len, timelines=False)
+
+    running = Running(tmp_path / "models", tmp_path / "feast", "--behaviour-log", str(tmp_path / "logs"),
+                      "--stats-staleness-s", "0")
+    try:
+        frozen = replay_in_time_order(running.stub, requests, None, ["fin"], new_day).scores["fin"]
+        replayed = replay_in_time_order(running.stub, requests, behaviours, ["fin"], new_day)
+    finally:
+        code, err = running.stop()
+    assert code == 0, err
+    assert replayed.ingested == behaviours.height and replayed.refused == 0
+    served = replayed.scores["fin"]
+    offline = served.join(predict(load_artifact(fin), data, "test"), left_on="row_id", right_on="impression_id",
+                          how="left", maintain_order="left")
+    np.testing.assert_allclose(served["pctr"].to_numpy(), offline["pctr_right"].to_numpy(), rtol=1e-4, atol=1e-6)
+    moved = np.abs(frozen["pctr"].to_numpy() - served["pctr"].to_numpy()) > 1e-6
+    assert moved.any() and not moved.all()

@@ -147,17 +147,18 @@ def test_metrics_count_calls_by_code(server):
     assert server.metric("fin_candidates_per_request_bucket", le="5.0") >= 2
 
 
-def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, tmp_path):
+def test_served_pctr_equals_the_offline_evaluator(trained_models, features_logs, features_job, tmp_path):
     """Logged test requests replayed through gRPC score as the evaluator scores them: one code path, the
     artifact's calibration included (`fin train` fitted one; it moves these pCTRs beyond the tolerance).
 
     The online store holds the latest state: each user's last `max_seq_len` events and the statistics as of
     the day after the data. So the replayed requests are from the last day, of users whose whole timeline is
     stored (events after a request are cut off by `fragment()`), and a copy of the store first gets that
-    day's item and shop statistics through Feast's own write path, as a store materialised that day had."""
-    from datetime import datetime, timezone
-
+    day's item and shop statistics through Feast's materialisation, as a store materialised that day had."""
     from feast import FeatureStore
+
+    from features.aggregates import local_day_start_ms
+    from features.online import write_as_of
 
     out, _ = features_job
     examples = pl.read_parquet(out / "data" / "examples" / "test" / "*.parquet")
@@ -167,16 +168,11 @@ def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, 
     replayed = logged_requests(out, "test", limit=8,
                                where=(pl.col("day") == day) & pl.col("user_id").is_in(whole.implode()))
     assert len(replayed) >= 3
-    last = examples.filter(pl.col("impression_id").is_in([i for r in replayed for i in r.impression_ids]))
 
     shutil.copytree(out / "feast", tmp_path / "feast")
-    store = FeatureStore(repo_path=str(tmp_path / "feast"))
-    for key in ("item", "shop"):
-        stats = pl.read_parquet(out / "data" / "feast_sources" / f"{key}_stats.parquet").filter(pl.col("day") == day)
-        rows = last.select(f"{key}_id").unique().join(stats, on=f"{key}_id", how="left").drop("day").with_columns(
-            pl.exclude(f"{key}_id", "event_timestamp").fill_null(0),
-            pl.lit(datetime.now(timezone.utc)).alias("event_timestamp"))
-        store.write_to_online_store(f"{key}_stats", rows.to_pandas())
+    offset = json.loads((features_logs / "manifest.json").read_text())["utc_offset_hours"]
+    write_as_of(FeatureStore(repo_path=str(tmp_path / "feast")), out / "data", local_day_start_ms(day, offset),
+                FEATURES_CONFIG.max_seq_len, timelines=False)
 
     running = Running(trained_models[0], tmp_path / "feast")
     try:
@@ -186,7 +182,7 @@ def test_served_pctr_equals_the_offline_evaluator(trained_models, features_job, 
         for logged in replayed:
             logged.request.model_name = "fin"
             served = np.array([s.pctr for s in running.stub.Score(logged.request, timeout=10).scores])
-            expected = pl.DataFrame({"impression_id": logged.impression_ids}).join(
+            expected = pl.DataFrame({"impression_id": logged.row_ids}).join(
                 offline, on="impression_id", maintain_order="left")
             np.testing.assert_allclose(served, expected["pctr"].to_numpy(), rtol=1e-4, atol=1e-6)
             assert not np.allclose(served, expected["pctr_uncalibrated"].to_numpy(), rtol=1e-4, atol=1e-6)

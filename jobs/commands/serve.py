@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=sd.processes,
                    help=f"server processes sharing the port (default {sd.processes}); one Python process uses "
                         "about one core, so give one per core for throughput")
+    p.add_argument("--timeline-staleness-s", type=float, default=sd.online.timeline_staleness_s,
+                   help="seconds a user's stored timeline is cached before it is read again (default "
+                        f"{sd.online.timeline_staleness_s:g}; ingested events are read on every request)")
+    p.add_argument("--stats-staleness-s", type=float, default=sd.online.stats_staleness_s,
+                   help="seconds an item's or shop's statistics are cached before they are read again (default "
+                        f"{sd.online.stats_staleness_s:g})")
     p.add_argument("--behaviour-log", type=Path,
                    help="log folder (the one fin features reads) that ingested behaviours are appended to, durably "
                         "before each Ingest answers; without it the server refuses Ingest calls")
@@ -61,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from serving.config import ScoringConfig, ServerConfig
+    from serving.config import OnlineConfig, ScoringConfig, ServerConfig
     from serving.server import log_to_stderr, serve
 
     for name, path in (("--models", args.models), ("--feast-repo", args.feast_repo)):
@@ -71,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("give both --tls-cert and --tls-key, or neither")
     if args.processes < 1 or args.workers < 1:
         raise CommandError("--processes and --workers must be at least 1")
+    if args.timeline_staleness_s < 0 or args.stats_staleness_s < 0:
+        raise CommandError("--timeline-staleness-s and --stats-staleness-s must be at least 0")
     log_to_stderr()
     config = ServerConfig(models=args.models, feast_repo=args.feast_repo, host=args.host, port=args.port,
                           default_model=args.default_model, metrics_port=args.metrics_port, poll_s=args.poll_s,
@@ -79,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
                           behaviour_log=args.behaviour_log,
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
                                                 batch_candidates=args.batch_candidates,
-                                                utc_offset_hours=args.utc_offset_hours))
+                                                utc_offset_hours=args.utc_offset_hours),
+                          online=OnlineConfig(timeline_staleness_s=args.timeline_staleness_s,
+                                              stats_staleness_s=args.stats_staleness_s))
 
     def ready(port, server, metrics_ports):
         urls = " ".join(f"http://{args.host}:{p}/metrics" for p in metrics_ports)
