@@ -121,13 +121,23 @@ LOGGING = "logging policy"
 def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
             auction_config: AuctionConfig | None = None, replay: ReplayConfig = ReplayConfig(),
             progress: Callable[[int], None] | None = None) -> dict | None:
-    """RPM and CTR replay (`fin.revenue`) of every model ranking the logged candidates by pCTR x bid under
-    the auction, against the logging policy (and the oracle ranking on simulated data), with lifts over
-    the logging policy and of the first model over each other; None without logged candidates."""
+    """RPM and CTR replay (`revenue_of`) of every model's pCTR on the split's logged candidates; None
+    without logged candidates."""
     parts = Dataset.at(data).parts(CANDIDATES, split)
     if not parts:
         return None
     frame = pl.read_parquet(parts)
+    scores = {f"{a.name}/{a.version}": _scores(a, data, split, frame, CANDIDATES, progress)[SCORE].to_numpy()
+              for a in artifacts}
+    return revenue_of(frame, scores, auction_config, replay)
+
+
+def revenue_of(frame: pl.DataFrame, scores: dict[str, np.ndarray], auction_config: AuctionConfig | None = None,
+               replay: ReplayConfig = ReplayConfig()) -> dict:
+    """RPM and CTR replay (`fin.revenue`) of each model ranking the logged candidates (`frame`, rows of the
+    candidates dataset) by its pCTR (`scores`: model -> pCTR per row of `frame`) x bid under the auction,
+    against the logging policy (and the oracle ranking on simulated data), with lifts over the logging
+    policy and of the first model over each other."""
     logged = logged_candidates(frame)
     config = auction_config or AuctionConfig()
     if config.slots is None:
@@ -138,13 +148,11 @@ def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
     request = logged.request
     policies = {LOGGING: (*logging_slate(logged, frame["logging_score"].cast(pl.Float64).to_numpy(), bid, config),
                           True)}
-    for artifact in artifacts:
-        scores = _scores(artifact, data, split, frame, CANDIDATES, progress)[SCORE].to_numpy()
-        policies[f"{artifact.name}/{artifact.version}"] = (*auction(request, scores, bid, config), False)
+    for model, pctr_of_rows in scores.items():
+        policies[model] = (*auction(request, pctr_of_rows, bid, config), False)
     if logged.oracle is not None:
         policies[ORACLE] = (*auction(request, logged.oracle[:, 0], bid, config), False)
-    models = [f"{a.name}/{a.version}" for a in artifacts]
-    results = evaluate_policies(logged, policies, replay, baselines=(LOGGING, *models[1:]))
+    results = evaluate_policies(logged, policies, replay, baselines=(LOGGING, *list(scores)[1:]))
     return {"requests": logged.requests, "candidates": frame.height, "auction": dataclasses.asdict(config),
             "bootstrap": dataclasses.asdict(replay), "policies": results}
 
