@@ -11,6 +11,7 @@ import pytest
 from features import logio
 from features.behaviour_log import BehaviourLog
 from serving.pb import ctr_scoring_pb2 as pb
+from serving.pb import ctr_scoring_pb2_grpc
 from tests.conftest import Running, run_fin
 from tests.test_serving import _request
 
@@ -235,3 +236,62 @@ def test_replayed_days_are_served_as_the_evaluator_scores_them(trained_models, f
     np.testing.assert_allclose(served["pctr"].to_numpy(), offline["pctr_right"].to_numpy(), rtol=1e-4, atol=1e-6)
     moved = np.abs(frozen["pctr"].to_numpy() - served["pctr"].to_numpy()) > 1e-6
     assert moved.any() and not moved.all()
+
+
+def test_replicas_sharing_redis_read_each_others_events(trained_models, features_job, redis_server, tmp_path):
+    """Two servers (one of two processes) over one Redis online store, filled by `write_as_of`: an event
+    ingested through one is in the next Score of every process of both, and events of one user sent at
+    once to both by two clients are all kept, in time order."""
+    import threading
+
+    import yaml
+    from feast import FeatureStore
+
+    from features.online import write_as_of
+    from features.realtime import RedisRealtime
+    from tests.conftest import FEATURES_CONFIG
+
+    out, run = features_job
+    repo = tmp_path / "feast"
+    shutil.copytree(out / "feast", repo, ignore=shutil.ignore_patterns("realtime.db*", "online_store.db"))
+    config = yaml.safe_load((repo / "feature_store.yaml").read_text())
+    config["online_store"] = {"type": "redis", "connection_string": f"127.0.0.1:{redis_server.port}"}
+    (repo / "feature_store.yaml").write_text(yaml.safe_dump(config))
+    write_as_of(FeatureStore(repo_path=str(repo)), out / "data", run["window_end_ms"], FEATURES_CONFIG.max_seq_len)
+    fin = trained_models[1]["fin"]
+    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    logs = str(tmp_path / "logs")  # one log folder for all: its writers take turns
+    first = Running(tmp_path / "models", repo, "--behaviour-log", logs, "--processes", "2")
+    second = Running(tmp_path / "models", repo, "--behaviour-log", logs)
+    channels = [grpc.insecure_channel(first.addr, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(16)]  # a connection each: both processes serve some
+    try:
+        before = _pctr(second, 3)
+        assert _pctr(first, 3).tolist() == before.tolist()  # one store, one timeline
+        ingested = first.stub.Ingest(pb.IngestRequest(events=[_event(30_000, 3, TS - 120_000)]), timeout=10)
+        assert ingested.accepted == 1
+        after = _pctr(second, 3)
+        assert np.abs(after - before).max() > 1e-6
+        for channel in channels:
+            stub = ctr_scoring_pb2_grpc.CtrScoringStub(channel)
+            served = [s.pctr for s in stub.Score(_request(3, candidates=4), timeout=10).scores]
+            assert served == after.tolist()
+        assert all(first.metric("fin_requests_total", process=p, method="Score", code="OK") > 0 for p in (0, 1))
+
+        calls = {server: [_event(31_000 + 2 * i + k, 3, TS - 100_000 + 2_000 * i + k) for i in range(20)]
+                 for k, server in enumerate((first, second))}
+        threads = [threading.Thread(target=server.stub.Ingest, args=(pb.IngestRequest(events=events),),
+                                    kwargs={"timeout": 10}) for server, events in calls.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stored = RedisRealtime.connect(f"127.0.0.1:{redis_server.port}").read([3])[0]
+        assert stored["ts"].size == 41 and np.all(np.diff(stored["ts"]) > 0)
+        assert _pctr(first, 3).tolist() == _pctr(second, 3).tolist()
+    finally:
+        for channel in channels:
+            channel.close()
+        for server in (first, second):
+            code, err = server.stop()
+            assert code == 0, err
