@@ -40,7 +40,10 @@ def event_pool(logs: Path, size: int = 20_000):
 
 
 def ingest_calls(pool, batch: int, calls: int, first_id: int) -> list:
-    """`calls` IngestRequests of `batch` events each, with ids never used before."""
+    """`calls` IngestRequests of `batch` events each, with ids never used before, timed within the last hour
+    (as real-time events are: the logged times may lie beyond the day of clock skew the server accepts)."""
+    import time
+
     import polars as pl
 
     from serving.ingest import behaviour_events
@@ -49,8 +52,10 @@ def ingest_calls(pool, batch: int, calls: int, first_id: int) -> list:
     rng = np.random.default_rng(first_id)
     out = []
     for k in range(calls):
+        now_ms = int(time.time() * 1000)
         rows = pool[rng.choice(pool.height, batch, replace=False)].with_columns(
-            event_id=pl.int_range(batch) + first_id + k * batch)
+            event_id=pl.int_range(batch) + first_id + k * batch,
+            ts=pl.Series(now_ms - rng.integers(0, 3_600_000, batch)))
         out.append(pb.IngestRequest(events=behaviour_events(rows)))
     return out
 

@@ -1,9 +1,11 @@
 """An Ingest call's behaviour events -> contract-checked timeline events for the real-time store.
 
-Each event is checked on its own with the features job's own validator against the contract's
-`behaviours` table (`features.validate.validate_table`), and accepted events become timeline rows through
-the job's own `features.sequences.timeline_events`, so an ingested event reads exactly as the same event
-will after the next features run. Plain data in, plain data out: the server calls it, tests can too.
+Each event is checked on its own against the contract's `behaviours` table by the contract's rules
+(`features.validate.check_arrays`), and accepted events become timeline rows by the job's derivation
+(`features.sequences.timeline_arrays`): both are the numpy twins of the features job's polars path, kept
+equal to it by tests, because a call holds a few events and a polars query costs a millisecond. So an
+ingested event reads exactly as the same event will after the next features run. Plain data in, plain data
+out: the server calls it, tests can too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from features import contract, sequences
-from features.validate import REASON, validate_table
+from features.validate import check_arrays
 
 # BehaviourEvent fields by the contract's column names; ids read 0 (event ids: a negative one) and cells ""
 # as unknown (null): the contract then refuses a required one as null
@@ -25,9 +28,8 @@ _INTS = {"event_id": "event_id", "user_id": "user_id", "ts": "ts_ms", "action": 
          "aoi_id": "aoi_id", "city_id": "city_id"}
 _CELLS = {"shop_geohash_6": "shop_geohash", "geohash_6": "geohash"}
 _FIELDS = operator.attrgetter(*_INTS.values(), "price", *_CELLS.values())
-_INDEX = "_index"
 _WINDOW_START_MS = 946_684_800_000  # 2000-01-01: earlier times are typing errors, not behaviour
-_FUTURE_MS = 86_400_000  # times up to a day ahead of the server's clock are accepted (clock skew)
+_FUTURE_MS = 86_400_000
 
 
 @dataclass
@@ -38,32 +40,68 @@ class CheckedEvents:
     repeats: int  # events whose id came earlier in the same call (kept once, counted as duplicates)
 
 
+def message_columns(messages, utc_offset_hours: float) -> dict[str, np.ndarray]:
+    """BehaviourEvent messages -> the contract's `behaviours` columns: numbers as numpy masked arrays (masked:
+    null), cells as object arrays (None: null, else cut to the contract's 6 characters), and the local time
+    fields derived from the time."""
+    values = list(zip(*map(_FIELDS, messages))) if len(messages) else [()] * (len(_INTS) + 1 + len(_CELLS))
+    columns = {}
+    for i, name in enumerate(_INTS):
+        ids = np.array(values[i], np.int64)
+        unknown = ids < 0 if name == "event_id" else np.zeros(ids.size, bool) if name in ("ts", "action") else ids <= 0
+        columns[name] = np.ma.masked_array(ids, unknown)
+    columns["price"] = np.ma.masked_array(np.array(values[len(_INTS)], np.float64), np.zeros(len(messages), bool))
+    for i, name in enumerate(_CELLS):
+        columns[name] = np.array([cell[:6] if cell else None for cell in values[len(_INTS) + 1 + i]], object)
+    for name, field in contract.local_time_fields(columns["ts"].data, utc_offset_hours).items():
+        columns[name] = np.ma.masked_array(field, np.zeros(field.size, bool))
+    return columns
+
+
+def behaviour_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """`message_columns` (checked) -> the contract's `behaviours` table."""
+    def array(column: np.ndarray, type_: pa.DataType) -> pa.Array:
+        if column.dtype == object:
+            return pa.array(column.tolist(), type_)
+        return pa.array(np.ma.getdata(column), mask=np.ma.getmaskarray(column)).cast(type_, safe=False)
+
+    schema = contract.BEHAVIOURS.schema
+    return pa.Table.from_arrays([array(columns[f.name], f.type) for f in schema], schema=schema)
+
+
 def behaviour_rows(messages, utc_offset_hours: float) -> pl.DataFrame:
-    """BehaviourEvent messages -> rows of the contract's `behaviours` table (local time fields from the time)."""
-    columns = list(zip(*map(_FIELDS, messages))) if len(messages) else [()] * (len(_INTS) + 1 + len(_CELLS))
-    data = {name: np.array(columns[i], np.int64) for i, name in enumerate(_INTS)}
-    frame = pl.DataFrame({**data, "price": np.array(columns[len(_INTS)], np.float64),
-                          **{name: list(columns[len(_INTS) + 1 + i]) for i, name in enumerate(_CELLS)}},
-                         schema_overrides={name: pl.String for name in _CELLS})
-    local = contract.local_time_fields(data["ts"], utc_offset_hours)
-    return frame.with_columns(
-        *[pl.when(pl.col(c) > 0).then(pl.col(c)).alias(c) for c in _INTS if c not in ("event_id", "ts", "action")],
-        pl.when(pl.col("event_id") >= 0).then(pl.col("event_id")).alias("event_id"),
-        *[pl.when(pl.col(c) != "").then(pl.col(c).str.slice(0, 6)).alias(c) for c in _CELLS],
-        **{name: pl.Series(values) for name, values in local.items()})
+    """BehaviourEvent messages -> unchecked rows of the contract's `behaviours` columns, as a log holds them
+    before validation (wide types: nothing is cast before it is checked)."""
+    columns = message_columns(messages, utc_offset_hours)
+    return pl.DataFrame({name: pa.array(column.tolist()) if column.dtype == object else
+                         pa.array(np.ma.getdata(column), mask=np.ma.getmaskarray(column))
+                         for name, column in columns.items()})
 
 
 def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -> CheckedEvents:
-    """Accept or refuse each event (a reason per refused one); accepted ones as timeline rows, in time order."""
+    """Accept or refuse each event of one call (a reason per refused one); accepted ones as timeline rows, in
+    time order. Checked by `features.validate.check_arrays` (the contract's rules, as the job checks them)
+    and turned into timeline rows by `features.sequences.timeline_arrays` (the job's derivation): numpy for
+    a call's few events, kept equal to the job's polars path by tests."""
     now_ms = now_ms if now_ms is not None else int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
-    rows = behaviour_rows(messages, utc_offset_hours).with_row_index(_INDEX)
-    first = rows.unique("event_id", keep="first", maintain_order=True)  # a retry inside one call: one event
-    result = validate_table(first, contract.BEHAVIOURS, window=(_WINDOW_START_MS, now_ms + _FUTURE_MS),
-                            known_keys={})  # ids are checked for form; the world tables live with the job
-    refused = [(int(i), reason) for i, reason in result.quarantine.select(_INDEX, REASON).iter_rows()]
-    events = sequences.timeline_events(result.clean, keep_event_id=True) if result.clean.height else pl.DataFrame()
-    return CheckedEvents(behaviours=result.clean, events=events, refused=sorted(refused),
-                         repeats=rows.height - first.height)
+    columns = message_columns(messages, utc_offset_hours)
+    ids = columns["event_id"]
+    keep = np.ma.getmaskarray(ids).copy()  # an event without an id is checked (and refused as such)
+    present = np.flatnonzero(~keep)
+    keep[present[np.unique(ids.data[present], return_index=True)[1]]] = True  # a retry in one call: one event
+    index = np.flatnonzero(keep)
+    columns = {name: column[keep] for name, column in columns.items()}
+    # ids are checked for form (the world tables live with the job); times up to a day ahead of the
+    # server's clock are accepted (clock skew)
+    checks = check_arrays(contract.BEHAVIOURS, columns, (_WINDOW_START_MS, now_ms + _FUTURE_MS))
+    failed = np.column_stack([bad for _, bad in checks])
+    refused = [(int(index[row]), ";".join(name for (name, _), bad in zip(checks, failed[row]) if bad))
+               for row in np.flatnonzero(failed.any(axis=1))]
+    accepted = {name: column[~failed.any(axis=1)] for name, column in columns.items()}
+    events = (pl.DataFrame(sequences.timeline_arrays(accepted)) if len(accepted["ts"])
+              else pl.DataFrame())
+    return CheckedEvents(behaviours=pl.from_arrow(behaviour_table(accepted)), events=events, refused=refused,
+                         repeats=len(messages) - len(index))
 
 
 def behaviour_events(rows: pl.DataFrame) -> list:
