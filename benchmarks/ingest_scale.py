@@ -7,6 +7,8 @@ event ids, for random users, `--batch` per call. Phases, each bounded in calls a
   ingest_sqlite_c1, ingest_sqlite_c8   events/s and call p50/p99 into the default sqlite store, 1 and 8 clients
   ingest_redis_c1, ingest_redis_c8     the same with the server's Feast repository pointed at a local
                                        redis-server (the real-time events then live in Redis)
+  ingest_redis_c1_batch<N>             1 client, calls of a tenth of --batch events (a page view's or an
+                                       order's few events)
   score_alone, score_with_ingest       Score (200 candidates, 1,000-event histories) at concurrency 1, alone
                                        and with `--ingest-rate` events/s ingested beside it (sqlite)
 Goals (issue): 5,000 events/s into Redis, ingest p99 under 10 ms, Score p99 at most 20% worse with 1,000
@@ -184,6 +186,9 @@ def main() -> None:
             calls = ingest_calls(pool, args.batch, calls_needed, first_id=2 * 10**13 + k * 10**10)
             phases[f"ingest_redis_c{concurrency}"] = asyncio.run(
                 ingest_phase(server.addr, calls, concurrency, args.seconds))
+        small = max(1, args.batch // 10)  # what one page view or order sends
+        calls = ingest_calls(pool, small, calls_needed, first_id=3 * 10**13)
+        phases[f"ingest_redis_c1_batch{small}"] = asyncio.run(ingest_phase(server.addr, calls, 1, args.seconds))
     finally:
         server.stop()
         redis.terminate()
