@@ -11,11 +11,15 @@ sharded update; validation excluded), peak RSS the largest sum over the process 
   din_50_per_example   DIN over the last 50 events, per example (how DIN trained before)
   din_shared           DIN, the defaults (shared timelines; the loader ships the 50 events DIN reads)
   fin_shared_2         FIN, the defaults, 2 workers (gloo)
+and, from a git worktree of the commit the training goals were set against (`--baseline-commit`, the last
+one before shared-timeline batches), on the same data in the same run:
+  fin_per_example_before   that commit's FIN over 1,000 events (configs/lifelong.yaml there), per example
+  din_50_before            that commit's DIN over the last 50 events
 The loader alone iterates the same batches as fin_shared without a model, in the training process and with
 one reader process. Inference: the 1-worker FIN and DIN artifacts score 200 candidates of one request of the
 user with the longest history: (a) one request batch, (b) one batch of 200 examples each with its own copy
 of the history, (c) the model run once per candidate.
-Usage: python benchmarks/train_scale.py [--data DIR] [--steps 150] [--reps 100]
+Usage: python benchmarks/train_scale.py [--data DIR] [--steps 150] [--reps 100] [--baseline-commit REV | --no-baseline]
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 LIFELONG = ROOT / "configs" / "lifelong.yaml"
 PER_EXAMPLE = ["--config", str(ROOT / "benchmarks" / "per_example.yaml")]
+BASELINE_COMMIT = "9647a4a"  # the goals' "today": training before shared-timeline batches
+BASELINE_RUNS = {  # name: (model, options of that commit's fin train)
+    "fin_per_example_before": ("fin", ["--config", "configs/lifelong.yaml"]),
+    "din_50_before": ("din", ["--max-seq-len", "50"]),
+}
 RUNS = {  # name: (model, workers, extra options)
     "fin_shared": ("fin", 1, []),
     "fin_per_example": ("fin", 1, PER_EXAMPLE),
@@ -89,17 +98,34 @@ def loader_alone(data: Path, batches: int) -> dict:
     return out
 
 
-def train_run(data: Path, models: Path, name: str, steps: int) -> dict:
-    model, workers, options = RUNS[name]
+def train_run(data: Path, models: Path, name: str, steps: int, tree: Path = ROOT) -> dict:
+    """One `fin train` run of `RUNS` (of `BASELINE_RUNS` from the worktree `tree`) and its figures."""
+    if tree == ROOT:
+        model, workers, options = RUNS[name]
+    else:
+        (model, options), workers = BASELINE_RUNS[name], 1
     m = run_sampled([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(models),
                      "--model", model, "--name", name, "--workers", str(workers), "--epochs", "1",
-                     "--max-steps", str(steps), *options])
+                     "--max-steps", str(steps), *options], cwd=tree)
     meta = json.loads(next((models / name).glob("*/artifact.json")).read_text())
     training = meta["training"]
     return {"run": name, "model": model, "workers": workers, "steps": steps, "examples": training["examples"],
             "train_loop_s": training["seconds"], "examples_per_s": round(training["examples_per_s"], 1),
             "validation_auc": round(meta["metrics"]["validation_auc"], 4),
             "process_wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"]}
+
+
+def baseline_runs(data: Path, models: Path, steps: int, commit: str) -> list[dict]:
+    """`BASELINE_RUNS` from a git worktree of `commit` (its code, this run's data and machine)."""
+    import subprocess
+
+    tree = Path(tempfile.mkdtemp(prefix="fin-train-baseline-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit], check=True,
+                   capture_output=True)
+    try:
+        return [{**train_run(data, models, name, steps, tree), "commit": commit} for name in BASELINE_RUNS]
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 def timed(fn, reps: int, budget_s: float) -> dict:
@@ -193,10 +219,15 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reps", type=int, default=100, help="inference repetitions (also bounded by 30 s)")
+    parser.add_argument("--baseline-commit", default=BASELINE_COMMIT,
+                        help=f"commit whose per-example FIN and DIN-50 also run (default {BASELINE_COMMIT})")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the runs of --baseline-commit")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="fin-train-bench-"))
     data = build_data(args.data or scratch / "data", args.users, args.days)
     runs = [train_run(data, scratch / "models", name, args.steps) for name in args.runs]
+    if not args.no_baseline:
+        runs += baseline_runs(data, scratch / "models", args.steps, args.baseline_commit)
     by = {r["run"]: r["examples_per_s"] for r in runs}
     loader = loader_alone(data, 60)
 
@@ -208,6 +239,8 @@ def main() -> None:
         "training": runs,
         "fin_shared_vs_per_example": ratio("fin_shared", "fin_per_example"),
         "fin_shared_vs_din_50_per_example": ratio("fin_shared", "din_50_per_example"),
+        "fin_shared_vs_per_example_before": ratio("fin_shared", "fin_per_example_before"),
+        "fin_shared_vs_din_50_before": ratio("fin_shared", "din_50_before"),
         "fin_two_vs_one_worker": ratio("fin_shared_2", "fin_shared"),
         "loader": loader,
         "loader_vs_fin_step": (round(max(v["examples_per_s"] for v in loader.values()) / by["fin_shared"], 2)
