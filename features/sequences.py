@@ -64,7 +64,7 @@ def timeline_events(behaviours: pl.DataFrame | pl.LazyFrame, keep_event_id: bool
 def timeline_arrays(behaviours: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`timeline_events(..., keep_event_id=True)` for a few checked behaviours held as numpy columns (numbers
     as masked arrays, masked: null; cells as object arrays, None: null), with numpy and plain Python where
-    a polars query would cost milliseconds (tests/test_data.py keeps the two equal)."""
+    a polars query would cost milliseconds (tests/test_ingest_checks.py keeps the two equal)."""
     def filled(name: str) -> np.ndarray:
         return np.ma.filled(np.ma.asarray(behaviours[name]).astype(np.int64), MISSING)
 

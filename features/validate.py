@@ -171,7 +171,7 @@ def check_arrays(spec: TableSpec, columns: Mapping[str, np.ndarray],
     """The checks of `spec` on columns that already hold their types (what a server builds from a typed
     message), as (reason, failing rows) with `validate_table`'s names and order: the same rules run by
     numpy for calls of a few events, where each polars query costs a millisecond
-    (tests/test_validate.py keeps the two equal). Numbers are numpy masked arrays (masked: null), text is
+    (tests/test_ingest_checks.py keeps the two equal). Numbers are numpy masked arrays (masked: null), text is
     an object array (None: null). Not covered, as such columns cannot arrive here: list columns and values
     of another type; foreign keys are not checked (the referenced tables live with the job)."""
     rows = len(next(iter(columns.values())))

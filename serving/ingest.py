@@ -29,7 +29,7 @@ _INTS = {"event_id": "event_id", "user_id": "user_id", "ts": "ts_ms", "action": 
 _CELLS = {"shop_geohash_6": "shop_geohash", "geohash_6": "geohash"}
 _FIELDS = operator.attrgetter(*_INTS.values(), "price", *_CELLS.values())
 _WINDOW_START_MS = 946_684_800_000  # 2000-01-01: earlier times are typing errors, not behaviour
-_FUTURE_MS = 86_400_000
+_FUTURE_MS = 86_400_000  # times up to a day ahead of the server's clock are accepted (clock skew)
 
 
 @dataclass
@@ -58,24 +58,23 @@ def message_columns(messages, utc_offset_hours: float) -> dict[str, np.ndarray]:
     return columns
 
 
-def behaviour_table(columns: dict[str, np.ndarray]) -> pa.Table:
-    """`message_columns` (checked) -> the contract's `behaviours` table."""
-    def array(column: np.ndarray, type_: pa.DataType) -> pa.Array:
-        if column.dtype == object:
-            return pa.array(column.tolist(), type_)
-        return pa.array(np.ma.getdata(column), mask=np.ma.getmaskarray(column)).cast(type_, safe=False)
+def _arrow(column: np.ndarray) -> pa.Array:
+    """A `message_columns` column as Arrow (nulls where masked or None)."""
+    if column.dtype == object:
+        return pa.array(column.tolist(), pa.string())  # the only text columns are geohash cells
+    return pa.array(np.ma.getdata(column), mask=np.ma.getmaskarray(column))
 
+
+def behaviour_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """Checked `message_columns` -> the contract's `behaviours` table (each column cast to its type)."""
     schema = contract.BEHAVIOURS.schema
-    return pa.Table.from_arrays([array(columns[f.name], f.type) for f in schema], schema=schema)
+    return pa.Table.from_arrays([_arrow(columns[f.name]).cast(f.type, safe=False) for f in schema], schema=schema)
 
 
 def behaviour_rows(messages, utc_offset_hours: float) -> pl.DataFrame:
     """BehaviourEvent messages -> unchecked rows of the contract's `behaviours` columns, as a log holds them
     before validation (wide types: nothing is cast before it is checked)."""
-    columns = message_columns(messages, utc_offset_hours)
-    return pl.DataFrame({name: pa.array(column.tolist()) if column.dtype == object else
-                         pa.array(np.ma.getdata(column), mask=np.ma.getmaskarray(column))
-                         for name, column in columns.items()})
+    return pl.DataFrame({name: _arrow(column) for name, column in message_columns(messages, utc_offset_hours).items()})
 
 
 def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -> CheckedEvents:
@@ -91,15 +90,14 @@ def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -
     keep[present[np.unique(ids.data[present], return_index=True)[1]]] = True  # a retry in one call: one event
     index = np.flatnonzero(keep)
     columns = {name: column[keep] for name, column in columns.items()}
-    # ids are checked for form (the world tables live with the job); times up to a day ahead of the
-    # server's clock are accepted (clock skew)
+    # ids are checked for form: the world tables live with the job
     checks = check_arrays(contract.BEHAVIOURS, columns, (_WINDOW_START_MS, now_ms + _FUTURE_MS))
     failed = np.column_stack([bad for _, bad in checks])
-    refused = [(int(index[row]), ";".join(name for (name, _), bad in zip(checks, failed[row]) if bad))
-               for row in np.flatnonzero(failed.any(axis=1))]
-    accepted = {name: column[~failed.any(axis=1)] for name, column in columns.items()}
-    events = (pl.DataFrame(sequences.timeline_arrays(accepted)) if len(accepted["ts"])
-              else pl.DataFrame())
+    bad = failed.any(axis=1)
+    refused = [(int(index[row]), ";".join(name for (name, _), fails in zip(checks, failed[row]) if fails))
+               for row in np.flatnonzero(bad)]
+    accepted = {name: column[~bad] for name, column in columns.items()}
+    events = pl.DataFrame(sequences.timeline_arrays(accepted)) if len(accepted["ts"]) else pl.DataFrame()
     return CheckedEvents(behaviours=pl.from_arrow(behaviour_table(accepted)), events=events, refused=refused,
                          repeats=len(messages) - len(index))
 
