@@ -38,7 +38,8 @@ _COLUMNS = (EVENT_ID, USER, *TIMELINE_FIELDS)
 @dataclass(frozen=True)
 class Appended:
     stored: int  # events new to the store
-    duplicates: int  # events whose id it already held (retries)
+    duplicates: int  # events whose id it already held (retries), or held by an earlier event of the append
+    duplicate_ids: frozenset[int]  # their ids
 
 
 def _columns(events: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -76,10 +77,14 @@ class SqliteRealtime:
         insert = f"INSERT OR IGNORE INTO realtime_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
         trim = ("DELETE FROM realtime_events WHERE user_id = ?1 AND event_id IN (SELECT event_id FROM "
                 "realtime_events WHERE user_id = ?1 ORDER BY ts DESC, event_id DESC LIMIT -1 OFFSET ?2)")
+        ids = cols[EVENT_ID].tolist()
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes; readers go on
             try:
+                held = {held for lo in range(0, len(ids), 500) for (held,) in db.execute(
+                    f"SELECT event_id FROM realtime_events WHERE event_id IN ({', '.join('?' * len(ids[lo:lo + 500]))})",
+                    ids[lo:lo + 500])}
                 before = db.total_changes
                 db.executemany(insert, rows)
                 stored = db.total_changes - before
@@ -88,7 +93,9 @@ class SqliteRealtime:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        return Appended(stored=stored, duplicates=len(rows) - stored)
+        unique, counts = np.unique(cols[EVENT_ID], return_counts=True)
+        held |= set(unique[counts > 1].tolist())  # repeated inside this append
+        return Appended(stored=stored, duplicates=len(rows) - stored, duplicate_ids=frozenset(held))
 
     def read(self, user_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
         """Each user's events (TIMELINE_FIELDS -> int64 array, oldest first; empty when none)."""
@@ -107,13 +114,14 @@ class SqliteRealtime:
 
 # Per user: KEYS[1] the sorted set of event ids (scored by time), KEYS[2] the hash event id -> packed fields.
 # ARGV: max_len, then (event id, time, fields) per event. Adds the events whose id the set lacks, trims the
-# oldest beyond max_len from both keys, returns how many it added. One script: atomic per user.
+# oldest beyond max_len from both keys, returns the ids it already held. One script: atomic per user.
 _APPEND_SCRIPT = """
-local added = 0
+local held = {}
 for i = 2, #ARGV, 3 do
   if redis.call('ZADD', KEYS[1], 'NX', ARGV[i + 1], ARGV[i]) == 1 then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
-    added = added + 1
+  else
+    held[#held + 1] = ARGV[i]
   end
 end
 local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
@@ -122,7 +130,7 @@ if excess > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
   redis.call('HDEL', KEYS[2], unpack(old))
 end
-return added
+return held
 """
 _ID_WIDTH = 20  # event ids as zero-padded decimals: equal times order by id, as in sqlite
 
@@ -155,8 +163,8 @@ class RedisRealtime:
             for r in rows.tolist():
                 args += [f"{int(cols[EVENT_ID][r]):0{_ID_WIDTH}d}", int(cols["ts"][r]), packed[r].tobytes()]
             self._append(keys=self._keys(user), args=args, client=pipe)
-        stored = int(sum(pipe.execute()))
-        return Appended(stored=stored, duplicates=len(packed) - stored)
+        held = [int(i) for ids in pipe.execute() for i in ids]
+        return Appended(stored=len(packed) - len(held), duplicates=len(held), duplicate_ids=frozenset(held))
 
     def read(self, user_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
         """Each user's events (TIMELINE_FIELDS -> int64 array, oldest first; empty when none), all users in

@@ -20,6 +20,7 @@ import hmac
 import logging
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +35,7 @@ from fin.artifact import Artifact
 from serving.batching import ForwardBatcher
 from serving.config import ServerConfig
 from serving.inference_protocol import InferenceService
-from serving.ingest import check_events
+from serving.ingest import ingest_calls
 from serving.metrics import ServingMetrics
 from serving.online import OnlineFeatures
 from serving.pb import ctr_scoring_pb2 as pb
@@ -50,13 +51,25 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    """Set an Ingest call's outcome on its event loop (unless the call was cancelled meanwhile)."""
+    if not future.done():
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
 class CtrScoring(pb_grpc.CtrScoringServicer):
     def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
                  batcher: ForwardBatcher, metrics: ServingMetrics, realtime, log: BehaviourLog | None,
                  ingest: ThreadPoolExecutor):
         self.repository, self.features, self.config = repository, features, config
         self.batcher, self.metrics, self.realtime, self.log = batcher, metrics, realtime, log
-        self._ingest = ingest  # one thread (see `_ingest_call`)
+        self._ingest = ingest  # one thread (see `_drain`)
+        self._waiting: list = []  # Ingest calls not yet handled: (events, future, its event loop)
+        self._waiting_lock = threading.Lock()
+        self._draining = False  # a `_drain` is on the ingest thread or queued for it
 
     async def Ingest(self, request: pb.IngestRequest, context: grpc.aio.ServicerContext) -> pb.IngestResponse:
         if self.log is None:
@@ -68,23 +81,38 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"an Ingest call takes 1 to {limit} events, this one has {n}")
         loop = asyncio.get_running_loop()
-        checked, appended = await loop.run_in_executor(self._ingest, self._ingest_call, request.events)
-        refused = [pb.RefusedEvent(index=i, reason=reason) for i, reason in checked.refused]
-        if appended is None:
+        result = loop.create_future()
+        with self._waiting_lock:
+            self._waiting.append((request.events, result, loop))
+            start, self._draining = not self._draining, True
+        if start:
+            self._ingest.submit(self._drain)
+        result = await result
+        refused = [pb.RefusedEvent(index=i, reason=reason) for i, reason in result.refused]
+        if result.accepted == 0:
             shown = "; ".join(f"events[{r.index}]: {r.reason}" for r in refused[:5])
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"every event was refused: {shown}")
-        return pb.IngestResponse(accepted=n - len(refused), duplicates=appended.duplicates + checked.repeats,
-                                 refused=refused)
+        return pb.IngestResponse(accepted=result.accepted, duplicates=result.duplicates, refused=refused)
 
-    def _ingest_call(self, events) -> tuple:
-        """Check a call's events, then make the accepted ones durable in the log and add them to the
-        timelines, before the answer (an acknowledged event is never lost). On one thread: polars queries
-        from several threads at once slow each other down by orders of magnitude."""
-        checked = check_events(events, self.config.scoring.utc_offset_hours)
-        if checked.events.height == 0:
-            return checked, None
-        self.log.append(checked.behaviours)
-        return checked, self.realtime.append(checked.events)
+    def _drain(self) -> None:
+        """On the ingest thread: handle every call waiting, as one group (`serving.ingest.ingest_calls`: one
+        check, one log append, one store transaction), until none waits. One thread: polars and sqlite
+        writers on several threads at once slow each other down."""
+        while True:
+            with self._waiting_lock:
+                calls, self._waiting = self._waiting, []
+                if not calls:
+                    self._draining = False
+                    return
+            try:
+                results = ingest_calls([events for events, _, _ in calls], self.config.scoring.utc_offset_hours,
+                                       self.log, self.realtime)
+            except Exception as e:  # noqa: BLE001 - every call of the group fails with it (nothing is acknowledged)
+                for _, future, loop in calls:
+                    loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                for (_, future, loop), result in zip(calls, results):
+                    loop.call_soon_threadsafe(_settle, future, result, None)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         started = time.perf_counter()

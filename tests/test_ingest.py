@@ -74,6 +74,34 @@ def test_bad_events_are_refused_one_by_one_and_the_good_ones_kept(server):
     assert (response.accepted, response.duplicates) == (2, 1)
 
 
+def test_concurrent_calls_are_written_as_groups_and_each_answered_as_if_alone(server):
+    """Sixteen clients at once, their calls overlapping in event ids (retries of each other's events) and
+    one bad event each: the calls are written in groups (one check, one log append, one store transaction),
+    yet each answer counts its own refusals, and every event id ends up stored once."""
+    import threading
+
+    from features.realtime import SqliteRealtime
+
+    user, answers = 5, {}
+
+    def client(k: int) -> None:
+        events = [_event(60_000 + i, user, TS - 900_000 + 1000 * i) for i in range(k, k + 20)]
+        events.append(_event(70_000 + k, user, TS, price=float("nan")))
+        answers[k] = server.stub.Ingest(pb.IngestRequest(events=events), timeout=30)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all([(r.index, r.reason) for r in a.refused] == [(20, "out_of_range:price")] for a in answers.values())
+    assert all(a.accepted == 20 for a in answers.values())
+    distinct = 16 + 20 - 1  # ids 60,000 .. 60,034
+    assert sum(a.accepted - a.duplicates for a in answers.values()) == distinct  # each id new to one call
+    stored = SqliteRealtime(server.root / "feast" / "realtime.db").read([user])[0]
+    assert stored["ts"].size == distinct and np.all(np.diff(stored["ts"]) > 0)
+
+
 @pytest.mark.parametrize("events, message", [
     ([], "1 to 1000 events"),
     ([_event(i, 4, TS) for i in range(1001)], "this one has 1001"),

@@ -60,6 +60,7 @@ def test_a_repeated_event_id_is_stored_once(open_store):
     first = store.append(_events(ids=[1, 2, 2], users=7, ts=[10, 20, 20]))  # a duplicate inside the batch
     retry = store.append(_events(ids=[2, 3], users=7, ts=[20, 30]))  # the ad server retries
     assert (first.stored, first.duplicates, retry.stored, retry.duplicates) == (2, 1, 1, 1)
+    assert (first.duplicate_ids, retry.duplicate_ids) == ({2}, {2})
     assert store.read([7])[0]["ts"].tolist() == [10, 20, 30]
 
 
