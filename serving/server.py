@@ -14,6 +14,7 @@ NOT_SERVING and in-flight calls drain before the process exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import hmac
@@ -96,8 +97,8 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
 
     def _drain(self) -> None:
         """On the ingest thread: handle every call waiting, as one group (`serving.ingest.ingest_calls`: one
-        check, one log append, one store transaction), until none waits. One thread: polars and sqlite
-        writers on several threads at once slow each other down."""
+        check, one log append, one store transaction), until none waits. One thread: the log's and the
+        store's writes are one at a time anyway, and calls arriving meanwhile share the next group's."""
         while True:
             with self._waiting_lock:
                 calls, self._waiting = self._waiting, []
@@ -107,12 +108,12 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
             try:
                 results = ingest_calls([events for events, _, _ in calls], self.config.scoring.utc_offset_hours,
                                        self.log, self.realtime)
+                outcomes = [(result, None) for result in results]
             except Exception as e:  # noqa: BLE001 - every call of the group fails with it (nothing is acknowledged)
-                for _, future, loop in calls:
-                    loop.call_soon_threadsafe(_settle, future, None, e)
-            else:
-                for (_, future, loop), result in zip(calls, results):
-                    loop.call_soon_threadsafe(_settle, future, result, None)
+                outcomes = [(None, e)] * len(calls)
+            for (_, future, loop), (result, error) in zip(calls, outcomes):
+                with contextlib.suppress(RuntimeError):  # its event loop has closed: the server is stopping
+                    loop.call_soon_threadsafe(_settle, future, result, error)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         started = time.perf_counter()
