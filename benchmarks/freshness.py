@@ -44,15 +44,13 @@ MODES = ("frozen", "daily", "realtime")
 
 def trained(features: Path, repo: Path, epochs: int | None) -> dict[str, Path]:
     """Each model's newest artifact under `repo`, trained first where missing."""
-    out = {}
+    from fin.versions import versions
+
     for name in MODELS:
-        versions = sorted((repo / name).glob("*/artifact.json"), key=lambda p: int(p.parent.name))
-        if not versions:
+        if not versions(repo, name):
             run_sampled([*FIN, "train", "--data", str(features), "--out", str(repo), "--model", name, "--name", name,
                          *(["--epochs", str(epochs)] if epochs else [])])
-            versions = sorted((repo / name).glob("*/artifact.json"), key=lambda p: int(p.parent.name))
-        out[name] = versions[-1].parent
-    return out
+    return {name: repo / name / str(versions(repo, name)[-1]) for name in MODELS}
 
 
 def figures(frame, scores: dict[str, np.ndarray]) -> dict:

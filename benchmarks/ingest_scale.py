@@ -45,8 +45,6 @@ def event_pool(logs: Path, size: int = 20_000):
 def ingest_calls(pool, batch: int, calls: int, first_id: int) -> list:
     """`calls` IngestRequests of `batch` events each, with ids never used before, timed within the last hour
     (as real-time events are: the logged times may lie beyond the day of clock skew the server accepts)."""
-    import time
-
     import polars as pl
 
     from serving.ingest import behaviour_events

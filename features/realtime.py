@@ -14,8 +14,9 @@ clients or server processes interleave safely: each store applies a user's appen
   an append is atomic per user and a read of many users is one pipelined round trip. Durability is the
   Redis server's (append-only file).
 
-Events are the rows of `features.sequences.timeline_events` (the features job's own timeline rows, so
-both paths derive the fields alike) with their `event_id`: `EVENT_ID`, `USER` and `TIMELINE_FIELDS`.
+Events are timeline rows as the features job derives them (`features.sequences.timeline_events`, or its
+numpy twin `timeline_arrays` on the Ingest path) with their `event_id`: `EVENT_ID`, `USER` and
+`TIMELINE_FIELDS`.
 """
 
 from __future__ import annotations

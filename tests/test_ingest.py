@@ -18,14 +18,21 @@ from tests.test_serving import _request
 TS = 1_780_000_000_000  # the request time of `_request`
 
 
+def _private_copy(trained_models, features_job, root, feast: bool = True):
+    """The trained FIN artifact in a model repository `root/models` and, with `feast`, a copy of the features
+    job's Feast repository at `root/feast`: what a test ingests stays its own."""
+    fin = trained_models[1]["fin"]
+    shutil.copytree(fin, root / "models" / "fin" / fin.name)
+    if feast:
+        shutil.copytree(features_job[0] / "feast", root / "feast")
+    return fin
+
+
 @pytest.fixture(scope="module")
 def server(trained_models, features_job, tmp_path_factory):
     """A server over a private copy of the Feast repository: the events ingested here stay here."""
-    out, _ = features_job
     root = tmp_path_factory.mktemp("ingest")
-    shutil.copytree(out / "feast", root / "feast")
-    fin = trained_models[1]["fin"]
-    shutil.copytree(fin, root / "models" / "fin" / fin.name)
+    _private_copy(trained_models, features_job, root)
     running = Running(root / "models", root / "feast", "--behaviour-log", str(root / "logs"))
     running.root = root
     yield running
@@ -114,10 +121,7 @@ def test_calls_without_a_good_event_are_invalid_argument(server, events, message
 
 
 def test_an_acknowledged_event_survives_a_crash_right_after_the_answer(trained_models, features_job, tmp_path):
-    out, _ = features_job
-    shutil.copytree(out / "feast", tmp_path / "feast")
-    fin = trained_models[1]["fin"]
-    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    _private_copy(trained_models, features_job, tmp_path)
     logs = tmp_path / "logs"
     running = Running(tmp_path / "models", tmp_path / "feast", "--behaviour-log", str(logs))
     events = [_event(60_000 + i, 5, TS - 1000 * i) for i in range(3)]
@@ -131,10 +135,8 @@ def test_an_acknowledged_event_survives_a_crash_right_after_the_answer(trained_m
 
 
 def test_a_server_without_a_behaviour_log_refuses_ingest(trained_models, features_job, tmp_path):
-    out, _ = features_job
-    fin = trained_models[1]["fin"]
-    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
-    running = Running(tmp_path / "models", out / "feast")
+    _private_copy(trained_models, features_job, tmp_path, feast=False)
+    running = Running(tmp_path / "models", features_job[0] / "feast")
     try:
         with pytest.raises(grpc.RpcError) as e:
             running.stub.Ingest(pb.IngestRequest(events=[_event(1, 1, TS)]), timeout=10)
@@ -183,12 +185,9 @@ def test_after_the_next_features_run_the_online_timeline_is_what_was_served(trai
     from serving.ingest import behaviour_events
     from tests.conftest import FEATURES_CONFIG
 
-    out, _ = features_job
     logs = tmp_path / "logs"
     shutil.copytree(features_logs, logs)
-    shutil.copytree(out / "feast", tmp_path / "feast")
-    fin = trained_models[1]["fin"]
-    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    _private_copy(trained_models, features_job, tmp_path)
     end = json.loads((logs / "manifest.json").read_text())["window_end_ms"]
     behaviours = logio.read_raw(logs, "behaviours")
     last = behaviours.group_by("user_id").agg(pl.col("ts").max()).filter(pl.col("ts") < end - 3_600_000)
@@ -231,11 +230,8 @@ def test_replayed_days_are_served_as_the_evaluator_scores_them(trained_models, f
     from serving.replay import logged_requests, replay_in_time_order
     from tests.conftest import FEATURES_CONFIG
 
-    out, _ = features_job
-    data = out / "data"
-    shutil.copytree(out / "feast", tmp_path / "feast")
-    fin = trained_models[1]["fin"]
-    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    data = features_job[0] / "data"
+    fin = _private_copy(trained_models, features_job, tmp_path)
     offset = json.loads((features_logs / "manifest.json").read_text())["utc_offset_hours"]
     store = FeatureStore(repo_path=str(tmp_path / "feast"))
     requests = logged_requests(data, "test")
@@ -286,8 +282,7 @@ def test_replicas_sharing_redis_read_each_others_events(trained_models, features
     config["online_store"] = {"type": "redis", "connection_string": f"127.0.0.1:{redis_server.port}"}
     (repo / "feature_store.yaml").write_text(yaml.safe_dump(config))
     write_as_of(FeatureStore(repo_path=str(repo)), out / "data", run["window_end_ms"], FEATURES_CONFIG.max_seq_len)
-    fin = trained_models[1]["fin"]
-    shutil.copytree(fin, tmp_path / "models" / "fin" / fin.name)
+    _private_copy(trained_models, features_job, tmp_path, feast=False)
     logs = str(tmp_path / "logs")  # one log folder for all: its writers take turns
     first = Running(tmp_path / "models", repo, "--behaviour-log", logs, "--processes", "2")
     second = Running(tmp_path / "models", repo, "--behaviour-log", logs)
