@@ -81,7 +81,9 @@ class Fragment:
 def keep_last(mask: torch.Tensor, cap: int) -> torch.Tensor:
     """Within each row, keep the last `cap` True entries of `mask`: those at which more than
     `total - cap` True entries have been seen (one forward count; no flipped copies)."""
-    if cap >= mask.shape[1]:  # no row can have more (the full fragment of a history no longer than its cap)
+    # no row can have more (the full fragment of a history no longer than its cap); an exported graph, whose
+    # history length is symbolic, takes the general form, which gives the same mask
+    if not torch.compiler.is_compiling() and cap >= mask.shape[1]:
         return mask
     seen = torch.cumsum(mask, 1)
     return mask & (seen > seen[:, -1:] - cap)
@@ -91,7 +93,7 @@ def _neighbour_codes(cells: torch.Tensor) -> torch.Tensor:
     """The 8 neighbour cells of each cell. On the CPU through numpy: a few dozen integer operations on a
     handful of values, which cost numpy a third of what they cost torch (0.14 against 0.41 ms a request);
     for one cell (a served request) in plain Python, a few microseconds."""
-    if cells.device.type == "cpu":
+    if cells.device.type == "cpu" and not torch.compiler.is_compiling():  # a graph being exported: torch
         if cells.numel() == 1:
             return torch.tensor([geohash.neighbour_codes_of(int(cells), GEOHASH_PRECISION)])
         return torch.from_numpy(geohash.neighbour_codes(cells.numpy(), GEOHASH_PRECISION))
@@ -139,6 +141,58 @@ def fragment_windows(starts: torch.Tensor, ends: torch.Tensor, history: dict[str
             return history[name][pos] if pos.numel() else pos
 
         before = valid & (field("ts") < context["ts"][:, None])
+    keep, tag_grid = _keep(field, before, context, config)
+    out = {}
+    for name in FRAGMENTS:
+        k = keep[name]
+        out[name] = Fragment(index=pos.masked_select(k), lengths=k.sum(1),  # masked_select: ~2x pos[k]
+                             tags=tag_grid.masked_select(k) if name == "integrated" else None)
+    return out
+
+
+@dataclass
+class Slots:
+    """A fragment of one request at a fixed width K (its cap): positions into the history [1, K], which
+    slots are real [1, K] (the kept events, oldest first, right-aligned), and (integrated) the set tags
+    [1, K]. A padding slot points at event 0, so a reader gathers without bounds care and masks it."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    tags: torch.Tensor | None = None
+
+
+def fragment_slots(history: dict[str, torch.Tensor], context: dict[str, torch.Tensor], max_len: int,
+                   config: FragmentConfig = FragmentConfig()) -> dict[str, Slots]:
+    """`fragment()` of one request, in shapes that do not depend on the data: the form an exported graph
+    (`torch.export`, whose history length is symbolic) can cut inside itself. The same rules (`_keep`); the
+    kept events are placed by counting (a cumulative sum and one scatter) instead of compacted, so each
+    fragment has a width fixed by its cap (at most `max_len`, the longest history given).
+
+    history: HISTORY_FIELDS -> int64 [N] (N >= 1), oldest first; context: CONTEXT_FIELDS -> int64 [1]."""
+    def field(name: str) -> torch.Tensor:
+        return history[name][None]
+
+    before = field("ts") < context["ts"][:, None]
+    keep, tag_grid = _keep(field, before, context, config)
+    events = torch.arange(before.shape[1], device=before.device)[None]
+    out = {}
+    for name in FRAGMENTS:
+        width = min(config.cap(name), max_len)  # >= the kept events: `_keep` keeps at most the cap
+        seen = torch.cumsum(keep[name], 1)  # [1, N]: kept events up to each one
+        total = seen[:, -1:]
+        # right-aligned: the newest kept event in the last slot; events not kept go to a spare slot, dropped
+        slot = torch.where(keep[name], seen - total + width - 1, width)
+        pos = events.new_zeros(1, width + 1).scatter_(1, slot, events)[:, :width]
+        mask = torch.arange(width, device=before.device)[None] >= width - total
+        out[name] = Slots(index=pos, mask=mask, tags=tag_grid.gather(1, pos) if name == "integrated" else None)
+    return out
+
+
+def _keep(field, before: torch.Tensor, context: dict[str, torch.Tensor],
+          config: FragmentConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The rules of the sub-sequences: which events of each request's history each fragment keeps ([B, W]
+    masks over a padded view whose fields `field(name)` gives; `before`: the view's real events strictly
+    before the request), and the integrated set tag of every event of the view."""
     cell = field("place_geohash6")
     request_cell = context["geohash6"]
     at_place = (cell == request_cell[:, None]) & (request_cell[:, None] != MISSING)
@@ -161,9 +215,4 @@ def fragment_windows(starts: torch.Tensor, ends: torch.Tensor, history: dict[str
     keep["integrated"] = keep_last(union, config.integrated_len)
     tag_grid = torch.where(keep["location"] & keep["meal"], TAG_BOTH,
                            torch.where(keep["location"], TAG_LOCATION_ONLY, TAG_MEAL_ONLY))
-    out = {}
-    for name in FRAGMENTS:
-        k = keep[name]
-        out[name] = Fragment(index=pos.masked_select(k), lengths=k.sum(1),  # masked_select: ~2x pos[k]
-                             tags=tag_grid.masked_select(k) if name == "integrated" else None)
-    return out
+    return keep, tag_grid

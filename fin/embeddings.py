@@ -79,7 +79,7 @@ class SparseArch(nn.Module):
         self.single = EmbeddingBagCollection(device=device, tables=[
             EmbeddingBagConfig(name=f, embedding_dim=sizes.dim, num_embeddings=sizes.rows[f], feature_names=[f],
                                pooling=PoolingType.SUM) for f in SINGLE])
-        self._stacked_tables: dict[str, _StackedTables] = {}  # eval-mode lookups (`_read_weights`)
+        self._stacked_tables: dict[str, StackedTables] = {}  # eval-mode lookups (`_read_weights`)
 
     def inputs(self, batch: Batch) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
         """The batch as KeyedJaggedTensors (ids hashed into their tables)."""
@@ -116,30 +116,41 @@ class SparseArch(nn.Module):
     def _read_weights(self, batch: Batch) -> SparseOutput:
         """`forward` of the unsharded modules without KeyedJaggedTensors: each id's row of its table (a bag of
         one id pools to its row), read from the tables stacked into one (kept while the weights are unchanged)."""
-        shared = self._stacked("shared", [self.sequence.embeddings[t].weight for t in SHARED])
-        single = self._stacked("single", [self.single.embedding_bags[f].weight for f in SINGLE])
-        return SparseOutput(
-            target=shared.rows([batch.ids[target_id] for target_id, _ in SHARED.values()]),
-            history=shared.rows([batch.history[field] for _, field in SHARED.values()]),
-            single=single.rows([batch.ids[f] for f in SINGLE]).flatten(1),
-        )
+        return read_rows(batch, *self.stacked())
 
-    def _stacked(self, name: str, tables: list[torch.Tensor]) -> _StackedTables:
+    def stacked(self) -> tuple[StackedTables, StackedTables]:
+        """The shared and the single tables, each stacked into one weight (unsharded modules)."""
+        return (self._stacked("shared", [self.sequence.embeddings[t].weight for t in SHARED]),
+                self._stacked("single", [self.single.embedding_bags[f].weight for f in SINGLE]))
+
+    def _stacked(self, name: str, tables: list[torch.Tensor]) -> StackedTables:
         key = tuple((w.data_ptr(), w._version) for w in tables)  # an optimizer step or a load changes it
         stacked = self._stacked_tables.get(name)
         if stacked is None or stacked.key != key:
-            stacked = self._stacked_tables[name] = _StackedTables(key, tables)
+            stacked = self._stacked_tables[name] = StackedTables(key, tables)
         return stacked
 
 
-class _StackedTables:
-    """Tables one after the other in one weight, so that looking up one id per table is one gather."""
+def read_rows(batch: Batch, shared: StackedTables, single: StackedTables) -> SparseOutput:
+    """The batch's embedding rows from stacked tables (`SparseArch.stacked`)."""
+    return SparseOutput(
+        target=shared.rows([batch.ids[target_id] for target_id, _ in SHARED.values()]),
+        history=shared.rows([batch.history[field] for _, field in SHARED.values()]),
+        single=single.rows([batch.ids[f] for f in SINGLE]).flatten(1),
+    )
+
+
+class StackedTables(nn.Module):
+    """Tables one after the other in one weight, so that looking up one id per table is one gather (a module:
+    an exported graph holds them as its buffers)."""
 
     def __init__(self, key: tuple, tables: list[torch.Tensor]):
+        super().__init__()
         self.key = key
-        self.weight = torch.cat([w.detach() for w in tables])
+        self.register_buffer("weight", torch.cat([w.detach() for w in tables]))
         sizes = torch.tensor([w.shape[0] for w in tables], device=self.weight.device)
-        self.sizes, self.first = sizes, torch.cumsum(sizes, 0) - sizes
+        self.register_buffer("sizes", sizes)
+        self.register_buffer("first", torch.cumsum(sizes, 0) - sizes)
 
     def rows(self, ids: list[torch.Tensor]) -> torch.Tensor:
         """One id column per table -> [n, tables, d]."""

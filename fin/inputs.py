@@ -222,3 +222,24 @@ def request_batch(timeline: Mapping[str, np.ndarray], context: Mapping[str, int]
                   config: LoaderConfig = LoaderConfig()) -> Batch:
     """One scoring request as a batch (U = 1); see `ScoringRequest` for the arguments."""
     return requests_batch([ScoringRequest(timeline, context, candidates, stats)], config)
+
+
+def scoring_requests(batch: Batch, limit: int | None = None) -> list[ScoringRequest]:
+    """The requests of a batch as a server receives them (the inverse of `requests_batch`): each request's
+    history window as its user's timeline, its context, its candidates with their numbers and statistics.
+    The first `limit` requests (all when None)."""
+    request_of = batch.candidate_requests().numpy()
+    h = batch.histories
+    out = []
+    for u in range(int(h.start.numel()) if limit is None else min(limit, int(h.start.numel()))):
+        rows = np.flatnonzero(request_of == u)
+        if rows.size == 0:
+            continue
+        start, end = int(h.start[u]), int(h.end[u])
+        first = int(rows[0])
+        context = {"ts": int(batch.ts[u]), **{c: int(batch.ids[c][first]) for c in CONTEXT_FEATURES}}
+        candidates = ({c: batch.ids[c].numpy()[rows] for c in TARGET_FEATURES}
+                      | {c: batch.numbers.numpy()[rows, i] for i, c in enumerate(CANDIDATE_NUMBERS)})
+        out.append(ScoringRequest(timeline={f: v.numpy()[start:end] for f, v in h.values.items()}, context=context,
+                                  candidates=candidates, stats=batch.stats.numpy()[rows]))
+    return out

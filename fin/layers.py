@@ -71,7 +71,9 @@ def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     without any event gets one masked slot: the projections stay in the graph (zero gradients), which
     DistributedModelParallel's static-graph replication requires of every step."""
     users, length = mask.shape
-    if length and bool(mask.all()):  # no padding (one request, or users of equal lengths): no mask to apply
+    # no padding (one request, or users of equal lengths): no mask to apply; a graph being exported has a
+    # mask whatever its values (its shapes do not depend on them) and always applies it
+    if length and not torch.compiler.is_compiling() and bool(mask.all()):
         return F.scaled_dot_product_attention(query, keys, values, scale=scale)
     if length == 0:
         keys, values = F.pad(keys, (0, 0, 0, 1)), F.pad(values, (0, 0, 0, 1))

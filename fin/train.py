@@ -47,13 +47,13 @@ from tqdm import tqdm
 from features.configfile import load_config
 from fin.artifact import load_artifact, save_artifact, to_dict
 from fin.calibration import fit_platt
-from fin.inputs import LoaderConfig
+from fin.inputs import LoaderConfig, scoring_requests
 from fin.loader import ExampleStream
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
 from fin.quiet import quiet_library_notices
 from fin.sharding import SHARDINGS, full_state_dict, plan_summary, shard
-from fin.versions import resolve
+from fin.versions import META, resolve
 
 Log = Callable[[str], None]
 
@@ -69,6 +69,9 @@ class TrainConfig:
     workers: int = 1
     sharding: str = "table_wise"
     seed: int = 0
+    # build the artifact's compiled scoring package (`fin.compiled`), checked on held-out requests
+    compile: bool = True
+    check_requests: int = 32  # validation requests the package is checked on against the eager forward
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model_config: ModelConfig = field(default_factory=ModelConfig)
 
@@ -217,13 +220,29 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
                 "examples": progress.examples, "seconds": round(progress.seconds, 3),
                 "examples_per_s": progress.examples / max(progress.seconds, 1e-9), "train_config": to_dict(config),
                 "data": str(data), "init_from": None if init_from is None else str(init_from)}
+    check = _held_out_requests(data, loader, config.check_requests) if config.compile else None
+    if check is not None:
+        log(f"compiling the scoring package, checked on {len(check)} validation requests")
     folder = save_artifact(models, name, config.model, checkpoints.best(), config.model_config, config.loader,
-                           {"validation_auc": progress.best_auc}, training, calibration=progress.best_calibration)
+                           {"validation_auc": progress.best_auc}, training, calibration=progress.best_calibration,
+                           compile_with=check)
+    compiled = json.loads((folder / META).read_text()).get("compiled")
+    if compiled is not None:
+        log("compiled package: " + (f"max pCTR difference from eager {compiled['max_abs_pctr_difference']:.2g}, "
+                                    f"{compiled['seconds']:.0f} s" if "package" in compiled
+                                    else f"none ({compiled['error']}); the model is served eagerly"))
     checkpoints.clear()
     log(f"wrote {folder} (best epoch {progress.best_epoch}, validation AUC {progress.best_auc:.4f}; "
         f"{_calibration_text(progress.best_calibration)})")
     dist.barrier()
     return folder
+
+
+def _held_out_requests(data: Path, loader, count: int) -> list:
+    """The first `count` logged requests of the validation split, as a server receives them."""
+    stream = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False, workers=0), 0, 1)
+    batch = next(iter(stream), None)
+    return [] if batch is None else scoring_requests(batch, count)
 
 
 def _plan_text(model) -> str:

@@ -34,6 +34,7 @@ class ServerConfig:
     default_model: str = "fin"  # serves requests that name no model (else the only model loaded)
     metrics_port: int = 0  # Prometheus /metrics on host:port (0: any free port)
     poll_s: float = 5.0  # how often the model repository is checked for new versions
+    compiled: bool = True  # score with a version's compiled package when it has one that passes its check
     torch_threads: int = 1  # intra-op threads per forward
     workers: int = 2  # forwards that may run at once (and store reads), per process
     processes: int = 1  # server processes on the port: one Python process uses about one core

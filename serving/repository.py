@@ -2,7 +2,10 @@
 
 `refresh()` looks for version folders it has not seen (`MODELS/<name>/<version>/`), loads each with
 `fin.artifact.load_artifact` (checksum, contract version, model kind) and runs a smoke check (a cold-start
-and a long-history request must give finite probabilities). A version that passes is swapped in by
+and a long-history request must give finite probabilities). A CTR version's compiled package
+(`fin.compiled`) scores it when the package loads and gives the eager model's pCTRs on the smoke requests
+(within `fin.compiled.TOLERANCE`); otherwise the version is served eagerly, with the reason logged and in
+`Artifact.package_note`: a package never refuses a version. A version that passes is swapped in by
 replacing one dict reference, so a request sees either the old set or the new one, never a half-loaded
 model; one that fails is refused with its reason, logged and counted, and whatever served before keeps
 serving. A refused version is retried only when its artifact.json changes. Requests name a model (or
@@ -23,6 +26,7 @@ import numpy as np
 
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact, load_artifact
+from fin.compiled import TOLERANCE
 from fin.inputs import CANDIDATE_NUMBERS, CONTEXT_FEATURES, TARGET_FEATURES
 from fin.versions import META, promoted, versions
 from serving import vision
@@ -52,7 +56,8 @@ class _Serving:
 
 
 def smoke_check(artifact: Artifact) -> None:
-    """Score a cold-start request and a request with a long synthetic history; raise if anything is off."""
+    """Score a cold-start request and a request with a long synthetic history; raise if anything is off.
+    Eagerly first; then, if the artifact has a package, drop it (and say why) unless it gives the same."""
     rng = np.random.default_rng(0)
     n, events = 4, artifact.loader.max_seq_len
     candidates = {c: rng.integers(1, 1000, n) for c in TARGET_FEATURES} | {c: rng.random(n) for c in CANDIDATE_NUMBERS}
@@ -60,15 +65,31 @@ def smoke_check(artifact: Artifact) -> None:
                            candidates=candidates, bids=np.ones(n))
     history = {f: rng.integers(0, 5, events) for f in TIMELINE_FIELDS}
     history["ts"] = np.arange(events, dtype=np.int64)
+    package, artifact.package = artifact.package, None
+    eager = []
     for timeline in (EMPTY_TIMELINE, history):
         p = score(artifact, inputs, timeline, None)
         if p.shape != (n,) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
             raise ValueError(f"smoke check: bad probabilities {p}")
+        eager.append(p)
+    if package is not None:
+        try:
+            worst = max(float(np.max(np.abs(package.pctr(inputs.with_features(t, None)) - p)))
+                        for t, p in zip((EMPTY_TIMELINE, history), eager, strict=True))
+        except Exception as e:  # noqa: BLE001 - a package that cannot score leaves the version eager
+            artifact.package_note = f"package fails on the smoke requests: {type(e).__name__}: {e}"[:500]
+            return
+        if not worst <= TOLERANCE:
+            artifact.package_note = f"package pCTRs differ from the eager model's by {worst:.3g} on the smoke requests"
+            return
+        artifact.package = package
 
 
 class ModelRepository:
-    def __init__(self, root: str | Path, keep_versions: int = 2, default_model: str = "fin"):
+    def __init__(self, root: str | Path, keep_versions: int = 2, default_model: str = "fin", compiled: bool = True):
+        """`compiled`: load each CTR version's compiled package (False: every version scores eagerly)."""
         self.root, self.keep_versions, self.default_model = Path(root), keep_versions, default_model
+        self.compiled = compiled
         self.serving = _Serving({}, {})  # replaced whole by refresh(); never changed in place
         self.refused: dict[tuple[str, int], float] = {}  # (name, version) -> artifact.json's mtime when refused
         self._lock = threading.Lock()  # one refresh at a time; readers never take it
@@ -135,15 +156,18 @@ class ModelRepository:
                 artifact = vision.load_vision(folder)
                 vision.smoke_check_vision(artifact)
             else:
-                artifact = load_artifact(folder)
+                artifact = load_artifact(folder, package=self.compiled)
                 smoke_check(artifact)
+                if self.compiled and artifact.package is None:
+                    log.warning("model %s version %s scores eagerly: %s", name, version, artifact.package_note)
         except Exception as e:  # noqa: BLE001 - any failure refuses the version; the server keeps serving
             self.refused[(name, version)] = _stamp(folder)
             log.error("refused model %s version %s: %s", name, version, e)
             return Change("refused", name, version, str(e))
         models.setdefault(name, {})[version] = artifact
         self.refused.pop((name, version), None)
-        log.info("loaded model %s version %s (%s)", name, version, artifact.meta["model"])
+        log.info("loaded model %s version %s (%s%s)", name, version, artifact.meta["model"],
+                 ", compiled" if getattr(artifact, "package", None) is not None else "")
         return Change("loaded", name, version)
 
 

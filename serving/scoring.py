@@ -103,9 +103,11 @@ def _context(ctx, config: ScoringConfig) -> dict[str, int]:
 
 @torch.inference_mode()
 def score_requests(artifact: Artifact, requests: list[ScoringRequest]) -> list[np.ndarray]:
-    """pCTR [B] of each request's candidates, all requests in one forward (each user's history and fragments
-    once); the same numbers as scoring the requests one by one, calibrated as `fin evaluate` calibrates them
-    (`Artifact.pctr`)."""
+    """pCTR [B] of each request's candidates, calibrated as `fin evaluate` calibrates them (`Artifact.pctr`).
+    With a compiled package, one call of it per request (no Python between its operations); eagerly, all
+    requests in one forward (each user's history and fragments once), the same numbers as one by one."""
+    if artifact.package is not None:
+        return [artifact.package.pctr(r) for r in requests]
     pctr = artifact.pctr(artifact.model(requests_batch(requests, artifact.loader))).numpy().astype(np.float64)
     return np.split(pctr, np.cumsum([len(r) for r in requests])[:-1])
 

@@ -233,7 +233,7 @@ class Server:
 
         self.config = config
         torch.set_num_threads(config.torch_threads)
-        self.repository = ModelRepository(config.models, default_model=config.default_model)
+        self.repository = ModelRepository(config.models, default_model=config.default_model, compiled=config.compiled)
         store = store or FeatureStore(repo_path=str(config.feast_repo))
         self.realtime = open_realtime(store, config.feast_repo, config.online.realtime_max_events)
         self.features = OnlineFeatures(store, config.online, threads=config.workers, realtime=self.realtime)
@@ -294,6 +294,10 @@ class Server:
         for change in changes:
             if change.action == "refused":
                 self.metrics.reload_failures.labels(change.name).inc()
+            elif change.action == "loaded":
+                model = self.repository.get(change.name, change.version)
+                if isinstance(model, Artifact):
+                    self.metrics.model_compiled.labels(change.name, str(change.version)).set(model.package is not None)
         for name in self.repository.names():
             self.metrics.model_version.labels(name).set(self.repository.get(name).version)
         await self._set_health()

@@ -70,19 +70,22 @@ def features_job(features_logs, tmp_path_factory):
     return out, run_features(features_logs, out, FEATURES_CONFIG)
 
 
-TRAIN_CONFIG = dict(epochs=1, max_steps=6, loader=dict(batch_size=64, max_seq_len=50, fragments=dict(
+# compile=False: the artifacts of these tests are scored eagerly, and each package build takes ~15 s here;
+# `trained_models` builds the packages the serving tests score with
+TRAIN_CONFIG = dict(epochs=1, max_steps=6, compile=False, loader=dict(batch_size=64, max_seq_len=50, fragments=dict(
     full_len=50, location_len=20, meal_len=20, recent_len=10, integrated_len=20)),
     model_config=dict(dim=16, heads=2, tower=[32], sim_len=10, embeddings=dict(dim=8)))
 
 
 @pytest.fixture(scope="session")
 def trained_models(features_job, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
-    """Small FIN and DNN artifacts trained for a few steps on `features_job` (one worker, gloo)."""
+    """Small FIN and DNN artifacts trained for a few steps on `features_job` (one worker, gloo), each with
+    its compiled scoring package."""
     from fin.train import load_train_config, train
 
     out, _ = features_job
     models = tmp_path_factory.mktemp("models")
-    return models, {kind: train(out / "data", models, load_train_config(None, model=kind, **TRAIN_CONFIG))
+    return models, {kind: train(out / "data", models, load_train_config(None, **{**TRAIN_CONFIG, "model": kind, "compile": True}))
                     for kind in ("fin", "dnn")}
 
 

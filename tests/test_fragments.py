@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features import geohash
-from features.fragments import MISSING, TAG_BOTH, TAG_LOCATION_ONLY, TAG_MEAL_ONLY, FragmentConfig, fragment
+from features.fragments import (
+    MISSING,
+    TAG_BOTH,
+    TAG_LOCATION_ONLY,
+    TAG_MEAL_ONLY,
+    FragmentConfig,
+    fragment,
+    fragment_slots,
+)
 from fin.inputs import history_batch
 
 CENTRE = int(geohash.to_codes(np.array(["wtw3sj"]))[0][0])
@@ -112,6 +120,26 @@ def test_padded_rows_hold_each_request_s_fragment_in_order(batch):
         assert mask.sum(1).tolist() == frag.lengths.tolist()
         assert pos.numel() == 0 or 0 <= int(pos.min()) <= int(pos.max()) < max(frag.index.numel(), 1)
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches(), st.integers(0, 8))
+def test_fixed_width_slots_hold_what_fragment_keeps(batch, spare):
+    """The compiled scoring graph's cut (`fragment_slots`: one request, widths fixed by the caps): the real
+    slots hold the rules' fragment, oldest first, with its tags; padding slots point at event 0."""
+    histories, contexts, config = batch
+    for events, ctx in zip(histories, contexts):
+        if not events:  # the graph is given at least one event (a placeholder at the request time)
+            continue
+        _, history, context = _tensors([events], [ctx])
+        max_len = len(events) + spare
+        expected, tags = _reference(events, ctx, config)
+        for name, slots in fragment_slots(history, context, max_len, config).items():
+            assert slots.index.shape == slots.mask.shape == (1, min(config.cap(name), max_len))
+            assert slots.index[slots.mask].tolist() == expected[name], name
+            assert not slots.index[~slots.mask].any()
+            if name == "integrated":
+                assert slots.tags[slots.mask].tolist() == tags
 
 def test_empty_batch_and_empty_histories():
     offsets = torch.tensor([0, 0, 0])

@@ -147,9 +147,11 @@ def test_metrics_count_calls_by_code(server):
     assert server.metric("fin_candidates_per_request_bucket", le="5.0") >= 2
 
 
-def test_served_pctr_equals_the_offline_evaluator(trained_models, features_logs, features_job, tmp_path):
+@pytest.mark.parametrize("path", ["compiled", "eager"])
+def test_served_pctr_equals_the_offline_evaluator(trained_models, features_logs, features_job, tmp_path, path):
     """Logged test requests replayed through gRPC score as the evaluator scores them: one code path, the
-    artifact's calibration included (`fin train` fitted one; it moves these pCTRs beyond the tolerance).
+    artifact's calibration included (`fin train` fitted one; it moves these pCTRs beyond the tolerance);
+    through the artifact's compiled package and through the eager model (`fin serve --eager`).
 
     The online store holds the latest state: each user's last `max_seq_len` events and the statistics as of
     the day after the data. So the replayed requests are from the last day, of users whose whole timeline is
@@ -174,8 +176,9 @@ def test_served_pctr_equals_the_offline_evaluator(trained_models, features_logs,
     write_as_of(FeatureStore(repo_path=str(tmp_path / "feast")), out / "data", local_day_start_ms(day, offset),
                 FEATURES_CONFIG.max_seq_len, timelines=False)
 
-    running = Running(trained_models[0], tmp_path / "feast")
+    running = Running(trained_models[0], tmp_path / "feast", *(["--eager"] if path == "eager" else []))
     try:
+        assert running.metric("fin_model_compiled", model="fin", version="1") == (path == "compiled")
         artifact = load_artifact(trained_models[1]["fin"])
         assert artifact.calibration is not None
         offline = predict(artifact, out / "data", "test")
@@ -228,6 +231,24 @@ def test_new_versions_hot_load_and_broken_ones_are_refused(server, repo):
     assert run_fin("promote", "--models", str(repo), "--name", "fin", "--version", "9").returncode == 1
     promote(repo, "fin", 2)
     wait_for(lambda: server.stub.Score(_request(1), timeout=10).model_version == 2)
+
+
+def test_a_version_with_a_broken_package_is_served_eagerly(server, repo):
+    """A package that fails its checksum never refuses its version: the version loads, scores eagerly (the
+    same pCTRs as the compiled version of the same weights) and says so in the metrics."""
+    folder = repo / "finb" / "1"
+    shutil.copytree(repo / "fin" / "1", folder.parent / ".staging")
+    with open(folder.parent / ".staging" / "model.pt2", "r+b") as f:
+        f.seek(-64, 2)
+        f.write(b"\0" * 64)
+    (folder.parent / ".staging").rename(folder)
+    wait_for(lambda: server.metric("fin_model_version", model="finb") == 1)
+    assert server.metric("fin_model_compiled", model="finb", version="1") == 0
+    assert server.metric("fin_model_compiled", model="fin", version="1") == 1
+    assert server.metric("fin_model_reload_failures_total", model="finb") == 0
+    eager = [s.pctr for s in server.stub.Score(_request(3, candidates=20, model_name="finb"), timeout=10).scores]
+    compiled = [s.pctr for s in server.stub.Score(_request(3, candidates=20, model_version=1), timeout=10).scores]
+    np.testing.assert_allclose(eager, compiled, rtol=0, atol=1e-6)
 
 
 def test_empty_repository_is_not_serving_until_a_model_arrives(trained_models, features_job, tmp_path):
@@ -370,6 +391,7 @@ def test_reload_under_load_loses_no_request_and_shutdown_drains(trained_models, 
     assert not failures
     # calls of two threads may finish out of order across the swap, but no client goes back to the old version
     assert all(seen[0] == 1 and seen[-1] == 2 and sorted(seen) == seen for seen in seen_by)
+    assert running.metric("fin_model_compiled", model="fin", version="2") == 1  # the new version's package scores
 
     in_flight = [running.stub.Score.future(_request(7, candidates=1000), timeout=30) for _ in range(24)]
     answered = []

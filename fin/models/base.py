@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from features.fragments import Fragment, FragmentConfig
-from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, hash_ids
+from features.fragments import Fragment, FragmentConfig, Slots
+from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, SparseOutput, hash_ids
 from fin.inputs import CANDIDATE_NUMBERS, STAT_FEATURES, Batch
 from fin.layers import MLP, MultiHeadTargetAttention
 
@@ -48,6 +48,8 @@ class CTRModel(nn.Module):
     """Base of FIN and the baselines. Subclasses say how many interest vectors they make and make them."""
 
     interests: int = 0
+    # why the model's scoring forward cannot be exported whole (`fin.compiled`), None when it can
+    not_exportable: str | None = None
 
     @staticmethod
     def events_read(fragments: FragmentConfig) -> int:
@@ -68,8 +70,8 @@ class CTRModel(nn.Module):
         if self.position is not None:
             nn.init.zeros_(self.position.weight)  # row 0, the unknown slot, stays 0
 
-    def encode(self, batch: Batch) -> Encoded:
-        sparse = self.sparse(batch)
+    def encode(self, batch: Batch, sparse: SparseOutput | None = None) -> Encoded:
+        sparse = self.sparse(batch) if sparse is None else sparse
         return Encoded(
             target=self.target(sparse.target.flatten(1)),
             events=self.event(sparse.history.flatten(1)),
@@ -80,9 +82,10 @@ class CTRModel(nn.Module):
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
         return []
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits [B]."""
-        x = self.encode(batch)
+    def forward(self, batch: Batch, sparse: SparseOutput | None = None) -> torch.Tensor:
+        """Logits [B]; `sparse`: the batch's embedding rows when the caller looked them up (an exported graph
+        reads its own copy of the tables: `fin.compiled`)."""
+        x = self.encode(batch, sparse)
         interests = self.interest_vectors(batch, x)
         features = [x.target, x.single, x.stats, *interests, *(x.target * i for i in interests)]
         logit = self.tower(torch.cat(features, dim=1)).squeeze(1)
@@ -101,7 +104,9 @@ class Padded:
     tags: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, frag: Fragment) -> Padded:
+    def of(cls, frag: Fragment | Slots) -> Padded:
+        if isinstance(frag, Slots):  # one request's fragment at a fixed width: already padded
+            return cls(frag.index, frag.mask, frag.tags)
         pos, mask = frag.padded()
         return cls(frag.index[pos], mask, None if frag.tags is None else frag.tags[pos])
 

@@ -11,6 +11,8 @@ from fin.models.base import Encoded, Padded, TargetAttentionModel, gather, time_
 
 
 class SIM(TargetAttentionModel):
+    not_exportable = "its search keeps a number of events per candidate that depends on the data"
+
     def attended(self, batch: Batch, x: Encoded):
         # the search runs on ids (one row per candidate: what it retrieves depends on the candidate's
         # category); only the retrieved events are gathered

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"local time of the city (default {sd.scoring.utc_offset_hours:g})")
     p.add_argument("--poll-s", type=float, default=sd.poll_s,
                    help=f"seconds between model repository scans (default {sd.poll_s:g})")
+    p.add_argument("--eager", action="store_true",
+                   help="score every model with its eager forward, even a version with a compiled package "
+                        "(by default a version's package scores it once it passes its check at load)")
     p.add_argument("--torch-threads", type=int, default=sd.torch_threads,
                    help=f"intra-op threads per forward (default {sd.torch_threads})")
     p.add_argument("--workers", type=int, default=sd.workers,
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                           default_model=args.default_model, metrics_port=args.metrics_port, poll_s=args.poll_s,
                           torch_threads=args.torch_threads, workers=args.workers, processes=args.processes,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=read_token(args.auth_token_file),
-                          behaviour_log=args.behaviour_log,
+                          behaviour_log=args.behaviour_log, compiled=not args.eager,
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
                                                 batch_candidates=args.batch_candidates,
                                                 utc_offset_hours=args.utc_offset_hours),

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sharding",
                    help=f"table sharding: table_wise, row_wise or auto (the planner's choice); default {d.sharding}")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                   help="write the artifact without its compiled scoring package (served eagerly); by default "
+                        "the package is built and checked against the eager forward beside the weights")
     p.add_argument("--init-from", type=Path,
                    help="start from this artifact's weights (MODELS/NAME/VERSION of the same model and config)")
     add_json_flag(p)
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, **{
         "model": args.model, "epochs": args.epochs, "workers": args.workers, "sharding": args.sharding,
         "lr": args.lr, "sparse_lr": args.sparse_lr, "patience": args.patience, "max_steps": args.max_steps,
-        "seed": args.seed, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
+        "seed": args.seed, "compile": args.compile, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
     })
     if args.init_from is not None and not (args.init_from / "artifact.json").is_file():
         raise CommandError(f"--init-from {args.init_from} is not an artifact version folder (MODELS/NAME/VERSION)")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
               "epochs": training.get("epochs"), "best_epoch": training.get("best_epoch"),
               "examples": training.get("examples"), "workers": training.get("workers"),
               "seconds": training.get("seconds"), "examples_per_s": training.get("examples_per_s"),
-              "calibration": meta.get("calibration")}
+              "calibration": meta.get("calibration"), "compiled": meta.get("compiled")}
     emit(args, result, str(folder))  # the text: the artifact folder alone, for scripts
     return 0
 
@@ -69,6 +72,7 @@ COMMAND = Command(
     description="Train a model on the features job's output with DistributedModelParallel "
                 "(gloo on CPU, NCCL on GPU), checkpoint every epoch (a rerun resumes), stop "
                 "early on validation AUC, and write MODELS/<name>/<version>/ (safetensors "
-                "weights, configs, metrics, checksum). Under torchrun each process is one "
+                "weights, configs, metrics, checksum) with its compiled scoring package "
+                "(model.pt2, checked against the eager forward). Under torchrun each process is one "
                 "worker (the way to a cluster).",
     add_arguments=add_arguments, run=run, quiet_libraries=True)
