@@ -7,11 +7,11 @@ DEMO   ?= demo_out
 DEMO_PORT ?= 50051
 
 
-.PHONY: demo test test-fast lint test-services install bench-simulate bench-features bench-train bench-serve bench-serve-work bench-serve-floor clean
+.PHONY: demo test test-fast lint test-services compiler install bench-simulate bench-features bench-train bench-serve bench-serve-work bench-serve-floor clean
 
 PROTOS := $(shell find proto -name '*.proto')
 
-install: $(VENV)/.installed serving/pb/.generated
+install: $(VENV)/.installed serving/pb/.generated compiler
 
 # The lock is installed with --no-deps: torchrec declares the CUDA fbgemm-gpu, and resolving it would
 # put a second fbgemm next to fbgemm-gpu-cpu. The lock already holds every dependency.
@@ -48,6 +48,11 @@ demo: install
 	  $(FIN) ingest --addr 127.0.0.1:$(DEMO_PORT) --events configs/demo/ingest_events.json && \
 	  $(FIN) score --addr 127.0.0.1:$(DEMO_PORT) --request configs/demo/score_request.json --brief; rc=$$?; \
 	  kill $$pid; wait $$pid; exit $$rc
+
+# AOTInductor compiles each artifact's scoring package (model.pt2) with the system's C++ compiler
+compiler:
+	@command -v g++ >/dev/null 2>&1 || { echo "installing g++ (AOTInductor compiles scoring packages with it)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq g++ >/dev/null; }
 
 # The Redis online-store test needs a redis-server binary (Debian package; it listens on 127.0.0.1 only),
 # the TLS test the openssl command to make a throw-away certificate.

@@ -13,16 +13,21 @@ rounds one after the other, so that a change of the shared machine's speed shows
 - read_candidates: the parsed message's 200 candidates into arrays, and the request checks
   (`serving.scoring.request_inputs`);
 - features: the cached timeline and statistics lookups (`serving.online.OnlineFeatures.read`);
-- forward: `serving.scoring.score` in this process on one thread (fragments, embeddings, attention, tower);
+- forward: `serving.scoring.score` in this process on one thread (fragments, embeddings, attention, tower),
+  with the eager model;
+- forward_compiled: the same, through the artifact's compiled package (`fin.compiled`: the whole forward,
+  fragments included, one call into AOTInductor's code);
 - forward_ops_replayed: every torch operation of the same forwards, recorded once and replayed back to back
   on the recorded inputs: the forward's cost if the Python around its operations cost nothing;
 - forward_kernels_replayed: only the operations that do the arithmetic (matrix products, attention,
   embedding gathers; `KERNELS`), replayed the same way.
-floor_ms.ops_without_python = grpc_round_trip + read_candidates + features + forward_ops_replayed: this
+floor_ms.ops_without_python = grpc_round_trip + read_candidates + features + forward_ops_replayed: the eager
 design's latency if the Python around its tensor operations cost nothing (no thread hand-off either);
 floor_ms.arithmetic_only puts forward_kernels_replayed in place of the replayed operations: what is left
-if fragments, padding, masks and conversions cost nothing as well. Figures are medians over requests (ms);
-each round also reports the machine speed reference of `_measure` (ms of a fixed workload).
+if fragments, padding, masks and conversions cost nothing as well; floor_ms.compiled puts forward_compiled
+there. end_to_end is measured against the compiled server (`fin serve`'s default) and end_to_end_eager
+against `fin serve --eager`, in turn in each round. Figures are medians over requests (ms); each round also
+reports the machine speed reference of `_measure` (ms of a fixed workload).
 Usage: python benchmarks/serve_floor.py [--data DIR] [--requests 200] [--rounds 3]
 """
 
@@ -111,6 +116,9 @@ class InProcess:
         from serving.online import OnlineFeatures
 
         self.artifact = load_artifact(resolve("fin", models))
+        self.compiled = load_artifact(resolve("fin", models), package=True)
+        if self.compiled.package is None:
+            raise SystemExit(f"{self.compiled.path} has no compiled package: {self.compiled.package_note}")
         self.online = OnlineFeatures(FeatureStore(repo_path=str(features / "feast")))
         self.config = ScoringConfig()
 
@@ -130,6 +138,7 @@ class InProcess:
             self.prepared.append((inputs, found.timeline, found.stats))
         for args in self.prepared[:20]:
             score(self.artifact, *args)
+            score(self.compiled, *args)
         with torch.inference_mode():
             self.recorded = [RecordedOps(lambda a=args: score(self.artifact, *a)) for args in self.prepared]
 
@@ -138,8 +147,8 @@ class InProcess:
 
         from serving.scoring import request_inputs, score
 
-        times = {k: [] for k in ("read_candidates", "features", "forward", "forward_ops_replayed",
-                                 "forward_kernels_replayed")}
+        times = {k: [] for k in ("read_candidates", "features", "forward", "forward_compiled",
+                                 "forward_ops_replayed", "forward_kernels_replayed")}
         for message, args, ops in zip(self.messages, self.prepared, self.recorded):
             started = time.perf_counter()
             inputs = request_inputs(message, self.config)
@@ -150,6 +159,9 @@ class InProcess:
             started = time.perf_counter()
             score(self.artifact, *args)
             times["forward"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            score(self.compiled, *args)
+            times["forward_compiled"].append(time.perf_counter() - started)
             with torch.inference_mode():
                 times["forward_ops_replayed"].append(ops.replay())
                 times["forward_kernels_replayed"].append(ops.replay(KERNELS))
@@ -170,7 +182,7 @@ async def client_phase(addr: str, messages: list) -> dict:
         return {"p50_ms": out["p50_ms"], "p99_ms": out["p99_ms"], "server_p50_ms": out["server_p50_ms"]}
 
 
-async def measure(server: Server, echo_addr: str, parts: InProcess, messages: list,
+async def measure(server: Server, eager: Server, echo_addr: str, parts: InProcess, messages: list,
                   rounds: int) -> tuple[dict, list[dict]]:
     """The operation counts of a forward (median over the requests) and each round's figures."""
     await parts.prepare(messages)
@@ -180,11 +192,14 @@ async def measure(server: Server, echo_addr: str, parts: InProcess, messages: li
     for _ in range(rounds):
         r = {"machine_speed_reference_ms": speed_reference(),
              "end_to_end": await client_phase(server.addr, messages),
+             "end_to_end_eager": await client_phase(eager.addr, messages),
              "grpc_round_trip": (await client_phase(echo_addr, messages))["p50_ms"],
              **await parts.measure()}
         fixed = r["grpc_round_trip"] + r["read_candidates"] + r["features"]
         r["floor_ms"] = {"ops_without_python": round(fixed + r["forward_ops_replayed"], 3),
-                         "arithmetic_only": round(fixed + r["forward_kernels_replayed"], 3)}
+                         "arithmetic_only": round(fixed + r["forward_kernels_replayed"], 3),
+                         "compiled": round(fixed + r["forward_compiled"], 3)}
+        r["forward_compiled_vs_eager"] = round(r["forward_compiled"] / r["forward"], 3)
         print(r, file=sys.stderr, flush=True)
         out.append(r)
     return ops, out
@@ -208,17 +223,21 @@ def main() -> None:
     rng = np.random.default_rng(0)
     messages = [score_request(users[i % len(users)], pool["candidates"], 200, rng) for i in range(args.requests)]
     server = Server(features, models, SERVE_OPTIONS)
+    eager = Server(features, models, [*SERVE_OPTIONS, "--eager"])
     echo = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
     try:
         echo_addr = echo.stdout.readline().split()[2]
-        ops, rounds = asyncio.run(measure(server, echo_addr, InProcess(features, models), messages, args.rounds))
+        ops, rounds = asyncio.run(measure(server, eager, echo_addr, InProcess(features, models), messages,
+                                          args.rounds))
     finally:
         server.stop()
+        eager.stop()
         echo.terminate()
         echo.wait()
     report("serve_floor", {"data": {"users": args.users, "days": args.days, "model": "fin (configs/lifelong.yaml)"},
                            "serve_options": " ".join(SERVE_OPTIONS), "candidates": 200, "requests": len(messages),
-                           "operations_per_forward": ops, "goal_c1_p50_ms": 5.0, "rounds_ms": rounds})
+                           "operations_per_forward": ops, "goal_c1_p50_ms": 5.0,
+                           "goal_forward_compiled_vs_eager": 0.5, "rounds_ms": rounds})
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_two_days_through_the_chain(tmp_path):
         models=tmp_path / "models", reports=tmp_path / "reports",
         features_args=("--max-seq-len", "50", "--partitions", "2", "--validation-days", "2", "--test-days", "4",
                        "--num-cpus", "2", "--no-materialize"),
-        train_args=("--epochs", "1", "--max-steps", "60", "--batch-size", "256", "--max-seq-len", "50"),
+        train_args=("--epochs", "1", "--max-steps", "60", "--batch-size", "256", "--max-seq-len", "50", "--no-compile"),
         evaluate_args=("--bootstrap", "20"), retries=1, backoff_s=600,
         gate=PromotionGate(auc_tolerance=0.01, rpm_tolerance=1.0))
     clock = Clock(datetime(2026, 3, 26, 1, 0))  # local time, before the 02:30 cron
