@@ -232,7 +232,8 @@ def connections(server: Server, count: int) -> list:
 
 
 async def measure(server: Server, pool: dict, args, full_run: bool = True) -> dict:
-    """The phases against one running server (`full_run` False: warm-up, concurrency 1 and 8 only)."""
+    """The phases against one running server (`full_run` False: warm-up, store reads, concurrency 1 and 8
+    only)."""
     from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(0)
@@ -276,8 +277,9 @@ async def measure(server: Server, pool: dict, args, full_run: bool = True) -> di
         await run_phase(stubs, requests(warm, args.candidates, 25 * CONCURRENCY), CONCURRENCY, 60)
         main = requests(full, args.candidates, args.requests)
         out = {"users_with_1000_events": len(full), "candidates": args.candidates}
-        if full_run:  # each user's first request: its timeline comes from the online store, not the cache
-            out["concurrency_1_store_reads"] = await phase(requests(cold, args.candidates, len(cold)), 1)
+        # each user's first request: its timeline comes from the online store, not the cache (both servers, so
+        # that their concurrency 1 phases read cached timelines alike)
+        out["concurrency_1_store_reads"] = await phase(requests(cold, args.candidates, len(cold)), 1)
         out["concurrency_1"] = await phase(main, 1)
         out["concurrency_8"] = await phase(requests(full, args.candidates, args.requests * 4), CONCURRENCY)
         if not full_run:
