@@ -148,10 +148,18 @@ class StackedTables(nn.Module):
         super().__init__()
         self.key = key
         self.register_buffer("weight", torch.cat([w.detach() for w in tables]))
-        sizes = torch.tensor([w.shape[0] for w in tables], device=self.weight.device)
+        self.table_rows = [w.shape[0] for w in tables]
+        sizes = torch.tensor(self.table_rows, device=self.weight.device)
         self.register_buffer("sizes", sizes)
         self.register_buffer("first", torch.cumsum(sizes, 0) - sizes)
 
     def rows(self, ids: list[torch.Tensor]) -> torch.Tensor:
         """One id column per table -> [n, tables, d]."""
-        return F.embedding(hash_ids(torch.stack(ids, dim=1), self.sizes) + self.first, self.weight)
+        if torch.compiler.is_compiling():
+            # a compiled graph hashes each column by its table's size as a constant: the compiler turns the
+            # 64-bit remainder by a known number into multiplications (a division by a size held in memory
+            # was most of the graph's per-event work); eagerly one broadcast remainder costs fewer calls
+            hashed = torch.stack([hash_ids(x, n) for x, n in zip(ids, self.table_rows, strict=True)], dim=1)
+        else:
+            hashed = hash_ids(torch.stack(ids, dim=1), self.sizes)
+        return F.embedding(hashed + self.first, self.weight)
