@@ -50,6 +50,7 @@ from fin.models import CTRModel
 from fin.versions import sha256
 
 PACKAGE = "model.pt2"
+MAX_CANDIDATES = 10_000  # the most candidates of a request a package takes (more: scored eagerly)
 REQUEST_FIELDS = ("ts", *CONTEXT_FEATURES)  # the context row of `GraphInputs`, in this order
 
 
@@ -142,7 +143,7 @@ def example_inputs(max_len: int, candidates: int = 8, events: int = 16) -> Graph
         stats=torch.rand(candidates, len(STAT_FEATURES)))
 
 
-def export(graph: ScoringGraph, max_candidates: int = 10_000) -> torch.export.ExportedProgram:
+def export(graph: ScoringGraph, max_candidates: int = MAX_CANDIDATES) -> torch.export.ExportedProgram:
     """The graph exported with the history length (1 .. max_seq_len) and the candidate count
     (1 .. `max_candidates`) dynamic."""
     events = torch.export.Dim("events", min=1, max=graph.loader.max_seq_len)
@@ -215,6 +216,11 @@ class CompiledScorer:
 
     def __init__(self, package, max_len: int):
         self.package, self.max_len = package, max_len
+
+    @staticmethod
+    def takes(request: ScoringRequest) -> bool:
+        """Whether the package's shapes admit the request (any history: it is cut to max_seq_len)."""
+        return len(request) <= MAX_CANDIDATES
 
     def pctr(self, request: ScoringRequest) -> np.ndarray:
         """pCTR [B] (float64) of the request's candidates."""

@@ -106,7 +106,7 @@ def score_requests(artifact: Artifact, requests: list[ScoringRequest]) -> list[n
     """pCTR [B] of each request's candidates, calibrated as `fin evaluate` calibrates them (`Artifact.pctr`).
     With a compiled package, one call of it per request (no Python between its operations); eagerly, all
     requests in one forward (each user's history and fragments once), the same numbers as one by one."""
-    if artifact.package is not None:
+    if artifact.package is not None and all(map(artifact.package.takes, requests)):
         return [artifact.package.pctr(r) for r in requests]
     pctr = artifact.pctr(artifact.model(requests_batch(requests, artifact.loader))).numpy().astype(np.float64)
     return np.split(pctr, np.cumsum([len(r) for r in requests])[:-1])

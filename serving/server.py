@@ -137,7 +137,7 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         features = await self.features.read(inputs.user_id, inputs.candidates)
         t_features = time.perf_counter()
         scored = inputs.with_features(features.timeline, features.stats)
-        if artifact.package is not None:
+        if artifact.package is not None and artifact.package.takes(scored):
             # on the event loop: the compiled call holds the interpreter lock throughout (nothing of this
             # process runs beside it on a forward thread), so a hand-off there and back would only add to it
             pctr = artifact.package.pctr(scored)

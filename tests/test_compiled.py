@@ -144,3 +144,20 @@ def test_graph_module_runs_eagerly_as_the_model(trained_models, features_job):
             got = graph(*GraphInputs.of(request, artifact.loader.max_seq_len).args()).numpy()
         np.testing.assert_allclose(got, eager_pctr(artifact.model, artifact.loader, artifact.calibration, request),
                                    atol=1e-6)
+
+
+def test_a_request_beyond_the_package_s_shapes_is_scored_eagerly(trained_models, features_job):
+    """More candidates than the package's dynamic range (`MAX_CANDIDATES`): the eager model scores them."""
+    from fin.compiled import MAX_CANDIDATES
+    from serving.scoring import score_requests
+
+    artifact = load_artifact(trained_models[1]["fin"], package=True)
+    request = _validation_requests(features_job, artifact.loader, 1)[0]
+    many = MAX_CANDIDATES + 1
+    big = ScoringRequest(request.timeline, request.context,
+                         {c: np.resize(v, many) for c, v in request.candidates.items()},
+                         np.resize(request.stats, (many, request.stats.shape[1])))
+    assert not artifact.package.takes(big) and artifact.package.takes(request)
+    (scores,) = score_requests(artifact, [big])
+    np.testing.assert_allclose(scores, eager_pctr(artifact.model, artifact.loader, artifact.calibration, big),
+                               atol=1e-7)
