@@ -31,9 +31,9 @@ LOADER = load_config(LoaderConfig, {**TRAIN_CONFIG["loader"], "shuffle": False})
 MODEL_CONFIG = load_config(ModelConfig, TRAIN_CONFIG["model_config"])
 
 
-def _validation_requests(features_job, loader=LOADER, count=24) -> list[ScoringRequest]:
+def _validation_requests(features_job, loader=LOADER, count=24, split="validation") -> list[ScoringRequest]:
     out, _ = features_job
-    batch = next(iter(ExampleStream(out / "data", "validation", dataclasses.replace(loader, shuffle=False))))
+    batch = next(iter(ExampleStream(out / "data", split, dataclasses.replace(loader, shuffle=False))))
     return scoring_requests(batch, count)
 
 
@@ -64,12 +64,12 @@ def test_scoring_requests_are_the_batch_s_requests(features_job):
 @pytest.mark.parametrize("kind", ["fin", "dnn"])
 def test_the_trained_package_scores_as_the_eager_model(trained_models, features_job, kind):
     """The package `fin train` built: checked at publish time (its entry says by how much it differed), and
-    it gives the eager model's pCTRs on validation requests and on the edge cases the graph pads."""
+    it gives the eager model's pCTRs on the logged test requests and on the edge cases the graph pads."""
     artifact = load_artifact(trained_models[1][kind], package=True)
     entry = artifact.meta["compiled"]
     assert entry["package"] == PACKAGE and entry["max_abs_pctr_difference"] <= TOLERANCE and entry["requests_checked"]
     assert artifact.package is not None and artifact.package_note == "compiled"
-    requests = _validation_requests(features_job, artifact.loader)
+    requests = _validation_requests(features_job, artifact.loader, count=64, split="test")
     requests += _edge_requests(requests[0])
     for request in requests:
         eager = eager_pctr(artifact.model, artifact.loader, artifact.calibration, request)
