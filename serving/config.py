@@ -36,7 +36,7 @@ class ServerConfig:
     poll_s: float = 5.0  # how often the model repository is checked for new versions
     compiled: bool = True  # score with a version's compiled package when it has one that passes its check
     torch_threads: int = 1  # intra-op threads per forward
-    workers: int = 2  # forwards that may run at once (and store reads), per process
+    workers: int = 2  # eager forwards that may run at once (and store reads), per process
     processes: int = 1  # server processes on the port: one Python process uses about one core
     drain_delay_s: float = 1.0  # on shutdown, NOT_SERVING first and calls still accepted this long (see stop)
     grace_s: float = 10.0  # then how long shutdown waits for calls in flight

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=sd.torch_threads,
                    help=f"intra-op threads per forward (default {sd.torch_threads})")
     p.add_argument("--workers", type=int, default=sd.workers,
-                   help=f"forwards (and store reads) that may run at once (default {sd.workers})")
+                   help=f"eager forwards (and store reads) that may run at once (default {sd.workers}); a "
+                        "version's compiled package is called on the event loop")
     p.add_argument("--processes", type=int, default=sd.processes,
                    help=f"server processes sharing the port (default {sd.processes}); one Python process uses "
                         "about one core, so give one per core for throughput")
