@@ -94,6 +94,12 @@ class ModelRepository:
         self.refused: dict[tuple[str, int], float] = {}  # (name, version) -> artifact.json's mtime when refused
         self._lock = threading.Lock()  # one refresh at a time; readers never take it
 
+    def close(self) -> None:
+        """Let go of every loaded version: a compiled package deletes the copy torch unpacked it into (under
+        the temporary folder) when it is released, which a process's exit does not do."""
+        with self._lock:
+            self.serving = _Serving({}, {})
+
     def names(self) -> list[str]:
         return sorted(self.serving.models)
 

@@ -340,6 +340,9 @@ class Server:
         if self.log is not None:
             self.log.close()  # what is pending goes into the date partitions
         self.metrics.close()
+        self.repository.close()
+        gc.unfreeze()  # (frozen at start) so that what only a cycle holds is collected, packages included
+        gc.collect()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

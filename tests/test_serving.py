@@ -251,9 +251,12 @@ def test_a_version_with_a_broken_package_is_served_eagerly(server, repo):
     np.testing.assert_allclose(eager, compiled, rtol=0, atol=1e-6)
 
 
-def test_empty_repository_is_not_serving_until_a_model_arrives(trained_models, features_job, tmp_path):
+def test_empty_repository_is_not_serving_until_a_model_arrives(trained_models, features_job, tmp_path, monkeypatch):
+    """... and a stopped server leaves no unpacked package behind in its temporary folder."""
     out, _ = features_job
     (tmp_path / "models").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the server's temporary folder: torch unpacks there
     running = Running(tmp_path / "models", out / "feast")
     try:
         assert running.status() == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -263,9 +266,12 @@ def test_empty_repository_is_not_serving_until_a_model_arrives(trained_models, f
         shutil.copytree(trained_models[1]["dnn"], tmp_path / "models" / "dnn" / "1")
         wait_for(lambda: running.status() == health_pb2.HealthCheckResponse.SERVING)
         assert running.stub.Score(_request(1, model_name=""), timeout=10).model_name == "dnn"
+        assert running.metric("fin_model_compiled", model="dnn", version="1") == 1
+        assert list((tmp_path / "tmp").glob("aotinductor_*"))  # the package, unpacked while it serves
     finally:
         code, err = running.stop()
     assert code == 0, err
+    assert not list((tmp_path / "tmp").glob("aotinductor_*"))
 
 
 def test_fin_score_client(server, tmp_path):
