@@ -1,18 +1,21 @@
 """Behaviours that arrive one call at a time, written into a log folder in the contract's layout, so the next
 features run reads them with everything else.
 
-`append` makes rows durable before it returns: they go to a pending file (Arrow IPC, written, fsynced and
-renamed into `behaviours/_pending/`), so an acknowledged event survives a crash of the process right after
-the answer. `flush` moves what is pending into the contract's layout, one parquet file per local date
+`append` makes rows durable before it returns: each process appends them to its open segment under
+`behaviours/_pending/` (`<stem>.arrows.open`, an Arrow IPC stream, one record batch per append, fdatasynced:
+one disk flush per append, no file created), so an acknowledged event survives a crash of the process right
+after the answer. `flush` closes the segment (renamed `<stem>.arrows`; the next append opens a new one) and
+moves every closed segment into the contract's layout, one parquet file per local date
 (`behaviours/date=YYYY-MM-DD/part-<first>-<last>.parquet`, each written to a temporary name, fsynced and
-renamed, its metadata naming the pending files it holds), then removes those pending files. A crash
-between the two is undone at the next start (`recover`): pending files that a part file names are
-removed, the rest flushed, so every event lands in exactly one part file. A background thread flushes
-every `flush_s` seconds and as soon as `flush_rows` rows are pending (appends never wait for a flush:
-they add files a running flush has not listed); `close` flushes the rest. Server processes sharing a
-folder flush one at a time (a lock file).
+renamed, its metadata naming the segments it holds), then removes those segments. The next start undoes a
+crash (`recover`): a segment left open by a process that is gone (it no longer holds the segment's lock) is
+closed with the batches it has whole (a torn last batch was never acknowledged), segments that a part file
+names are removed, the rest flushed, so every event lands in exactly one part file. A background thread
+flushes every `flush_s` seconds and as soon as `flush_rows` rows are pending (an append waits at most for the
+close of its segment, never for a flush's parquet writing); `close` flushes the rest. Server processes
+sharing a folder each append to their own segment and flush one at a time (a lock file).
 
-The features job reads the `.parquet` files under `behaviours/` (the pending `.arrows` files are not).
+The features job reads the `.parquet` files under `behaviours/` (the pending segments are not).
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ PENDING = "_pending"
 HOLDS = b"fin.pending_files"  # part file metadata: the pending files it was made of
 
 
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _durable_write(path: Path, write) -> None:
     """Write a file under a temporary name, fsync it, rename it into place and fsync its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,11 +57,64 @@ def _durable_write(path: Path, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
+    _fsync_folder(path.parent)
+
+
+def _whole_batches(path: Path) -> pa.Table | None:
+    """The record batches of a segment that were written whole (None: not even its schema was)."""
     try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+        reader = pa.ipc.open_stream(path.read_bytes())
+    except (pa.ArrowInvalid, OSError):
+        return None
+    batches = []
+    while True:
+        try:
+            batches.append(reader.read_next_batch())
+        except StopIteration:
+            break
+        except (pa.ArrowInvalid, OSError):  # torn by a crash mid-append: that append was never acknowledged
+            break
+    return pa.Table.from_batches(batches, reader.schema)
+
+
+class _Segment:
+    """This process's open segment: an Arrow IPC stream it appends record batches to, holding an exclusive
+    lock on the file for as long as it is open (so `recover` can tell a live writer's segment from a dead
+    one's)."""
+
+    def __init__(self, folder: Path, stem: str, schema: pa.Schema):
+        self.path = folder / f"{stem}.arrows.open"
+        new = folder / f".{stem}.arrows.new"  # locked before it carries the name `recover` looks for
+        self.file = open(new, "xb")
+        fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.writer = pa.ipc.new_stream(self.file, schema)
+        self._sync()
+        os.replace(new, self.path)
+        _fsync_folder(folder)
+
+    def _sync(self) -> None:
+        self.file.flush()
+        os.fdatasync(self.file.fileno())
+
+    def append(self, table: pa.Table) -> None:
+        for batch in table.to_batches():
+            self.writer.write_batch(batch)
+        self._sync()
+
+    def close(self) -> Path:
+        """End the stream, release the file and rename it closed (`<stem>.arrows`)."""
+        self.writer.close()
+        self._sync()
+        self.file.close()
+        closed = self.path.with_suffix("")
+        os.replace(self.path, closed)
+        _fsync_folder(closed.parent)
+        return closed
+
+
+def _write_stream(f, table: pa.Table) -> None:
+    with pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
 
 
 class BehaviourLog:
@@ -66,31 +130,39 @@ class BehaviourLog:
         self._pending_rows = 0
         self._closed = threading.Event()
         self._wake = threading.Event()  # set when `flush_rows` rows are pending
+        self._segment: _Segment | None = None  # opened by the first append after a flush
+        self._appending = threading.Lock()  # the segment: appends, and its close
         self.recover()
         self._flusher = threading.Thread(target=self._flush_every, name="behaviour-log", daemon=True)
         self._flusher.start()
 
-    def append(self, rows: pl.DataFrame) -> None:
+    def append(self, rows: pl.DataFrame | pa.Table) -> None:
         """Rows of the contract's behaviours table, on disk when this returns."""
-        if rows.height == 0:
+        if (rows.num_rows if isinstance(rows, pa.Table) else rows.height) == 0:
             return
-        table = rows.select(contract.BEHAVIOURS.schema.names).to_arrow().cast(contract.BEHAVIOURS.schema)
-        name = f"{time.time_ns():020d}-{os.getpid():08d}-{next(self._sequence):08d}.arrows"  # sorts by time
-
-        def write(f):
-            with pa.ipc.new_stream(f, table.schema) as writer:
-                writer.write_table(table)
-
-        _durable_write(self.pending / name, write)
+        table = rows if isinstance(rows, pa.Table) else rows.select(contract.BEHAVIOURS.schema.names).to_arrow()
+        if table.schema != contract.BEHAVIOURS.schema:
+            table = table.select(contract.BEHAVIOURS.schema.names).cast(contract.BEHAVIOURS.schema)
+        with self._appending:
+            if self._segment is None:
+                stem = f"{time.time_ns():020d}-{os.getpid():08d}-{next(self._sequence):08d}"  # sorts by time
+                self._segment = _Segment(self.pending, stem, contract.BEHAVIOURS.schema)
+            self._segment.append(table)
         with self._lock:
-            self._pending_rows += rows.height
+            self._pending_rows += table.num_rows
             if self._pending_rows >= self.flush_rows:
                 self._wake.set()  # the flusher thread moves them: appends never wait for a flush
+
+    def _close_segment(self) -> None:
+        with self._appending:
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None
 
     def flush(self) -> int:
         """Move every pending row into the date partitions; returns how many. Server processes sharing the
         folder flush one at a time (a lock file)."""
-        # appends go on meanwhile: they add files this flush has not listed
+        self._close_segment()  # appends go on meanwhile, into a new segment this flush does not list
         with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             files = sorted(self.pending.glob("*.arrows"))
@@ -112,9 +184,22 @@ class BehaviourLog:
             return table.num_rows
 
     def recover(self) -> int:
-        """After a crash: drop pending files a part file already holds, flush the others."""
+        """After a crash: close the segments of processes that are gone, drop segments a part file already
+        holds, flush the others."""
         with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            for path in [*self.pending.glob("*.arrows.open"), *self.pending.glob(".*.arrows.new")]:
+                with open(path, "rb") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live process's segment
+                    whole = None if path.name.startswith(".") else _whole_batches(path)
+                    if whole is not None and whole.num_rows:
+                        stem = path.name.removesuffix(".arrows.open")
+                        _durable_write(self.pending / f"{stem}.arrows",
+                                       lambda out, t=whole: _write_stream(out, t))
+                    path.unlink()
             if any(self.pending.glob("*.arrows")):
                 for part in (self.folder / TABLE).glob("date=*/part-*.parquet"):
                     held = (pq.read_schema(part).metadata or {}).get(HOLDS, b"")

@@ -23,6 +23,9 @@ class OnlineConfig:
     outage_backoff_s: float = 1.0  # after a failed read, requests skip the store this long
     realtime_max_events: int = 1000  # per user, the newest ingested events kept (the timelines' own bound)
     ingest_max_events: int = 1000  # per Ingest call
+    # the ingest worker's CPU priority: "idle" (SCHED_IDLE: any other work preempts it, so Score calls go
+    # first and ingestion takes the CPU time they leave) or "normal"
+    ingest_priority: str = "idle"
 
 
 @dataclass(frozen=True)

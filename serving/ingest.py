@@ -35,7 +35,7 @@ _FUTURE_MS = 86_400_000  # times up to a day ahead of the server's clock are acc
 
 @dataclass
 class CheckedEvents:
-    behaviours: pl.DataFrame  # accepted events as rows of the contract's behaviours table (for the log)
+    behaviours: pa.Table  # accepted events as the contract's behaviours table, typed (for the log)
     events: pl.DataFrame  # the same as timeline rows: event_id, user_id, TIMELINE_FIELDS
     refused: list[tuple[int, str]]  # (index in the call, reasons)
     checked: np.ndarray  # the indices of the events checked: all but repeats of an earlier event's id
@@ -100,7 +100,7 @@ def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -
                for row in np.flatnonzero(bad)]
     accepted = {name: column[~bad] for name, column in columns.items()}
     events = pl.DataFrame(sequences.timeline_arrays(accepted)) if len(accepted["ts"]) else pl.DataFrame()
-    return CheckedEvents(behaviours=pl.from_arrow(behaviour_table(accepted)), events=events, refused=refused,
+    return CheckedEvents(behaviours=behaviour_table(accepted), events=events, refused=refused,
                          checked=index, repeats=len(messages) - len(index))
 
 

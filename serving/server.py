@@ -14,14 +14,12 @@ NOT_SERVING and in-flight calls drain before the process exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import hmac
 import logging
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,13 +28,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from features.behaviour_log import BehaviourLog
-from features.realtime import open_realtime
+from features.realtime import open_realtime, realtime_location
 from fin.artifact import Artifact
 from serving.batching import ForwardBatcher
 from serving.config import ServerConfig
 from serving.inference_protocol import InferenceService
-from serving.ingest import ingest_calls
+from serving.ingest_worker import IngestSettings, IngestWorker
 from serving.metrics import ServingMetrics
 from serving.online import OnlineFeatures
 from serving.pb import ctr_scoring_pb2 as pb
@@ -52,28 +49,14 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
-    """Set an Ingest call's outcome on its event loop (unless the call was cancelled meanwhile)."""
-    if not future.done():
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
-
-
 class CtrScoring(pb_grpc.CtrScoringServicer):
     def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
-                 batcher: ForwardBatcher, metrics: ServingMetrics, realtime, log: BehaviourLog | None,
-                 ingest: ThreadPoolExecutor):
+                 batcher: ForwardBatcher, metrics: ServingMetrics, ingester: IngestWorker | None):
         self.repository, self.features, self.config = repository, features, config
-        self.batcher, self.metrics, self.realtime, self.log = batcher, metrics, realtime, log
-        self._ingest = ingest  # one thread (see `_drain`)
-        self._waiting: list = []  # Ingest calls not yet handled: (events, future, its event loop)
-        self._waiting_lock = threading.Lock()
-        self._draining = False  # a `_drain` is on the ingest thread or queued for it
+        self.batcher, self.metrics, self.ingester = batcher, metrics, ingester
 
     async def Ingest(self, request: pb.IngestRequest, context: grpc.aio.ServicerContext) -> pb.IngestResponse:
-        if self.log is None:
+        if self.ingester is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this server keeps no behaviour log (fin serve --behaviour-log LOGS): an ingested "
                                 "event would miss the next features run")
@@ -81,39 +64,11 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         if n == 0 or n > limit:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"an Ingest call takes 1 to {limit} events, this one has {n}")
-        loop = asyncio.get_running_loop()
-        result = loop.create_future()
-        with self._waiting_lock:
-            self._waiting.append((request.events, result, loop))
-            start, self._draining = not self._draining, True
-        if start:
-            self._ingest.submit(self._drain)
-        result = await result
-        refused = [pb.RefusedEvent(index=i, reason=reason) for i, reason in result.refused]
-        if result.accepted == 0:
-            shown = "; ".join(f"events[{r.index}]: {r.reason}" for r in refused[:5])
+        response = pb.IngestResponse.FromString(await self.ingester.ingest(request.SerializeToString()))
+        if response.accepted == 0:
+            shown = "; ".join(f"events[{r.index}]: {r.reason}" for r in response.refused[:5])
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"every event was refused: {shown}")
-        return pb.IngestResponse(accepted=result.accepted, duplicates=result.duplicates, refused=refused)
-
-    def _drain(self) -> None:
-        """On the ingest thread: handle every call waiting, as one group (`serving.ingest.ingest_calls`: one
-        check, one log append, one store transaction), until none waits. One thread: the log's and the
-        store's writes are one at a time anyway, and calls arriving meanwhile share the next group's."""
-        while True:
-            with self._waiting_lock:
-                calls, self._waiting = self._waiting, []
-                if not calls:
-                    self._draining = False
-                    return
-            try:
-                results = ingest_calls([events for events, _, _ in calls], self.config.scoring.utc_offset_hours,
-                                       self.log, self.realtime)
-                outcomes = [(result, None) for result in results]
-            except Exception as e:  # noqa: BLE001 - every call of the group fails with it (nothing is acknowledged)
-                outcomes = [(None, e)] * len(calls)
-            for (_, future, loop), (result, error) in zip(calls, outcomes):
-                with contextlib.suppress(RuntimeError):  # its event loop has closed: the server is stopping
-                    loop.call_soon_threadsafe(_settle, future, result, error)
+        return response
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         started = time.perf_counter()
@@ -243,10 +198,11 @@ class Server:
         store = store or FeatureStore(repo_path=str(config.feast_repo))
         self.realtime = open_realtime(store, config.feast_repo, config.online.realtime_max_events)
         self.features = OnlineFeatures(store, config.online, threads=config.workers, realtime=self.realtime)
-        self.log = (None if config.behaviour_log is None
-                    else BehaviourLog(config.behaviour_log, config.scoring.utc_offset_hours))
+        self.ingester = None if config.behaviour_log is None else IngestWorker(IngestSettings(
+            log_folder=config.behaviour_log, realtime=realtime_location(store, config.feast_repo),
+            realtime_max_events=config.online.realtime_max_events,
+            utc_offset_hours=config.scoring.utc_offset_hours, priority=config.online.ingest_priority))
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="infer")  # ModelInfer forwards
-        self.ingest = ThreadPoolExecutor(1, thread_name_prefix="ingest")  # Ingest checks and writes
         self.metrics = ServingMetrics()
         self.batcher = ForwardBatcher(config.workers, config.scoring.batch_candidates,
                                       self.metrics.forward_requests.observe)
@@ -260,8 +216,7 @@ class Server:
 
     async def start(self) -> int:
         pb_grpc.add_CtrScoringServicer_to_server(
-            CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.realtime,
-                       self.log, self.ingest),
+            CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.ingester),
             self.server)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.executor, self.metrics), self.server)
@@ -278,6 +233,8 @@ class Server:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        if self.ingester is not None:
+            await self.ingester.start()
         try:
             await asyncio.to_thread(self.features.warm_up)
         except Exception as e:  # noqa: BLE001 - serving starts anyway; requests are flagged degraded meanwhile
@@ -333,12 +290,11 @@ class Server:
         await asyncio.sleep(self.config.drain_delay_s)
         await self.server.stop(self.config.grace_s)
         self.executor.shutdown(wait=True)
-        self.ingest.shutdown(wait=True)  # before the store and the log it writes to close
         self.batcher.close()
         self.features.close()
         self.realtime.close()
-        if self.log is not None:
-            self.log.close()  # what is pending goes into the date partitions
+        if self.ingester is not None:
+            await self.ingester.close()  # it answers what it holds and flushes the behaviour log
         self.metrics.close()
         self.repository.close()
         gc.unfreeze()  # (frozen at start) so that what only a cycle holds is collected, packages included
@@ -392,7 +348,8 @@ def _start_processes(config: ServerConfig, count: int) -> list:
     started = []
     for i in range(count):
         receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_serve_process, args=(config, send), name=f"fin-serve-{i + 2}", daemon=True)
+        # not daemonic: each starts its own ingest worker process (stopped by `serve` all the same)
+        process = context.Process(target=_serve_process, args=(config, send), name=f"fin-serve-{i + 2}")
         process.start()
         started.append((process, receive))
     ready = []

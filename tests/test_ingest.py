@@ -2,10 +2,14 @@
 store, real gRPC client), read by the next Score of the user."""
 
 import json
+import os
 import shutil
+import signal
+import time
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 
 from features import logio
@@ -120,14 +124,30 @@ def test_calls_without_a_good_event_are_invalid_argument(server, events, message
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
 
 
+def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> None:
+    """Until every process has exited (a zombie has: it holds no files or locks)."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
+
+
 def test_an_acknowledged_event_survives_a_crash_right_after_the_answer(trained_models, features_job, tmp_path):
     _private_copy(trained_models, features_job, tmp_path)
     logs = tmp_path / "logs"
     running = Running(tmp_path / "models", tmp_path / "feast", "--behaviour-log", str(logs))
     events = [_event(60_000 + i, 5, TS - 1000 * i) for i in range(3)]
     assert running.stub.Ingest(pb.IngestRequest(events=events), timeout=10).accepted == 3
-    running.proc.kill()  # SIGKILL: no shutdown, no flush
+    crashed = [running.proc.pid, *(p.pid for p in psutil.Process(running.proc.pid).children(recursive=True))]
+    for pid in crashed:  # the server and its ingest worker, SIGKILL: no shutdown, no flush
+        os.kill(pid, signal.SIGKILL)
     running.proc.wait(timeout=30)
+    _wait_gone(crashed)
     running.channel.close()
     BehaviourLog(logs, 8.0).close()  # what the next server start does
     stored = logio.read_raw(logs, "behaviours")

@@ -3,7 +3,11 @@ redis-server: time order whatever the arrival order, one copy per event id, the 
 concurrent writers all kept, durable across a reopen or a server restart. And the behaviour log the
 ingested events also go to (`features.behaviour_log`)."""
 
+import sqlite3
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -73,6 +77,15 @@ def test_each_user_keeps_the_newest_max_len_events(open_store):
     assert one["ts"].tolist() == [40, 50, 60, 70] and two["ts"].tolist() == [5]
 
 
+def test_a_store_written_before_it_kept_counts_trims_as_one_that_did(tmp_path):
+    SqliteRealtime(tmp_path / "realtime.db").append(_events(ids=np.arange(1, 6), users=1, ts=np.arange(1, 6)))
+    with sqlite3.connect(tmp_path / "realtime.db") as db:
+        db.execute("DROP TABLE realtime_counts")  # as a store of an earlier version holds it
+    store = SqliteRealtime(tmp_path / "realtime.db", max_len=4)
+    store.append(_events(ids=[6], users=1, ts=[6]))
+    assert store.read([1])[0]["ts"].tolist() == [3, 4, 5, 6]
+
+
 def test_concurrent_writers_of_one_user_are_all_kept(open_store):
     stores = [open_store(), open_store()]
 
@@ -104,38 +117,71 @@ def test_events_without_the_needed_columns_are_refused(open_store):
         open_store().append(_events(ids=[1], users=1, ts=[1]).drop("hours"))
 
 
-def test_the_behaviour_log_writes_contract_partitions_and_recovers_after_a_crash(tmp_path):
+def _log_rows(ids, ts) -> pl.DataFrame:
+    n = len(ids)
+    local = contract.local_time_fields(np.asarray(ts), 8.0)
+    return pl.DataFrame({"event_id": ids, "user_id": [1] * n, "ts": ts, "action": [0] * n, "shop_id": [2] * n,
+                         "item_id": [3] * n, "category_1_id": [4] * n, "brand_id": [None] * n,
+                         "price": [9.5] * n, "shop_aoi_id": [None] * n, "shop_geohash_6": ["wtw3sj"] * n,
+                         "geohash_6": [None] * n, "aoi_id": [None] * n, **local, "city_id": [1] * n},
+                        schema_overrides={"brand_id": pl.Int64, "shop_aoi_id": pl.Int64, "aoi_id": pl.Int64,
+                                          "geohash_6": pl.String})
 
-    def rows(ids, ts):
-        n = len(ids)
-        local = contract.local_time_fields(np.asarray(ts), 8.0)
-        return pl.DataFrame({"event_id": ids, "user_id": [1] * n, "ts": ts, "action": [0] * n, "shop_id": [2] * n,
-                             "item_id": [3] * n, "category_1_id": [4] * n, "brand_id": [None] * n,
-                             "price": [9.5] * n, "shop_aoi_id": [None] * n, "shop_geohash_6": ["wtw3sj"] * n,
-                             "geohash_6": [None] * n, "aoi_id": [None] * n, **local, "city_id": [1] * n},
-                            schema_overrides={"brand_id": pl.Int64, "shop_aoi_id": pl.Int64, "aoi_id": pl.Int64,
-                                              "geohash_6": pl.String})
 
-    day = 1_780_000_000_000
+DAY = 1_780_000_000_000
+
+
+def test_the_behaviour_log_writes_contract_partitions(tmp_path):
     log = BehaviourLog(tmp_path, 8.0, flush_s=3600)
-    log.append(rows([1, 2], [day, day + 86_400_000]))  # two local dates
+    log.append(_log_rows([1, 2], [DAY, DAY + 86_400_000]))  # two local dates
     assert logio.read_raw(tmp_path, "behaviours") is None  # pending: durable, not yet in the layout
-    log.append(rows([3], [day + 1]))
+    log.append(_log_rows([3], [DAY + 1]))
+    assert log.flush() == 3
+    log.append(_log_rows([4], [DAY + 2]))  # into a new segment
     log.close()
     stored = logio.read_raw(tmp_path, "behaviours")
-    assert sorted(stored["event_id"].to_list()) == [1, 2, 3]
+    assert sorted(stored["event_id"].to_list()) == [1, 2, 3, 4]
     assert len({p.parent.name for p in logio.table_files(tmp_path, "behaviours")}) == 2
-    result = validate_table(stored, contract.BEHAVIOURS, window=(0, 2 * day), known_keys={})
+    assert not any((tmp_path / "behaviours" / PENDING).glob("*arrows*"))
+    result = validate_table(stored, contract.BEHAVIOURS, window=(0, 2 * DAY), known_keys={})
     assert result.quarantine.height == 0  # what the features job will read is clean contract rows
 
-    # a crash after the part files were written but before the pending files were removed: nothing twice
-    crashed = BehaviourLog(tmp_path / "crash", 8.0, flush_s=3600)
-    crashed.append(rows([7, 8], [day, day]))
-    pending = sorted((tmp_path / "crash" / "behaviours" / PENDING).glob("*.arrows"))
-    kept = [p.read_bytes() for p in pending]
-    crashed.close()
-    for p, data in zip(pending, kept):
-        p.write_bytes(data)  # as if the process died before the unlink
-    BehaviourLog(tmp_path / "crash", 8.0, flush_s=3600).append(rows([9], [day]))  # a process that dies with it pending
-    BehaviourLog(tmp_path / "crash", 8.0, flush_s=3600).close()  # the next start recovers
-    assert sorted(logio.read_raw(tmp_path / "crash", "behaviours")["event_id"].to_list()) == [7, 8, 9]
+
+_DIE_APPENDING = """
+import os, sys
+import polars as pl
+from features.behaviour_log import BehaviourLog
+BehaviourLog(sys.argv[1], 8.0, flush_s=3600).append(pl.read_ipc(sys.argv[2]))
+os._exit(0)  # gone with its segment open: no close, no flush
+"""
+
+
+def test_the_behaviour_log_recovers_what_a_crash_left(tmp_path):
+    folder, pending = tmp_path / "log", tmp_path / "log" / "behaviours" / PENDING
+    # a process killed with rows in its open segment, and a torn append after them (never acknowledged)
+    _log_rows([9], [DAY]).write_ipc(tmp_path / "rows.arrow")
+    died = subprocess.run([sys.executable, "-c", _DIE_APPENDING, str(folder), str(tmp_path / "rows.arrow")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert died.returncode == 0, died.stderr
+    (orphan,) = pending.glob("*.arrows.open")
+    with open(orphan, "ab") as f:
+        f.write(b"\xff\xff\xff\xff\x40\x01\x00")
+    # a crash after the part files were written but before the segment was removed: nothing twice
+    log = BehaviourLog(tmp_path / "other", 8.0, flush_s=3600)
+    log.append(_log_rows([7, 8], [DAY, DAY]))
+    (segment,) = (tmp_path / "other" / "behaviours" / PENDING).glob("*.arrows.open")
+    kept = segment.read_bytes()
+    log.close()
+    (pending / segment.name).write_bytes(kept)
+    for part in logio.table_files(tmp_path / "other", "behaviours"):
+        target = folder / part.relative_to(tmp_path / "other")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(part.read_bytes())
+
+    live = BehaviourLog(tmp_path / "log", 8.0, flush_s=3600)  # the next start recovers
+    live.append(_log_rows([10], [DAY]))
+    BehaviourLog(tmp_path / "log", 8.0, flush_s=3600).close()  # a second process leaves the live segment be
+    assert sorted(logio.read_raw(folder, "behaviours")["event_id"].to_list()) == [7, 8, 9]
+    live.close()
+    assert sorted(logio.read_raw(folder, "behaviours")["event_id"].to_list()) == [7, 8, 9, 10]
+    assert not any(pending.glob("*arrows*"))

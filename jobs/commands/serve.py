@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--behaviour-log", type=Path,
                    help="log folder (the one fin features reads) that ingested behaviours are appended to, durably "
                         "before each Ingest answers; without it the server refuses Ingest calls")
+    p.add_argument("--ingest-priority", choices=("idle", "normal"), default=sd.online.ingest_priority,
+                   help="CPU priority of the process that checks and writes ingested behaviours (default "
+                        f"{sd.online.ingest_priority}: it takes the CPU time scoring leaves, so Score calls go first)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve TLS instead of plaintext")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--auth-token-file", type=Path,
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                                                 batch_candidates=args.batch_candidates,
                                                 utc_offset_hours=args.utc_offset_hours),
                           online=OnlineConfig(timeline_staleness_s=args.timeline_staleness_s,
-                                              stats_staleness_s=args.stats_staleness_s))
+                                              stats_staleness_s=args.stats_staleness_s,
+                                              ingest_priority=args.ingest_priority))
 
     def ready(port, server, metrics_ports):
         urls = " ".join(f"http://{args.host}:{p}/metrics" for p in metrics_ports)
