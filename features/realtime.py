@@ -8,9 +8,9 @@ clients or server processes interleave safely: each store applies a user's appen
 
 - `SqliteRealtime` (one machine, the default beside Feast's sqlite online store): one table keyed by event
   id in a database file in WAL mode; an append is one transaction (insert-or-ignore, then the trim of the
-  users it touched beyond `max_len`), which survives a crash of the process once it commits (of the
-  machine: all but about the last second's, as Redis's default append-only file; the behaviour log the
-  server writes first holds every acknowledged event, and the next features run places it).
+  users it touched beyond `max_len`, by a per-user count kept beside), which survives a crash of the
+  process once it commits (a power loss may take the appends since the last checkpoint: the behaviour log
+  the server writes first holds every acknowledged event, and the next features run places it).
 - `RedisRealtime` (beside Feast's Redis online store): per user a sorted set of event ids scored by time
   and a hash of their packed fields, changed by one server-side script call per append (dedupe, add, trim
   each user it touches), so an append is one atomic round trip and a read of many users is one pipelined
