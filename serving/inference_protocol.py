@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe v2 gRPC) over the same model repository as CTR scoring.
 
-Liveness, readiness and metadata cover every loaded model. ModelInfer runs vision models: the request's
+Liveness, readiness and metadata cover every loaded model. ModelInfer runs vision models and ONNX models
+(`serving.onnx_model`, onnxruntime): the request's
 tensors are checked against the model's declared inputs (name, datatype, shape, element count; raw
 little-endian contents or typed contents) and answered with raw little-endian outputs, as Triton does.
 CTR models answer ModelReady and ModelMetadata; they score through `fin_ads.v1.CtrScoring/Score`.
@@ -17,14 +18,17 @@ import numpy as np
 import torch
 
 from serving.metrics import ServingMetrics
+from serving.onnx_model import DATATYPES, PLATFORM, OnnxModel
 from serving.pb import inference_v2_pb2 as pb
 from serving.pb import inference_v2_pb2_grpc as pb_grpc
 from serving.repository import ModelNotFound, ModelRepository
 from serving.vision import VisionModel
 
 SERVER_NAME, SERVER_VERSION = "fin-ads", "0.1.0"
-DTYPES = {"FP32": np.float32}  # what the served models take and return
-CONTENTS = {"FP32": "fp32_contents"}
+# what the served models take and return: numpy types, and the typed-contents field of each
+DTYPES = {name: numpy_type for name, (numpy_type, _) in DATATYPES.items()}
+CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents", "INT64": "int64_contents",
+            "UINT8": "uint_contents"}
 MAX_ELEMENTS = 1 << 24  # per input tensor: 64 MiB of FP32
 
 
@@ -63,7 +67,7 @@ def _input_array(request: pb.ModelInferRequest, index: int, spec) -> np.ndarray:
         values = np.asarray(getattr(tensor.contents, CONTENTS[spec.datatype]), dtype=dtype)
         if values.size != count:
             raise BadInfer(f"input {tensor.name!r}: {values.size} values for shape {list(shape)}")
-    if not np.all(np.isfinite(values)):
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
         raise BadInfer(f"input {tensor.name!r} holds NaN or infinite values")
     return values.astype(DTYPES[spec.datatype]).reshape(shape)
 
@@ -93,16 +97,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         model = await self._model(request.name, request.version, context)
         versions = [str(v) for v in self.repository.versions(model.name)]
-        if isinstance(model, VisionModel):
+        if isinstance(model, (VisionModel, OnnxModel)):
             tensors = {side: [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
                               for s in specs] for side, specs in (("inputs", model.inputs), ("outputs", model.outputs))}
-            return pb.ModelMetadataResponse(name=model.name, versions=versions, platform="pytorch_safetensors",
-                                            **tensors)
+            platform = PLATFORM if isinstance(model, OnnxModel) else "pytorch_safetensors"
+            return pb.ModelMetadataResponse(name=model.name, versions=versions, platform=platform, **tensors)
         return pb.ModelMetadataResponse(name=model.name, versions=versions, platform="fin_ctr")
 
     async def ModelInfer(self, request, context):
         model = await self._model(request.model_name, request.model_version, context)
-        if not isinstance(model, VisionModel):
+        if not isinstance(model, (VisionModel, OnnxModel)):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{model.name} is a CTR model: score it through fin_ads.v1.CtrScoring/Score")
         try:
@@ -116,17 +120,26 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             unknown = [n for n in wanted if n not in declared]
             if unknown:
                 raise BadInfer(f"unknown outputs {unknown}; the model returns {declared}")
+            if isinstance(model, OnnxModel) and model.max_batch_size:
+                sizes = {a.shape[0] for a in arrays.values()}
+                if len(sizes) != 1 or not 1 <= sizes.pop() <= model.max_batch_size:
+                    raise BadInfer(f"the inputs' batch sizes are {[a.shape[0] for a in arrays.values()]}; the model "
+                                   f"takes one batch of 1 to {model.max_batch_size}")
         except BadInfer as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
         def run():
-            return model.infer({k: torch.from_numpy(v) for k, v in arrays.items()})
+            if isinstance(model, OnnxModel):
+                return model.infer(arrays)
+            return {k: v.numpy() for k, v in model.infer({k: torch.from_numpy(v) for k, v in arrays.items()}).items()}
 
         outputs = await asyncio.get_running_loop().run_in_executor(self.executor, run)
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
+        specs = {s.name: s for s in model.outputs}
         for name in wanted:
-            value = outputs[name].numpy().astype("<f4")
-            response.outputs.add(name=name, datatype="FP32", shape=value.shape)
+            datatype = specs[name].datatype
+            value = np.asarray(outputs[name]).astype(np.dtype(DTYPES[datatype]).newbyteorder("<"))
+            response.outputs.add(name=name, datatype=datatype, shape=value.shape)
             response.raw_output_contents.append(value.tobytes())
         return response
 

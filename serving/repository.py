@@ -29,7 +29,7 @@ from fin.artifact import Artifact, load_artifact
 from fin.compiled import TOLERANCE
 from fin.inputs import CANDIDATE_NUMBERS, CONTEXT_FEATURES, TARGET_FEATURES
 from fin.versions import META, promoted, versions
-from serving import vision
+from serving import onnx_model, vision
 from serving.scoring import EMPTY_TIMELINE, RequestInputs, score
 
 log = logging.getLogger("fin.serving")
@@ -51,7 +51,7 @@ class Change:
 class _Serving:
     """What serves: name -> version -> loaded model, and name -> the loaded promoted version (the default)."""
 
-    models: dict[str, dict[int, Artifact | vision.VisionModel]]
+    models: dict[str, dict[int, Artifact | vision.VisionModel | onnx_model.OnnxModel]]
     defaults: dict[str, int]
 
 
@@ -106,7 +106,7 @@ class ModelRepository:
     def versions(self, name: str) -> list[int]:
         return sorted(self.serving.models.get(name, {}))
 
-    def get(self, name: str | None = None, version: int | None = None) -> Artifact | vision.VisionModel:
+    def get(self, name: str | None = None, version: int | None = None) -> Artifact | vision.VisionModel | onnx_model.OnnxModel:
         serving = self.serving  # one read of the reference: a consistent view
         models = serving.models
         if not name:  # the default model, or the only one loaded
@@ -158,9 +158,12 @@ class ModelRepository:
     def _load(self, name: str, version: int, models: dict) -> Change:
         folder = self.root / name / str(version)
         try:
-            if _task(folder) == vision.TASK:
+            task = _task(folder)
+            if task == vision.TASK:
                 artifact = vision.load_vision(folder)
                 vision.smoke_check_vision(artifact)
+            elif task == onnx_model.TASK:
+                artifact = onnx_model.load_onnx(folder)  # checked against its graph and run on zeros
             else:
                 artifact = load_artifact(folder, package=self.compiled)
                 smoke_check(artifact)
