@@ -6,31 +6,56 @@ candidate budget, and scores them in one forward (`serving.scoring.score_request
 back to fill a batch: alone, a request is scored at once; under load, the requests that queue while a
 forward runs share the next one, which costs far less than one forward each (the per-operation
 overhead of a forward is paid once). Scores are the same either way.
+
+The same queue serves the inference protocol's models (`model_forward`): the images (or other inputs) of
+ModelInfer calls waiting together for the same model, with the same shapes past the batch dimension, are
+joined along it and run as one batch, up to the model's batch limit.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
-from fin.artifact import Artifact
-from fin.inputs import ScoringRequest
+import numpy as np
+import torch
+
+from serving.onnx_model import OnnxModel
 from serving.scoring import score_requests
+from serving.vision import VisionModel
 
 
 @dataclass
 class _Waiting:
-    artifact: Artifact
-    request: ScoringRequest
+    artifact: object  # the model
+    request: object
     future: Future = field(default_factory=Future)
 
 
+@dataclass(frozen=True)
+class Forward:
+    """What one kind of model's batched forward is: `run(model, requests)` -> a result per request, a
+    request's `size` against the `budget(model)` of one forward, and whether two requests may `share` one."""
+
+    run: Callable[[Any, list], list]
+    size: Callable[[Any], int]
+    budget: Callable[[Any], int]
+    share: Callable[[Any, Any], bool] = lambda a, b: True
+
+
+def score_forward(max_candidates: int) -> Forward:
+    """Score requests of a CTR model: up to `max_candidates` candidates per forward."""
+    return Forward(run=score_requests, size=len, budget=lambda artifact: max_candidates)
+
+
 class ForwardBatcher:
-    def __init__(self, threads: int, max_candidates: int, observe_batch=None):
+    def __init__(self, threads: int, forward: Forward, observe_batch=None):
         """`observe_batch(requests)`, when given, is called with the number of requests of each forward."""
-        self.max_candidates, self.observe_batch = max_candidates, observe_batch
+        self.forward, self.observe_batch = forward, observe_batch
         self._queue: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._run, name=f"forward-{i}", daemon=True) for i in range(threads)]
 
@@ -38,8 +63,9 @@ class ForwardBatcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, artifact: Artifact, request: ScoringRequest) -> Future:
-        """A future of the request's pCTR [B]; cancelling it before its forward starts skips the request."""
+    def submit(self, artifact, request) -> Future:
+        """A future of the request's result (a Score request's pCTR [B]); cancelling it before its forward starts
+        skips the request."""
         waiting = _Waiting(artifact, request)
         self._queue.put(waiting)
         return waiting.future
@@ -55,8 +81,8 @@ class ForwardBatcher:
     def _take(self, first: _Waiting) -> tuple[list[_Waiting], bool]:
         """`first` and the waiting requests that may share its forward; whether a stop signal was taken."""
         batch, others, stop = [first], [], False
-        size = len(first.request)
-        while size < self.max_candidates:
+        size, budget = self.forward.size(first.request), self.forward.budget(first.artifact)
+        while size < budget:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -64,11 +90,12 @@ class ForwardBatcher:
             if item is None:
                 stop = True
                 break
-            if item.artifact is not first.artifact or size + len(item.request) > self.max_candidates:
+            if (item.artifact is not first.artifact or size + self.forward.size(item.request) > budget
+                    or not self.forward.share(first.request, item.request)):
                 others.append(item)  # for the next forward
                 continue
             batch.append(item)
-            size += len(item.request)
+            size += self.forward.size(item.request)
         for item in others:
             self._queue.put(item)
         return batch, stop
@@ -87,7 +114,7 @@ class ForwardBatcher:
 
     def _forward(self, batch: list[_Waiting]) -> None:
         try:
-            scores = score_requests(batch[0].artifact, [w.request for w in batch])
+            scores = self.forward.run(batch[0].artifact, [w.request for w in batch])
         except Exception as e:  # noqa: BLE001 - every request of the forward gets the error, the thread lives on
             for w in batch:
                 w.future.set_exception(e)
@@ -96,3 +123,33 @@ class ForwardBatcher:
             self.observe_batch(len(batch))
         for w, pctr in zip(batch, scores):
             w.future.set_result(pctr)
+
+
+def _run(model: VisionModel | OnnxModel, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if isinstance(model, OnnxModel):
+        return model.infer(arrays)
+    return {k: v.numpy() for k, v in model.infer({k: torch.from_numpy(v) for k, v in arrays.items()}).items()}
+
+
+def _rows(arrays: dict[str, np.ndarray]) -> int:
+    return next(iter(arrays.values())).shape[0]
+
+
+def _infer_together(model: VisionModel | OnnxModel, requests: list[dict[str, np.ndarray]]) -> list[dict]:
+    """Several calls' inputs joined along the batch dimension, run once, and the outputs cut back apart."""
+    if len(requests) == 1:
+        return [_run(model, requests[0])]
+    out = _run(model, {name: np.concatenate([r[name] for r in requests]) for name in requests[0]})
+    cuts = np.cumsum([_rows(r) for r in requests])[:-1]
+    parts = {name: np.split(value, cuts) for name, value in out.items()}
+    return [{name: parts[name][i] for name in out} for i in range(len(requests))]
+
+
+def model_forward(max_rows: int) -> Forward:
+    """ModelInfer calls of one model that wait together share a forward: up to `max_rows` rows (images) for a
+    vision model, up to its `max_batch_size` for an ONNX model (none for one without a batch dimension)."""
+    def budget(model) -> int:
+        return (model.max_batch_size or 1) if isinstance(model, OnnxModel) else max_rows
+
+    return Forward(run=_infer_together, size=_rows, budget=budget,
+                   share=lambda a, b: all(a[name].shape[1:] == b[name].shape[1:] for name in a))

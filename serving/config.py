@@ -40,6 +40,7 @@ class ServerConfig:
     compiled: bool = True  # score with a version's compiled package when it has one that passes its check
     torch_threads: int = 1  # intra-op threads per forward
     workers: int = 2  # eager forwards that may run at once (and store reads), per process
+    infer_batch: int = 64  # rows (images) of waiting ModelInfer calls joined into one vision forward (1: none)
     processes: int = 1  # server processes on the port: one Python process uses about one core
     drain_delay_s: float = 1.0  # on shutdown, NOT_SERVING first and calls still accepted this long (see stop)
     grace_s: float = 10.0  # then how long shutdown waits for calls in flight

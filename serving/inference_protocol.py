@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-import torch
 
+from serving.batching import ForwardBatcher
 from serving.metrics import ServingMetrics
 from serving.onnx_model import DATATYPES, PLATFORM, OnnxModel
 from serving.pb import inference_v2_pb2 as pb
@@ -73,8 +72,8 @@ def _input_array(request: pb.ModelInferRequest, index: int, spec) -> np.ndarray:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, executor: ThreadPoolExecutor, metrics: ServingMetrics):
-        self.repository, self.executor, self.metrics = repository, executor, metrics
+    def __init__(self, repository: ModelRepository, batcher: ForwardBatcher, metrics: ServingMetrics):
+        self.repository, self.batcher, self.metrics = repository, batcher, metrics
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -128,12 +127,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except BadInfer as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
-        def run():
-            if isinstance(model, OnnxModel):
-                return model.infer(arrays)
-            return {k: v.numpy() for k, v in model.infer({k: torch.from_numpy(v) for k, v in arrays.items()}).items()}
-
-        outputs = await asyncio.get_running_loop().run_in_executor(self.executor, run)
+        outputs = await asyncio.wrap_future(self.batcher.submit(model, arrays))
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
         specs = {s.name: s for s in model.outputs}
         for name in wanted:

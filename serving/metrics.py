@@ -19,6 +19,8 @@ class ServingMetrics:
                                     buckets=CANDIDATE_BUCKETS, registry=r)
         self.forward_requests = Histogram("fin_forward_requests", "Score requests sharing one forward",
                                           buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r)
+        self.infer_requests = Histogram("fin_infer_requests", "ModelInfer calls sharing one forward",
+                                        buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r)
         self.cache = Counter("fin_feature_cache", "online feature cache lookups: the user's timeline, item and shop stats",
                              ["cache", "result"], registry=r)
         self.degraded = Counter("fin_degraded_requests", "requests scored without the online store", registry=r)

@@ -21,7 +21,6 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -30,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from features.realtime import open_realtime, realtime_location
 from fin.artifact import Artifact
-from serving.batching import ForwardBatcher
+from serving.batching import ForwardBatcher, model_forward, score_forward
 from serving.config import ServerConfig
 from serving.inference_protocol import InferenceService
 from serving.ingest_worker import IngestSettings, IngestWorker
@@ -202,10 +201,11 @@ class Server:
             log_folder=config.behaviour_log, realtime=realtime_location(store, config.feast_repo),
             realtime_max_events=config.online.realtime_max_events,
             utc_offset_hours=config.scoring.utc_offset_hours, priority=config.online.ingest_priority))
-        self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix="infer")  # ModelInfer forwards
         self.metrics = ServingMetrics()
-        self.batcher = ForwardBatcher(config.workers, config.scoring.batch_candidates,
+        self.batcher = ForwardBatcher(config.workers, score_forward(config.scoring.batch_candidates),
                                       self.metrics.forward_requests.observe)
+        self.infer_batcher = ForwardBatcher(config.workers, model_forward(config.infer_batch),  # ModelInfer
+                                            self.metrics.infer_requests.observe)
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()
         # SO_REUSEPORT (explicit: serve() may start more processes on this port)
@@ -219,7 +219,7 @@ class Server:
             CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.ingester),
             self.server)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.repository, self.executor, self.metrics), self.server)
+            InferenceService(self.repository, self.infer_batcher, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         services = (SCORING_SERVICE, INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME)
@@ -241,6 +241,7 @@ class Server:
             log.warning("online store not readable at start (%s): requests are scored degraded until it is", e)
         await self._set_health()
         self.batcher.start()
+        self.infer_batcher.start()
         self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
         await self.server.start()
         await self.refresh()
@@ -289,7 +290,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.config.drain_delay_s)
         await self.server.stop(self.config.grace_s)
-        self.executor.shutdown(wait=True)
+        self.infer_batcher.close()
         self.batcher.close()
         self.features.close()
         self.realtime.close()

@@ -1,13 +1,16 @@
-"""Forwards shared by waiting Score requests: same scores as one by one, order kept, budgets respected."""
+"""Forwards shared by waiting Score requests, and by waiting ModelInfer calls of a vision model: the same results
+as one by one, order kept, budgets respected."""
 
 import numpy as np
 import pytest
+import torch
 
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import load_artifact
 from fin.inputs import CANDIDATE_NUMBERS, TARGET_FEATURES, ScoringRequest
-from serving.batching import ForwardBatcher
+from serving.batching import ForwardBatcher, model_forward, score_forward
 from serving.scoring import score_requests
+from serving.vision import load_vision, write_example
 
 CONTEXT = {"ts": 1_780_000_000_000, "user_id": 7, "geohash6": 123, "aoi_id": -1, "city_id": 1, "time_type": 2, "weekdays": 3,
            "hours": 12}
@@ -30,7 +33,7 @@ def test_waiting_requests_share_forwards_and_score_as_alone(trained_models):
     _, paths = trained_models
     fin, dnn = load_artifact(paths["fin"]), load_artifact(paths["dnn"])
     batches: list[int] = []
-    batcher = ForwardBatcher(threads=1, max_candidates=12, observe_batch=batches.append)
+    batcher = ForwardBatcher(threads=1, forward=score_forward(12), observe_batch=batches.append)
     requests = _requests(6, candidates=4)
     models = [fin, fin, dnn, fin, fin, fin]  # a request for another model never joins a forward
     futures = [batcher.submit(m, r) for m, r in zip(models, requests)]  # all waiting before the thread starts
@@ -48,7 +51,7 @@ def test_waiting_requests_share_forwards_and_score_as_alone(trained_models):
 def test_a_failing_forward_fails_only_its_requests(trained_models):
     _, paths = trained_models
     fin = load_artifact(paths["fin"])
-    batcher = ForwardBatcher(threads=1, max_candidates=100)
+    batcher = ForwardBatcher(threads=1, forward=score_forward(100))
     bad = _requests(1, candidates=2)[0]
     bad.stats = np.zeros((2, 3), np.float32)  # wrong width: the forward raises
     failing = batcher.submit(fin, bad)
@@ -58,3 +61,20 @@ def test_a_failing_forward_fails_only_its_requests(trained_models):
     good = _requests(1, candidates=2, seed=1)[0]
     np.testing.assert_allclose(batcher.submit(fin, good).result(timeout=60), score_requests(fin, [good])[0], rtol=1e-5)
     batcher.close()
+
+
+def test_waiting_infer_calls_share_a_vision_forward_and_get_what_each_would_alone(tmp_path):
+    model = load_vision(write_example(tmp_path))
+    rng = np.random.default_rng(0)
+    calls = [{"image": rng.random((rows, 3, 32, 32), dtype=np.float32)} for rows in (1, 3, 2, 4)]
+    batches: list[int] = []
+    batcher = ForwardBatcher(threads=1, forward=model_forward(6), observe_batch=batches.append)
+    futures = [batcher.submit(model, call) for call in calls]  # all waiting before the thread starts
+    batcher.start()
+    outputs = [f.result(timeout=60) for f in futures]
+    batcher.close()
+    assert sorted(batches) == [1, 3]  # rows 1 + 3 + 2 = 6 (the budget), then the call of 4 alone
+    for call, got in zip(calls, outputs):
+        alone = model.infer({"image": torch.from_numpy(call["image"])})
+        assert set(got) == {"logits", "probabilities"} and got["logits"].shape == (len(call["image"]), 10)
+        np.testing.assert_allclose(got["logits"], alone["logits"].numpy(), rtol=1e-5, atol=1e-6)

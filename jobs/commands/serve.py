@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=sd.workers,
                    help=f"eager forwards (and store reads) that may run at once (default {sd.workers}); a "
                         "version's compiled package is called on the event loop")
+    p.add_argument("--infer-batch", type=int, default=sd.infer_batch,
+                   help="rows (images) of ModelInfer calls waiting together joined into one forward of a vision "
+                        f"model (default {sd.infer_batch}; an ONNX model: up to its max_batch_size; 1: one call "
+                        "per forward)")
     p.add_argument("--processes", type=int, default=sd.processes,
                    help=f"server processes sharing the port (default {sd.processes}); one Python process uses "
                         "about one core, so give one per core for throughput")
@@ -82,14 +86,15 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{name} {path} is not a folder")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CommandError("give both --tls-cert and --tls-key, or neither")
-    if args.processes < 1 or args.workers < 1:
-        raise CommandError("--processes and --workers must be at least 1")
+    if args.processes < 1 or args.workers < 1 or args.infer_batch < 1:
+        raise CommandError("--processes, --workers and --infer-batch must be at least 1")
     if args.timeline_staleness_s < 0 or args.stats_staleness_s < 0:
         raise CommandError("--timeline-staleness-s and --stats-staleness-s must be at least 0")
     log_to_stderr()
     config = ServerConfig(models=args.models, feast_repo=args.feast_repo, host=args.host, port=args.port,
                           default_model=args.default_model, metrics_port=args.metrics_port, poll_s=args.poll_s,
                           torch_threads=args.torch_threads, workers=args.workers, processes=args.processes,
+                          infer_batch=args.infer_batch,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=read_token(args.auth_token_file),
                           behaviour_log=args.behaviour_log, compiled=not args.eager,
                           scoring=ScoringConfig(max_candidates=args.max_candidates,
