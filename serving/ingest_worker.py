@@ -31,6 +31,10 @@ _MESSAGE, _ERROR = 0, 1
 _READY = 0  # the call id of the worker's first frame
 
 
+class IngestUnavailable(RuntimeError):
+    """The worker has exited: no call can be ingested until the server restarts."""
+
+
 @dataclass(frozen=True)
 class IngestSettings:
     """What the worker needs: where behaviours go and how to read their times."""
@@ -50,6 +54,7 @@ class IngestWorker:
         self.settings = settings
         self._ids = itertools.count(_READY + 1)
         self._waiting: dict[int, asyncio.Future] = {}
+        self._gone: IngestUnavailable | None = None  # set once the worker has exited: calls fail at once
         self.process = None
 
     async def start(self, timeout_s: float = 600.0) -> None:
@@ -73,12 +78,17 @@ class IngestWorker:
 
     async def ingest(self, request: bytes) -> bytes:
         """An IngestRequest's bytes -> its IngestResponse's bytes, once its events are durable and stored."""
+        if self._gone is not None:
+            raise self._gone
         call = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self._waiting[call] = answer
         try:
-            self._writer.write(_HEADER.pack(call, _MESSAGE, len(request)) + request)
-            await self._writer.drain()
+            try:
+                self._writer.write(_HEADER.pack(call, _MESSAGE, len(request)) + request)
+                await self._writer.drain()
+            except ConnectionError as e:
+                raise IngestUnavailable("the ingest worker exited: restart the server") from e
             return await answer
         finally:
             self._waiting.pop(call, None)
@@ -94,10 +104,10 @@ class IngestWorker:
                     else:
                         answer.set_exception(RuntimeError(f"ingestion failed: {payload.decode()}"))
         except (asyncio.IncompleteReadError, ConnectionError):
-            gone = RuntimeError("the ingest worker exited")
+            self._gone = IngestUnavailable("the ingest worker exited: restart the server")
             for answer in self._waiting.values():
                 if not answer.done():
-                    answer.set_exception(gone)
+                    answer.set_exception(self._gone)
 
     async def close(self, timeout_s: float = 60.0) -> None:
         """Close the worker's socket: it answers what it holds, flushes the behaviour log and exits."""

@@ -32,7 +32,7 @@ from fin.artifact import Artifact
 from serving.batching import ForwardBatcher, model_forward, score_forward
 from serving.config import ServerConfig
 from serving.inference_protocol import InferenceService
-from serving.ingest_worker import IngestSettings, IngestWorker
+from serving.ingest_worker import IngestSettings, IngestUnavailable, IngestWorker
 from serving.metrics import ServingMetrics
 from serving.online import OnlineFeatures
 from serving.pb import ctr_scoring_pb2 as pb
@@ -63,7 +63,10 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         if n == 0 or n > limit:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"an Ingest call takes 1 to {limit} events, this one has {n}")
-        response = pb.IngestResponse.FromString(await self.ingester.ingest(request.SerializeToString()))
+        try:
+            response = pb.IngestResponse.FromString(await self.ingester.ingest(request.SerializeToString()))
+        except IngestUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         if response.accepted == 0:
             shown = "; ".join(f"events[{r.index}]: {r.reason}" for r in response.refused[:5])
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"every event was refused: {shown}")

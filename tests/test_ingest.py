@@ -154,6 +154,21 @@ def test_an_acknowledged_event_survives_a_crash_right_after_the_answer(trained_m
     assert sorted(stored["event_id"].to_list()) == [60_000, 60_001, 60_002]
 
 
+def test_a_dead_ingest_worker_makes_ingest_unavailable_and_scoring_goes_on(trained_models, features_job, tmp_path):
+    _private_copy(trained_models, features_job, tmp_path)
+    running = Running(tmp_path / "models", tmp_path / "feast", "--behaviour-log", str(tmp_path / "logs"))
+    try:
+        (worker,) = [p for p in psutil.Process(running.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        worker.kill()
+        _wait_gone([worker.pid])
+        with pytest.raises(grpc.RpcError) as e:
+            running.stub.Ingest(pb.IngestRequest(events=[_event(80_000, 5, TS)]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "ingest worker exited" in e.value.details()
+        assert running.stub.Score(_request(5), timeout=10).scores
+    finally:
+        running.stop()
+
+
 def test_a_server_without_a_behaviour_log_refuses_ingest(trained_models, features_job, tmp_path):
     _private_copy(trained_models, features_job, tmp_path, feast=False)
     running = Running(tmp_path / "models", features_job[0] / "feast")
