@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def main() -> None:
                 for concurrency in (1, 8):
                     out["phases"][f"infer_batch{batch}_c{concurrency}"] = asyncio.run(
                         infer_phase(server.addr, requests, concurrency, args.seconds))
-                    print(out["phases"], flush=True)
+                    print(out["phases"], file=sys.stderr, flush=True)
             finally:
                 server.stop()
     finally:
