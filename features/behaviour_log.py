@@ -189,7 +189,11 @@ class BehaviourLog:
         with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             for path in [*self.pending.glob("*.arrows.open"), *self.pending.glob(".*.arrows.new")]:
-                with open(path, "rb") as f:
+                try:
+                    f = open(path, "rb")
+                except FileNotFoundError:  # closed by its live writer meanwhile
+                    continue
+                with f:
                     try:
                         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
