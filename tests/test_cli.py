@@ -9,7 +9,7 @@ from fin.versions import promoted
 from jobs.cli import build_parser
 from tests.conftest import ROOT, TRAIN_CONFIG, run_fin
 
-SUBCOMMANDS = ["simulate", "validate", "features", "convert-eleme", "train", "evaluate", "promote", "schedule", "runs",
+SUBCOMMANDS = ["simulate", "validate", "features", "convert-eleme", "add-onnx", "train", "evaluate", "promote", "schedule", "runs",
                "serve", "score", "ingest"]
 
 
