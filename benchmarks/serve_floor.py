@@ -16,7 +16,9 @@ rounds one after the other, so that a change of the shared machine's speed shows
 - forward: `serving.scoring.score` in this process on one thread (fragments, embeddings, attention, tower),
   with the eager model;
 - forward_compiled: the same, through the artifact's compiled package (`fin.compiled`: the whole forward,
-  fragments included, one call into AOTInductor's code);
+  fragments included, one call into AOTInductor's code); the two alternate request by request;
+- forward_alone, forward_compiled_alone: the same two, each over all the requests in turn (as a server runs
+  only one of them: its caches hold its own path's weights and intermediates);
 - forward_ops_replayed: every torch operation of the same forwards, recorded once and replayed back to back
   on the recorded inputs: the forward's cost if the Python around its operations cost nothing;
 - forward_kernels_replayed: only the operations that do the arithmetic (matrix products, attention,
@@ -165,6 +167,14 @@ class InProcess:
             with torch.inference_mode():
                 times["forward_ops_replayed"].append(ops.replay())
                 times["forward_kernels_replayed"].append(ops.replay(KERNELS))
+        # each path on its own over every request, as a server runs only one of them (the interleaved
+        # figures above give each path the caches the other one left)
+        for key, artifact in (("forward_alone", self.artifact), ("forward_compiled_alone", self.compiled)):
+            times[key] = []
+            for args in self.prepared:
+                started = time.perf_counter()
+                score(artifact, *args)
+                times[key].append(time.perf_counter() - started)
         return {k: median_ms(v) for k, v in times.items()}
 
 
@@ -200,6 +210,7 @@ async def measure(server: Server, eager: Server, echo_addr: str, parts: InProces
                          "arithmetic_only": round(fixed + r["forward_kernels_replayed"], 3),
                          "compiled": round(fixed + r["forward_compiled"], 3)}
         r["forward_compiled_vs_eager"] = round(r["forward_compiled"] / r["forward"], 3)
+        r["forward_compiled_vs_eager_alone"] = round(r["forward_compiled_alone"] / r["forward_alone"], 3)
         print(r, file=sys.stderr, flush=True)
         out.append(r)
     return ops, out
