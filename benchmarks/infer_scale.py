@@ -16,12 +16,11 @@ import asyncio
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from _measure import report, speed_reference
-from serve_scale import Server, add_data_arguments, built, percentiles
+from serve_scale import Server, add_data_arguments, built, percentiles, timed_calls
 
 SIZE = 64
 
@@ -45,24 +44,12 @@ async def infer_phase(addr: str, requests: list, concurrency: int, seconds: floa
 
     from serving.pb import inference_v2_pb2_grpc as pb_grpc
 
-    latencies, queue = [], iter(requests)
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for request in requests[:20]:  # the connection and the first forwards
             await stub.ModelInfer(request, timeout=10)
-        deadline = time.perf_counter() + seconds
-
-        async def caller():
-            for request in queue:
-                if time.perf_counter() > deadline:
-                    return
-                t = time.perf_counter()
-                await stub.ModelInfer(request, timeout=10)
-                latencies.append(time.perf_counter() - t)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+        latencies, _, wall = await timed_calls(lambda r: stub.ModelInfer(r, timeout=10), requests, concurrency,
+                                               seconds)
     return {"concurrency": concurrency, "calls": len(latencies), "images_per_s": round(len(latencies) / wall, 1),
             **percentiles(latencies)}
 

@@ -176,12 +176,10 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
-async def run_phase(stubs: list, requests: list, concurrency: int, seconds: float) -> dict:
-    """Send `requests` (each once, in order, each over the next connection) with `concurrency` calls in
-    flight, stopping after `seconds`."""
-    latencies, server_ms = [], {"total_ms": [], "features_ms": [], "model_ms": []}
-    queue = iter(requests)
-    rotation = itertools.cycle(stubs)
+async def timed_calls(call, requests: list, concurrency: int, seconds: float) -> tuple[list[float], list, float]:
+    """`await call(request)` for each of `requests` in order, `concurrency` at a time, until they run out or
+    `seconds` pass: each call's seconds and response (in completion order), and the wall time."""
+    latencies, responses, queue = [], [], iter(requests)
     deadline = time.perf_counter() + seconds
 
     async def caller():
@@ -189,15 +187,21 @@ async def run_phase(stubs: list, requests: list, concurrency: int, seconds: floa
             if time.perf_counter() > deadline:
                 return
             t = time.perf_counter()
-            response = await next(rotation).Score(request, timeout=10)
+            responses.append(await call(request))
             latencies.append(time.perf_counter() - t)
-            server_ms["total_ms"].append(response.timing.total_ms)
-            server_ms["features_ms"].append(response.timing.features_ms)
-            server_ms["model_ms"].append(response.timing.model_ms)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
+    return latencies, responses, time.perf_counter() - started
+
+
+async def run_phase(stubs: list, requests: list, concurrency: int, seconds: float) -> dict:
+    """Send `requests` (each once, in order, each over the next connection) with `concurrency` calls in
+    flight, stopping after `seconds`."""
+    rotation = itertools.cycle(stubs)
+    latencies, responses, wall = await timed_calls(lambda r: next(rotation).Score(r, timeout=10), requests,
+                                                   concurrency, seconds)
+    server_ms = {k: [getattr(r.timing, k) for r in responses] for k in ("total_ms", "features_ms", "model_ms")}
     candidates = sum(len(r.candidates) for r in requests[:len(latencies)])
     return {"concurrency": concurrency, "requests": len(latencies), "wall_s": round(wall, 2),
             "requests_per_s": round(len(latencies) / wall, 1), "candidates_per_s": round(candidates / wall),
