@@ -17,15 +17,15 @@ import numpy as np
 
 from serving.batching import ForwardBatcher
 from serving.metrics import ServingMetrics
-from serving.onnx_model import DATATYPES, PLATFORM, OnnxModel
+from serving.onnx_model import OnnxModel
 from serving.pb import inference_v2_pb2 as pb
 from serving.pb import inference_v2_pb2_grpc as pb_grpc
 from serving.repository import ModelNotFound, ModelRepository
+from serving.tensors import DATATYPES
 from serving.vision import VisionModel
 
 SERVER_NAME, SERVER_VERSION = "fin-ads", "0.1.0"
-# what the served models take and return: numpy types, and the typed-contents field of each
-DTYPES = {name: numpy_type for name, (numpy_type, _) in DATATYPES.items()}
+# the typed-contents field of each datatype served (`serving.tensors.DATATYPES`)
 CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents", "INT64": "int64_contents",
             "UINT8": "uint_contents"}
 MAX_ELEMENTS = 1 << 24  # per input tensor: 64 MiB of FP32
@@ -54,7 +54,7 @@ def _input_array(request: pb.ModelInferRequest, index: int, spec) -> np.ndarray:
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise BadInfer(f"input {tensor.name!r} has {count} elements, more than {MAX_ELEMENTS}")
-    dtype = np.dtype(DTYPES[spec.datatype]).newbyteorder("<")
+    dtype = np.dtype(DATATYPES[spec.datatype]).newbyteorder("<")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise BadInfer("raw_input_contents must have one entry per input")
@@ -68,7 +68,7 @@ def _input_array(request: pb.ModelInferRequest, index: int, spec) -> np.ndarray:
             raise BadInfer(f"input {tensor.name!r}: {values.size} values for shape {list(shape)}")
     if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
         raise BadInfer(f"input {tensor.name!r} holds NaN or infinite values")
-    return values.astype(DTYPES[spec.datatype]).reshape(shape)
+    return values.astype(DATATYPES[spec.datatype]).reshape(shape)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -99,8 +99,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if isinstance(model, (VisionModel, OnnxModel)):
             tensors = {side: [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
                               for s in specs] for side, specs in (("inputs", model.inputs), ("outputs", model.outputs))}
-            platform = PLATFORM if isinstance(model, OnnxModel) else "pytorch_safetensors"
-            return pb.ModelMetadataResponse(name=model.name, versions=versions, platform=platform, **tensors)
+            return pb.ModelMetadataResponse(name=model.name, versions=versions, platform=model.platform, **tensors)
         return pb.ModelMetadataResponse(name=model.name, versions=versions, platform="fin_ctr")
 
     async def ModelInfer(self, request, context):
@@ -132,7 +131,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         specs = {s.name: s for s in model.outputs}
         for name in wanted:
             datatype = specs[name].datatype
-            value = np.asarray(outputs[name]).astype(np.dtype(DTYPES[datatype]).newbyteorder("<"))
+            value = np.asarray(outputs[name]).astype(np.dtype(DATATYPES[datatype]).newbyteorder("<"))
             response.outputs.add(name=name, datatype=datatype, shape=value.shape)
             response.raw_output_contents.append(value.tobytes())
         return response

@@ -27,29 +27,24 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from fin.versions import META, ArtifactError, Loaded, sha256, versions
+from serving.tensors import DATATYPES, TensorSpec
 
 TASK = "onnx"
 PLATFORM = "onnxruntime_onnx"
 MODEL_FILE = "model.onnx"
-# KServe v2 datatype -> (numpy type, onnxruntime's type name)
-DATATYPES = {"FP32": (np.float32, "tensor(float)"), "FP64": (np.float64, "tensor(double)"),
-             "INT32": (np.int32, "tensor(int32)"), "INT64": (np.int64, "tensor(int64)"),
-             "UINT8": (np.uint8, "tensor(uint8)")}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # as served: the batch dimension first (-1) when the model batches; -1 any size
+# KServe v2 datatype -> onnxruntime's type name
+ONNX_TYPES = {"FP32": "tensor(float)", "FP64": "tensor(double)", "INT32": "tensor(int32)", "INT64": "tensor(int64)",
+              "UINT8": "tensor(uint8)"}
 
 
 @dataclass
 class OnnxModel(Loaded):
+    platform: ClassVar[str] = PLATFORM
     session: object  # onnxruntime.InferenceSession
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -111,7 +106,7 @@ def _check_graph(session, inputs: list[TensorSpec], outputs: list[TensorSpec]) -
             tensor = graph[side].get(spec.name)
             if tensor is None:
                 raise ValueError(f"the graph has no output {spec.name!r} (it has {sorted(graph[side])})")
-            if tensor.type != DATATYPES[spec.datatype][1]:
+            if tensor.type != ONNX_TYPES[spec.datatype]:
                 raise ValueError(f"{spec.name!r} is {tensor.type} in the graph, declared {spec.datatype}")
             if len(tensor.shape) != len(spec.shape):
                 raise ValueError(f"{spec.name!r} has {len(tensor.shape)} dimensions in the graph, declared "
@@ -122,7 +117,7 @@ def _check_graph(session, inputs: list[TensorSpec], outputs: list[TensorSpec]) -
 
 
 def _smoke_check(model: OnnxModel) -> None:
-    arrays = {s.name: np.zeros([1 if d < 0 else d for d in s.shape], DATATYPES[s.datatype][0]) for s in model.inputs}
+    arrays = {s.name: np.zeros([1 if d < 0 else d for d in s.shape], DATATYPES[s.datatype]) for s in model.inputs}
     for name, value in model.infer(arrays).items():
         if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
             raise ValueError(f"smoke check: output {name!r} is not finite on zero inputs")

@@ -15,12 +15,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256
+from serving.tensors import TensorSpec
 
 TASK = "vision"
 
@@ -51,15 +53,9 @@ class SmallCNN(nn.Module):
 ARCHITECTURES = {"small_cnn": (SmallCNN, SmallCNNConfig)}
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1: any size
-
-
 @dataclass
 class VisionModel(Loaded):
+    platform: ClassVar[str] = "pytorch_safetensors"
     module: nn.Module  # eval mode, CPU
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
