@@ -61,6 +61,14 @@ def _empty() -> dict[str, np.ndarray]:
     return {f: np.zeros(0, np.int64) for f in TIMELINE_FIELDS}
 
 
+def _select_in(db: sqlite3.Connection, query: str, values: list, *after) -> list[tuple]:
+    """The rows of `query`, whose `IN ({})` takes `values`, then the parameters `after`; in chunks of 500
+    values (sqlite bounds the parameters of one statement)."""
+    return [row for lo in range(0, len(values), 500)
+            for row in db.execute(query.format(", ".join("?" * len(values[lo:lo + 500]))),
+                                  [*values[lo:lo + 500], *after])]
+
+
 class SqliteRealtime:
     """Real-time events in a sqlite file (created when missing)."""
 
@@ -130,19 +138,16 @@ class SqliteRealtime:
         if not self._checkpointer.is_alive() and not self._closed.is_set():
             self._checkpointer.start()
         with self._transaction() as db:
-            held = {held for lo in range(0, ids.size, 500) for (held,) in db.execute(
-                f"SELECT event_id FROM realtime_events WHERE event_id IN ({', '.join('?' * ids[lo:lo + 500].size)})",
-                ids[lo:lo + 500].tolist())}
+            held = {held for (held,) in _select_in(db, "SELECT event_id FROM realtime_events WHERE event_id IN ({})",
+                                                   ids.tolist())}
             before = db.total_changes
             db.executemany(insert, rows)
             stored = db.total_changes - before
             users, added = np.unique(cols[USER][first & ~np.isin(ids, list(held))], return_counts=True)
             db.executemany("INSERT INTO realtime_counts (user_id, events) VALUES (?, ?) ON CONFLICT (user_id) "
                            "DO UPDATE SET events = events + excluded.events", zip(users.tolist(), added.tolist()))
-            users = users.tolist()
-            over = [row for lo in range(0, len(users), 500) for row in db.execute(
-                f"SELECT user_id, events FROM realtime_counts WHERE user_id IN ({', '.join('?' * len(users[lo:lo + 500]))}) "
-                "AND events > ?", [*users[lo:lo + 500], self.max_len])]
+            over = _select_in(db, "SELECT user_id, events FROM realtime_counts WHERE user_id IN ({}) AND events > ?",
+                              users.tolist(), self.max_len)
             db.executemany("DELETE FROM realtime_events WHERE event_id IN (SELECT event_id FROM realtime_events "
                            "WHERE user_id = ? ORDER BY ts, event_id LIMIT ?)",
                            [(user, events - self.max_len) for user, events in over])
