@@ -30,7 +30,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 from _measure import report, speed_reference
-from serve_scale import Server, add_data_arguments, built, percentiles, request_pool, score_request, users_near
+from serve_scale import (
+    Server,
+    add_data_arguments,
+    built,
+    percentiles,
+    request_pool,
+    score_request,
+    timed_calls,
+    users_near,
+)
 
 
 def event_pool(logs: Path, size: int = 20_000):
@@ -97,16 +106,9 @@ async def score_phase(addr: str, requests: list, seconds: float) -> dict:
 
     from serving.pb import ctr_scoring_pb2_grpc as pb_grpc
 
-    latencies = []
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = pb_grpc.CtrScoringStub(channel)
-        deadline = time.perf_counter() + seconds
-        for request in requests:
-            if time.perf_counter() > deadline:
-                break
-            t = time.perf_counter()
-            await stub.Score(request, timeout=10)
-            latencies.append(time.perf_counter() - t)
+        latencies, _, _ = await timed_calls(lambda r: stub.Score(r, timeout=10), requests, 1, seconds)
     return {"requests": len(latencies), **percentiles(latencies)}
 
 
