@@ -18,6 +18,7 @@ import torch
 
 from features.dataset import STAT_COLUMNS, STATS_VIEWS
 from features.fragments import Fragment, FragmentConfig, fragment_windows
+from features.item_embeddings import ItemEmbeddings
 from features.sequences import TIMELINE_FIELDS
 
 # Per-example inputs a model may read: the candidate, the request context (its user among it), the candidate's
@@ -82,6 +83,21 @@ class Histories:
     end: torch.Tensor  # int64 [U]
 
 
+@dataclass
+class ItemImages:
+    """The image modality of a batch: creative embeddings of its items in one table, row 0 all zeros (an item
+    without one), and the row of each candidate and of each history event (`Histories.values` order)."""
+
+    table: torch.Tensor  # float32 [K, E]
+    candidate: torch.Tensor  # int64 [B]
+    history: torch.Tensor  # int64 [N]
+
+    @classmethod
+    def of(cls, embeddings: ItemEmbeddings, candidate_items: np.ndarray, history_items: np.ndarray) -> ItemImages:
+        return cls(torch.from_numpy(embeddings.vectors), torch.from_numpy(embeddings.rows(candidate_items)),
+                   torch.from_numpy(embeddings.rows(history_items)))
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     # Lifelong by default: the last 1,000 events before each request (the paper's setting);
@@ -123,6 +139,7 @@ class Batch:
     # int64 [B]: the slot each training example was shown in (None when scoring: the score must not depend
     # on a slot the ranking has yet to choose)
     position: torch.Tensor | None = None
+    images: ItemImages | None = None  # the creative embeddings of its items (models with an image modality)
 
     @property
     def history(self) -> dict[str, torch.Tensor]:
@@ -163,6 +180,7 @@ class Batch:
             histories=Histories(move(h.offsets), {k: move(v) for k, v in h.values.items()}, move(h.start),
                                 move(h.end)),
             row_id=move(self.row_id), request_of=move(self.request_of),
+            images=None if self.images is None else ItemImages(*map(move, dataclasses.astuple(self.images))),
             fragments=None if self.fragments is None else
             {k: Fragment(move(f.index), move(f.lengths), move(f.tags)) for k, f in self.fragments.items()})
 
@@ -175,13 +193,15 @@ class ScoringRequest:
     ignored, as in training, which reads the events strictly before the impression).
     context: "ts" (ms) and CONTEXT_FEATURES -> int (geohash6 as a `geohash_code`, MISSING when unknown).
     candidates: TARGET_FEATURES -> int64 [B], and CANDIDATE_NUMBERS -> float [B] (each 0 when left out);
-    stats: float32 [B, len(STAT_FEATURES)] (zeros when None).
+    stats: float32 [B, len(STAT_FEATURES)] (zeros when None);
+    images: the creative embeddings of its items, candidates' and events' (None: none known).
     """
 
     timeline: Mapping[str, np.ndarray]
     context: Mapping[str, int]
     candidates: Mapping[str, np.ndarray]
     stats: np.ndarray | None = None
+    images: ItemEmbeddings | None = None
 
     def __len__(self) -> int:
         return len(self.candidates[TARGET_FEATURES[0]])
@@ -213,15 +233,38 @@ def requests_batch(requests: Sequence[ScoringRequest], config: LoaderConfig = Lo
     b = int(counts.sum())
     batch = Batch(label=torch.zeros(b), ids=ids, stats=torch.from_numpy(stats), numbers=torch.from_numpy(numbers),
                   ts=context["ts"], request_context={c: context[c] for c in FRAGMENT_CONTEXT}, histories=histories,
-                  row_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of)
+                  row_id=torch.full((b,), -1, dtype=torch.int64), request_of=request_of,
+                  images=_request_images(requests, histories))
     return batch.cut(config.fragments)
+
+
+def _request_images(requests: Sequence[ScoringRequest], histories: Histories) -> ItemImages | None:
+    """The requests' embeddings in one table (row 0 shared: no embedding), each request's rows offset to its
+    own (the histories of `requests_batch` are one slice per request, in request order)."""
+    if all(r.images is None for r in requests):
+        return None
+    dim = next(r.images.dim for r in requests if r.images is not None)
+    tables = [ItemEmbeddings.of(np.zeros(0, np.int64), np.zeros((0, dim), np.float32)) if r.images is None
+              else r.images for r in requests]
+    offsets = np.concatenate([[0], np.cumsum([len(t.ids) for t in tables])])
+    history_items = histories.values["item_id"].numpy()
+    bounds = histories.offsets.numpy()
+
+    def rows(u: int, items: np.ndarray) -> np.ndarray:
+        found = tables[u].rows(items)
+        return np.where(found > 0, found + offsets[u], 0)
+
+    candidate = np.concatenate([rows(u, np.asarray(r.candidates["item_id"])) for u, r in enumerate(requests)])
+    history = np.concatenate([rows(u, history_items[bounds[u]:bounds[u + 1]]) for u in range(len(requests))])
+    table = np.concatenate([tables[0].vectors[:1], *(t.vectors[1:] for t in tables)])
+    return ItemImages(torch.from_numpy(table), torch.from_numpy(candidate), torch.from_numpy(history))
 
 
 def request_batch(timeline: Mapping[str, np.ndarray], context: Mapping[str, int],
                   candidates: Mapping[str, np.ndarray], stats: np.ndarray | None = None,
-                  config: LoaderConfig = LoaderConfig()) -> Batch:
+                  config: LoaderConfig = LoaderConfig(), images: ItemEmbeddings | None = None) -> Batch:
     """One scoring request as a batch (U = 1); see `ScoringRequest` for the arguments."""
-    return requests_batch([ScoringRequest(timeline, context, candidates, stats)], config)
+    return requests_batch([ScoringRequest(timeline, context, candidates, stats, images)], config)
 
 
 def scoring_requests(batch: Batch, limit: int | None = None) -> list[ScoringRequest]:
@@ -240,6 +283,13 @@ def scoring_requests(batch: Batch, limit: int | None = None) -> list[ScoringRequ
         context = {"ts": int(batch.ts[u]), **{c: int(batch.ids[c][first]) for c in CONTEXT_FEATURES}}
         candidates = ({c: batch.ids[c].numpy()[rows] for c in TARGET_FEATURES}
                       | {c: batch.numbers.numpy()[rows, i] for i, c in enumerate(CANDIDATE_NUMBERS)})
+        images = None
+        if batch.images is not None:  # the embeddings of the request's items, as the server reads them
+            table = batch.images.table.numpy()
+            cand, hist = batch.images.candidate.numpy()[rows], batch.images.history.numpy()[start:end]
+            items = np.concatenate([candidates["item_id"], h.values["item_id"].numpy()[start:end]])
+            index = np.concatenate([cand, hist])
+            images = ItemEmbeddings.of(items[index > 0], table[index[index > 0]])
         out.append(ScoringRequest(timeline={f: v.numpy()[start:end] for f, v in h.values.items()}, context=context,
-                                  candidates=candidates, stats=batch.stats.numpy()[rows]))
+                                  candidates=candidates, stats=batch.stats.numpy()[rows], images=images))
     return out

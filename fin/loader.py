@@ -19,6 +19,7 @@ import torch
 from features import contract
 from features.dataset import EXAMPLES, ROW_IDS, Dataset
 from features.fragments import MISSING
+from features.item_embeddings import ItemEmbeddings, embeddings_source
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from fin.inputs import (
     CANDIDATE_NUMBERS,
@@ -30,6 +31,7 @@ from fin.inputs import (
     STAT_VALUES,
     TARGET_FEATURES,
     Batch,
+    ItemImages,
     LoaderConfig,
     history_batch,
 )
@@ -69,10 +71,13 @@ class ExampleStream:
     With `world` workers, every worker walks the same global batches of `config.batch_size` examples (same
     seed, same order) and builds only its own contiguous slice (`rank`), so N workers see exactly the data
     one worker would. A partition's last global batch is skipped when it has fewer examples than workers.
+
+    With `images`, batches carry the creative embeddings of their items (`ItemImages`), read from the
+    dataset's `item_creative` source (what the embedding job wrote and the online store serves).
     """
 
     def __init__(self, data: str | Path, split: str, config: LoaderConfig = LoaderConfig(), rank: int = 0,
-                 world: int = 1, dataset: str = EXAMPLES, cut: bool = True):
+                 world: int = 1, dataset: str = EXAMPLES, cut: bool = True, images: bool = False):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
         self.data, self.split, self.config, self.rank, self.world = Dataset.at(data), split, config, rank, world
@@ -81,6 +86,12 @@ class ExampleStream:
         if not self.parts:
             raise FileNotFoundError(f"no {split} {dataset} under {self.data.root / dataset} (run fin features first)")
         self.stats = {key: _stats(self.data, key) for key in STAT_KEYS}
+        self.images = None
+        if images:
+            source = embeddings_source(self.data)
+            if not source.exists():
+                raise FileNotFoundError(f"no creative embeddings at {source} (run fin embed-creatives first)")
+            self.images = ItemEmbeddings.read(source)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -178,6 +189,8 @@ class ExampleStream:
             histories=histories,
             row_id=torch.from_numpy(ex[ROW_IDS[self.dataset]].to_numpy(writable=True)),
             request_of=None if request_of is None else torch.from_numpy(request_of),
+            images=None if self.images is None else ItemImages.of(self.images, ex["item_id"].to_numpy(),
+                                                                   histories.values["item_id"].numpy()),
         )
         return batch.cut(self.config.fragments) if self.cut else batch
 

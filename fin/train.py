@@ -45,6 +45,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from features.configfile import load_config
+from features.dataset import Dataset
+from features.item_embeddings import ItemEmbeddings, embeddings_source
 from fin.artifact import load_artifact, save_artifact, to_dict
 from fin.calibration import fit_platt
 from fin.inputs import LoaderConfig, scoring_requests
@@ -115,6 +117,7 @@ def train(data: str | Path, models: str | Path, config: TrainConfig = TrainConfi
     `init_from` (an artifact version folder of the same model kind and config), training starts from its
     weights (a warm start, e.g. from yesterday's model) instead of a random initialisation."""
     name = name or config.model
+    config = with_image_modality(Path(data), config, log)
     args = (Path(data), Path(models), config, name, None if init_from is None else Path(init_from))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: this process is one worker
         return _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *args, log)
@@ -123,6 +126,16 @@ def train(data: str | Path, models: str | Path, config: TrainConfig = TrainConfi
         return _worker(0, 1, *args, log)
     torch.multiprocessing.spawn(_spawned, args=(config.workers, *args), nprocs=config.workers)
     return resolve(name, models)
+
+
+def with_image_modality(data: Path, config: TrainConfig, log: Log = _stderr) -> TrainConfig:
+    """The config with `model_config.image_dim` set to the width of the data's creative embeddings when
+    `config.images` and the data has them (0 otherwise)."""
+    source = embeddings_source(Dataset.at(data))
+    dim = ItemEmbeddings.read(source).dim if config.images and source.exists() else 0
+    if config.images and not dim:
+        log(f"no creative embeddings at {source}: training without the image modality")
+    return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, image_dim=dim))
 
 
 def _free_port() -> int:
@@ -182,9 +195,10 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     on_host = device.type == "cpu"
     reads = MODELS[config.model].events_read(config.loader.fragments)
     loader = dataclasses.replace(config.loader, max_seq_len=min(config.loader.max_seq_len, reads))
-    train_stream = ExampleStream(data, "train", loader, rank, world, cut=on_host)
+    images = config.model_config.image_dim > 0
+    train_stream = ExampleStream(data, "train", loader, rank, world, cut=on_host, images=images)
     validation = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False), rank, world,
-                               cut=on_host)
+                               cut=on_host, images=images)
     train_stream.pin_memory = validation.pin_memory = device.type == "cuda"
     while progress.epoch < config.epochs and progress.epoch - progress.best_epoch < config.patience:
         started = time.perf_counter()
@@ -220,7 +234,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
                 "examples": progress.examples, "seconds": round(progress.seconds, 3),
                 "examples_per_s": progress.examples / max(progress.seconds, 1e-9), "train_config": to_dict(config),
                 "data": str(data), "init_from": None if init_from is None else str(init_from)}
-    check = _held_out_requests(data, loader, config.check_requests) if config.compile else None
+    check = _held_out_requests(data, loader, config.check_requests, images) if config.compile else None
     if check is not None:
         log(f"compiling the scoring package, checked on {len(check)} validation requests")
     folder = save_artifact(models, name, config.model, checkpoints.best(), config.model_config, config.loader,
@@ -238,9 +252,10 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     return folder
 
 
-def _held_out_requests(data: Path, loader, count: int) -> list:
+def _held_out_requests(data: Path, loader, count: int, images: bool) -> list:
     """The first `count` logged requests of the validation split, as a server receives them."""
-    stream = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False, workers=0), 0, 1)
+    stream = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False, workers=0), 0, 1,
+                           images=images)
     batch = next(iter(stream), None)
     return [] if batch is None else scoring_requests(batch, count)
 
@@ -258,8 +273,9 @@ def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps:
         if max_steps and step >= max_steps:
             break
         batch = batch.to(device).cut(stream.config.fragments)
-        losses = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label, reduction="none")
-        loss = losses.sum() * world / batch.global_size
+        logits, auxiliary = model(batch, auxiliary=True)
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label, reduction="none")
+        loss = (losses.sum() + auxiliary.sum()) * world / batch.global_size
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

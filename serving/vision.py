@@ -1,30 +1,27 @@
 """Vision models in the same repository as the CTR models, served through the Open Inference Protocol.
 
 A vision artifact is `MODELS/<name>/<version>/` with `model.safetensors` (weights, no pickle) and
-`artifact.json`: {"task": "vision", "model": "small_cnn", "config": {...}, "inputs": [...], "outputs":
+`artifact.json`: {"task": "vision", "model": <architecture>, "config": {...}, "inputs": [...], "outputs":
 [...], "sha256": ...}, the inputs and outputs declared as Open Inference Protocol tensors (name, datatype,
-shape with -1 for any size). The architecture comes from this module (by "model"), the weights from the
-file. `small_cnn` is a small image classifier; `write_example` builds one locally (seeded random
-weights, no download) to prove the path end to end.
+shape with -1 for any size). The architecture comes from `ARCHITECTURES` (by "model"), the weights from the
+file. `creative_encoder` (`fin.vision`) embeds ad creatives; `small_cnn` is a small image classifier, and
+`write_example` builds one locally (seeded random weights, no download) to prove the path end to end.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256
+from fin.vision import CreativeEncoder, CreativeEncoderConfig, write_vision_artifact
 from serving.tensors import TensorSpec
-
-TASK = "vision"
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,10 @@ class SmallCNNConfig:
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks, global average pooling, a linear classifier: FP32 images [N, C, H, W] -> logits."""
+    """Two conv blocks, global average pooling, a linear classifier: FP32 images [N, C, H, W] -> logits and
+    probabilities."""
+
+    outputs = ("logits", "probabilities")
 
     def __init__(self, config: SmallCNNConfig):
         super().__init__()
@@ -46,11 +46,13 @@ class SmallCNN(nn.Module):
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
         self.classifier = nn.Linear(2 * w, config.classes)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(images).flatten(1))
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.classifier(self.features(images).flatten(1))
+        return {"logits": logits, "probabilities": torch.softmax(logits, -1)}
 
 
-ARCHITECTURES = {"small_cnn": (SmallCNN, SmallCNNConfig)}
+# architecture name -> (module, config); each module returns a dict of its named `outputs`
+ARCHITECTURES = {"small_cnn": (SmallCNN, SmallCNNConfig), "creative_encoder": (CreativeEncoder, CreativeEncoderConfig)}
 
 
 @dataclass
@@ -63,12 +65,8 @@ class VisionModel(Loaded):
     @torch.inference_mode()
     def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The declared input by name -> every declared output by name."""
-        logits = self.module(inputs[self.inputs[0].name])
-        return {spec.name: OUTPUTS[spec.name](logits) for spec in self.outputs}
-
-
-# what a classifier can return, from its logits
-OUTPUTS = {"logits": lambda logits: logits, "probabilities": lambda logits: torch.softmax(logits, -1)}
+        out = self.module(inputs[self.inputs[0].name])
+        return {spec.name: out[spec.name] for spec in self.outputs}
 
 
 def _specs(values: list[dict]) -> list[TensorSpec]:
@@ -86,13 +84,13 @@ def load_vision(path: str | Path) -> VisionModel:
         raise ArtifactError(f"{path}: unreadable vision {META}: {e}") from None
     if kind not in ARCHITECTURES:
         raise ArtifactError(f"{path}: unknown vision model {kind!r}")
+    module_cls, config_cls = ARCHITECTURES[kind]
     if len(inputs) != 1 or inputs[0].datatype != "FP32" or not outputs or \
-            any(o.name not in OUTPUTS or o.datatype != "FP32" for o in outputs):
-        raise ArtifactError(f"{path}: a classifier takes one FP32 input and returns FP32 "
-                            f"{' and/or '.join(OUTPUTS)}")
+            any(o.name not in module_cls.outputs or o.datatype != "FP32" for o in outputs):
+        raise ArtifactError(f"{path}: {kind} takes one FP32 input and returns FP32 "
+                            f"{', '.join(module_cls.outputs)}")
     if sha256(path / WEIGHTS) != meta.get("sha256"):
         raise ArtifactError(f"{path}: checksum of {WEIGHTS} does not match {META}")
-    module_cls, config_cls = ARCHITECTURES[kind]
     module = module_cls(config_cls(**config))
     try:
         module.load_state_dict(load_file(str(path / WEIGHTS)))
@@ -105,19 +103,10 @@ def write_example(models: str | Path, name: str = "small_cnn", version: int = 1,
                   config: SmallCNNConfig = SmallCNNConfig()) -> Path:
     """A small image classifier with seeded random weights, written as a vision artifact."""
     torch.manual_seed(seed)
-    module = SmallCNN(config)
-    folder = Path(models) / name / str(version)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(staging / WEIGHTS))
-    meta = {"name": name, "version": version, "task": TASK, "model": "small_cnn", "config": vars(config),
-            "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, config.channels, config.size, config.size]}],
-            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, config.classes]},
-                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, config.classes]}],
-            "sha256": sha256(staging / WEIGHTS)}
-    (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
-    os.rename(staging, folder)
-    return folder
+    return write_vision_artifact(
+        models, name, SmallCNN(config), "small_cnn", asdict(config), version=version,
+        inputs=[{"name": "image", "datatype": "FP32", "shape": [-1, config.channels, config.size, config.size]}],
+        outputs=[{"name": output, "datatype": "FP32", "shape": [-1, config.classes]} for output in SmallCNN.outputs])
 
 
 def smoke_check_vision(model: VisionModel) -> None:

@@ -9,6 +9,12 @@ In training, a shallow position term (one learned bias per slot) is added to the
 the tower need not explain the click-rate fall-off down the page with the other inputs; scoring leaves it
 out (the slot is what the ranking decides): the logit of a scored candidate is position-free and its
 calibration is fitted on position-free validation logits.
+
+With an image modality (`ModelConfig.image_dim` > 0), the candidate and every history event also carry the
+creative embedding of their item (`Batch.images`), joined to the ids by the model's `fusion`
+(`fin.fusion`: a plain projection of both for the baselines, confidence-weighted for FIN). `id_dropout`
+hides a share of the training candidates' item and shop ids and statistics, as a new ad has none, so that
+the model learns what to make of such a candidate instead of first meeting one in the test week.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 
 from features.fragments import Fragment, FragmentConfig, Slots
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, SparseOutput, hash_ids
+from fin.fusion import ConcatFusion, ConfidenceFusion, ModalityConfidence, UnimodalHeads
 from fin.inputs import CANDIDATE_NUMBERS, STAT_FEATURES, Batch
 from fin.layers import MLP, MultiHeadTargetAttention
 
@@ -34,6 +41,8 @@ class ModelConfig:
     position_bias: bool = True  # the training-only position term (above)
     positions: int = 64  # slots with a bias of their own (later ones share by hashing)
     embeddings: EmbeddingSizes = field(default_factory=EmbeddingSizes)
+    image_dim: int = 0  # width of the creative embeddings read (0: no image modality; `fin train` sets it)
+    id_dropout: float = 0.1  # share of training candidates shown without item/shop ids and statistics
 
 
 @dataclass
@@ -42,6 +51,7 @@ class Encoded:
     events: torch.Tensor  # [N, d], one row per history event of the batch
     single: torch.Tensor  # [B, len(SINGLE) * embedding dim]
     stats: torch.Tensor  # [B, len(STAT_FEATURES) + len(CANDIDATE_NUMBERS)], log1p
+    target_inputs: tuple[torch.Tensor, ...] | None = None  # with images: the candidate's (ids, image, known)
 
 
 class CTRModel(nn.Module):
@@ -50,6 +60,7 @@ class CTRModel(nn.Module):
     interests: int = 0
     # why the model's scoring forward cannot be exported whole (`fin.compiled`), None when it can
     not_exportable: str | None = None
+    fusion: str = "concat"  # how the image modality joins the ids (`fin.fusion`): "concat" or "confidence"
 
     @staticmethod
     def events_read(fragments: FragmentConfig) -> int:
@@ -62,8 +73,19 @@ class CTRModel(nn.Module):
         self.config = config
         d, e = config.dim, config.embeddings.dim
         self.sparse = SparseArch(config.embeddings, device)
-        self.event = nn.Linear(len(SHARED) * e, d)  # history events and the candidate live in one space
-        self.target = nn.Linear(len(SHARED) * e, d)
+        ids = len(SHARED) * e
+        self.unimodal = None
+        if not config.image_dim:  # history events and the candidate live in one space
+            self.event, self.target = nn.Linear(ids, d), nn.Linear(ids, d)
+        elif self.fusion == "confidence":
+            confidence = ModalityConfidence(ids, config.image_dim)
+            self.event = ConfidenceFusion(ids, config.image_dim, d, confidence)
+            self.target = ConfidenceFusion(ids, config.image_dim, d, confidence)
+            self.unimodal = UnimodalHeads(d, len(SINGLE) * e)
+        else:
+            self.event, self.target = ConcatFusion(ids, config.image_dim, d), ConcatFusion(ids, config.image_dim, d)
+        if config.image_dim:
+            self.not_exportable = "it reads creative embeddings, which the compiled graph does not take"
         tower_in = d + len(SINGLE) * e + len(STAT_FEATURES) + len(CANDIDATE_NUMBERS) + 2 * self.interests * d
         self.tower = MLP(tower_in, config.tower, out_dim=1, dropout=config.dropout)
         self.position = nn.Embedding(config.positions, 1) if config.position_bias else None
@@ -72,26 +94,50 @@ class CTRModel(nn.Module):
 
     def encode(self, batch: Batch, sparse: SparseOutput | None = None) -> Encoded:
         sparse = self.sparse(batch) if sparse is None else sparse
-        return Encoded(
-            target=self.target(sparse.target.flatten(1)),
-            events=self.event(sparse.history.flatten(1)),
-            single=sparse.single,
-            stats=torch.log1p(torch.cat([batch.stats, batch.numbers], dim=1).clamp(min=0)),
-        )
+        target, stats = sparse.target, torch.cat([batch.stats, batch.numbers], dim=1)
+        if self.training and self.config.id_dropout > 0:
+            target, stats = self._hide_ids(target, stats)
+        x = Encoded(target=None, events=None, single=sparse.single, stats=torch.log1p(stats.clamp(min=0)))
+        if not self.config.image_dim:
+            x.target, x.events = self.target(target.flatten(1)), self.event(sparse.history.flatten(1))
+            return x
+        if batch.images is None:
+            raise ValueError(f"{type(self).__name__} reads creative embeddings: the batch has none (Batch.images)")
+        images = batch.images
+        x.target_inputs = (target.flatten(1), images.table[images.candidate], images.candidate > 0)
+        x.target = self.target(*x.target_inputs)
+        x.events = self.event(sparse.history.flatten(1), images.table[images.history], images.history > 0)
+        return x
+
+    def _hide_ids(self, target: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random `id_dropout` of the candidates as a new ad looks: item and shop rows zero (an untrained
+        row is about zero) and no statistics."""
+        hidden = torch.rand(target.shape[0], device=target.device) < self.config.id_dropout
+        tables = torch.zeros(len(SHARED), dtype=torch.bool, device=target.device)
+        tables[[list(SHARED).index("item"), list(SHARED).index("shop")]] = True
+        target = target.masked_fill(hidden[:, None, None] & tables[None, :, None], 0.0)
+        columns = torch.arange(stats.shape[1], device=stats.device) < len(STAT_FEATURES)
+        return target, stats.masked_fill(hidden[:, None] & columns[None, :], 0.0)
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
         return []
 
-    def forward(self, batch: Batch, sparse: SparseOutput | None = None) -> torch.Tensor:
+    def forward(self, batch: Batch, sparse: SparseOutput | None = None,
+                auxiliary: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B]; `sparse`: the batch's embedding rows when the caller looked them up (an exported graph
-        reads its own copy of the tables: `fin.compiled`)."""
+        reads its own copy of the tables: `fin.compiled`). With `auxiliary` (training), also each example's
+        auxiliary loss [B] (`fin.fusion`; zeros for a model without one), added to its click loss."""
         x = self.encode(batch, sparse)
         interests = self.interest_vectors(batch, x)
         features = [x.target, x.single, x.stats, *interests, *(x.target * i for i in interests)]
         logit = self.tower(torch.cat(features, dim=1)).squeeze(1)
         if self.position is not None and batch.position is not None:
             logit = logit + self.position(hash_ids(batch.position, self.config.positions)).squeeze(1)
-        return logit
+        if not auxiliary:
+            return logit
+        if self.unimodal is None:
+            return logit, torch.zeros_like(logit)
+        return logit, self.unimodal.auxiliary_loss(self.target, *x.target_inputs, x.single, batch.label)
 
 
 @dataclass

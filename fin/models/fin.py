@@ -7,6 +7,8 @@ Follows docs/design.md, "FIN"; choices that are our reconstruction rather than t
   and full fragments; multi-head target attention with time-gap embeddings over the recent fragment;
 - Integrate Network: the integrated sequence (location and meal fragments' union, each event tagged
   both / location-only / meal-only by an added embedding) through multi-head target attention;
+- with creatives (`ModelConfig.image_dim`), each event and the candidate fuse ids and creative embedding
+  with confidence-aware weights (`fin.fusion`, after Predictive Dynamic Fusion);
 - tower: MLP over [candidate, request context, point-in-time statistics, the five interest vectors,
   candidate x interest products] -> one logit, trained with binary cross-entropy.
 """
@@ -26,6 +28,7 @@ MULTI_HEAD = ("recent", "integrated")
 
 class FIN(CTRModel):
     interests = len(SIMPLIFIED) + len(MULTI_HEAD)
+    fusion = "confidence"  # with creatives: per-row weights of ids and image (`fin.fusion.ConfidenceFusion`)
 
     def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
         super().__init__(config, device)

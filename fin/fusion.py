@@ -1,0 +1,96 @@
+"""How a model joins an item's two modalities, its ids and its creative, into one vector.
+
+`ConcatFusion` (the baselines) projects both together. `ConfidenceFusion` (FIN) follows Predictive Dynamic
+Fusion (Cao et al., ICML 2024) in spirit: each modality is projected alone, and the weights that mix them
+come per row from how far each modality can be trusted. A confidence network per modality reads only that
+modality's input and predicts how well a CTR head on that modality alone does on rows like it (the log of
+the probability it gives the true label, the log of PDF's true-class probability), trained by regression
+on the candidates' outcomes (`ConfidenceFusion.auxiliary_loss`); the mixing weights are a softmax of the
+predicted confidences, sharpened by a learned temperature. An id row that training never updated (a new
+ad's) predicts poorly, so its row leans on the creative; a well-known ad's id predicts well and keeps its
+weight. A row without a creative has all its weight on its ids. The weights take no gradient from the
+click loss: they follow the predicted confidences alone, as PDF's do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fin.layers import MLP
+
+MODALITIES = ("id", "image")
+
+
+class ConcatFusion(nn.Module):
+    """[ids, creative embedding, has one] -> one projection."""
+
+    def __init__(self, id_dim: int, image_dim: int, out_dim: int):
+        super().__init__()
+        self.project = nn.Linear(id_dim + image_dim + 1, out_dim)
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([ids, image, known.unsqueeze(1).to(ids.dtype)], dim=1))
+
+
+class ModalityConfidence(nn.Module):
+    """The confidence networks, one per modality: its input -> the predicted log-probability that a head on
+    it alone gives the true label (higher: more to be trusted). Shared by every place a model fuses (the
+    candidate and the history events live in one space)."""
+
+    def __init__(self, id_dim: int, image_dim: int, hidden: int = 16):
+        super().__init__()
+        self.nets = nn.ModuleDict({"id": MLP(id_dim, (hidden,), 1), "image": MLP(image_dim, (hidden,), 1)})
+        self.log_temperature = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """[n, 2] predicted confidences, in MODALITIES order."""
+        return torch.cat([self.nets["id"](ids), self.nets["image"](image)], dim=1)
+
+    def weights(self, confidence: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """[n, 2] mixing weights from detached confidences; a row without a creative weighs its ids alone."""
+        logits = confidence.detach() * self.log_temperature.exp()
+        logits = torch.stack([logits[:, 0], logits[:, 1].masked_fill(~known, float("-inf"))], dim=1)
+        return torch.softmax(logits, dim=1)
+
+
+class ConfidenceFusion(nn.Module):
+    """Each modality projected alone, mixed by the confidence weights: ids [n, I], image [n, E], known [n]
+    -> [n, out_dim]. `last_weights` keeps the weights of the latest call (for reports)."""
+
+    def __init__(self, id_dim: int, image_dim: int, out_dim: int, confidence: ModalityConfidence):
+        super().__init__()
+        self.project = nn.ModuleDict({"id": nn.Linear(id_dim, out_dim), "image": nn.Linear(image_dim, out_dim)})
+        self.confidence = confidence
+
+    def projections(self, ids: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.project["id"](ids), self.project["image"](image)
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        h_id, h_image = self.projections(ids, image)
+        w = self.confidence.weights(self.confidence(ids, image), known)
+        return w[:, :1] * h_id + w[:, 1:] * h_image
+
+
+class UnimodalHeads(nn.Module):
+    """A CTR head per modality on the candidate's projection of that modality alone, beside the request's
+    context: what the confidences are taught to predict the quality of."""
+
+    def __init__(self, dim: int, context_dim: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({m: nn.Linear(dim + context_dim, 1) for m in MODALITIES})
+
+    def auxiliary_loss(self, fusion: ConfidenceFusion, ids: torch.Tensor, image: torch.Tensor, known: torch.Tensor,
+                       context: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Per candidate [B]: each head's log loss, plus the squared error of each confidence against the
+        log-probability its head gave the true label (the image terms only where the candidate has one)."""
+        projected = dict(zip(MODALITIES, fusion.projections(ids, image)))
+        confidence = fusion.confidence(ids, image)
+        total = torch.zeros_like(label)
+        for i, m in enumerate(MODALITIES):
+            logit = self.heads[m](torch.cat([projected[m], context], dim=1)).squeeze(1)
+            loss = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
+            term = loss + (confidence[:, i] + loss.detach()) ** 2
+            total = total + (term if m == "id" else term * known.to(term.dtype))
+        return total
