@@ -33,10 +33,14 @@ demo: install
 	rm -rf $(DEMO)/models $(DEMO)/report   # a fresh model repository each run: fin/1 is the version promoted below
 	@# at most 2 epochs each (the default is up to 8 with early stopping): under 10 minutes on 2 cores;
 	@# benchmarks/quality.py trains every model to convergence
+	@# the creative encoder, then every creative embedded into Feast: the models read them as an image modality
+	$(FIN) train-encoder --data $(DEMO)/features --out $(DEMO)/models
+	$(FIN) embed-creatives --data $(DEMO)/features --encoder $(DEMO)/models/creative_encoder
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model fin --epochs 2
+	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model fin --name fin_ids --no-images --epochs 2
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model din --epochs 2
 	$(FIN) train --data $(DEMO)/features --out $(DEMO)/models --model dnn --epochs 2
-	$(FIN) evaluate --data $(DEMO)/features --repo $(DEMO)/models --models fin din dnn --out $(DEMO)/report
+	$(FIN) evaluate --data $(DEMO)/features --repo $(DEMO)/models --models fin fin_ids din dnn --out $(DEMO)/report
 	$(FIN) promote --models $(DEMO)/models --name fin --version 1 --report $(DEMO)/report/report.json
 	@# serve on loopback, replay three logged requests through gRPC; then score user 1418 the day after the
 	@# logs end, ingest five orders it placed since, and score it again (its pCTRs move); then stop the

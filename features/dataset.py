@@ -12,6 +12,8 @@ definitions and the online readers read through them.
             candidates/{validation,test}/part-P.parquet       every logged ad candidate of the split's requests
             feast_sources/user_timeline/part-P.parquet        each user's last events (what serving reads)
             feast_sources/{item,shop}_stats.parquet    point-in-time daily statistics
+            feast_sources/item_creative.parquet        creative embeddings (`fin embed-creatives`)
+            creatives.parquet                          the logs' validated creatives (when they have any)
             quarantine/<table>/part-P.parquet          bad log rows with a reason
             stats.json, run.json                       counts, and the run's timings
         feast/                             the Feast repository (kept across runs)
@@ -97,6 +99,11 @@ class Dataset:
 
     def online_timelines(self) -> Path:
         return self.feast_sources / TIMELINE_VIEW
+
+    @property
+    def creatives(self) -> Path:
+        """The validated creatives of the run's logs (absent when the logs have none)."""
+        return self.root / "creatives.parquet"
 
     def quarantine(self, table: str) -> Path:
         return self.root / "quarantine" / table

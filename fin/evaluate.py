@@ -21,7 +21,7 @@ import polars as pl
 import torch
 
 from features import contract
-from features.dataset import CANDIDATES, EXAMPLES, ROW_IDS, Dataset
+from features.dataset import CANDIDATES, EXAMPLES, ROW_IDS, SPLITS, Dataset
 from fin.artifact import Artifact
 from fin.auction import AuctionConfig, auction
 from fin.calibration import pctr
@@ -41,7 +41,8 @@ def predict(artifact: Artifact, data: str | Path, split: str = "test", batch_siz
     when the artifact has a calibration) and pctr_uncalibrated."""
     loader = dataclasses.replace(artifact.loader, shuffle=False, batch_size=batch_size)
     ids, scores, plain = [], [], []
-    for batch in ExampleStream(data, split, loader, dataset=dataset):
+    images = artifact.model.config.image_dim > 0
+    for batch in ExampleStream(data, split, loader, dataset=dataset, images=images):
         logits = artifact.model(batch)
         ids.append(batch.row_id.numpy())
         scores.append(artifact.pctr(logits).numpy().astype(np.float64))
@@ -65,7 +66,7 @@ def _scores(artifact: Artifact, data: str | Path, split: str, frame: pl.DataFram
 
 def examples(data: str | Path, split: str = "test") -> pl.DataFrame:
     """The columns evaluation reads, one row per example of `split`."""
-    columns = ["impression_id", "user_id", "label", "time_type", "city_id", *contract.ORACLE_COLUMNS]
+    columns = ["impression_id", "user_id", "item_id", "label", "time_type", "city_id", *contract.ORACLE_COLUMNS]
     frame = Dataset.at(data).scan(EXAMPLES, split)
     present = [c for c in columns if c in frame.collect_schema().names()]
     return frame.select(present).collect()
@@ -95,9 +96,10 @@ def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
     def scored(scores: np.ndarray) -> dict:
         return metrics(columns["label"], scores, columns["user_id"], columns["time_type"], columns["city_id"])
 
-    models = {}
+    models, predictions = {}, {}
     for artifact in artifacts:
         preds = _scores(artifact, data, split, frame, EXAMPLES, progress)
+        predictions[f"{artifact.name}/{artifact.version}"] = preds[SCORE].to_numpy()
         plain = preds[UNCALIBRATED].to_numpy()
         models[f"{artifact.name}/{artifact.version}"] = {
             "model": artifact.meta["model"], "path": str(artifact.path),
@@ -112,7 +114,58 @@ def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
         report[ORACLE] = scored(frame[oracle].to_numpy().astype(np.float64))
     report["gap_closed"] = _gap_closed(report)
     report["revenue"] = revenue(data, artifacts, split, auction_config, replay, progress)
+    report["cold_start"] = cold_start(data, split, frame, predictions, artifacts, auction_config, replay, progress)
     return report
+
+
+COLD, WARM = "cold", "warm"
+
+
+def new_items(data: str | Path, split: str) -> np.ndarray:
+    """The items first shown in `split`: no impression in any split before it (a new ad's case)."""
+    earlier = SPLITS[:SPLITS.index(split)]
+    dataset = Dataset.at(data)
+    seen = pl.concat([dataset.scan(EXAMPLES, s).select("item_id") for s in earlier]).unique().collect() \
+        if earlier else pl.DataFrame({"item_id": []}, schema={"item_id": pl.Int64})
+    shown = dataset.scan(EXAMPLES, split).select("item_id").unique().collect()
+    return np.sort(shown.join(seen, on="item_id", how="anti")["item_id"].to_numpy())
+
+
+def cold_start(data: str | Path, split: str, frame: pl.DataFrame, predictions: dict[str, np.ndarray],
+               artifacts: list[Artifact], auction_config: AuctionConfig | None, replay: ReplayConfig,
+               progress: Callable[[int], None] | None) -> dict | None:
+    """AUC, GAUC and RPM of each model on the impressions of cold-start ads (first shown in `split`) and of
+    warm ones, apart. RPM: the revenue replay of an auction among each request's cold (warm) candidates only,
+    so each figure says how well a model ranks that kind of ad. None when the split has no cold-start ad."""
+    cold_items = new_items(data, split)
+    if cold_items.size == 0:
+        return None
+    cold = np.isin(frame["item_id"].to_numpy(), cold_items)
+    labels, users = frame["label"].to_numpy(), frame["user_id"].to_numpy()
+    oracle = contract.ORACLE_COLUMNS[0]
+    scores = dict(predictions)
+    if oracle in frame.columns and frame[oracle].null_count() == 0:
+        scores[ORACLE] = frame[oracle].to_numpy().astype(np.float64)
+    out: dict = {"new_items": int(cold_items.size), "models": {}}
+    for kind, rows in ((COLD, cold), (WARM, ~cold)):
+        out[f"{kind}_examples"], out[f"{kind}_clicks"] = int(rows.sum()), int(labels[rows].sum())
+        for key, s in scores.items():
+            out["models"].setdefault(key, {})[kind] = {"auc": auc(labels[rows], s[rows]),
+                                                       "gauc": gauc(labels[rows], s[rows], users[rows])}
+    parts = Dataset.at(data).parts(CANDIDATES, split)
+    if parts:
+        candidates = pl.read_parquet(parts)
+        is_cold = np.isin(candidates["item_id"].to_numpy(), cold_items)
+        by_model = {f"{a.name}/{a.version}": _scores(a, data, split, candidates, CANDIDATES, progress)[SCORE].to_numpy()
+                    for a in artifacts}
+        for kind, rows in ((COLD, is_cold), (WARM, ~is_cold)):
+            if not rows.any():
+                continue
+            rev = revenue_of(candidates.filter(pl.Series(rows)), {k: v[rows] for k, v in by_model.items()},
+                             auction_config, replay)
+            for key, r in rev["policies"].items():
+                out["models"].setdefault(key, {}).setdefault(kind, {})["rpm"] = r["snips"]["rpm"]
+    return out
 
 
 LOGGING = "logging policy"
@@ -199,7 +252,22 @@ def markdown(report: dict) -> str:
               "simulator's true click probability."]
     if report.get("revenue"):
         lines += ["", *_revenue_markdown(report["revenue"])]
+    if report.get("cold_start"):
+        lines += ["", *_cold_start_markdown(report["cold_start"])]
     return "\n".join(lines) + "\n"
+
+
+def _cold_start_markdown(cold: dict) -> list[str]:
+    lines = [f"## Cold-start ads: {cold['new_items']:,} ads first shown in this split ({cold['cold_examples']:,} "
+             f"impressions, {cold['cold_clicks']:,} clicks) and warm ads ({cold['warm_examples']:,} impressions)", "",
+             "| model | cold AUC | cold GAUC | cold RPM | warm AUC | warm GAUC | warm RPM |", "|---|---|---|---|---|---|---|"]
+    for key, m in cold["models"].items():
+        c, w = m.get(COLD, {}), m.get(WARM, {})
+        lines.append(f"| {key} | {_number(c.get('auc'))} | {_number(c.get('gauc'))} | {_number(c.get('rpm'), 1)} | "
+                     f"{_number(w.get('auc'))} | {_number(w.get('gauc'))} | {_number(w.get('rpm'), 1)} |")
+    lines += ["", "RPM here (SNIPS): an auction among each request's cold (warm) candidates only. A model with the "
+              "image modality reads each ad's creative embedding; one without reads ids and statistics alone."]
+    return lines
 
 
 def _percent(x: float | None) -> str:

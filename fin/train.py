@@ -74,6 +74,8 @@ class TrainConfig:
     # build the artifact's compiled scoring package (`fin.compiled`), checked on held-out requests
     compile: bool = True
     check_requests: int = 32  # validation requests the package is checked on against the eager forward
+    # read the creative embeddings (`fin embed-creatives`) as an image modality when the data has them
+    images: bool = True
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model_config: ModelConfig = field(default_factory=ModelConfig)
 

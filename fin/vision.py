@@ -154,7 +154,7 @@ def train_encoder(data: str | Path, models: str | Path, config: EncoderTrainConf
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * rows.numel()
+            total += float(loss.detach()) * rows.numel()
         progress(1)
         log(f"creative encoder epoch {epoch + 1}/{config.epochs}: loss {total / max(fit.size, 1):.4f}")
     module.eval()

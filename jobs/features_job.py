@@ -29,10 +29,11 @@ _MAX_RAY_TEMP_LEN = 40  # Ray puts ~65 more characters of session and socket nam
 
 
 # ---------------------------------------------------------------------------- Ray
-class _RaySession:
-    """Starts a local Ray (temp dir inside the output folder, usage stats off) or joins a cluster."""
+class RaySession:
+    """Starts a local Ray (temp dir inside the output folder, usage stats off) or joins a cluster at
+    `address`."""
 
-    def __init__(self, config: FeaturesConfig, out: Path):
+    def __init__(self, address: str | None, num_cpus: int | None, out: Path):
         import ray
 
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -45,15 +46,15 @@ class _RaySession:
             return
         kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                       configure_logging=False)
-        if config.ray_address:
-            ray.init(address=config.ray_address, **kwargs)
+        if address:
+            ray.init(address=address, **kwargs)
         else:
             temp = (out / ".ray").resolve()
             if len(str(temp)) > _MAX_RAY_TEMP_LEN:  # too long for Ray's sockets: use a short private dir
                 temp = Path(tempfile.mkdtemp(prefix="fin-ray-"))
             temp.mkdir(parents=True, exist_ok=True)
             self.temp_dir = temp
-            ray.init(num_cpus=config.num_cpus, _temp_dir=str(temp), **kwargs)
+            ray.init(num_cpus=num_cpus, _temp_dir=str(temp), **kwargs)
         self.started = True
 
     def close(self) -> None:
@@ -89,7 +90,7 @@ def _run(plan: Plan, config: FeaturesConfig, say: Callable[[str], None], t0: flo
 
     say("starting Ray")
     t = time.perf_counter()
-    session = _RaySession(config, plan.out)
+    session = RaySession(config.ray_address, config.num_cpus, plan.out)
     timings["ray_start_s"] = time.perf_counter() - t
     # Feast takes seconds to import and is needed only at the end: import it while the driver waits on
     # Ray's tasks (not before: it would slow Ray's start, which needs the driver's CPU too)

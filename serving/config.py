@@ -7,6 +7,15 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class CreativeConfig:
+    """Creative embeddings for models that read creatives (`serving.creatives`)."""
+
+    cache_size: int = 200_000  # items
+    staleness_s: float = 3600.0  # a cached embedding is re-read after this long (a new encoder's values)
+    max_embedded: int = 16  # creatives embedded in-process per request (the rest are scored without)
+
+
+@dataclass(frozen=True)
 class ScoringConfig:
     max_candidates: int = 1000  # per request
     batch_candidates: int = 2000  # per forward: requests waiting together share one forward up to this
@@ -40,6 +49,8 @@ class ServerConfig:
     compiled: bool = True  # score with a version's compiled package when it has one that passes its check
     torch_threads: int = 1  # intra-op threads per forward
     workers: int = 2  # eager forwards that may run at once (and store reads), per process
+    creative_encoder: str = "creative_encoder"  # the repository's model that embeds creatives the store lacks
+    creatives: CreativeConfig = field(default_factory=CreativeConfig)
     infer_batch: int = 64  # rows (images) of waiting ModelInfer calls joined into one vision forward (1: none)
     processes: int = 1  # server processes on the port: one Python process uses about one core
     drain_delay_s: float = 1.0  # on shutdown, NOT_SERVING first and calls still accepted this long (see stop)

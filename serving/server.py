@@ -23,14 +23,17 @@ import sys
 import time
 
 import grpc
+import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from features.item_embeddings import ItemEmbeddings
 from features.realtime import open_realtime, realtime_location
 from fin.artifact import Artifact
 from serving.batching import ForwardBatcher, model_forward, score_forward
 from serving.config import ServerConfig
+from serving.creatives import CreativeEmbeddings, RequestCreatives
 from serving.inference_protocol import InferenceService
 from serving.ingest_worker import IngestSettings, IngestUnavailable, IngestWorker
 from serving.metrics import ServingMetrics
@@ -41,6 +44,7 @@ from serving.pb import inference_v2_pb2
 from serving.pb import inference_v2_pb2_grpc as inference_pb2_grpc
 from serving.repository import Change, ModelNotFound, ModelRepository
 from serving.scoring import BadRequest, ecpm, request_inputs, scores_wire
+from serving.vision import VisionModel
 
 log = logging.getLogger("fin.serving")
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["CtrScoring"].full_name
@@ -50,9 +54,35 @@ INFERENCE_SERVICE = inference_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 
 class CtrScoring(pb_grpc.CtrScoringServicer):
     def __init__(self, repository: ModelRepository, features: OnlineFeatures, config: ServerConfig,
-                 batcher: ForwardBatcher, metrics: ServingMetrics, ingester: IngestWorker | None):
+                 batcher: ForwardBatcher, metrics: ServingMetrics, ingester: IngestWorker | None,
+                 creatives: CreativeEmbeddings | None = None):
         self.repository, self.features, self.config = repository, features, config
         self.batcher, self.metrics, self.ingester = batcher, metrics, ingester
+        self.creatives = creatives
+
+    def _encoder(self) -> VisionModel | None:
+        """The creative encoder loaded from the repository (None when there is none)."""
+        try:
+            model = self.repository.get(self.config.creative_encoder)
+        except ModelNotFound:
+            return None
+        return model if isinstance(model, VisionModel) and model.meta.get("model") == "creative_encoder" else None
+
+    async def _creatives(self, request: pb.ScoreRequest, inputs, timeline, width: int) -> RequestCreatives:
+        """The request's creative embeddings (`serving.creatives`), read and embedded on a store thread; if
+        the store cannot be read, none (every candidate scored without an image and said so)."""
+        items = inputs.candidates["item_id"]
+        history = timeline["item_id"] if timeline is not None else np.zeros(0, np.int64)
+        pngs = [c.creative_png for c in request.candidates]
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(
+                self.creatives.for_request, items, pngs, history, width, self._encoder()),
+                self.config.online.read_timeout_s + 1.0)
+        except ValueError as e:  # a creative that is not a PNG of the encoder's size
+            raise BadRequest(f"creative_png: {e}") from None
+        except Exception:  # noqa: BLE001 - a store failure or timeout scores without images
+            return RequestCreatives(ItemEmbeddings.of(np.zeros(0, np.int64), np.zeros((0, width), np.float32)),
+                                    np.zeros(0, np.int32), np.arange(len(items), dtype=np.int32))
 
     async def Ingest(self, request: pb.IngestRequest, context: grpc.aio.ServicerContext) -> pb.IngestResponse:
         if self.ingester is None:
@@ -94,6 +124,13 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         features = await self.features.read(inputs.user_id, inputs.candidates)
         t_features = time.perf_counter()
         scored = inputs.with_features(features.timeline, features.stats)
+        creatives = None
+        if artifact.model.config.image_dim:
+            try:
+                creatives = await self._creatives(request, inputs, features.timeline, artifact.model.config.image_dim)
+            except BadRequest as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            scored = dataclasses.replace(scored, images=creatives.embeddings)
         if artifact.package is not None and artifact.package.takes(scored):
             # on the event loop: the compiled call holds the interpreter lock throughout (nothing of this
             # process runs beside it on a forward thread), so a hand-off there and back would only add to it
@@ -120,6 +157,9 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
             degraded_features=features.degraded,
             timing=pb.Timing(total_ms=(time.perf_counter() - started) * 1000, features_ms=features_s * 1000,
                              model_ms=model_s * 1000))
+        if creatives is not None:
+            response.creatives_embedded.extend(creatives.embedded.tolist())
+            response.creatives_missing.extend(creatives.missing.tolist())
         response.MergeFromString(scores_wire(pctr, values))
         return response
 
@@ -219,7 +259,8 @@ class Server:
 
     async def start(self) -> int:
         pb_grpc.add_CtrScoringServicer_to_server(
-            CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.ingester),
+            CtrScoring(self.repository, self.features, self.config, self.batcher, self.metrics, self.ingester,
+                       CreativeEmbeddings(self.features.store, self.config.creatives)),
             self.server)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.infer_batcher, self.metrics), self.server)

@@ -2,7 +2,8 @@
 
 The user timeline is one feature view so that serving needs a single online read per request; it holds
 the material of all FIN sub-sequences (every event with its place and time keys), cut per request by
-`features.fragments.fragment`. Item and shop views hold point-in-time click statistics.
+`features.fragments.fragment`. Item and shop views hold point-in-time click statistics; the item creative
+view holds each item's creative embedding (`fin embed-creatives` writes and materialises it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from feast.types import Array, Float32, Int64
 from feast.value_type import ValueType
 
 from features.dataset import EVENT_TIMESTAMP, STAT_COLUMNS, STAT_FLOATS, STATS_VIEWS, TIMELINE_VIEW
+from features.item_embeddings import CREATIVE_VIEW, EMBEDDING
 from features.sequences import TIMELINE_FIELDS
 
 PROJECT = "fin_ads"
@@ -41,7 +43,10 @@ def feature_views(sources: Path) -> list[FeatureView]:
     stats = [FeatureView(name=view, entities=[entities[key]], ttl=timedelta(0), source=source(view),
                          schema=_stats_schema(), description="7/30-day impressions, clicks and CTR, as of the day")
              for key, view in STATS_VIEWS.items()]
-    return [timeline, *stats]
+    creative = FeatureView(name=CREATIVE_VIEW, entities=[item], ttl=timedelta(0), source=source(CREATIVE_VIEW),
+                           schema=[Field(name=EMBEDDING, dtype=Array(Float32))],
+                           description="the embedding of the item's creative by the creative encoder")
+    return [timeline, *stats, creative]
 
 
 def objects(sources: Path) -> list:

@@ -5,6 +5,7 @@ defaults) and the libraries a command needs are imported when that command runs.
 from jobs.commands import (
     add_onnx,
     convert_eleme,
+    creatives,
     evaluate,
     features,
     ingest,
@@ -20,6 +21,6 @@ from jobs.commands.common import Command
 
 # in the order `fin --help` lists them
 COMMANDS: tuple[Command, ...] = (
-    simulate.COMMAND, validate.COMMAND, features.COMMAND, train.COMMAND, evaluate.COMMAND, serve.COMMAND,
+    simulate.COMMAND, validate.COMMAND, features.COMMAND, creatives.TRAIN, creatives.EMBED, train.COMMAND, evaluate.COMMAND, serve.COMMAND,
     promote.COMMAND, schedule.SCHEDULE, schedule.RUNS, score.COMMAND, ingest.COMMAND, add_onnx.COMMAND, convert_eleme.COMMAND,
 )

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                    help="write the artifact without its compiled scoring package (served eagerly); by default "
                         "the package is built and checked against the eager forward beside the weights")
+    p.add_argument("--no-images", dest="images", action="store_const", const=False,
+                   help="train without the image modality even when the data has creative embeddings "
+                        "(fin embed-creatives); by default a model reads them when they are there")
     p.add_argument("--init-from", type=Path,
                    help="start from this artifact's weights (MODELS/NAME/VERSION of the same model and config)")
     add_json_flag(p)
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, **{
         "model": args.model, "epochs": args.epochs, "workers": args.workers, "sharding": args.sharding,
         "lr": args.lr, "sparse_lr": args.sparse_lr, "patience": args.patience, "max_steps": args.max_steps,
-        "seed": args.seed, "compile": args.compile, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
+        "seed": args.seed, "compile": args.compile, "images": args.images, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
     })
     if args.init_from is not None and not (args.init_from / "artifact.json").is_file():
         raise CommandError(f"--init-from {args.init_from} is not an artifact version folder (MODELS/NAME/VERSION)")
