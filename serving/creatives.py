@@ -76,6 +76,11 @@ class CreativeEmbeddings:
         with_creative = [int(c) for c in lacking if pngs[c]][: self.config.max_embedded if encoder else 0]
         embedded = np.zeros(0, np.int32)
         if with_creative:
+            for c in with_creative:  # a bad creative is refused naming its candidate
+                try:
+                    decode_pngs([pngs[c]], encoder.inputs[0].shape[-1])
+                except ValueError as e:
+                    raise ValueError(f"candidates[{c}].creative_png: {str(e).removeprefix('creative 0: ')}") from None
             fresh = self.embed(encoder, [pngs[c] for c in with_creative])
             new_items = candidate_items[with_creative]
             _, first = np.unique(new_items, return_index=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.item_embeddings import ItemEmbeddings
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact, load_artifact
 from fin.compiled import TOLERANCE
@@ -65,10 +66,12 @@ def smoke_check(artifact: Artifact) -> None:
                            candidates=candidates, bids=np.ones(n))
     history = {f: rng.integers(0, 5, events) for f in TIMELINE_FIELDS}
     history["ts"] = np.arange(events, dtype=np.int64)
+    dim = artifact.model.config.image_dim  # a model that reads creatives: half the candidates have one
+    images = ItemEmbeddings.of(candidates["item_id"][: n // 2], rng.normal(size=(n // 2, dim))) if dim else None
     package, artifact.package = artifact.package, None
     eager = []
     for timeline in (EMPTY_TIMELINE, history):
-        p = score(artifact, inputs, timeline, None)
+        p = score(artifact, inputs, timeline, None, images)
         if p.shape != (n,) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
             raise ValueError(f"smoke check: bad probabilities {p}")
         eager.append(p)

@@ -15,6 +15,7 @@ import torch
 
 from features import contract, geohash
 from features.fragments import MISSING
+from features.item_embeddings import ItemEmbeddings
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import Artifact
 from fin.inputs import CANDIDATE_NUMBERS as MODEL_NUMBERS
@@ -42,9 +43,11 @@ class RequestInputs:
     candidates: dict[str, np.ndarray]  # fin.inputs.TARGET_FEATURES -> int64 [B], CANDIDATE_NUMBERS -> float64 [B]
     bids: np.ndarray  # float64 [B]
 
-    def with_features(self, timeline: dict[str, np.ndarray] | None, stats: np.ndarray | None) -> ScoringRequest:
-        """The request to score, once the user's timeline (None: cold start) and statistics are read."""
-        return ScoringRequest(timeline or EMPTY_TIMELINE, self.context, self.candidates, stats)
+    def with_features(self, timeline: dict[str, np.ndarray] | None, stats: np.ndarray | None,
+                      images: ItemEmbeddings | None = None) -> ScoringRequest:
+        """The request to score, once the user's timeline (None: cold start), statistics and (models that
+        read creatives) the creative embeddings of its items are read."""
+        return ScoringRequest(timeline or EMPTY_TIMELINE, self.context, self.candidates, stats, images)
 
 
 def request_inputs(request, config: ScoringConfig) -> RequestInputs:
@@ -113,9 +116,9 @@ def score_requests(artifact: Artifact, requests: list[ScoringRequest]) -> list[n
 
 
 def score(artifact: Artifact, inputs: RequestInputs, timeline: dict[str, np.ndarray] | None,
-          stats: np.ndarray | None) -> np.ndarray:
+          stats: np.ndarray | None, images: ItemEmbeddings | None = None) -> np.ndarray:
     """pCTR [B] of one request's candidates."""
-    return score_requests(artifact, [inputs.with_features(timeline, stats)])[0]
+    return score_requests(artifact, [inputs.with_features(timeline, stats, images)])[0]
 
 
 def ecpm(pctr: np.ndarray, bids: np.ndarray) -> np.ndarray:

@@ -79,7 +79,7 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
                 self.creatives.for_request, items, pngs, history, width, self._encoder()),
                 self.config.online.read_timeout_s + 1.0)
         except ValueError as e:  # a creative that is not a PNG of the encoder's size
-            raise BadRequest(f"creative_png: {e}") from None
+            raise BadRequest(str(e)) from None
         except Exception:  # noqa: BLE001 - a store failure or timeout scores without images
             return RequestCreatives(ItemEmbeddings.of(np.zeros(0, np.int64), np.zeros((0, width), np.float32)),
                                     np.zeros(0, np.int32), np.arange(len(items), dtype=np.int32))

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256
+from fin.vision import TASK as TASK  # the artifact task the repository loads with this module
 from fin.vision import CreativeEncoder, CreativeEncoderConfig, write_vision_artifact
 from serving.tensors import TensorSpec
 
