@@ -9,8 +9,8 @@ from fin.versions import promoted
 from jobs.cli import build_parser
 from tests.conftest import ROOT, TRAIN_CONFIG, run_fin
 
-SUBCOMMANDS = ["simulate", "validate", "features", "convert-eleme", "add-onnx", "train", "evaluate", "promote", "schedule", "runs",
-               "serve", "score", "ingest"]
+SUBCOMMANDS = ["simulate", "validate", "features", "convert-eleme", "add-onnx", "train-encoder", "embed-creatives",
+               "train", "evaluate", "promote", "schedule", "runs", "serve", "score", "ingest"]
 
 
 def test_every_subcommand_has_help():
