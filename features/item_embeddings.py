@@ -41,7 +41,9 @@ class ItemEmbeddings:
     def of(cls, ids: np.ndarray, vectors: np.ndarray) -> ItemEmbeddings:
         """From ids in any order and their vectors [K, E] (the last of a repeated id wins)."""
         ids = np.asarray(ids, np.int64)
-        vectors = np.asarray(vectors, np.float32).reshape(len(ids), -1)
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(ids):
+            raise ValueError(f"{len(ids)} ids need vectors [{len(ids)}, E], got {list(vectors.shape)}")
         last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]  # each id's last row
         order = last[np.argsort(ids[last], kind="stable")]
         return cls(ids[order], np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors[order]]))
