@@ -28,10 +28,16 @@ class ConcatFusion(nn.Module):
 
     def __init__(self, id_dim: int, image_dim: int, out_dim: int):
         super().__init__()
+        self.id_dim = id_dim
         self.project = nn.Linear(id_dim + image_dim + 1, out_dim)
 
-    def forward(self, ids: torch.Tensor, image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.cat([ids, image, known.unsqueeze(1).to(ids.dtype)], dim=1))
+    def forward(self, ids: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """ids [n, I]; the creative embeddings `table` [K, E] (row 0: none) and each row's entry in it [n]. The
+        image part is projected once per table row, then gathered (a batch has many more events than items)."""
+        w, i = self.project.weight, self.id_dim
+        image = F.linear(table, w[:, i:-1])
+        known = (rows > 0).to(ids.dtype).unsqueeze(1)
+        return F.linear(ids, w[:, :i], self.project.bias) + image.index_select(0, rows) + known * w[:, -1]
 
 
 class ModalityConfidence(nn.Module):
@@ -44,9 +50,9 @@ class ModalityConfidence(nn.Module):
         self.nets = nn.ModuleDict({"id": MLP(id_dim, (hidden,), 1), "image": MLP(image_dim, (hidden,), 1)})
         self.log_temperature = nn.Parameter(torch.tensor(2.0))
 
-    def forward(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[n, 2] predicted confidences, in MODALITIES order."""
-        return torch.cat([self.nets["id"](ids), self.nets["image"](image)], dim=1)
+        return torch.cat([self.nets["id"](ids), self.nets["image"](table).index_select(0, rows)], dim=1)
 
     def weights(self, confidence: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
         """[n, 2] mixing weights from detached confidences; a row without a creative weighs its ids alone."""
@@ -56,20 +62,22 @@ class ModalityConfidence(nn.Module):
 
 
 class ConfidenceFusion(nn.Module):
-    """Each modality projected alone, mixed by the confidence weights: ids [n, I], image [n, E], known [n]
-    -> [n, out_dim]. `last_weights` keeps the weights of the latest call (for reports)."""
+    """Each modality projected alone, mixed by the confidence weights: ids [n, I] and image rows [n] of a
+    table [K, E] (row 0: none) -> [n, out_dim]. Image projections and confidences are computed once per
+    table row and gathered."""
 
     def __init__(self, id_dim: int, image_dim: int, out_dim: int, confidence: ModalityConfidence):
         super().__init__()
         self.project = nn.ModuleDict({"id": nn.Linear(id_dim, out_dim), "image": nn.Linear(image_dim, out_dim)})
         self.confidence = confidence
 
-    def projections(self, ids: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.project["id"](ids), self.project["image"](image)
+    def projections(self, ids: torch.Tensor, table: torch.Tensor,
+                    rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.project["id"](ids), self.project["image"](table).index_select(0, rows)
 
-    def forward(self, ids: torch.Tensor, image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        h_id, h_image = self.projections(ids, image)
-        w = self.confidence.weights(self.confidence(ids, image), known)
+    def forward(self, ids: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        h_id, h_image = self.projections(ids, table, rows)
+        w = self.confidence.weights(self.confidence(ids, table, rows), rows > 0)
         return w[:, :1] * h_id + w[:, 1:] * h_image
 
 
@@ -81,16 +89,17 @@ class UnimodalHeads(nn.Module):
         super().__init__()
         self.heads = nn.ModuleDict({m: nn.Linear(dim + context_dim, 1) for m in MODALITIES})
 
-    def auxiliary_loss(self, fusion: ConfidenceFusion, ids: torch.Tensor, image: torch.Tensor, known: torch.Tensor,
+    def auxiliary_loss(self, fusion: ConfidenceFusion, ids: torch.Tensor, table: torch.Tensor, rows: torch.Tensor,
                        context: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Per candidate [B]: each head's log loss, plus the squared error of each confidence against the
         log-probability its head gave the true label (the image terms only where the candidate has one)."""
-        projected = dict(zip(MODALITIES, fusion.projections(ids, image)))
-        confidence = fusion.confidence(ids, image)
+        projected = dict(zip(MODALITIES, fusion.projections(ids, table, rows)))
+        confidence = fusion.confidence(ids, table, rows)
+        known = (rows > 0).to(label.dtype)
         total = torch.zeros_like(label)
         for i, m in enumerate(MODALITIES):
             logit = self.heads[m](torch.cat([projected[m], context], dim=1)).squeeze(1)
             loss = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
             term = loss + (confidence[:, i] + loss.detach()) ** 2
-            total = total + (term if m == "id" else term * known.to(term.dtype))
+            total = total + (term if m == "id" else term * known)
         return total

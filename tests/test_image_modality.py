@@ -57,15 +57,16 @@ def test_confidence_fusion_weights_follow_the_predicted_confidence():
     torch.manual_seed(0)
     confidence = ModalityConfidence(4, 3)
     fusion = ConfidenceFusion(4, 3, 5, confidence)
-    ids, image = torch.randn(8, 4), torch.randn(8, 3)
-    known = torch.tensor([True] * 4 + [False] * 4)
-    w = confidence.weights(confidence(ids, image), known)
+    ids, table = torch.randn(8, 4), torch.cat([torch.zeros(1, 3), torch.randn(4, 3)])
+    rows = torch.tensor([1, 2, 3, 4, 0, 0, 0, 0])
+    known = rows > 0
+    w = confidence.weights(confidence(ids, table, rows), known)
     torch.testing.assert_close(w.sum(1), torch.ones(8))
     assert torch.all(w[4:, 0] == 1)  # no creative: the ids alone
-    h_id, _ = fusion.projections(ids, image)
-    torch.testing.assert_close(fusion(ids, image, known)[4:], h_id[4:])
+    h_id, _ = fusion.projections(ids, table, rows)
+    torch.testing.assert_close(fusion(ids, table, rows)[4:], h_id[4:])
     # the click loss moves no confidence network (the weights are detached), only the temperature
-    fusion(ids, image, known).sum().backward()
+    fusion(ids, table, rows).sum().backward()
     assert all(p.grad is None for p in confidence.nets.parameters()) and confidence.log_temperature.grad is not None
 
 
@@ -74,19 +75,18 @@ def test_confidences_learn_which_modality_predicts():
     puts its weight on the image."""
     torch.manual_seed(0)
     n = 512
-    ids, image = torch.randn(n, 4), torch.randn(n, 3)
-    label = (image[:, 0] > 0).float()
+    ids, table, rows = torch.randn(n, 4), torch.randn(n + 1, 3), torch.arange(1, n + 1)
+    label = (table[1:, 0] > 0).float()
     confidence = ModalityConfidence(4, 3)
     fusion, heads = ConfidenceFusion(4, 3, 5, confidence), UnimodalHeads(5, 2)
     context = torch.zeros(n, 2)
-    known = torch.ones(n, dtype=torch.bool)
     optimizer = torch.optim.Adam([*fusion.parameters(), *heads.parameters()], lr=0.02)
     for _ in range(300):
-        loss = heads.auxiliary_loss(fusion, ids, image, known, context, label).mean()
+        loss = heads.auxiliary_loss(fusion, ids, table, rows, context, label).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        c = confidence(ids, image)
-        w = confidence.weights(c, known)
+        c = confidence(ids, table, rows)
+        w = confidence.weights(c, rows > 0)
     assert c[:, 1].mean() > c[:, 0].mean() and w[:, 1].mean() > 0.5

@@ -51,7 +51,7 @@ class Encoded:
     events: torch.Tensor  # [N, d], one row per history event of the batch
     single: torch.Tensor  # [B, len(SINGLE) * embedding dim]
     stats: torch.Tensor  # [B, len(STAT_FEATURES) + len(CANDIDATE_NUMBERS)], log1p
-    target_inputs: tuple[torch.Tensor, ...] | None = None  # with images: the candidate's (ids, image, known)
+    target_inputs: tuple[torch.Tensor, ...] | None = None  # with images: the candidate's (ids, table, rows)
 
 
 class CTRModel(nn.Module):
@@ -104,9 +104,9 @@ class CTRModel(nn.Module):
         if batch.images is None:
             raise ValueError(f"{type(self).__name__} reads creative embeddings: the batch has none (Batch.images)")
         images = batch.images
-        x.target_inputs = (target.flatten(1), images.table[images.candidate], images.candidate > 0)
+        x.target_inputs = (target.flatten(1), images.table, images.candidate)
         x.target = self.target(*x.target_inputs)
-        x.events = self.event(sparse.history.flatten(1), images.table[images.history], images.history > 0)
+        x.events = self.event(sparse.history.flatten(1), images.table, images.history)
         return x
 
     def _hide_ids(self, target: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
