@@ -16,7 +16,8 @@ from enum import IntEnum
 import numpy as np
 import pyarrow as pa
 
-CONTRACT_VERSION = "1.1"  # 1.1: ad_candidates (additive; a major change would break artifacts)
+# 1.1: ad_candidates; 1.2: creatives (both additive and optional; a major change would break artifacts)
+CONTRACT_VERSION = "1.2"
 MISSING = -1  # an unknown id, AOI or geohash cell, in every integer-coded field derived from the logs
 
 
@@ -90,6 +91,8 @@ class TableSpec:
     geohashes: dict[str, int] = field(default_factory=dict)  # column -> precision
     timestamp: str | None = None  # checked against the data window
     partitioned: bool = False  # written as date=YYYY-MM-DD partitions
+    # PNG column -> its declared (width, height) columns: it must decode to an RGB image of that size
+    images: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 _ID = pa.int64()
@@ -223,9 +226,22 @@ AD_CANDIDATES = TableSpec(
     partitioned=True,
 )
 
+# One ad creative (the image shown with the ad) per item, as PNG bytes (`features.creatives` encodes,
+# checks and decodes them). Optional: a source without images (Ele.me) only lacks image features.
+CREATIVES = TableSpec(
+    name="creatives",
+    schema=pa.schema([("item_id", _ID), ("image_png", pa.binary()), ("width", pa.int16()), ("height", pa.int16())]),
+    key="item_id",
+    required=("item_id", "image_png", "width", "height"),
+    ranges={"width": Range(1, None), "height": Range(1, None)},
+    foreign_keys={"item_id": "items"},
+    images={"image_png": ("width", "height")},
+)
+
 TABLES: dict[str, TableSpec] = {t.name: t for t in (AOIS, SHOPS, ITEMS, USERS, BEHAVIOURS, IMPRESSIONS,
-                                                    AD_CANDIDATES)}
+                                                    AD_CANDIDATES, CREATIVES)}
 WORLD_TABLES = ("aois", "shops", "items", "users")
+OPTIONAL_WORLD_TABLES = ("creatives",)  # world tables a log folder may lack; validated after WORLD_TABLES
 LOG_TABLES = ("behaviours", "impressions")
 EVALUATION_TABLES = ("ad_candidates",)  # optional logs that only offline evaluation reads
 

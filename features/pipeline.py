@@ -3,7 +3,8 @@
 `jobs.features_job` runs them, fanning the per-group and per-partition steps out as Ray tasks:
   1. `Plan.of`: what a run derives from its logs before any work (the data window, the split days, the
      tables and files to read) and where it writes;
-  2. `validate_world`: the world tables, checked against the contract (bad rows quarantined);
+  2. `validate_world`: the world tables, checked against the contract (bad rows quarantined), and the ad
+     creatives, when the logs have them, copied into the dataset;
   3. `shard_logs` (one call per group of log files): split the rows by user partition into scratch shards,
      so that every row of a user lands in the same partition;
   4. `build_partition_files` (one call per partition): validate, build timelines, examples and candidates
@@ -198,16 +199,20 @@ def build_partition_files(p: int, work: str, staging: str, encoded: str | None, 
 
 
 def validate_world(plan: Plan) -> tuple[dict, dict]:
-    """Validate the world tables (quarantining bad rows into the staged dataset); returns their clean ids and
-    a summary."""
+    """Validate the world tables, the optional ones when present (quarantining bad rows into the staged
+    dataset, and writing the clean creatives into it); returns their clean ids and a summary."""
     known: dict = {}
     summary = {}
-    for name, result in validate_tables(plan.logs, contract.WORLD_TABLES, plan.window, known).items():
+    staged = Dataset(plan.staging)
+    names = (*contract.WORLD_TABLES, *contract.OPTIONAL_WORLD_TABLES)
+    for name, result in validate_tables(plan.logs, names, plan.window, known).items():
         summary[name] = {"rows": result.rows, "quarantined": result.quarantine.height, "reasons": result.reasons}
         if result.quarantine.height:
-            folder = Dataset(plan.staging).quarantine(name)
+            folder = staged.quarantine(name)
             folder.mkdir(parents=True, exist_ok=True)
             result.quarantine.write_parquet(folder / PART.format(0))
+        if name == contract.CREATIVES.name:
+            result.clean.write_parquet(staged.creatives, **_OUTPUT_PARQUET)
     return known, summary
 
 

@@ -9,6 +9,8 @@ Checks per table, all declared by its `contract.TableSpec`:
     ts_outside_window  timestamp outside the data's window (the manifest's, or a given one)
     duplicate_id:C     the row id was already seen (the first occurrence is kept)
     unknown_fk:C       refers to a row absent from the (validated) referenced table
+    bad_png:C          an image column's value is not a decodable 8-bit RGB PNG
+    png_size:C         an image decodes to another width x height than its row declares
 A row failing several checks lists every reason, joined by ';'. Each quarantined row keeps all of its
 original columns as they were read.
 """
@@ -27,7 +29,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from features import contract, geohash, logio
+from features import contract, creatives, geohash, logio
 from features.contract import TableSpec
 
 REASON = "reason"
@@ -100,7 +102,8 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
         target = _polars_type(f.type)
         is_list = isinstance(target, pl.List)  # a list column: types and ranges apply to its elements
         element = target.inner if is_list else target
-        wide = pl.Int64 if element.is_integer() else pl.Float64 if element.is_float() else pl.String
+        wide = (pl.Int64 if element.is_integer() else pl.Float64 if element.is_float()
+                else pl.Binary if element == pl.Binary else pl.String)
         wide = pl.List(wide) if is_list else wide
         if f.name not in raw.columns:
             if f.name in spec.required:
@@ -147,6 +150,8 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
                 notes.append(f"skipped unknown_fk:{f.name} (no {ref} table)")
             else:
                 checks.append((f"unknown_fk:{f.name}", value.is_not_null() & ~value.is_in(keys.implode())))
+        if f.name in spec.images:
+            checks += _image_checks(raw, f.name, spec.images[f.name])
         typed[f.name] = narrow
 
     # One pass evaluates every check over the whole table (duplicates need all rows) and types every column;
@@ -164,6 +169,19 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
     else:
         quarantine = raw.clear().with_columns(pl.Series(REASON, [], pl.String))
     return TableResult(spec.name, raw.height, clean, quarantine, reason_counts(quarantine), notes)
+
+
+def _image_checks(raw: pl.DataFrame, column: str, size_columns: tuple[str, str]) -> list[tuple[str, pl.Expr]]:
+    """bad_png and png_size of an image column: each image decoded once, here, rather than in the query."""
+    def declared(name: str) -> np.ndarray:  # NaN where absent or not a number (other checks report those)
+        if name not in raw.columns:
+            return np.full(raw.height, np.nan)
+        return raw[name].cast(pl.Float64, strict=False).fill_null(np.nan).to_numpy()
+
+    blobs = raw[column].cast(pl.Binary, strict=False).to_list()
+    problems = creatives.check_pngs(blobs, declared(size_columns[0]), declared(size_columns[1]))
+    return [(f"{code}:{column}", pl.lit(pl.Series(problems == code, dtype=pl.Boolean)))
+            for code in (creatives.BAD_PNG, creatives.PNG_SIZE)]
 
 
 def check_arrays(spec: TableSpec, columns: Mapping[str, np.ndarray],
@@ -259,8 +277,8 @@ def validate_logs(root: str | Path, config: ValidationConfig = ValidationConfig(
     if not root.is_dir():
         raise FileNotFoundError(f"log folder {root} does not exist")
     window = data_window(root, config)
-    results = validate_tables(root, (*contract.WORLD_TABLES, *contract.LOG_TABLES, *contract.EVALUATION_TABLES),
-                              window, {})
+    results = validate_tables(root, (*contract.WORLD_TABLES, *contract.OPTIONAL_WORLD_TABLES, *contract.LOG_TABLES,
+                                     *contract.EVALUATION_TABLES), window, {})
     if not any(n in results for n in contract.LOG_TABLES):
         raise ValueError(f"{root} holds no behaviours or impressions (expected {root}/behaviours/...)")
     return ValidationReport(str(root), window, config.max_bad_fraction, results)

@@ -30,6 +30,9 @@ def test_field_names_follow_the_eleme_dataset():
         assert set(spec.required) <= set(spec.schema.names)
         assert set(spec.ranges) <= set(spec.schema.names)
         assert all(ref in contract.TABLES for ref in spec.foreign_keys.values())
+        assert all({image, *size} <= set(spec.schema.names) for image, size in spec.images.items())
+    every = (*contract.WORLD_TABLES, *contract.OPTIONAL_WORLD_TABLES, *contract.LOG_TABLES, *contract.EVALUATION_TABLES)
+    assert sorted(every) == sorted(contract.TABLES)
 
 
 def test_to_table_orders_columns_and_refuses_missing_ones():

@@ -98,7 +98,8 @@ def test_shared_timeline_batches_give_each_example_its_own_history_and_fragments
     users = _examples(out, "train").select("impression_id", "user_id")
     of_batch = pl.DataFrame({"impression_id": shared.row_id.numpy()}).join(users, on="impression_id",
                                                                           maintain_order="left")["user_id"]
-    assert shared.histories.offsets.numel() - 1 == of_batch.n_unique() < len(shared) // 4  # one slice a user
+    # a slice per user, or per run of its chunks whose windows overlap (two far apart in time get one each)
+    assert of_batch.n_unique() <= shared.histories.offsets.numel() - 1 < len(shared) // 4
     assert shared.histories.offsets[-1] < (shared.histories.end - shared.histories.start).sum()  # events once
     # the same examples, each with its own copy: rebuild them through the per-example path
     stream = ExampleStream(out / "data", "train", LoaderConfig(**{**cfg.__dict__, "shared_timelines": False}))

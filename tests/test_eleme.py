@@ -71,6 +71,7 @@ def test_converted_logs_feed_the_features_job(converted, tmp_path):
     logs, _ = converted
     out = tmp_path / "features"
     run_features(logs, out, FeaturesConfig(partitions=2, validation_days=1, test_days=1, num_cpus=2))
+    assert not (out / "data" / "creatives.parquet").exists()  # the dataset has no images, and needs none
     timelines = pl.read_parquet(out / "data" / "timelines" / "*.parquet")
     user = timelines.filter(pl.col("user_id") == 101).row(0, named=True)
     assert len(user["ts"]) == 3 and min(user["place_geohash6"]) > 0

@@ -3,7 +3,7 @@
 import hashlib
 import json
 import shutil
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +12,10 @@ import pytest
 import ray
 from feast import FeatureStore
 
-from features import logio
+from features import contract, logio
+from features.dataset import Dataset
 from features.online import read_timelines
 from features.sequences import TIMELINE_FIELDS
-from features.simulator import load_sim_config, simulate
 from jobs.features_job import FeaturesConfig, run_features
 from tests.conftest import FEATURES_CONFIG as CONFIG
 from tests.conftest import run_fin
@@ -136,6 +136,14 @@ def test_rerun_is_byte_identical(job, logs, tmp_path):
     assert _digest(again / "data") == _digest(out / "data")
 
 
+def test_creatives_are_published_with_the_dataset(job, logs):
+    out, stats = job
+    creatives = pl.read_parquet(Dataset.at(out).creatives)
+    assert creatives.equals(pl.read_parquet(logs / "creatives.parquet"))
+    assert stats["validation"]["creatives"] == {"rows": creatives.height, "quarantined": 0, "reasons": {},
+                                                "bad_fraction": 0.0}
+
+
 def test_bad_rows_are_quarantined_and_counted(logs, tmp_path):
     bad_logs = tmp_path / "logs"
     shutil.copytree(logs, bad_logs)
@@ -143,11 +151,20 @@ def test_bad_rows_are_quarantined_and_counted(logs, tmp_path):
     bad = beh.with_columns(event_id=pl.col("event_id") + 10**15, price=pl.lit(-1.0, pl.Float32))
     (bad_logs / "behaviours" / "date=2099-01-01").mkdir()
     bad.write_parquet(bad_logs / "behaviours" / "date=2099-01-01" / "bad.parquet")
+    # a creative cut short: quarantined, the others published
+    creatives = pl.read_parquet(bad_logs / "creatives.parquet")
+    cut = creatives["item_id"][5]
+    creatives.with_columns(image_png=pl.when(pl.col("item_id") == cut).then(pl.col("image_png").bin.slice(0, 200))
+                           .otherwise(pl.col("image_png"))).write_parquet(bad_logs / "creatives.parquet")
     stats = run_features(bad_logs, tmp_path / "out", FeaturesConfig(**{**CONFIG.__dict__, "materialize": False}))
     assert stats["validation"]["behaviours"]["reasons"] == {"out_of_range:price": 3}
     assert stats["validation"]["behaviours"]["quarantined"] == 3
     q = _read(tmp_path / "out" / "data", "quarantine", "behaviours")
     assert q.height == 3 and q["event_id"].sort().to_list() == bad["event_id"].sort().to_list()
+    assert stats["validation"]["creatives"]["reasons"] == {"bad_png:image_png": 1}
+    assert _read(tmp_path / "out" / "data", "quarantine", "creatives")["item_id"].to_list() == [cut]
+    published = pl.read_parquet(Dataset.at(tmp_path / "out").creatives)
+    assert published.height == creatives.height - 1 and cut not in published["item_id"]
 
 
 def test_a_failed_run_leaves_the_previous_dataset(logs, tmp_path):
@@ -166,11 +183,25 @@ def test_a_failed_run_leaves_the_previous_dataset(logs, tmp_path):
     assert _digest(out / "data") == before
 
 
+def _first_days(logs: Path, out: Path, days: int) -> Path:
+    """A copy of a log folder with only its first `days` local dates: what its producer had written then. (A
+    shorter simulation is not that: which shops open on which day depends on the simulated span.)"""
+    shutil.copytree(logs, out)
+    manifest = json.loads((out / contract.MANIFEST_FILE).read_text())
+    end_ms = manifest["window_start_ms"] + days * 86_400_000
+    end = (datetime.fromtimestamp(end_ms / 1000, timezone.utc) + timedelta(hours=manifest["utc_offset_hours"])).date()
+    for spec in contract.TABLES.values():
+        for part in (out / spec.name).glob("date=*") if spec.partitioned else ():
+            if date.fromisoformat(part.name.removeprefix("date=")) >= end:
+                shutil.rmtree(part)
+    (out / contract.MANIFEST_FILE).write_text(json.dumps({**manifest, "window_end_ms": end_ms}))
+    return out
+
+
 def test_materialisation_is_incremental(logs, tmp_path):
     """A later run over more days updates the online timelines of users with new events."""
     out = tmp_path / "out"
-    short = tmp_path / "short"
-    simulate(load_sim_config(days=10, **{"users.users": 60}), short)  # the same city, 4 days fewer
+    short = _first_days(logs, tmp_path / "short", 10)  # the same city, 4 days fewer
     run_features(short, out, CONFIG)
     store = FeatureStore(repo_path=str(out / "feast"))
     before = read_timelines(store, list(range(1, 61)))

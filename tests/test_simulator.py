@@ -1,13 +1,18 @@
 """The simulator's claims, measured on its output."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from features import contract
+from features.creatives import CREATIVE_SIZE, decode_pngs
 from features.simulator import load_sim_config, simulate
+from features.simulator.render import creative_columns, render_creatives
+from features.simulator.world import build_world
 from features.validate import validate_logs
 from fin import signal_report
 from tests.conftest import ROOT
@@ -120,3 +125,92 @@ def test_large_config_has_lifelong_users(tmp_path):
     per_user = signal_report.behaviours_per_user(tmp_path / "logs")
     assert per_user.size >= 0.95 * 300
     assert (per_user > 1000).mean() >= 0.20
+
+
+def _world_of(logs: Path, tmp_path: Path):
+    """The world a log folder was simulated from (its manifest holds the whole config)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(json.loads((logs / contract.MANIFEST_FILE).read_text())["config"]))
+    return build_world(load_sim_config(config))
+
+
+def _days(logs: Path, table: str) -> pl.DataFrame:
+    """shop_id, item_id and the simulated day (0 = the first) of every row of a log table."""
+    start = json.loads((logs / contract.MANIFEST_FILE).read_text())["window_start_ms"]
+    return (signal_report.scan(logs, table).select("shop_id", "item_id", day=(pl.col("ts") - start) // 86_400_000)
+            .collect())
+
+
+def test_one_creative_per_item_a_png_of_the_world(small_logs, tmp_path):
+    items = pl.read_parquet(small_logs / "items.parquet")
+    creatives = pl.read_parquet(small_logs / f"{contract.CREATIVES.name}.parquet")
+    assert creatives["item_id"].to_list() == items["item_id"].to_list()
+    assert (creatives["width"] == CREATIVE_SIZE).all() and (creatives["height"] == CREATIVE_SIZE).all()
+    pixels = decode_pngs(creatives["image_png"].to_list())
+    assert pixels.shape == (items.height, CREATIVE_SIZE, CREATIVE_SIZE, 3)
+    assert len(set(creatives["image_png"].to_list())) == items.height  # no two alike
+    assert json.loads((small_logs / contract.MANIFEST_FILE).read_text())["rows"]["creatives"] == items.height
+
+
+def test_creatives_are_deterministic_for_a_seed():
+    """The same pictures for a seed, however many threads draw them; another seed, others."""
+    config = {"shops.shops": 40}
+    world = build_world(load_sim_config(**config))
+    a = creative_columns(world)
+    assert a["image_png"] == creative_columns(build_world(load_sim_config(**config)), threads=1)["image_png"]
+    assert np.array_equal(decode_pngs(a["image_png"]), render_creatives(world))
+    other = creative_columns(build_world(load_sim_config(seed=8, **config)))["image_png"]
+    assert not set(a["image_png"]) & set(other)
+
+
+def test_creatives_show_their_shops_appeal_which_clicks_follow(small_logs, tmp_path):
+    """A creative's colourfulness follows its shop's hidden appeal, noisily (not a lookup); so does the true
+    click probability of its ads."""
+    world = _world_of(small_logs, tmp_path)
+    creatives = pl.read_parquet(small_logs / "creatives.parquet").head(2000)
+    pixels = decode_pngs(creatives["image_png"].to_list()).astype(np.float32)
+    brightest, darkest = pixels.max(axis=-1), pixels.min(axis=-1)
+    saturation = ((brightest - darkest) / np.maximum(brightest, 1)).mean(axis=(1, 2))
+    r = np.corrcoef(saturation, world.shop_appeal[world.item_shop[creatives["item_id"].to_numpy() - 1]])[0, 1]
+    assert 0.35 < r < 0.9, r
+    imp = signal_report.scan(small_logs, "impressions").select("shop_id", "oracle_click_prob").collect()
+    appeal = world.shop_appeal[imp["shop_id"].to_numpy() - 1]
+    p = imp["oracle_click_prob"].to_numpy()
+    assert p[appeal > 0].mean() > 2 * p[appeal < 0].mean()
+
+
+def test_no_shop_is_seen_before_it_opens(small_logs, tmp_path):
+    world = _world_of(small_logs, tmp_path)
+    late = 0
+    for table in (*contract.LOG_TABLES, *contract.EVALUATION_TABLES):
+        rows = _days(small_logs, table)
+        opens = world.shop_open_day[rows["shop_id"].to_numpy() - 1]
+        assert (rows["day"].to_numpy() >= opens).all(), table
+        late += int((opens > 0).sum())
+    assert late > 0  # shops that opened during the week were seen
+
+
+def test_places_whose_shops_have_not_opened_have_no_sessions(tmp_path):
+    """Every shop opens on the last of three days: nothing happens before it, and nothing fails."""
+    config = load_sim_config(days=3, **{"users.users": 20, "shops.new_share": 1.0, "shops.new_recent_share": 1.0,
+                                        "shops.new_recent_days": 1})
+    manifest = simulate(config, tmp_path / "logs")
+    assert manifest["rows"]["impressions"] > 0
+    for table in (*contract.LOG_TABLES, *contract.EVALUATION_TABLES):
+        assert set(_days(tmp_path / "logs", table)["day"]) == {2}, table
+
+
+def test_the_test_week_shows_new_ads(tmp_path):
+    """With the default shop openings (on fewer users and days than the default city), at least 10% of the
+    ads shown in the last 7 days were never shown before, and shops opened during the earlier days too."""
+    config = load_sim_config(days=28, **{"users.users": 400})
+    simulate(config, tmp_path / "logs")
+    shown = _days(tmp_path / "logs", "impressions")
+    test = shown["day"] >= config.days - 7
+    before = set(shown.filter(~test)["item_id"])
+    week = set(shown.filter(test)["item_id"])
+    assert len(week - before) >= 0.10 * len(week), (len(week - before), len(week))
+    world = build_world(config)
+    opened_earlier = (world.shop_open_day > 0) & (world.shop_open_day < config.days - 7)
+    shops_before = shown.filter(~test)["shop_id"].unique().to_numpy() - 1
+    assert opened_earlier[shops_before].sum() >= 20

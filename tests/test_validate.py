@@ -1,14 +1,18 @@
 """The validator against every kind of bad row: each is quarantined with its reason, nothing is lost."""
 
+import io
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
+from PIL import Image
 
 from features import contract
-from features.validate import ValidationConfig, validate_logs
+from features.creatives import CREATIVE_SIZE, decode_pngs, encode_png
+from features.validate import ValidationConfig, validate_logs, write_report
 from tests.conftest import run_fin
 
 
@@ -139,3 +143,41 @@ def test_cli_writes_quarantine_and_summary_and_fails_over_threshold(logs, tmp_pa
     ok = run_fin("validate", "--logs", str(logs), "--out", str(out), "--max-bad-fraction", "0.5")
     assert ok.returncode == 0, ok.stderr
     assert "out_of_range:price=5" in ok.stdout
+
+
+def test_bad_creatives_are_quarantined_with_their_reason(logs, tmp_path):
+    """A truncated PNG, a PNG of another size than declared, a greyscale PNG and an unknown item: each
+    quarantined with its reason; every other creative passes."""
+    path = logs / f"{contract.CREATIVES.name}.parquet"
+    good = pl.read_parquet(path)
+    blobs = good["image_png"].to_list()
+    grey = io.BytesIO()
+    Image.fromarray(np.zeros((CREATIVE_SIZE, CREATIVE_SIZE), np.uint8)).save(grey, "PNG")
+    expected = {
+        good["item_id"][0]: ("truncated", blobs[0][: len(blobs[0]) // 2], "bad_png:image_png"),
+        good["item_id"][1]: ("32x32", encode_png(np.zeros((1, 32, 32, 3), np.uint8))[0], "png_size:image_png"),
+        good["item_id"][2]: ("greyscale", grey.getvalue(), "bad_png:image_png"),
+    }
+    rows = good.with_columns(image_png=pl.Series([expected[i][1] if i in expected else b for i, b in
+                                                   zip(good["item_id"], blobs)], dtype=pl.Binary))
+    rows = pl.concat([rows, good.head(1).with_columns(item_id=pl.lit(10**9, pl.Int64))])
+    rows.write_parquet(path)
+
+    report = validate_logs(logs, ValidationConfig(max_bad_fraction=1.0))
+    t = report.tables[contract.CREATIVES.name]
+    reasons = dict(zip(t.quarantine["item_id"], t.quarantine["reason"]))
+    assert reasons == {**{i: reason for i, (_, _, reason) in expected.items()}, 10**9: "unknown_fk:item_id"}
+    assert t.clean.height == good.height - 3
+    assert decode_pngs(t.clean["image_png"].to_list()).shape == (t.clean.height, CREATIVE_SIZE, CREATIVE_SIZE, 3)
+    # the report counts them, and the quarantine keeps the rows as they were
+    summary = json.loads(write_report(report, tmp_path / "report").read_text())
+    assert summary["tables"]["creatives"]["reasons"] == {"bad_png:image_png": 2, "png_size:image_png": 1,
+                                                         "unknown_fk:item_id": 1}
+    q = pl.read_parquet(tmp_path / "report" / "quarantine" / "creatives.parquet")
+    assert q.drop("reason").filter(pl.col("item_id") != 10**9).equals(rows.filter(pl.col("item_id").is_in(list(expected))))
+
+
+def test_logs_without_creatives_are_valid(logs):
+    (logs / f"{contract.CREATIVES.name}.parquet").unlink()
+    report = validate_logs(logs)
+    assert report.passed and contract.CREATIVES.name not in report.tables

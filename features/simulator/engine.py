@@ -7,6 +7,11 @@ what they did with each nearby shop and category there. Both the organic shop ch
 click probability read that state, so re-ordering habits at a place and meal time reach back months,
 while the last few days (the `recent` state) matter only a little: this is the lifelong
 spatial-temporal signal FIN is built for.
+
+Shops open on their day (`World.shop_open_day`: most from the start, some later, a share of them in the
+last week): until then a shop is in no candidate set and no organic choice, so its ads arrive with no
+history. Every shop has a hidden appeal, shown only by its creatives (`features.simulator.render`), which
+raises both the true click probability of its ads and, less, the organic choice of it.
 """
 
 from __future__ import annotations
@@ -137,6 +142,15 @@ class ChunkSimulator:
         place = np.where((place == 1) & ~w.user_has_work[gu], 0, place)
         wander = rng.uniform(size=n) < b.random_place_prob
         aoi = np.where(wander, rng.integers(0, w.aoi_lat.size, n), w.user_places[gu, place])
+        # the nearby shops that have opened by today; a session with none (a place where every nearby shop
+        # opens later) has nothing to show or order and does not happen
+        opened = w.shop_open_day[w.aoi_local_shops[aoi]] <= day
+        some = opened.any(axis=1)
+        if not some.all():
+            su, gu, place, wander, aoi, opened = su[some], gu[some], place[some], wander[some], aoi[some], opened[some]
+            n = su.size
+            if n == 0:
+                return
         base_lat = np.where(wander, w.aoi_lat[aoi], w.user_place_lat[gu, place])
         base_lon = np.where(wander, w.aoi_lon[aoi], w.user_place_lon[gu, place])
         jitter = np.where(wander, w.aoi_radius_m[aoi], cfg.users.place_jitter_m)
@@ -152,8 +166,9 @@ class ChunkSimulator:
 
         # the nearby shops and every term of the utilities, (sessions, local shops)
         local = w.aoi_local_shops[aoi]
-        is_open = w.shop_open[local, slot]
-        is_open[~is_open.any(axis=1)] = True
+        is_open = w.shop_open[local, slot] & opened
+        closed = ~is_open.any(axis=1)
+        is_open[closed] = opened[closed]  # nothing open in this meal slot: every opened shop takes orders
         cat = w.shop_category[local]
         n_cat = w.slot_profile.shape[1]
         taste = np.log(w.user_taste[gu[:, None], slot, cat] * n_cat)
@@ -165,6 +180,7 @@ class ChunkSimulator:
         habit_cat = np.log1p(np.take_along_axis(self.habit_cat[su, pk, slot], cat, axis=1)) * known_place[:, None]
         recent = np.log1p(np.take_along_axis(self.recent[su], cat, axis=1))
         quality = w.shop_quality[local]
+        appeal = w.shop_appeal[local]
         loyalty = w.user_loyalty[gu, None]
 
         events = _Events()
@@ -174,7 +190,7 @@ class ChunkSimulator:
         if req.size:
             click_logit = (cm.bias + cm.taste * taste + cm.price * price_fit - cm.distance_per_km * dist_km
                            + cm.habit_shop * loyalty * habit_shop + cm.habit_category * habit_cat
-                           + cm.recent * recent + cm.quality * quality)
+                           + cm.recent * recent + cm.quality * quality + cm.appeal * appeal)
             clicked = self._auction(req, su, gu, slot, ts, gh12, aoi, local, is_open, dist_km, click_logit)
             if clicked[0].size:
                 cs, cl, cp = clicked
@@ -186,7 +202,8 @@ class ChunkSimulator:
 
         # ---- the organic part: pick a shop, browse it, maybe look at another, maybe order
         utility = (b.choice_taste * taste + b.choice_price * price_fit - b.choice_distance_per_km * dist_km
-                   + b.choice_habit * loyalty * habit_shop + b.choice_recent * recent + b.choice_quality * quality)
+                   + b.choice_habit * loyalty * habit_shop + b.choice_recent * recent + b.choice_quality * quality
+                   + b.choice_appeal * appeal)
         utility = np.where(is_open, utility, -np.inf)
         chosen = np.where(chosen >= 0, chosen, _gumbel_argmax(rng, utility))
         rows = np.arange(n)

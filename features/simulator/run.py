@@ -2,6 +2,7 @@
 
 Output layout (the contract's log folder):
     OUT/aois.parquet, shops.parquet, items.parquet, users.parquet
+    OUT/creatives.parquet                                   (one PNG per item)
     OUT/behaviours/date=YYYY-MM-DD/part-CCCCC.parquet
     OUT/impressions/date=YYYY-MM-DD/part-CCCCC.parquet
     OUT/ad_candidates/date=YYYY-MM-DD/part-CCCCC.parquet   (every candidate of every ad request)
@@ -15,16 +16,18 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features import contract, logio
 from features.simulator.config import SimConfig
 from features.simulator.engine import ChunkSimulator, ChunkStats, day_start_ms
-from features.simulator.world import build_world
+from features.simulator.render import creative_columns
+from features.simulator.world import World, build_world
 
 ProgressFn = Callable[[int], None]
 
@@ -32,6 +35,10 @@ ProgressFn = Callable[[int], None]
 def _run_chunk(config: SimConfig, chunk: int, lo: int, hi: int, out: str, progress: ProgressFn | None = None) -> ChunkStats:
     world = build_world(config)  # deterministic; rebuilt per process rather than shipped
     return ChunkSimulator(world, chunk, lo, hi, Path(out)).run(progress)
+
+
+def _creatives(world: World) -> pa.Table:
+    return contract.to_table(contract.CREATIVES, creative_columns(world))
 
 
 def chunk_bounds(config: SimConfig) -> list[tuple[int, int]]:
@@ -49,22 +56,29 @@ def simulate(config: SimConfig, out: str | Path, *, overwrite: bool = False,
     tmp = logio.staging_folder(out, overwrite)
 
     world = build_world(config)
-    for name, table in world.tables().items():
+    tables = world.tables()
+    for name, table in tables.items():
         pq.write_table(table, tmp / f"{name}.parquet")
 
     bounds = chunk_bounds(config)
     stats: list[ChunkStats] = []
-    if config.workers <= 1 or len(bounds) == 1:
-        for i, (lo, hi) in enumerate(bounds):
-            stats.append(_run_chunk(config, i, lo, hi, str(tmp), progress))
-    else:
-        ctx = mp.get_context("spawn")  # a clean interpreter per worker; no inherited threads
-        with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_run_chunk, config, i, lo, hi, str(tmp)) for i, (lo, hi) in enumerate(bounds)]
-            for f in futures:
-                stats.append(f.result())
-                if progress is not None:
-                    progress(config.days)
+    # the creatives are drawn while the users are simulated: both spend their time in numpy and zlib,
+    # which release the GIL, so on two cores this hides most of the seconds the pictures take
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="creatives") as painter:
+        creatives = painter.submit(_creatives, world)
+        if config.workers <= 1 or len(bounds) == 1:
+            for i, (lo, hi) in enumerate(bounds):
+                stats.append(_run_chunk(config, i, lo, hi, str(tmp), progress))
+        else:
+            ctx = mp.get_context("spawn")  # a clean interpreter per worker; no inherited threads
+            with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as pool:
+                futures = [pool.submit(_run_chunk, config, i, lo, hi, str(tmp)) for i, (lo, hi) in enumerate(bounds)]
+                for f in futures:
+                    stats.append(f.result())
+                    if progress is not None:
+                        progress(config.days)
+        tables[contract.CREATIVES.name] = creatives.result()
+    pq.write_table(tables[contract.CREATIVES.name], tmp / f"{contract.CREATIVES.name}.parquet")
 
     offset = config.city.utc_offset_hours
     manifest = {
@@ -74,7 +88,7 @@ def simulate(config: SimConfig, out: str | Path, *, overwrite: bool = False,
         # night-time sessions of the last day run into the next morning
         "window_end_ms": day_start_ms(config.start_date, config.days + 1, offset),
         "utc_offset_hours": offset,
-        "rows": {name: t.num_rows for name, t in world.tables().items()} | {
+        "rows": {name: t.num_rows for name, t in tables.items()} | {
             "behaviours": sum(s.behaviours for s in stats),
             "impressions": sum(s.impressions for s in stats),
             "ad_candidates": sum(s.ad_candidates for s in stats),

@@ -1,7 +1,8 @@
 """The simulated city: AOIs, shops, items (ads) and users, as numpy arrays plus contract tables.
 
-Everything here is static for a run. What changes over time (habits, recent interests) lives in the
-behaviour engine.
+Everything here is static for a run, shops that open late included (their rows exist from the start; the
+engine keeps them out of the logs until their opening day). What changes over time (habits, recent
+interests) lives in the behaviour engine. The items' creatives are drawn by `render` from these arrays.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pyarrow as pa
 
 from features import contract, geohash
 from features.contract import AoiType, MealSlot
-from features.simulator.config import SimConfig
+from features.simulator.config import ShopConfig, SimConfig
 
 M_PER_DEG_LAT = 111_320.0
 
@@ -48,6 +49,19 @@ def category_prices(categories: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([base, extra])
 
 
+def open_days(sc: ShopConfig, days: int, rng: np.random.Generator) -> np.ndarray:
+    """The day each shop opens: 0 for most; `new_share` open later, `new_recent_share` of those within the
+    last `new_recent_days` days and the rest on a uniform day 1..days-1 (none when the run is one day)."""
+    n = sc.shops
+    late = rng.uniform(size=n) < sc.new_share
+    recent = rng.uniform(size=n) < sc.new_recent_share
+    if days < 2:
+        return np.zeros(n, dtype=np.int64)
+    first_recent = max(1, days - sc.new_recent_days)
+    day = np.where(recent, rng.integers(first_recent, days, n), rng.integers(1, days, n))
+    return np.where(late, day, 0).astype(np.int64)
+
+
 def offset_points(lat: np.ndarray, lon: np.ndarray, dx_m: np.ndarray, dy_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Move points by metres east (dx) and north (dy)."""
     new_lat = lat + dy_m / M_PER_DEG_LAT
@@ -59,6 +73,7 @@ def offset_points(lat: np.ndarray, lon: np.ndarray, dx_m: np.ndarray, dy_m: np.n
 class World:
     config: SimConfig
     slot_profile: np.ndarray  # (slots, categories)
+    category_price: np.ndarray  # (categories,) the typical price of a category
     # AOIs
     aoi_lat: np.ndarray
     aoi_lon: np.ndarray
@@ -74,6 +89,8 @@ class World:
     shop_brand: np.ndarray
     shop_price: np.ndarray
     shop_quality: np.ndarray  # latent, never written
+    shop_appeal: np.ndarray  # latent, standard normal, never written: only the shop's creatives show it
+    shop_open_day: np.ndarray  # the simulated day the shop opens (0: open from the start); never written
     shop_open: np.ndarray  # (shops, slots) bool
     shop_item_start: np.ndarray
     shop_item_count: np.ndarray
@@ -180,7 +197,8 @@ def build_world(config: SimConfig) -> World:
         members = np.flatnonzero(shop_category == cat)
         brands = np.flatnonzero(brand_category == cat)
         shop_brand[members] = rng.choice(brands, size=members.size, p=brand_pop[brands] / brand_pop[brands].sum())
-    shop_price = (category_prices(sc.categories, rng)[shop_category] * rng.lognormal(0, 0.35, n_shop)).astype(np.float32)
+    category_price = category_prices(sc.categories, rng)
+    shop_price = (category_price[shop_category] * rng.lognormal(0, 0.35, n_shop)).astype(np.float32)
     shop_quality = rng.normal(0, 0.5, n_shop)
     affinity = profile[:, shop_category].T / profile.max(axis=0)[shop_category][:, None]  # (shops, slots) in [0,1]
     shop_open = rng.uniform(size=(n_shop, n_slots)) < 0.15 + 0.85 * affinity
@@ -220,12 +238,16 @@ def build_world(config: SimConfig) -> World:
     events_per_day = uc.events_per_year_median / 365.0 * rng.lognormal(0, uc.activity_sigma, n_user)
     b = config.behaviour
     events_per_session = 1 + b.clicks_per_session + b.explore_prob + b.order_prob
+    # a stream of its own: the attributes above stay what they were before shops had these
+    late = np.random.default_rng([config.seed, 2])
+    shop_appeal = late.normal(size=n_shop)
     return World(
-        config=config, slot_profile=profile,
+        config=config, slot_profile=profile, category_price=category_price,
         aoi_lat=aoi_lat, aoi_lon=aoi_lon, aoi_type=aoi_type, aoi_district=aoi_district,
         aoi_radius_m=aoi_radius, aoi_local_shops=local,
         shop_lat=shop_lat, shop_lon=shop_lon, shop_aoi=shop_aoi, shop_category=shop_category,
-        shop_brand=shop_brand, shop_price=shop_price, shop_quality=shop_quality, shop_open=shop_open,
+        shop_brand=shop_brand, shop_price=shop_price, shop_quality=shop_quality, shop_appeal=shop_appeal,
+        shop_open_day=open_days(sc, config.days, late), shop_open=shop_open,
         shop_item_start=item_start, shop_item_count=item_count,
         shop_geohash_6=pa.array(geohash.encode(shop_lat, shop_lon, 6)),
         item_shop=item_shop, item_price=item_price, item_bid=item_bid,
