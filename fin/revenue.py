@@ -24,6 +24,7 @@ clicks / ads shown.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,7 +106,8 @@ def evaluate_policies(logged: LoggedCandidates, policies: dict[str, tuple[np.nda
             for i, metric in enumerate(("rpm", "ctr")):
                 with np.errstate(divide="ignore", invalid="ignore"):
                     ratios = samples[name][i] / base[i] - 1
-                point = results[name]["snips"][metric] / results[baseline]["snips"][metric] - 1
+                reference = results[baseline]["snips"][metric]
+                point = results[name]["snips"][metric] / reference - 1 if reference else math.nan  # a lift over nothing
                 lift[metric] = point
                 lift[f"{metric}_interval"] = _interval(ratios, config)
             results[name].setdefault("lift_over", {})[baseline] = lift
