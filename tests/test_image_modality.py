@@ -63,7 +63,8 @@ def test_confidence_fusion_weights_follow_the_predicted_confidence():
     w = confidence.weights(confidence(ids, table, rows), known)
     torch.testing.assert_close(w.sum(1), torch.ones(8))
     assert torch.all(w[4:, 0] == 1)  # no creative: the ids alone
-    h_id, _ = fusion.projections(ids, table, rows)
+    h_id, h_image = fusion.projections(ids, table, rows)
+    torch.testing.assert_close(fusion(ids, table, rows), h_id + w[:, 1:] * h_image)
     torch.testing.assert_close(fusion(ids, table, rows)[4:], h_id[4:])
     # the click loss moves no confidence network (the weights are detached), only the temperature
     fusion(ids, table, rows).sum().backward()

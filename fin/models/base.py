@@ -43,6 +43,7 @@ class ModelConfig:
     embeddings: EmbeddingSizes = field(default_factory=EmbeddingSizes)
     image_dim: int = 0  # width of the creative embeddings read (0: no image modality; `fin train` sets it)
     id_dropout: float = 0.1  # share of training candidates shown without item/shop ids and statistics
+    fusion: str = ""  # how the image modality joins the ids: "concat" or "confidence" ("": the model's own)
 
 
 @dataclass
@@ -77,7 +78,7 @@ class CTRModel(nn.Module):
         self.unimodal = None
         if not config.image_dim:  # history events and the candidate live in one space
             self.event, self.target = nn.Linear(ids, d), nn.Linear(ids, d)
-        elif self.fusion == "confidence":
+        elif (config.fusion or self.fusion) == "confidence":
             confidence = ModalityConfidence(ids, config.image_dim)
             self.event = ConfidenceFusion(ids, config.image_dim, d, confidence)
             self.target = ConfidenceFusion(ids, config.image_dim, d, confidence)
