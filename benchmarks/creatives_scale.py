@@ -24,26 +24,16 @@ from pathlib import Path
 
 import numpy as np
 from _measure import report, speed_reference
-from infer_scale import infer_phase
+from infer_scale import batching_phases, infer_requests
 from serve_scale import Server, percentiles, request_pool, score_request, timed_calls
 
 CANDIDATES = 200
 
 
-def creative_requests(encoder: Path, count: int, seed: int = 0) -> list:
-    from serving.pb import inference_v2_pb2 as pb
+def creative_requests(encoder: Path, count: int) -> list:
     from serving.vision import load_vision
 
-    size = load_vision(encoder).inputs[0].shape[-1]
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        image = rng.random((1, 3, size, size), dtype=np.float32)
-        request = pb.ModelInferRequest(model_name="creative_encoder")
-        request.inputs.add(name="image", datatype="FP32", shape=image.shape)
-        request.raw_input_contents.append(image.tobytes())
-        out.append(request)
-    return out
+    return infer_requests(count, model="creative_encoder", size=load_vision(encoder).inputs[0].shape[-1])
 
 
 def score_requests(features: Path, count: int, unknown_share: float, seed: int = 0) -> list:
@@ -97,15 +87,7 @@ def main() -> None:
     try:  # ModelInfer alone: a repository with the encoder only
         shutil.copytree(encoder, scratch / "creative_encoder" / encoder.name)
         requests = creative_requests(encoder, int(args.seconds * 4000))
-        for batch in (64, 1):
-            server = Server(args.data, scratch, ["--infer-batch", str(batch)])
-            try:
-                for concurrency in (1, 8):
-                    out["infer"][f"infer_batch{batch}_c{concurrency}"] = asyncio.run(
-                        infer_phase(server.addr, requests, concurrency, args.seconds))
-                    print(out["infer"], file=sys.stderr, flush=True)
-            finally:
-                server.stop()
+        out["infer"] = batching_phases(args.data, scratch, requests, args.seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -25,14 +25,15 @@ from serve_scale import Server, add_data_arguments, built, percentiles, timed_ca
 SIZE = 64
 
 
-def infer_requests(count: int, seed: int = 0) -> list:
+def infer_requests(count: int, seed: int = 0, model: str = "creative_cnn", size: int = SIZE) -> list:
+    """ModelInfer calls of one random 3 x size x size FP32 image each."""
     from serving.pb import inference_v2_pb2 as pb
 
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        image = rng.random((1, 3, SIZE, SIZE), dtype=np.float32)
-        request = pb.ModelInferRequest(model_name="creative_cnn")
+        image = rng.random((1, 3, size, size), dtype=np.float32)
+        request = pb.ModelInferRequest(model_name=model)
         request.inputs.add(name="image", datatype="FP32", shape=image.shape)
         request.raw_input_contents.append(image.tobytes())
         out.append(request)
@@ -54,6 +55,22 @@ async def infer_phase(addr: str, requests: list, concurrency: int, seconds: floa
             **percentiles(latencies)}
 
 
+def batching_phases(features: Path, models: Path, requests: list, seconds: float) -> dict:
+    """`infer_phase` at 1 and 8 calls in flight, against one `fin serve` with `--infer-batch 64` and one
+    with `--infer-batch 1`."""
+    phases = {}
+    for batch in (64, 1):
+        server = Server(features, models, ["--infer-batch", str(batch)])
+        try:
+            for concurrency in (1, 8):
+                phases[f"infer_batch{batch}_c{concurrency}"] = asyncio.run(
+                    infer_phase(server.addr, requests, concurrency, seconds))
+                print(phases, file=sys.stderr, flush=True)
+        finally:
+            server.stop()
+    return phases
+
+
 def main() -> None:
     from serving.vision import SmallCNNConfig, write_example
 
@@ -68,15 +85,7 @@ def main() -> None:
     out = {"model": f"serving.vision small_cnn, 3 x {SIZE} x {SIZE}, width 32", "images_per_call": 1,
            "speed_reference_ms_before": speed_reference(), "phases": {}}
     try:
-        for batch in (64, 1):
-            server = Server(features, scratch / "models", ["--infer-batch", str(batch)])
-            try:
-                for concurrency in (1, 8):
-                    out["phases"][f"infer_batch{batch}_c{concurrency}"] = asyncio.run(
-                        infer_phase(server.addr, requests, concurrency, args.seconds))
-                    print(out["phases"], file=sys.stderr, flush=True)
-            finally:
-                server.stop()
+        out["phases"] = batching_phases(features, scratch / "models", requests, args.seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     phases = out["phases"]
