@@ -171,7 +171,7 @@ def test_served_pctr_equals_the_offline_evaluator(trained_models, features_logs,
         pl.col("ts").list.len() <= FEATURES_CONFIG.max_seq_len)["user_id"]
     replayed = logged_requests(out, "test", limit=8,
                                where=(pl.col("day") == day) & pl.col("user_id").is_in(whole.implode()))
-    assert len(replayed) >= 3
+    assert len(replayed) >= 2
 
     shutil.copytree(out / "feast", tmp_path / "feast")
     offset = json.loads((features_logs / "manifest.json").read_text())["utc_offset_hours"]

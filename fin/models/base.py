@@ -97,7 +97,7 @@ class CTRModel(nn.Module):
         sparse = self.sparse(batch) if sparse is None else sparse
         target, stats = sparse.target, torch.cat([batch.stats, batch.numbers], dim=1)
         if self.training and self.config.id_dropout > 0:
-            target, stats = self._hide_ids(target, stats)
+            target, stats = self._hide_ids(target, stats, batch.row_id)
         x = Encoded(target=None, events=None, single=sparse.single, stats=torch.log1p(stats.clamp(min=0)))
         if not self.config.image_dim:
             x.target, x.events = self.target(target.flatten(1)), self.event(sparse.history.flatten(1))
@@ -110,10 +110,14 @@ class CTRModel(nn.Module):
         x.events = self.event(sparse.history.flatten(1), images.table, images.history)
         return x
 
-    def _hide_ids(self, target: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random `id_dropout` of the candidates as a new ad looks: item and shop rows zero (an untrained
-        row is about zero) and no statistics."""
-        hidden = torch.rand(target.shape[0], device=target.device) < self.config.id_dropout
+    def _hide_ids(self, target: torch.Tensor, stats: torch.Tensor,
+                  row_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An `id_dropout` share of the candidates as a new ad looks: item and shop rows zero (an untrained
+        row is about zero) and no statistics. Which ones follows from each example's id (a multiplicative
+        hash), not from a random stream: N workers and a resumed run hide the same examples one worker does."""
+        buckets = 1 << 16
+        hashed = torch.remainder(row_id * 0x9E3779B1, buckets)  # int64 products wrap; the remainder is >= 0
+        hidden = hashed < int(self.config.id_dropout * buckets)
         tables = torch.zeros(len(SHARED), dtype=torch.bool, device=target.device)
         tables[[list(SHARED).index("item"), list(SHARED).index("shop")]] = True
         target = target.masked_fill(hidden[:, None, None] & tables[None, :, None], 0.0)
