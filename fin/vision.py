@@ -98,7 +98,7 @@ class EncoderTrainConfig:
 
 def training_items(data: Dataset, prior_impressions: float) -> pl.DataFrame:
     """The train split's items with a creative: item_id, category, impressions, the click-rate target
-    (smoothed log-odds) and its weight, and the decoded creative (`image_png`)."""
+    (smoothed log-odds) and its weight, and the creative's PNG bytes (`image_png`)."""
     if not data.creatives.exists():
         raise FileNotFoundError(f"no creatives at {data.creatives}: the logs have no creatives table")
     shown = data.scan(EXAMPLES, "train").group_by("item_id").agg(

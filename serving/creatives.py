@@ -34,10 +34,11 @@ class CreativeEmbeddings:
     def __init__(self, store, config: CreativeConfig = CreativeConfig()):
         self.store, self.config = store, config
         self._cache: RowCache | None = None  # made at the first read, once the width is known
+        self._width = 0
 
     def cached(self, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._cache is None or self._cache._rows.shape[1] != width:
-            self._cache = RowCache(self.config.cache_size, width, self.config.staleness_s)
+        if self._cache is None or self._width != width:  # another encoder's width: a new cache
+            self._cache, self._width = RowCache(self.config.cache_size, width, self.config.staleness_s), width
         return self._cache.get(items)
 
     def read(self, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

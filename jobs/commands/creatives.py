@@ -4,6 +4,7 @@ and every creative embedded into the Feast item view that FIN reads."""
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from fin.versions import META
     from fin.vision import EncoderTrainConfig, train_encoder
 
     d = EncoderTrainConfig()
@@ -38,9 +40,7 @@ def run_train(args: argparse.Namespace) -> int:
                                    progress=bar.update)
         except FileNotFoundError as e:
             raise CommandError(str(e)) from None
-    import json
-
-    meta = json.loads((folder / "artifact.json").read_text())
+    meta = json.loads((folder / META).read_text())
     emit(args, {"command": "train-encoder", "artifact": folder, "name": meta["name"], "version": meta["version"],
                 "training": meta["training"]}, str(folder))
     return 0
