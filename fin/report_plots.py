@@ -58,8 +58,11 @@ def revenue_plot(revenue: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, scale, label in ((axes[0], "rpm", 1.0, "RPM"), (axes[1], "ctr", 100.0, "CTR (%)")):
         values = [revenue["policies"][n]["snips"][metric] * scale for n in names]
-        lows = [v - revenue["policies"][n]["snips"][f"{metric}_interval"][0] * scale for n, v in zip(names, values)]
-        highs = [revenue["policies"][n]["snips"][f"{metric}_interval"][1] * scale - v for n, v in zip(names, values)]
+        # a bootstrap percentile interval need not contain the point estimate (few clicks): no negative bars
+        lows = [max(v - revenue["policies"][n]["snips"][f"{metric}_interval"][0] * scale, 0.0)
+                for n, v in zip(names, values)]
+        highs = [max(revenue["policies"][n]["snips"][f"{metric}_interval"][1] * scale - v, 0.0)
+                 for n, v in zip(names, values)]
         ax.bar(names, values, yerr=[lows, highs], capsize=4, color="tab:blue", label="SNIPS estimate")
         exact = [(i, revenue["policies"][n]["exact"][metric] * scale) for i, n in enumerate(names)
                  if "exact" in revenue["policies"][n]]
