@@ -71,16 +71,17 @@ def _open(blob: bytes | None) -> tuple[np.ndarray | None, str]:
         return None, f"not a decodable PNG ({e})"
 
 
-def decode_pngs(blobs: Sequence[bytes], size: int = CREATIVE_SIZE) -> np.ndarray:
+def decode_pngs(blobs: Sequence[bytes], size: int = CREATIVE_SIZE, names: Sequence[str] | None = None) -> np.ndarray:
     """PNG bytes -> uint8 [n, size, size, 3]. A ValueError names the first blob that is not a decodable
-    RGB PNG of size x size."""
+    RGB PNG of size x size: by `names[i]` when given (the caller's name for it), else "creative i"."""
     out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     for i, blob in enumerate(blobs):  # one codec call per image
         pixels, problem = _open(blob)
+        name = names[i] if names is not None else f"creative {i}"
         if pixels is None:
-            raise ValueError(f"creative {i}: {problem}")
+            raise ValueError(f"{name}: {problem}")
         if pixels.shape[:2] != (size, size):
-            raise ValueError(f"creative {i}: decodes to {pixels.shape[1]}x{pixels.shape[0]}, expected {size}x{size}")
+            raise ValueError(f"{name}: decodes to {pixels.shape[1]}x{pixels.shape[0]}, expected {size}x{size}")
         out[i] = pixels
     return out
 

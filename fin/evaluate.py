@@ -113,8 +113,9 @@ def evaluate(data: str | Path, artifacts: list[Artifact], split: str = "test",
     if oracle in frame.columns and frame[oracle].null_count() == 0:
         report[ORACLE] = scored(frame[oracle].to_numpy().astype(np.float64))
     report["gap_closed"] = _gap_closed(report)
-    report["revenue"] = revenue(data, artifacts, split, auction_config, replay, progress)
-    report["cold_start"] = cold_start(data, split, frame, predictions, artifacts, auction_config, replay, progress)
+    logged = scored_candidates(data, artifacts, split, progress)  # once: the replay and the cold/warm split
+    report["revenue"] = None if logged is None else revenue_of(*logged, auction_config, replay)
+    report["cold_start"] = cold_start(data, split, frame, predictions, logged, auction_config, replay)
     return report
 
 
@@ -132,8 +133,8 @@ def new_items(data: str | Path, split: str) -> np.ndarray:
 
 
 def cold_start(data: str | Path, split: str, frame: pl.DataFrame, predictions: dict[str, np.ndarray],
-               artifacts: list[Artifact], auction_config: AuctionConfig | None, replay: ReplayConfig,
-               progress: Callable[[int], None] | None) -> dict | None:
+               logged: tuple[pl.DataFrame, dict[str, np.ndarray]] | None, auction_config: AuctionConfig | None,
+               replay: ReplayConfig) -> dict | None:
     """AUC, GAUC and RPM of each model on the impressions of cold-start ads (first shown in `split`) and of
     warm ones, apart. RPM: the revenue replay of an auction among each request's cold (warm) candidates only,
     so each figure says how well a model ranks that kind of ad. None when the split has no cold-start ad."""
@@ -152,12 +153,9 @@ def cold_start(data: str | Path, split: str, frame: pl.DataFrame, predictions: d
         for key, s in scores.items():
             out["models"].setdefault(key, {})[kind] = {"auc": auc(labels[rows], s[rows]),
                                                        "gauc": gauc(labels[rows], s[rows], users[rows])}
-    parts = Dataset.at(data).parts(CANDIDATES, split)
-    if parts:
-        candidates = pl.read_parquet(parts)
+    if logged is not None:  # the split's logged candidates and each model's pCTR of them
+        candidates, by_model = logged
         is_cold = np.isin(candidates["item_id"].to_numpy(), cold_items)
-        by_model = {f"{a.name}/{a.version}": _scores(a, data, split, candidates, CANDIDATES, progress)[SCORE].to_numpy()
-                    for a in artifacts}
         for kind, rows in ((COLD, is_cold), (WARM, ~is_cold)):
             if not rows.any():
                 continue
@@ -179,13 +177,20 @@ def revenue(data: str | Path, artifacts: list[Artifact], split: str = "test",
             progress: Callable[[int], None] | None = None) -> dict | None:
     """RPM and CTR replay (`revenue_of`) of every model's pCTR on the split's logged candidates; None
     without logged candidates."""
+    logged = scored_candidates(data, artifacts, split, progress)
+    return None if logged is None else revenue_of(*logged, auction_config, replay)
+
+
+def scored_candidates(data: str | Path, artifacts: list[Artifact], split: str = "test",
+                      progress: Callable[[int], None] | None = None) -> tuple[pl.DataFrame, dict[str, np.ndarray]] | None:
+    """The split's logged candidates and each model's pCTR of them (model -> pCTR per row); None without
+    logged candidates."""
     parts = Dataset.at(data).parts(CANDIDATES, split)
     if not parts:
         return None
     frame = pl.read_parquet(parts)
-    scores = {f"{a.name}/{a.version}": _scores(a, data, split, frame, CANDIDATES, progress)[SCORE].to_numpy()
-              for a in artifacts}
-    return revenue_of(frame, scores, auction_config, replay)
+    return frame, {f"{a.name}/{a.version}": _scores(a, data, split, frame, CANDIDATES, progress)[SCORE].to_numpy()
+                   for a in artifacts}
 
 
 def revenue_of(frame: pl.DataFrame, scores: dict[str, np.ndarray], auction_config: AuctionConfig | None = None,

@@ -59,11 +59,11 @@ class CreativeEmbeddings:
             found[np.flatnonzero(~found)[got]] = True
         return rows, found
 
-    def embed(self, encoder, pngs: list[bytes]) -> np.ndarray:
+    def embed(self, encoder, pngs: list[bytes], names: list[str]) -> np.ndarray:
         """Embeddings [n, E] of PNG creatives by the creative encoder (a `serving.vision.VisionModel`);
-        raises ValueError naming a creative that is not a PNG of the encoder's size."""
-        size = encoder.inputs[0].shape[-1]
-        return encoder.infer({encoder.inputs[0].name: images_tensor(decode_pngs(pngs, size))})[EMBEDDING].numpy()
+        raises ValueError naming (by `names`) a creative that is not a PNG of the encoder's size."""
+        pixels = decode_pngs(pngs, encoder.inputs[0].shape[-1], names)
+        return encoder.infer({encoder.inputs[0].name: images_tensor(pixels)})[EMBEDDING].numpy()
 
     def for_request(self, candidate_items: np.ndarray, pngs: list[bytes], history_items: np.ndarray, width: int,
                     encoder) -> RequestCreatives:
@@ -71,18 +71,13 @@ class CreativeEmbeddings:
         without one (up to `max_embedded`; none when `encoder` is None)."""
         items = np.unique(np.concatenate([candidate_items, history_items]))
         rows, found = self.read(items, width)
-        known = dict(zip(items[found].tolist(), range(int(found.sum()))))
         vectors = rows[found]
-        lacking = np.flatnonzero([i not in known for i in candidate_items.tolist()])
+        lacking = np.flatnonzero(~np.isin(candidate_items, items[found]))
         with_creative = [int(c) for c in lacking if pngs[c]][: self.config.max_embedded if encoder else 0]
         embedded = np.zeros(0, np.int32)
-        if with_creative:
-            for c in with_creative:  # a bad creative is refused naming its candidate
-                try:
-                    decode_pngs([pngs[c]], encoder.inputs[0].shape[-1])
-                except ValueError as e:
-                    raise ValueError(f"candidates[{c}].creative_png: {str(e).removeprefix('creative 0: ')}") from None
-            fresh = self.embed(encoder, [pngs[c] for c in with_creative])
+        if with_creative:  # a bad creative is refused naming its candidate
+            fresh = self.embed(encoder, [pngs[c] for c in with_creative],
+                               [f"candidates[{c}].creative_png" for c in with_creative])
             new_items = candidate_items[with_creative]
             _, first = np.unique(new_items, return_index=True)
             self._cache.put(new_items[first], fresh[first])
