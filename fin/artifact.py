@@ -124,17 +124,18 @@ def load_artifact(path: str | Path, package: bool = False) -> Artifact:
         raise ArtifactError(f"{path}: {e}") from None
     artifact = Artifact(path=path, meta=meta, model=model.eval(), loader=loader, calibration=scaling)
     if package:
-        artifact.package, artifact.package_note = _package(path, meta.get("compiled") or {}, loader)
+        artifact.package, artifact.package_note = _package(path, meta.get("compiled") or {}, loader,
+                                                           model.config.image_dim)
     return artifact
 
 
-def _package(path: Path, entry: dict, loader: LoaderConfig) -> tuple[CompiledScorer | None, str]:
+def _package(path: Path, entry: dict, loader: LoaderConfig, image_dim: int) -> tuple[CompiledScorer | None, str]:
     if "package" not in entry:
         return None, f"no package ({entry.get('error', 'not compiled')})"
     file = path / entry["package"]
     if entry["package"] != PACKAGE or not file.exists() or sha256(file) != entry.get("sha256"):
         return None, f"package {file.name} is missing or its checksum does not match {META}"
     try:
-        return CompiledScorer(load_package(file), loader.max_seq_len), "compiled"
+        return CompiledScorer(load_package(file), loader.max_seq_len, image_dim), "compiled"
     except Exception as e:  # noqa: BLE001 - e.g. built by another torch: the eager model serves
         return None, f"package {file.name} does not load: {type(e).__name__}: {e}"[:500]

@@ -8,7 +8,8 @@ the number of candidates as dynamic dimensions, and AOTInductor compiles the exp
 (a shared library and its weights in one file, `model.pt2`): a call runs the whole forward in C++ with no
 Python or dispatcher between its operations. The package needs torch alone
 (`torch._inductor.aoti_load_package`), the way a team would call it from its own C++ or Triton's PyTorch
-backend; its inputs are `GraphInputs`.
+backend; its inputs are `GraphInputs`. A model with an image modality takes the request's creative
+embeddings as three more inputs (the table and each candidate's and event's row of it).
 
 Training keeps the eager model; the package is the same weights. An artifact's package is built and checked
 against the eager forward on held-out requests when the artifact is written (`build_package`), and the
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from features.fragments import fragment_slots
+from features.item_embeddings import ItemEmbeddings
 from features.sequences import TIMELINE_FIELDS
 from fin.calibration import PlattScaling
 from fin.calibration import pctr as calibrated_pctr
@@ -42,6 +44,7 @@ from fin.inputs import (
     TARGET_FEATURES,
     Batch,
     Histories,
+    ItemImages,
     LoaderConfig,
     ScoringRequest,
     requests_batch,
@@ -51,6 +54,7 @@ from fin.versions import sha256
 
 PACKAGE = "model.pt2"
 MAX_CANDIDATES = 10_000  # the most candidates of a request a package takes (more: scored eagerly)
+MAX_CREATIVES = 100_000  # the most creative embeddings (table rows) of a request a package takes
 REQUEST_FIELDS = ("ts", *CONTEXT_FEATURES)  # the context row of `GraphInputs`, in this order
 
 
@@ -65,6 +69,10 @@ class GraphInputs:
     candidates  int64 [B, len(TARGET_FEATURES)]: the candidates' ids
     numbers     float32 [B, len(CANDIDATE_NUMBERS)]: their price and distance (0: unknown)
     stats       float32 [B, len(STAT_FEATURES)]: their point-in-time statistics
+    and, for a model with an image modality (`fin.inputs.ItemImages`):
+    images      float32 [K, E]: the creative embeddings of the request's items, row 0 all zeros (none)
+    image_rows  int64 [B]: each candidate's row of `images`
+    event_image_rows int64 [N]: each timeline event's row of `images`
     """
 
     timeline: torch.Tensor
@@ -72,14 +80,19 @@ class GraphInputs:
     candidates: torch.Tensor
     numbers: torch.Tensor
     stats: torch.Tensor
+    images: torch.Tensor | None = None
+    image_rows: torch.Tensor | None = None
+    event_image_rows: torch.Tensor | None = None
 
     def args(self) -> tuple[torch.Tensor, ...]:
-        return self.timeline, self.context, self.candidates, self.numbers, self.stats
+        images = () if self.images is None else (self.images, self.image_rows, self.event_image_rows)
+        return self.timeline, self.context, self.candidates, self.numbers, self.stats, *images
 
     @classmethod
-    def of(cls, request: ScoringRequest, max_len: int) -> GraphInputs:
+    def of(cls, request: ScoringRequest, max_len: int, image_dim: int = 0) -> GraphInputs:
         """The graph's inputs of a scoring request: its timeline's last `max_len` events before the request
-        (as `fin.inputs.requests_batch` reads them), one placeholder event for a user without any."""
+        (as `fin.inputs.requests_batch` reads them), one placeholder event for a user without any; with
+        `image_dim`, its items' creative embeddings (none known: a table of row 0 alone)."""
         ts = int(request.context["ts"])
         times = np.asarray(request.timeline["ts"])
         end = int(np.searchsorted(times, ts, side="left"))
@@ -94,11 +107,22 @@ class GraphInputs:
                             else np.zeros(b, np.float32) for c in CANDIDATE_NUMBERS], axis=1)
         stats = (np.zeros((b, len(STAT_FEATURES)), np.float32) if request.stats is None
                  else np.ascontiguousarray(request.stats, np.float32))
-        return cls(timeline=torch.from_numpy(timeline),
-                   context=torch.tensor([int(request.context[c]) for c in REQUEST_FIELDS], dtype=torch.int64),
-                   candidates=torch.from_numpy(np.stack([np.asarray(request.candidates[c], np.int64)
-                                                         for c in TARGET_FEATURES], axis=1)),
-                   numbers=torch.from_numpy(numbers), stats=torch.from_numpy(stats))
+        inputs = cls(timeline=torch.from_numpy(timeline),
+                     context=torch.tensor([int(request.context[c]) for c in REQUEST_FIELDS], dtype=torch.int64),
+                     candidates=torch.from_numpy(np.stack([np.asarray(request.candidates[c], np.int64)
+                                                           for c in TARGET_FEATURES], axis=1)),
+                     numbers=torch.from_numpy(numbers), stats=torch.from_numpy(stats))
+        if image_dim:
+            known = request.images
+            if known is None:
+                known = ItemEmbeddings.of(np.zeros(0, np.int64), np.zeros((0, image_dim), np.float32))
+            events = (np.asarray(request.timeline["item_id"][start:end], np.int64) if end > start
+                      else np.zeros(1, np.int64))
+            images = ItemImages.of(known, np.asarray(request.candidates["item_id"], np.int64), events)
+            if end <= start:  # the placeholder event has no item
+                images.history.zero_()
+            inputs.images, inputs.image_rows, inputs.event_image_rows = images.table, images.candidate, images.history
+        return inputs
 
 
 class ScoringGraph(nn.Module):
@@ -113,7 +137,8 @@ class ScoringGraph(nn.Module):
         self.shared, self.single = model.sparse.stacked()
 
     def forward(self, timeline: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor,
-                numbers: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+                numbers: torch.Tensor, stats: torch.Tensor, images: torch.Tensor | None = None,
+                image_rows: torch.Tensor | None = None, event_image_rows: torch.Tensor | None = None) -> torch.Tensor:
         b, n = candidates.shape[0], timeline.shape[1]
         history = dict(zip(TIMELINE_FIELDS, timeline.unbind(0)))
         request = {c: context[i:i + 1] for i, c in enumerate(REQUEST_FIELDS)}
@@ -126,21 +151,28 @@ class ScoringGraph(nn.Module):
             histories=Histories(offsets=torch.stack([zeros[0], zeros[0] + n]), values=history, start=zeros,
                                 end=zeros + n),
             row_id=torch.full((b,), -1, dtype=torch.int64), request_of=torch.zeros(b, dtype=torch.int64),
-            fragments=fragment_slots(history, request, self.loader.max_seq_len, self.loader.fragments))
+            fragments=fragment_slots(history, request, self.loader.max_seq_len, self.loader.fragments),
+            images=None if images is None else ItemImages(images, image_rows, event_image_rows))
         return calibrated_pctr(self.model(batch, read_rows(batch, self.shared, self.single)), self.calibration)
 
 
-def example_inputs(max_len: int, candidates: int = 8, events: int = 16) -> GraphInputs:
+def example_inputs(max_len: int, candidates: int = 8, events: int = 16, image_dim: int = 0) -> GraphInputs:
     """Inputs to trace the graph with (any values: the graph's shapes do not depend on them)."""
     rng = np.random.default_rng(0)
     timeline = rng.integers(1, 1000, (len(TIMELINE_FIELDS), min(events, max_len)))
     timeline[TIMELINE_FIELDS.index("ts")] = np.arange(timeline.shape[1])
-    return GraphInputs(
+    inputs = GraphInputs(
         timeline=torch.from_numpy(timeline),
         context=torch.from_numpy(np.concatenate([[10**6], rng.integers(1, 1000, len(CONTEXT_FEATURES))])),
         candidates=torch.from_numpy(rng.integers(1, 1000, (candidates, len(TARGET_FEATURES)))),
         numbers=torch.rand(candidates, len(CANDIDATE_NUMBERS)),
         stats=torch.rand(candidates, len(STAT_FEATURES)))
+    if image_dim:
+        known = 5  # table rows besides row 0
+        inputs.images = torch.cat([torch.zeros(1, image_dim), torch.rand(known, image_dim)])
+        inputs.image_rows = torch.from_numpy(rng.integers(0, known + 1, candidates))
+        inputs.event_image_rows = torch.from_numpy(rng.integers(0, known + 1, timeline.shape[1]))
+    return inputs
 
 
 # AOTInductor's options: no pattern rewrites, which on a CPU would fuse the bias adds split off below back
@@ -149,13 +181,19 @@ COMPILE_OPTIONS = {"pattern_matcher": False}
 
 
 def export(graph: ScoringGraph, max_candidates: int = MAX_CANDIDATES) -> torch.export.ExportedProgram:
-    """The graph exported with the history length (1 .. max_seq_len) and the candidate count
-    (1 .. `max_candidates`) dynamic, each linear layer's bias added apart (`_bias_apart`)."""
+    """The graph exported with the history length (1 .. max_seq_len), the candidate count
+    (1 .. `max_candidates`) and the creative embeddings' rows dynamic, each linear layer's bias added apart
+    (`_bias_apart`)."""
     events = torch.export.Dim("events", min=1, max=graph.loader.max_seq_len)
     count = torch.export.Dim("candidates", min=1, max=max_candidates)
     shapes = ({1: events}, None, {0: count}, {0: count}, {0: count})
+    image_dim = graph.model.config.image_dim
+    if image_dim:  # the table: row 0 and one per item of the request with an embedding
+        rows = torch.export.Dim("creatives", min=1, max=MAX_CREATIVES)
+        shapes = (*shapes, {0: rows}, {0: count}, {0: events})
+    inputs = example_inputs(graph.loader.max_seq_len, image_dim=image_dim)
     with torch.no_grad():
-        program = torch.export.export(graph, example_inputs(graph.loader.max_seq_len).args(), dynamic_shapes=shapes)
+        program = torch.export.export(graph, inputs.args(), dynamic_shapes=shapes)
     _bias_apart(program)
     return program
 
@@ -205,7 +243,7 @@ def build_package(folder: str | Path, model: CTRModel, loader: LoaderConfig, cal
         with _quiet_compiler():
             torch._inductor.aoti_compile_and_package(export(graph), package_path=str(path),
                                                      inductor_configs=COMPILE_OPTIONS)
-        package = CompiledScorer(load_package(path), loader.max_seq_len)
+        package = CompiledScorer(load_package(path), loader.max_seq_len, model.config.image_dim)
         worst = max((float(np.max(np.abs(package.pctr(r) - eager_pctr(model, loader, calibration, r))))
                      for r in requests), default=0.0)
         if not worst <= TOLERANCE:
@@ -242,17 +280,17 @@ def load_package(path: str | Path):
 class CompiledScorer:
     """A loaded package, scoring `ScoringRequest`s: what the server calls instead of the eager model."""
 
-    def __init__(self, package, max_len: int):
-        self.package, self.max_len = package, max_len
+    def __init__(self, package, max_len: int, image_dim: int = 0):
+        self.package, self.max_len, self.image_dim = package, max_len, image_dim
 
     @staticmethod
     def takes(request: ScoringRequest) -> bool:
         """Whether the package's shapes admit the request (any history: it is cut to max_seq_len)."""
-        return len(request) <= MAX_CANDIDATES
+        return len(request) <= MAX_CANDIDATES and (request.images is None or len(request.images.ids) < MAX_CREATIVES)
 
     def pctr(self, request: ScoringRequest) -> np.ndarray:
         """pCTR [B] (float64) of the request's candidates."""
-        inputs = GraphInputs.of(request, self.max_len)
+        inputs = GraphInputs.of(request, self.max_len, self.image_dim)
         # the loader's own call: `package(...)` would parse the package's input and output specs every call
         (out,) = self.package.loader.run(list(inputs.args()))
         return out.numpy().astype(np.float64)

@@ -1,4 +1,5 @@
-"""`fin schedule`: the daily chain features -> train -> evaluate -> promote, one run of each job per data date.
+"""`fin schedule`: the daily chain features -> embed -> train -> evaluate -> promote, one run of each job per data
+date.
 
 A data date is a local day of logs; at the local time `now`, the chain of yesterday is the one due (older
 dates are not caught up: every job works on all logs so far, and the newest data supersedes them). A job
@@ -12,8 +13,12 @@ from a run (the artifact, the report, the promotion decision) is the command's J
 of its output that is a JSON object (`command_result`). Without `ray_address` it runs
 as a local process (the features job on a local Ray it starts); with `ray_address`, a cluster's dashboard
 address, it is submitted to that cluster through Ray's job submission API (`jobs.ray_jobs`), the features
-job joining the cluster it runs on. Train makes a new version of `model`, starting from the serving
-default's weights (`warm_start`); evaluate scores it beside the current serving default (and `baselines`)
+job joining the cluster it runs on. Embed puts every creative of the new features run (new ads included)
+through the repository's creative encoder into the Feast item view (`fin embed-creatives`): a features run
+replaces the dataset, and a model that reads creatives must find this run's embeddings; it is skipped, and
+says why, when the logs have no creatives or the repository no encoder. Train makes a new version of
+`model`, starting from the serving default's weights (`warm_start`) when that version reads the same inputs
+(a creative embedding of the width this data has, or none), from scratch otherwise (the run says why); evaluate scores it beside the current serving default (and `baselines`)
 with revenue replay; promote makes it the default only through the gate (`fin.promotion`), and a running
 server picks the promotion up at its next repository scan.
 """
@@ -33,11 +38,14 @@ from pathlib import Path
 from cronsim import CronSim, CronSimError
 
 from features.configfile import load_config, read_config_file
+from features.dataset import Dataset
+from features.item_embeddings import ItemEmbeddings, embeddings_source
 from fin.promotion import PromotionGate
-from fin.versions import promoted
+from fin.versions import META, promoted, versions
+from fin.vision import ENCODER
 from jobs.ray_jobs import RayJobTarget
 
-JOBS = ("features", "train", "evaluate", "promote")
+JOBS = ("features", "embed", "train", "evaluate", "promote")
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,9 @@ class ScheduleConfig:
     reports: Path  # one evaluation report per data date
     model: str = "fin"
     baselines: tuple[str, ...] = ()  # other models of the repository evaluated beside it (newest versions)
+    encoder: str = ENCODER  # the repository's creative encoder (its newest version embeds)
     features_args: tuple[str, ...] = ()
+    embed_args: tuple[str, ...] = ()
     train_args: tuple[str, ...] = ()
     evaluate_args: tuple[str, ...] = ()
     ray_address: str | None = None  # a Ray cluster's dashboard (http://HEAD:8265): runs are submitted there
@@ -69,7 +79,7 @@ class ScheduleConfig:
     poll_s: float = 60.0  # seconds between checks of a long-running `fin schedule` (without --once)
     gate: PromotionGate = field(default_factory=PromotionGate)
     jobs: dict[str, JobSpec] = field(default_factory=lambda: {
-        "features": JobSpec(cron="30 2 * * *"), "train": JobSpec(after="features"),
+        "features": JobSpec(cron="30 2 * * *"), "embed": JobSpec(after="features"), "train": JobSpec(after="embed"),
         "evaluate": JobSpec(after="train"), "promote": JobSpec(after="evaluate")})
 
     def __post_init__(self):
@@ -115,7 +125,7 @@ def last_fire(expression: str, at_or_before: datetime) -> datetime | None:
 
 
 PATHS = ("state", "logs", "features", "models", "reports")
-ARGUMENT_LISTS = ("baselines", "features_args", "train_args", "evaluate_args")
+ARGUMENT_LISTS = ("baselines", "features_args", "embed_args", "train_args", "evaluate_args")
 
 
 def load_schedule(path: str | Path) -> ScheduleConfig:
@@ -304,14 +314,41 @@ class Scheduler:
                                                             "--out", str(c.features), *ray, *c.features_args])
         return {"features": result["out"], "users": result["users"], "examples": result["examples"]}
 
+    def _embed(self, day: str, attempt: int) -> dict:
+        c = self.config
+        if not Dataset.at(c.features).creatives.exists():
+            return {"skipped": "the features run has no creatives"}
+        encoder = c.models / c.encoder
+        if not versions(c.models, c.encoder):
+            return {"skipped": f"no creative encoder at {encoder} (fin train-encoder)"}
+        ray = ["--ray-address", "auto"] if self.ray else []
+        result = self._command(f"embed:{day}", attempt, ["embed-creatives", "--data", str(c.features),
+                                                         "--encoder", str(encoder), *ray, *c.embed_args])
+        return {"encoder": result["encoder"], "creatives": result["creatives"], "dim": result["dim"]}
+
+    def _image_width(self) -> int:
+        """The width of the creative embeddings this run's training reads (0: none)."""
+        source = embeddings_source(Dataset.at(self.config.features))
+        if "--no-images" in self.config.train_args or not source.exists():
+            return 0
+        return ItemEmbeddings.read(source).dim
+
     def _train(self, day: str, attempt: int) -> dict:
         c = self.config
-        current = promoted(c.models, c.model)
-        start = ["--init-from", str(c.models / c.model / str(current))] if c.warm_start and current else []
+        current = promoted(c.models, c.model) if c.warm_start else None
+        outputs: dict = {}
+        if current is not None:
+            meta = json.loads((c.models / c.model / str(current) / META).read_text())
+            width, reads = meta["model_config"].get("image_dim", 0), self._image_width()
+            if width != reads:  # its weights do not fit this run's model: start afresh rather than fail every day
+                outputs["init_skipped"] = (f"{c.model}/{current} reads creative embeddings of width {width}, "
+                                           f"this run {reads}: trained from scratch")
+                current = None
+        start = ["--init-from", str(c.models / c.model / str(current))] if current else []
         result = self._command(f"train:{day}", attempt, ["train", "--data", str(c.features), "--out", str(c.models),
                                                          "--model", c.model, "--name", c.model, *start, *c.train_args])
         return {"artifact": result["artifact"], "version": result["version"], "init_from": current,
-                "metrics": result["metrics"]}
+                "metrics": result["metrics"], **outputs}
 
     def _evaluate(self, day: str, attempt: int) -> dict:
         c = self.config

@@ -77,7 +77,7 @@ def smoke_check(artifact: Artifact) -> None:
         eager.append(p)
     if package is not None:
         try:
-            worst = max(float(np.max(np.abs(package.pctr(inputs.with_features(t, None)) - p)))
+            worst = max(float(np.max(np.abs(package.pctr(inputs.with_features(t, None, images)) - p)))
                         for t, p in zip((EMPTY_TIMELINE, history), eager, strict=True))
         except Exception as e:  # noqa: BLE001 - a package that cannot score leaves the version eager
             artifact.package_note = f"package fails on the smoke requests: {type(e).__name__}: {e}"[:500]

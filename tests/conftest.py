@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -224,3 +225,16 @@ class RayHead:
     def stop(self) -> None:
         subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Clock:
+    """A settable clock (UTC) for the scheduler, started at a local time."""
+
+    def __init__(self, local: datetime, utc_offset_hours: float = 8):
+        self.t = (local - timedelta(hours=utc_offset_hours)).replace(tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, **delta) -> None:
+        self.t += timedelta(**delta)

@@ -2,6 +2,7 @@
 creative embedded by the Ray job into Feast, FIN trained with the image modality, the cold-start report, and
 a server that embeds the creative of an ad the store does not know (and says so)."""
 
+import dataclasses
 import shutil
 
 import grpc
@@ -9,13 +10,15 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import TRAIN_CONFIG, Running
+from conftest import TRAIN_CONFIG, Clock, Running
 
 from features.creatives import CREATIVE_SIZE, encode_png
 from features.dataset import Dataset
 from features.item_embeddings import CREATIVE_VIEW, EMBEDDING, ItemEmbeddings, embeddings_source
 from fin.artifact import load_artifact
+from fin.compiled import TOLERANCE, eager_pctr
 from fin.evaluate import COLD, WARM, evaluate
+from fin.inputs import scoring_requests
 from fin.train import load_train_config, train
 from fin.vision import EMBEDDING as ENCODER_OUTPUT
 from fin.vision import CreativeEncoderConfig, EncoderTrainConfig, images_tensor, train_encoder
@@ -37,7 +40,8 @@ def run(features_job, tmp_path_factory):
     encoder = train_encoder(out, models, EncoderTrainConfig(epochs=2, encoder=CreativeEncoderConfig(embedding_dim=8)),
                             log=lambda m: None)
     result = embed_creatives(out, encoder, EmbedConfig(chunk=100, num_cpus=2))
-    fin = train(out / "data", models, load_train_config(None, **{**TRAIN_CONFIG, "model": "fin"}), log=lambda m: None)
+    fin = train(out / "data", models, load_train_config(None, **{**TRAIN_CONFIG, "model": "fin", "compile": True}),
+                log=lambda m: None)
     return out, models, encoder, result, fin
 
 
@@ -65,7 +69,7 @@ def test_encoder_embeds_every_creative_into_feast(run):
 def test_fin_reads_creatives_and_the_report_splits_cold_and_warm_ads(run):
     out, _, _, _, fin = run
     artifact = load_artifact(fin)
-    assert artifact.model.config.image_dim == 8 and artifact.model.not_exportable
+    assert artifact.model.config.image_dim == 8
     report = evaluate(out / "data", [artifact], "test")
     cold = report["cold_start"]
     assert cold is not None and cold["new_items"] > 0 and cold["cold_examples"] > 0 and cold["warm_examples"] > 0
@@ -81,6 +85,32 @@ def test_fin_reads_creatives_and_the_report_splits_cold_and_warm_ads(run):
         with_images = artifact.model(batch)
         batch.images.table.zero_()
         assert not torch.allclose(with_images, artifact.model(batch))
+
+
+def test_the_compiled_package_reads_creatives_as_the_eager_model(run):
+    """FIN with creatives compiles whole: the package takes the request's embeddings as inputs and gives the
+    eager model's pCTRs, with every creative known, with none known, and without the candidates' ones."""
+    out, _, _, _, fin = run
+    artifact = load_artifact(fin, package=True)
+    assert artifact.package is not None and artifact.package_note == "compiled", artifact.package_note
+    assert artifact.meta["compiled"]["max_abs_pctr_difference"] <= TOLERANCE
+    from fin.loader import ExampleStream
+
+    loader = dataclasses.replace(artifact.loader, shuffle=False)
+    requests = scoring_requests(next(iter(ExampleStream(out / "data", "test", loader, images=True))), 24)
+    assert all(r.images is not None and len(r.images.ids) for r in requests)
+    first = requests[0]
+    shown = np.isin(first.images.ids, np.asarray(first.candidates["item_id"]))
+    none = ItemEmbeddings.of(np.zeros(0, np.int64), np.zeros((0, first.images.dim), np.float32))
+    requests += [dataclasses.replace(first, images=none),
+                 dataclasses.replace(first, images=ItemEmbeddings.of(first.images.ids[~shown],
+                                                                     first.images.vectors[1:][~shown]))]
+    for request in requests:
+        np.testing.assert_allclose(artifact.package.pctr(request),
+                                   eager_pctr(artifact.model, artifact.loader, artifact.calibration, request),
+                                   rtol=0, atol=1e-6)
+    # the creatives move the package's scores as they move the eager model's
+    assert not np.allclose(artifact.package.pctr(requests[0]), artifact.package.pctr(requests[-2]))
 
 
 def test_server_embeds_a_new_ads_creative_and_says_so(run):
@@ -105,3 +135,50 @@ def test_server_embeds_a_new_ads_creative_and_says_so(run):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "creative_png" in e.value.details()
     finally:
         server.stop()
+
+
+def test_the_daily_chain_embeds_the_new_runs_creatives_before_training(run, tmp_path):
+    """A features run replaces the dataset (its embeddings with it): the scheduler's embed job puts its
+    creatives through the repository's encoder before training, so the serving default (which reads
+    creatives) warm-starts on them; a run whose model would read other inputs starts afresh and says why."""
+    import json
+    from datetime import datetime
+
+    from fin.versions import promote
+    from jobs.schedule import JobSpec, ScheduleConfig, Scheduler
+
+    out, models, _, _, fin = run
+    features, repo = tmp_path / "features", tmp_path / "models"
+    shutil.copytree(out, features, ignore=shutil.ignore_patterns(".ray"))
+    shutil.copytree(models, repo)
+    source = embeddings_source(Dataset.at(features))
+    source.unlink()  # as after the day's features run
+    promote(repo, "fin", int(fin.name))
+    train_config = tmp_path / "train.json"
+    train_config.write_text(json.dumps({k: v for k, v in TRAIN_CONFIG.items() if k != "compile"}))
+    config = ScheduleConfig(
+        state=tmp_path / "schedule" / "runs.sqlite", logs=tmp_path / "logs", features=features, models=repo,
+        reports=tmp_path / "reports", embed_args=("--num-cpus", "2", "--no-materialize"),
+        train_args=("--config", str(train_config), "--no-compile"),
+        jobs={"embed": JobSpec(cron="30 2 * * *"), "train": JobSpec(after="embed")})
+    clock = Clock(datetime(2026, 3, 26, 3, 0))
+    scheduler = Scheduler(config, clock)
+    runs = scheduler.tick()
+    assert [(r["job"], r["status"]) for r in runs] == [("embed", "done"), ("train", "done")], runs
+    embedded = json.loads(runs[0]["outputs"])
+    assert embedded["creatives"] == pl.read_parquet(Dataset.at(features).creatives).height and embedded["dim"] == 8
+    assert source.exists()
+    trained = json.loads(runs[1]["outputs"])
+    assert trained["init_from"] == int(fin.name) and "init_skipped" not in trained
+    assert load_artifact(trained["artifact"]).model.config.image_dim == 8
+    scheduler.close()
+
+    # the next day's training reads no creatives: the promoted model's weights do not fit it
+    scheduler = Scheduler(dataclasses.replace(config, train_args=(*config.train_args, "--no-images")), clock)
+    clock.advance(days=1)
+    runs = scheduler.tick()
+    assert [(r["job"], r["status"]) for r in runs] == [("embed", "done"), ("train", "done")], runs
+    trained = json.loads(runs[1]["outputs"])
+    assert trained["init_from"] is None and "width 8, this run 0" in trained["init_skipped"]
+    assert load_artifact(trained["artifact"]).model.config.image_dim == 0
+    scheduler.close()

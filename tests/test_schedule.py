@@ -1,12 +1,13 @@
-"""`fin schedule`: cron expressions, and two simulated days through features -> train -> evaluate -> promote
+"""`fin schedule`: cron expressions, and two simulated days through features -> embed -> train -> evaluate -> promote
 on a fake clock, against the real jobs (the features job on a real local Ray): a failed run is retried
 after its backoff, a done run never again, a worse model is kept but not promoted, and training starts
 from the serving default's weights; the third day's runs are submitted to a Ray cluster (a real local head
-with its dashboard on 127.0.0.1) through Ray's job submission API."""
+with its dashboard on 127.0.0.1) through Ray's job submission API. The repository has no creative encoder here:
+embed is done and says it skipped (tests/test_creatives.py runs it with one)."""
 
 import dataclasses
 import shutil
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from fin.promotion import PromotionGate
 from fin.versions import promoted
 from jobs.ray_jobs import RayJobResult
 from jobs.schedule import JobSpec, ScheduleConfig, Scheduler, check_cron, command_result, last_fire, load_schedule
-from tests.conftest import ROOT, RayHead, run_fin
+from tests.conftest import ROOT, Clock, RayHead, run_fin
 
 
 def test_cron_last_fire():
@@ -75,17 +76,6 @@ def test_a_commands_json_result_is_found_among_the_other_lines():
         command_result("wrote /m/fin/2\n[1, 2]\n")
 
 
-class Clock:
-    def __init__(self, local: datetime, utc_offset_hours: float = 8):
-        self.t = (local - timedelta(hours=utc_offset_hours)).replace(tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.t
-
-    def advance(self, **delta) -> None:
-        self.t += timedelta(**delta)
-
-
 @pytest.mark.integration  # the real chain: Ray, Feast, training and a Ray cluster
 def test_two_days_through_the_chain(tmp_path):
     logs = tmp_path / "logs"
@@ -116,9 +106,10 @@ def test_two_days_through_the_chain(tmp_path):
     assert scheduler.tick() == []  # still backing off
     clock.advance(minutes=6)
     runs = scheduler.tick()
-    assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("train", "done"),
+    assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("embed", "done"), ("train", "done"),
                                                         ("evaluate", "done"), ("promote", "done")], runs
     assert scheduler.store.get("features:2026-03-25")["attempts"] == 2
+    assert "no creative encoder" in scheduler.store.get("embed:2026-03-25")["outputs"]
     assert promoted(config.models, "fin") == 1  # the first version: nothing to compare with
     assert scheduler.tick() == []  # done runs are not run again
 
@@ -132,7 +123,7 @@ def test_two_days_through_the_chain(tmp_path):
     scheduler = Scheduler(untrained, clock)
     clock.advance(days=1)
     runs = scheduler.tick()
-    assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("train", "done"),
+    assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("embed", "done"), ("train", "done"),
                                                         ("evaluate", "done"), ("promote", "done")], runs
     outputs = scheduler.store.get("promote:2026-03-26")["outputs"]
     assert '"promoted": false' in outputs and "AUC" in outputs
@@ -157,7 +148,7 @@ def test_two_days_through_the_chain(tmp_path):
         scheduler = Scheduler(warm, clock)
         clock.advance(minutes=11)
         runs = scheduler.tick()
-        assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("train", "done"),
+        assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("embed", "done"), ("train", "done"),
                                                             ("evaluate", "done"), ("promote", "done")], runs
         assert '"init_from": 1' in scheduler.store.get("train:2026-03-27")["outputs"]
         assert '"ray_job": "fin-train-2026-03-27-1-' in scheduler.store.get("train:2026-03-27")["outputs"]
@@ -185,6 +176,6 @@ def test_two_days_through_the_chain(tmp_path):
         ("state", config.state), ("logs", logs), ("features", config.features), ("models", config.models),
         ("reports", config.reports))))
     listing = run_fin("runs", "--config", str(yaml))
-    assert listing.returncode == 0 and listing.stdout.count("| done |") == 12, listing.stdout + listing.stderr
+    assert listing.returncode == 0 and listing.stdout.count("| done |") == 15, listing.stdout + listing.stderr
     assert "features:2026-03-25 | done | 2 |" in listing.stdout
 

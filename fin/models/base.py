@@ -85,8 +85,6 @@ class CTRModel(nn.Module):
             self.unimodal = UnimodalHeads(d, len(SINGLE) * e)
         else:
             self.event, self.target = ConcatFusion(ids, config.image_dim, d), ConcatFusion(ids, config.image_dim, d)
-        if config.image_dim:
-            self.not_exportable = "it reads creative embeddings, which the compiled graph does not take"
         tower_in = d + len(SINGLE) * e + len(STAT_FEATURES) + len(CANDIDATE_NUMBERS) + 2 * self.interests * d
         self.tower = MLP(tower_in, config.tower, out_dim=1, dropout=config.dropout)
         self.position = nn.Embedding(config.positions, 1) if config.position_bias else None
