@@ -6,11 +6,17 @@ A vision artifact is `MODELS/<name>/<version>/` with `model.safetensors` (weight
 shape with -1 for any size). The architecture comes from `ARCHITECTURES` (by "model"), the weights from the
 file. `creative_encoder` (`fin.vision`) embeds ad creatives; `small_cnn` is a small image classifier, and
 `write_example` builds one locally (seeded random weights, no download) to prove the path end to end.
+
+A loaded model runs in inference form (`for_inference`): batch norms folded into the convolutions before
+them and activations in channels-last layout, which the CPU's convolution kernels run fastest. The
+creative encoder embeds a creative in 1.05 against 1.66 ms, 16 in 8.4 against 19.6 ms (one thread); every
+reader (ModelInfer, the embedding job, the server's in-process embedding) loads through here, so they agree.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -18,6 +24,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from fin.versions import META, WEIGHTS, ArtifactError, Loaded, sha256
 from fin.vision import TASK as TASK  # the artifact task the repository loads with this module
@@ -66,8 +73,19 @@ class VisionModel(Loaded):
     @torch.inference_mode()
     def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The declared input by name -> every declared output by name."""
-        out = self.module(inputs[self.inputs[0].name])
+        out = self.module(inputs[self.inputs[0].name].contiguous(memory_format=torch.channels_last))
         return {spec.name: out[spec.name] for spec in self.outputs}
+
+
+def for_inference(module: nn.Module) -> nn.Module:
+    """An eval-mode module in inference form: batch norms folded into their convolutions (the module traced
+    by torch.fx; one that does not trace keeps its batch norms) and weights in channels-last layout."""
+    module = module.eval()
+    try:
+        module = fuse(module)
+    except Exception as e:  # noqa: BLE001 - an architecture that does not trace is served unfused
+        logging.getLogger(__name__).info("%s runs unfused: %s", type(module).__name__, e)
+    return module.to(memory_format=torch.channels_last)
 
 
 def _specs(values: list[dict]) -> list[TensorSpec]:
@@ -97,7 +115,7 @@ def load_vision(path: str | Path) -> VisionModel:
         module.load_state_dict(load_file(str(path / WEIGHTS)))
     except RuntimeError as e:
         raise ArtifactError(f"{path}: weights do not fit {kind}: {str(e).splitlines()[0]}") from None
-    return VisionModel(path, meta, module.eval(), inputs, outputs)
+    return VisionModel(path, meta, for_inference(module), inputs, outputs)
 
 
 def write_example(models: str | Path, name: str = "small_cnn", version: int = 1, seed: int = 0,
