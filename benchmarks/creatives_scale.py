@@ -9,7 +9,8 @@ One `fin serve` process on 127.0.0.1 each time, each phase bounded in calls and 
   2. Score, 200 candidates of the test week per request, concurrency 1: every candidate's embedding in the
      store (all known), against the same requests with a share of the candidates replaced by ads the store
      has never seen, each with its creative (`creative_png`), which the server embeds (fresh ids per request:
-     no cache helps). Reported: p50/p99 and their ratio to all-known.
+     no cache helps). Reported: p50/p99 and their ratio to all-known; with FIN's compiled package (when its
+     artifact has one) and with `fin serve --eager`, one server after the other.
 Usage: python benchmarks/creatives_scale.py --data demo_out/features --models demo_out/models [--seconds 10]
 """
 
@@ -92,21 +93,23 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     calls = int(args.seconds * 300)
-    server = Server(args.data, args.models, [])
-    try:
-        warm = score_requests(args.data, 20, 0.0, seed=1)
-        asyncio.run(score_phase(server.addr, warm, args.seconds))  # connections, caches of the store's rows
-        for name, share in (("all_known", 0.0), (f"unknown_{args.unknown_share:g}", args.unknown_share),
-                            ("all_known_again", 0.0)):
-            out["score"][name] = asyncio.run(score_phase(server.addr, score_requests(args.data, calls, share),
-                                                         args.seconds))
-            print(out["score"], file=sys.stderr, flush=True)
-    finally:
-        server.stop()
-    known = out["score"]["all_known"]
-    unknown = out["score"][f"unknown_{args.unknown_share:g}"]
-    out["score_p99_unknown_vs_known"] = round(unknown["p99_ms"] / known["p99_ms"], 2)
-    out["score_p50_unknown_vs_known"] = round(unknown["p50_ms"] / known["p50_ms"], 2)
+    unknown = f"unknown_{args.unknown_share:g}"
+    for mode, flags in (("compiled", []), ("eager", ["--eager"])):  # the package when FIN has one, and without
+        server = Server(args.data, args.models, flags)
+        out["score"][mode] = phases = {}
+        try:
+            warm = score_requests(args.data, 20, 0.0, seed=1)
+            asyncio.run(score_phase(server.addr, warm, args.seconds))  # connections, caches of the store's rows
+            for name, share in (("all_known", 0.0), (unknown, args.unknown_share), ("all_known_again", 0.0)):
+                phases[name] = asyncio.run(score_phase(server.addr, score_requests(args.data, calls, share),
+                                                       args.seconds))
+                print(mode, phases, file=sys.stderr, flush=True)
+        finally:
+            server.stop()
+        phases["p99_unknown_vs_known"] = round(phases[unknown]["p99_ms"] / phases["all_known"]["p99_ms"], 2)
+        phases["p50_unknown_vs_known"] = round(phases[unknown]["p50_ms"] / phases["all_known"]["p50_ms"], 2)
+    out["score_p99_compiled_vs_eager"] = round(out["score"]["compiled"]["all_known"]["p99_ms"]
+                                               / out["score"]["eager"]["all_known"]["p99_ms"], 2)
     out["speed_reference_ms_after"] = speed_reference()
     report("creatives_scale", out)
 
