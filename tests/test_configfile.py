@@ -147,8 +147,8 @@ def test_the_shipped_schedule():
         models=base / "models", reports=base / "reports", model="fin", baselines=("din",),
         train_args=("--epochs", "1"), ray_address=None, ray_entrypoint="fin", utc_offset_hours=8.0, retries=2,
         backoff_s=300.0, gate=PromotionGate(auc_tolerance=0.002, rpm_tolerance=0.02),
-        jobs={"features": JobSpec(cron="30 2 * * *"), "train": JobSpec(after="features"),
-              "evaluate": JobSpec(after="train"), "promote": JobSpec(after="evaluate")})
+        jobs={"features": JobSpec(cron="30 2 * * *"), "embed": JobSpec(after="features"),
+              "train": JobSpec(after="embed"), "evaluate": JobSpec(after="train"), "promote": JobSpec(after="evaluate")})
 
 
 def test_schedule_paths_are_the_files_folder_s_and_arguments_are_text(tmp_path):
