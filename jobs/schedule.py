@@ -1,5 +1,5 @@
-"""`fin schedule`: the daily chain features -> embed -> train -> evaluate -> promote, one run of each job per data
-date.
+"""`fin schedule`: the daily chain features -> embed -> train -> evaluate -> promote, one run of each job per
+data date.
 
 A data date is a local day of logs; at the local time `now`, the chain of yesterday is the one due (older
 dates are not caught up: every job works on all logs so far, and the newest data supersedes them). A job
@@ -18,9 +18,10 @@ through the repository's creative encoder into the Feast item view (`fin embed-c
 replaces the dataset, and a model that reads creatives must find this run's embeddings; it is skipped, and
 says why, when the logs have no creatives or the repository no encoder. Train makes a new version of
 `model`, starting from the serving default's weights (`warm_start`) when that version reads the same inputs
-(a creative embedding of the width this data has, or none), from scratch otherwise (the run says why); evaluate scores it beside the current serving default (and `baselines`)
-with revenue replay; promote makes it the default only through the gate (`fin.promotion`), and a running
-server picks the promotion up at its next repository scan.
+(a creative embedding of the width this data has, or none), from scratch otherwise (the run says why);
+evaluate scores it beside the current serving default (and `baselines`) with revenue replay; promote makes
+it the default only through the gate (`fin.promotion`), and a running server picks the promotion up at its
+next repository scan.
 """
 
 from __future__ import annotations
