@@ -7,6 +7,7 @@ have 1,000 events of history. Training: each run is its own `fin train` process 
 of 512, one worker unless said; examples/s is the training loop's own figure (loading, fragments and the
 sharded update; validation excluded), peak RSS the largest sum over the process and its workers. Runs:
   fin_shared           FIN, the defaults: the last 1,000 events, batches of user chunks sharing timelines
+  fin_shared_chunks_4  FIN, the same with user chunks of 4 (the default before chunks of 2)
   fin_per_example      FIN, the last 1,000 events, each example with its own history copy (the previous path)
   din_50_per_example   DIN over the last 50 events, per example (how DIN trained before)
   din_shared           DIN, the defaults (shared timelines; the loader ships the 50 events DIN reads)
@@ -45,6 +46,7 @@ BASELINE_RUNS = {  # name: (model, options of that commit's fin train)
 }
 RUNS = {  # name: (model, workers, extra options)
     "fin_shared": ("fin", 1, []),
+    "fin_shared_chunks_4": ("fin", 1, ["--config", str(ROOT / "benchmarks" / "user_chunks_4.yaml")]),
     "fin_per_example": ("fin", 1, PER_EXAMPLE),
     "din_50_per_example": ("din", 1, [*PER_EXAMPLE, "--max-seq-len", "50"]),
     "din_shared": ("din", 1, []),
@@ -242,6 +244,7 @@ def main() -> None:
         "fin_shared_vs_per_example_before": ratio("fin_shared", "fin_per_example_before"),
         "fin_shared_vs_din_50_before": ratio("fin_shared", "din_50_before"),
         "fin_two_vs_one_worker": ratio("fin_shared_2", "fin_shared"),
+        "fin_chunks_2_vs_4": ratio("fin_shared", "fin_shared_chunks_4"),
         "loader": loader,
         "loader_vs_fin_step": (round(max(v["examples_per_s"] for v in loader.values()) / by["fin_shared"], 2)
                                if "fin_shared" in by else None),

@@ -110,9 +110,11 @@ class LoaderConfig:
     seed: int = 0
     # Shuffled batches are made of chunks of `examples_per_user` consecutive examples of one user (chunks
     # shuffled across users), whose histories share one slice of the user's timeline; False: the
-    # per-example path (examples shuffled one by one, each with its own copy of its history)
+    # per-example path (examples shuffled one by one, each with its own copy of its history). Chunks of 2:
+    # over a whole epoch, chunks of 4 trained a worse model than examples shuffled one by one on the
+    # default world (benchmarks/README.md, "Training and inference")
     shared_timelines: bool = True
-    examples_per_user: int = 4
+    examples_per_user: int = 2
     workers: int = 0  # processes reading and assembling batches ahead of the step (0: in the training process)
     prefetch: int = 4  # batches each of them keeps ready
 
