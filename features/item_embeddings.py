@@ -26,6 +26,12 @@ def embeddings_source(data: Dataset) -> Path:
     return data.feast_sources / f"{CREATIVE_VIEW}.parquet"
 
 
+def embeddings_width(data: Dataset) -> int:
+    """The width of the creative embeddings the embedding job wrote into a features run (0: none)."""
+    source = embeddings_source(data)
+    return ItemEmbeddings.read(source).dim if source.exists() else 0
+
+
 @dataclass(frozen=True)
 class ItemEmbeddings:
     """Embeddings of items: `ids` sorted [K], `vectors` [K + 1, E] with row 0 all zeros (no embedding)."""

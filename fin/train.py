@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from features.configfile import load_config
 from features.dataset import Dataset
-from features.item_embeddings import ItemEmbeddings, embeddings_source
+from features.item_embeddings import embeddings_source, embeddings_width
 from fin.artifact import load_artifact, save_artifact, to_dict
 from fin.calibration import fit_platt
 from fin.inputs import LoaderConfig, scoring_requests
@@ -133,10 +133,10 @@ def train(data: str | Path, models: str | Path, config: TrainConfig = TrainConfi
 def with_image_modality(data: Path, config: TrainConfig, log: Log = _stderr) -> TrainConfig:
     """The config with `model_config.image_dim` set to the width of the data's creative embeddings when
     `config.images` and the data has them (0 otherwise)."""
-    source = embeddings_source(Dataset.at(data))
-    dim = ItemEmbeddings.read(source).dim if config.images and source.exists() else 0
+    dataset = Dataset.at(data)
+    dim = embeddings_width(dataset) if config.images else 0
     if config.images and not dim:
-        log(f"no creative embeddings at {source}: training without the image modality")
+        log(f"no creative embeddings at {embeddings_source(dataset)}: training without the image modality")
     return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, image_dim=dim))
 
 

@@ -40,7 +40,7 @@ from cronsim import CronSim, CronSimError
 
 from features.configfile import load_config, read_config_file
 from features.dataset import Dataset
-from features.item_embeddings import ItemEmbeddings, embeddings_source
+from features.item_embeddings import embeddings_width
 from fin.promotion import PromotionGate
 from fin.versions import META, promoted, versions
 from fin.vision import ENCODER
@@ -329,10 +329,9 @@ class Scheduler:
 
     def _image_width(self) -> int:
         """The width of the creative embeddings this run's training reads (0: none)."""
-        source = embeddings_source(Dataset.at(self.config.features))
-        if "--no-images" in self.config.train_args or not source.exists():
+        if "--no-images" in self.config.train_args:
             return 0
-        return ItemEmbeddings.read(source).dim
+        return embeddings_width(Dataset.at(self.config.features))
 
     def _train(self, day: str, attempt: int) -> dict:
         c = self.config
