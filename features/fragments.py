@@ -61,20 +61,23 @@ class Fragment:
     def offsets(self) -> torch.Tensor:
         return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
 
-    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def padded(self, requests: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The fragment per request, oldest first and left-aligned: positions into `index` (and `tags`)
         [U, L] and which of them are real [U, L]. A padding slot repeats a real position, so a model gathers
         its rows in one pass with no bounds care and masks them (attention gives them zero weight and zero
-        gradient): no second, zero-filled copy of the gathered rows."""
+        gradient): no second, zero-filled copy of the gathered rows. With `requests` (int64 [R]), only those
+        requests' rows [R, L], padded to the longest of them."""
         lengths = self.lengths
-        if lengths.numel() == 1:  # one request (a served one): nothing to pad
+        if lengths.numel() == 1 and requests is None:  # one request (a served one): nothing to pad
             n = self.index.numel()
             pos = torch.arange(n, device=lengths.device)[None]
             return pos, torch.ones(1, n, dtype=torch.bool, device=lengths.device)
+        first = torch.cumsum(lengths, 0) - lengths
+        if requests is not None:
+            lengths, first = lengths[requests], first[requests]
         width = int(lengths.max()) if lengths.numel() else 0
         col = torch.arange(width, device=lengths.device)
         mask = col[None, :] < lengths[:, None]
-        first = torch.cumsum(lengths, 0) - lengths
         return (first[:, None] + col[None, :]).clamp(max=max(self.index.numel() - 1, 0)), mask
 
 

@@ -23,6 +23,7 @@ from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
 from fin.loader import ExampleStream
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
+from fin.models.base import length_groups
 from jobs.features_job import FeaturesConfig, run_features
 
 LOADER = LoaderConfig(batch_size=256, max_seq_len=50,
@@ -162,3 +163,33 @@ def test_a_shared_timeline_batch_scores_each_example_as_the_per_example_path(fea
             found |= {i: logits[k] for k, i in enumerate(batch.row_id.tolist()) if i in wanted}
     torch.testing.assert_close(expected, torch.stack([found[i] for i in shared.row_id.tolist()]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_length_groups_partition_the_requests_and_pad_less():
+    lengths = torch.tensor([3, 1000, 5, 980, 400, 7, 390, 2, 1000, 410])
+    for groups in (2, 3):
+        split = length_groups(lengths, groups)
+        assert len(split) == groups
+        assert sorted(torch.cat(split).tolist()) == list(range(lengths.numel()))
+        assert sum(int(lengths[g].max()) * g.numel() for g in split) < int(lengths.max()) * lengths.numel()
+    assert len(length_groups(torch.full((8,), 50), 3)) == 1  # equal lengths: nothing to gain
+
+
+def test_fin_in_length_groups_gives_the_scores_and_gradients_of_one_group(features_job):
+    """Requests attended over in groups of similar fragment length: the logits and every gradient of one
+    padded group, on a training batch (many requests, a few candidates each, lengths from 0 to the cap)."""
+    out, _ = features_job
+    batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
+    assert len(length_groups(batch.fragments["full"].lengths, 3)) > 1
+    results = []
+    for groups in (1, 3):
+        model = _model("fin").train()
+        model.length_groups = groups
+        logits, auxiliary = model(batch, auxiliary=True)
+        (logits * torch.linspace(-1, 1, len(logits)) + auxiliary).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (one, one_grads), (grouped, grouped_grads) = results
+    torch.testing.assert_close(grouped, one, rtol=1e-5, atol=1e-6)
+    assert one_grads.keys() == grouped_grads.keys()
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

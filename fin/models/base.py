@@ -19,6 +19,7 @@ the model learns what to make of such a candidate instead of first meeting one i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -146,23 +147,79 @@ class CTRModel(nn.Module):
 @dataclass
 class Padded:
     """A fragment padded per request: rows of the batch's history events [U, L], which are real [U, L], and
-    (integrated) the set tags [U, L]. Padding slots point at real rows: only masked readers may read them."""
+    (integrated) the set tags [U, L]. Padding slots point at real rows: only masked readers may read them.
+    `requests`: which of the batch's requests the U rows are (None: all of them, in order)."""
 
     index: torch.Tensor
     mask: torch.Tensor
     tags: torch.Tensor | None = None
+    requests: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, frag: Fragment | Slots) -> Padded:
+    def of(cls, frag: Fragment | Slots, requests: torch.Tensor | None = None) -> Padded:
         if isinstance(frag, Slots):  # one request's fragment at a fixed width: already padded
             return cls(frag.index, frag.mask, frag.tags)
-        pos, mask = frag.padded()
-        return cls(frag.index[pos], mask, None if frag.tags is None else frag.tags[pos])
+        pos, mask = frag.padded(requests)
+        return cls(frag.index[pos], mask, None if frag.tags is None else frag.tags[pos], requests)
+
+    def request_times(self, ts: torch.Tensor) -> torch.Tensor:
+        """The batch's request times [U] at this fragment's rows."""
+        return ts if self.requests is None else ts[self.requests]
 
     def rows(self, values: torch.Tensor) -> torch.Tensor:
         """Per-event `values` ([N, ...]) at the fragment's events: [U, L, ...], one gather (and, in backward,
         one scatter) however the fragment was cut."""
         return gather(values, self.index)
+
+
+def length_groups(lengths: torch.Tensor, groups: int, cuts: int = 32) -> list[torch.Tensor]:
+    """The requests (indices into `lengths` [U]) in at most `groups` (1-3) groups of similar fragment length,
+    cut where the padded area (each group's requests times its longest fragment, summed) is least; the cut
+    points are searched among `cuts` quantiles of the sorted lengths, so the search costs the same for any U."""
+    order = torch.argsort(lengths)
+    ascending = lengths[order]
+    count = ascending.numel()
+    if groups < 2 or count < 2:
+        return [order]
+    at = torch.unique(torch.linspace(1, count - 1, min(cuts, count - 1)).round().long().to(lengths.device))
+    # cuts i <= j (i == j: two groups): area i*l[i-1] + (j-i)*l[j-1] + (U-j)*l[U-1]
+    i, j = at[:, None], at[None, :]
+    area = i * ascending[i - 1] + (j - i) * ascending[j - 1] + (count - j) * ascending[-1]
+    allowed = (j >= i) if groups > 2 else (j == i)
+    area = torch.where(allowed, area, area.new_tensor(torch.iinfo(area.dtype).max))
+    best = int(torch.argmin(area))
+    if int(area.flatten()[best]) >= count * int(ascending[-1]):  # no cut pads less than none
+        return [order]
+    bounds = sorted({0, int(at[best // at.numel()]), int(at[best % at.numel()]), count})
+    return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+Attend = Callable[[torch.Tensor, Padded, torch.Tensor], torch.Tensor]
+
+
+def attend_by_length(frag: Fragment | Slots, query: torch.Tensor, user_of: torch.Tensor, attend: Attend,
+                     groups: int) -> torch.Tensor:
+    """`attend(query, padded fragment, user_of)` -> [B, ...], with the requests in up to `groups` groups of
+    similar fragment length (`length_groups`), each padded to its own longest and attended over by its own
+    candidates: a training batch's full fragments run from a few events to 1,000, and padding them all to
+    the longest gathers, attends over and scatters back about 2.6 times the real events (1.3 times in three
+    groups). Every candidate gets what one group would give it: attention is per request."""
+    if isinstance(frag, Slots) or groups < 2 or frag.lengths.numel() < 2 * groups:
+        return attend(query, Padded.of(frag), user_of)
+    requests = length_groups(frag.lengths, groups)
+    if len(requests) == 1:
+        return attend(query, Padded.of(frag), user_of)
+    group_of, local = torch.empty_like(frag.lengths), torch.empty_like(frag.lengths)
+    for g, members in enumerate(requests):
+        group_of[members] = g
+        local[members] = torch.arange(members.numel(), device=members.device)
+    order = torch.argsort(group_of[user_of], stable=True)  # candidates, group by group
+    counts = torch.bincount(group_of[user_of], minlength=len(requests)).tolist()
+    out = [attend(query.index_select(0, cand), Padded.of(frag, members), local[user_of[cand]])
+           for members, cand in zip(requests, torch.split(order, counts)) if cand.numel()]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(out).index_select(0, inverse)
 
 
 def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

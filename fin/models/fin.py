@@ -20,7 +20,7 @@ from torch import nn
 
 from fin.inputs import Batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
-from fin.models.base import CTRModel, Encoded, ModelConfig, Padded, time_gaps
+from fin.models.base import CTRModel, Encoded, ModelConfig, Padded, attend_by_length, time_gaps
 
 SIMPLIFIED = ("location", "meal", "full")
 MULTI_HEAD = ("recent", "integrated")
@@ -29,6 +29,9 @@ MULTI_HEAD = ("recent", "integrated")
 class FIN(CTRModel):
     interests = len(SIMPLIFIED) + len(MULTI_HEAD)
     fusion = "confidence"  # with creatives: per-row weights of ids and image (`fin.fusion.ConfidenceFusion`)
+    # requests in up to this many groups of similar fragment length, each padded to its own longest
+    # (`attend_by_length`): the same scores, computed over less padding
+    length_groups = 3
 
     def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
         super().__init__(config, device)
@@ -38,16 +41,19 @@ class FIN(CTRModel):
         self.set_tag = nn.Embedding(4, d)  # rows TAG_BOTH / TAG_LOCATION_ONLY / TAG_MEAL_ONLY (1-3); 0 unused
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
-        user_of = batch.candidate_requests()
+        user_of, groups = batch.candidate_requests(), self.length_groups
         out = []
         for name in SIMPLIFIED:
-            frag = Padded.of(batch.fragments[name])
-            out.append(self.simplified[name](x.target, frag.rows(x.events), frag.mask, user_of))
+            attention = self.simplified[name]
+            out.append(attend_by_length(batch.fragments[name], x.target, user_of, groups=groups, attend=lambda
+                                        query, frag, users, attention=attention: attention(
+                                            query, frag.rows(x.events), frag.mask, users)))
         for name in MULTI_HEAD:
-            frag = Padded.of(batch.fragments[name])
-            seq = frag.rows(x.events)
-            if frag.tags is not None:
-                seq = seq + self.set_tag(frag.tags)
-            gaps = time_gaps(batch.ts, batch.history["ts"], frag.index, frag.mask)
-            out.append(self.multi_head[name](x.target, seq, gaps, frag.mask, user_of))
+            def attend(query: torch.Tensor, frag: Padded, users: torch.Tensor, attention=self.multi_head[name]):
+                seq = frag.rows(x.events)
+                if frag.tags is not None:
+                    seq = seq + self.set_tag(frag.tags)
+                gaps = time_gaps(frag.request_times(batch.ts), batch.history["ts"], frag.index, frag.mask)
+                return attention(query, seq, gaps, frag.mask, users)
+            out.append(attend_by_length(batch.fragments[name], x.target, user_of, attend, groups))
         return out
