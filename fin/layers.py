@@ -4,8 +4,10 @@ Embedding lookups (TorchRec) happen before these; everything here takes embedded
 arrive padded once per *user* ([U, L, d] with a mask; `fin.models.base.Padded` gathers them, and what a
 masked slot holds is never read: it gets zero weight and zero gradient); a user's candidates attend over
 its events together (`by_user`), so scoring many candidates for one user (the server's case) costs one
-attention kernel, not one per candidate. A request without padding skips the mask: a served request pays
-for few operations, and each costs microseconds whatever its size.
+attention kernel, not one per candidate. The simplified attention also takes per-candidate windows of a
+shared sequence (`over_windows`: the requests of one user reading one timeline slice). A request without
+padding skips the mask: a served request pays for few operations, and each costs microseconds whatever its
+size.
 """
 
 from __future__ import annotations
@@ -64,24 +66,25 @@ def from_users(grouped: torch.Tensor, user_of: torch.Tensor, column: torch.Tenso
 
 def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:
-    """softmax(query keys^T * scale) values over each user's events where `mask` [U, L], fused
-    (`scaled_dot_product_attention`); query [U, H, C, h], keys and values [U, H, L, h] (4-D: the fused CPU
-    kernel takes nothing else). A user without events gets zeros: its first slot is unmasked for the
-    kernel (so no backend sees an all-masked row and no gradient is NaN) and its result is zeroed. A batch
-    without any event gets one masked slot: the projections stay in the graph (zero gradients), which
-    DistributedModelParallel's static-graph replication requires of every step."""
-    users, length = mask.shape
+    """softmax(query keys^T * scale) values over each user's events where `mask` [U, L] (or, per query, [U, C,
+    L]), fused (`scaled_dot_product_attention`); query [U, H, C, h], keys and values [U, H, L, h] (4-D: the
+    fused CPU kernel takes nothing else). A user (query) without events gets zeros: its first slot is
+    unmasked for the kernel (so no backend sees an all-masked row and no gradient is NaN) and its result is
+    zeroed. A batch without any event gets one masked slot: the projections stay in the graph (zero
+    gradients), which DistributedModelParallel's static-graph replication requires of every step."""
+    length = mask.shape[-1]
     # no padding (one request, or users of equal lengths): no mask to apply; a graph being exported has a
     # mask whatever its values (its shapes do not depend on them) and always applies it
     if length and not torch.compiler.is_compiling() and bool(mask.all()):
         return F.scaled_dot_product_attention(query, keys, values, scale=scale)
     if length == 0:
         keys, values = F.pad(keys, (0, 0, 0, 1)), F.pad(values, (0, 0, 0, 1))
-        mask, length = mask.new_zeros(users, 1), 1
+        mask, length = mask.new_zeros(*mask.shape[:-1], 1), 1
+    mask = mask if mask.dim() == 3 else mask[:, None]  # [U, C or 1, L]
     empty = ~mask.any(-1)
-    mask = torch.cat([mask[:, :1] | empty[:, None], mask[:, 1:]], dim=1)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask.view(users, 1, 1, length), scale=scale)
-    return out.masked_fill(empty.view(users, 1, 1, 1), 0.0)
+    mask = torch.cat([mask[..., :1] | empty[..., None], mask[..., 1:]], dim=-1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None], scale=scale)
+    return out.masked_fill(empty[:, None, :, None], 0.0)
 
 
 class SimplifiedTargetAttention(nn.Module):
@@ -105,6 +108,23 @@ class SimplifiedTargetAttention(nn.Module):
         grouped, column = by_user(query @ self.key.weight, user_of, sequence.shape[0])  # [U, C, d]
         events = sequence[:, None]
         pooled = _attention(grouped[:, None], events, events, mask, self.scale)[:, 0]  # one head
+        return self.value(from_users(pooled, user_of, column))
+
+    def over_windows(self, query: torch.Tensor, sequence: torch.Tensor, start: torch.Tensor, length: torch.Tensor,
+                     user_of: torch.Tensor) -> torch.Tensor:
+        """`forward` where each query attends over a window of its user's events, `length` [B] events from
+        `start` [B] of sequence [U, L, d] (the requests of one user read windows of one timeline slice, held
+        once): per-query masks instead of a gathered copy of every request's events."""
+        grouped, column = by_user(query @ self.key.weight, user_of, sequence.shape[0])  # [U, C, d]
+        if column is None:
+            first, count = start[None], length[None]
+        else:
+            first = start.new_zeros(grouped.shape[:2]).index_put_((user_of, column), start)
+            count = length.new_zeros(grouped.shape[:2]).index_put_((user_of, column), length)
+        slot = torch.arange(sequence.shape[1], device=sequence.device)
+        mask = (slot >= first[..., None]) & (slot < (first + count)[..., None])  # [U, C, L]
+        events = sequence[:, None]
+        pooled = _attention(grouped[:, None], events, events, mask, self.scale)[:, 0]
         return self.value(from_users(pooled, user_of, column))
 
 

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from features.fragments import MISSING, FragmentConfig
+from features.fragments import MISSING, Fragment, FragmentConfig
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from features.simulator import load_sim_config, simulate
 from fin.embeddings import EmbeddingSizes, hash_ids
@@ -15,6 +15,7 @@ from fin.inputs import (
     CANDIDATE_NUMBERS,
     CONTEXT_FEATURES,
     TARGET_FEATURES,
+    Histories,
     LoaderConfig,
     ScoringRequest,
     requests_batch,
@@ -23,7 +24,7 @@ from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
 from fin.loader import ExampleStream
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
-from fin.models.base import length_groups
+from fin.models.base import SliceWindows, length_groups
 from jobs.features_job import FeaturesConfig, run_features
 
 LOADER = LoaderConfig(batch_size=256, max_seq_len=50,
@@ -175,16 +176,26 @@ def test_length_groups_partition_the_requests_and_pad_less():
     assert len(length_groups(torch.full((8,), 50), 3)) == 1  # equal lengths: nothing to gain
 
 
-def test_fin_in_length_groups_gives_the_scores_and_gradients_of_one_group(features_job):
-    """Requests attended over in groups of similar fragment length: the logits and every gradient of one
-    padded group, on a training batch (many requests, a few candidates each, lengths from 0 to the cap)."""
+def test_fin_over_shared_slices_in_length_groups_gives_the_scores_and_gradients_of_one_padded_group(
+        features_job, monkeypatch):
+    """A training batch (many requests, a few candidates each, fragment lengths from 0 to the cap): FIN's
+    full fragment attended over segments of the shared timeline slices, every fragment in groups of similar
+    length; against every request's fragments gathered and padded as one group: the same logits and every
+    gradient the same."""
     out, _ = features_job
     batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
-    assert len(length_groups(batch.fragments["full"].lengths, 3)) > 1
+    user_of = batch.candidate_requests()
+    windows = SliceWindows.of(batch.fragments["full"], batch.histories, user_of)
+    assert windows is not None and len(length_groups(batch.fragments["full"].lengths, 3)) > 1
+    assert windows.rows.lengths.numel() < batch.histories.start.numel()  # fewer rows than requests
     results = []
-    for groups in (1, 3):
+    for shared in (False, True):
+        if not shared:
+            monkeypatch.setattr(SliceWindows, "of", classmethod(lambda cls, *args: None))
+        else:
+            monkeypatch.undo()
         model = _model("fin").train()
-        model.length_groups = groups
+        model.length_groups = 3 if shared else 1
         logits, auxiliary = model(batch, auxiliary=True)
         (logits * torch.linspace(-1, 1, len(logits)) + auxiliary).sum().backward()
         results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
@@ -193,3 +204,32 @@ def test_fin_in_length_groups_gives_the_scores_and_gradients_of_one_group(featur
     assert one_grads.keys() == grouped_grads.keys()
     for name, grad in one_grads.items():
         torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _window_events(windows: SliceWindows, candidate: int) -> list[int]:
+    rows = windows.rows
+    first = int((torch.cumsum(rows.lengths, 0) - rows.lengths)[windows.row_of[candidate]])
+    start = first + int(windows.start[candidate])
+    assert int(windows.start[candidate]) + int(windows.length[candidate]) <= int(rows.lengths[windows.row_of[candidate]])
+    return rows.index[start:start + int(windows.length[candidate])].tolist()
+
+
+def test_slice_windows_hold_each_request_s_events_in_segments_of_a_long_slice():
+    """One user's slice of 10 events read by three requests (windows of 4 from events 0, 3 and 6) and a second
+    user's slice of 3 read by one: segments of 8 events from every 4th, each window inside the segment it
+    starts in, each candidate reading exactly its request's events."""
+    histories = Histories(offsets=torch.tensor([0, 10, 13]), values={}, start=torch.tensor([0, 3, 6, 10]),
+                          end=torch.tensor([4, 7, 10, 13]))
+    full = Fragment(index=torch.tensor([0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9, 11, 12]), lengths=torch.tensor([4, 4, 4, 2]))
+    user_of = torch.tensor([0, 1, 1, 2, 3])
+    windows = SliceWindows.of(full, histories, user_of)
+    assert windows.rows.lengths.tolist() == [8, 6, 3]  # events 0-7, 4-9 of the first slice; the second whole
+    expected = {0: [0, 1, 2, 3], 1: [3, 4, 5, 6], 2: [6, 7, 8, 9], 3: [11, 12]}
+    for c, request in enumerate(user_of.tolist()):
+        assert _window_events(windows, c) == expected[request]
+    holes = Fragment(index=torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 11, 12]), lengths=full.lengths)
+    assert SliceWindows.of(holes, histories, user_of) is None  # not one run of events per request
+    # a request without events after the last slice's end (its window is empty): masked, any row does
+    empty = Histories(offsets=torch.tensor([0, 10]), values={}, start=torch.tensor([0, 10]), end=torch.tensor([4, 10]))
+    windows = SliceWindows.of(Fragment(index=torch.arange(4), lengths=torch.tensor([4, 0])), empty, torch.tensor([0, 1]))
+    assert _window_events(windows, 0) == [0, 1, 2, 3] and _window_events(windows, 1) == []

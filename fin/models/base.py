@@ -28,7 +28,7 @@ from torch import nn
 from features.fragments import Fragment, FragmentConfig, Slots
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, SparseOutput, hash_ids
 from fin.fusion import ConcatFusion, ConfidenceFusion, ModalityConfidence, UnimodalHeads
-from fin.inputs import CANDIDATE_NUMBERS, STAT_FEATURES, Batch
+from fin.inputs import CANDIDATE_NUMBERS, STAT_FEATURES, Batch, Histories
 from fin.layers import MLP, MultiHeadTargetAttention
 
 
@@ -173,53 +173,107 @@ class Padded:
 
 
 def length_groups(lengths: torch.Tensor, groups: int, cuts: int = 32) -> list[torch.Tensor]:
-    """The requests (indices into `lengths` [U]) in at most `groups` (1-3) groups of similar fragment length,
-    cut where the padded area (each group's requests times its longest fragment, summed) is least; the cut
-    points are searched among `cuts` quantiles of the sorted lengths, so the search costs the same for any U."""
+    """The rows (indices into `lengths` [U]) in at most `groups` groups of similar length, cut where the padded
+    area (each group's rows times its longest, summed) is least: a shortest path over the sorted lengths
+    whose cut points are searched among `cuts` quantiles, so the search costs the same for any U."""
     order = torch.argsort(lengths)
-    ascending = lengths[order]
-    count = ascending.numel()
+    count = order.numel()
     if groups < 2 or count < 2:
         return [order]
-    at = torch.unique(torch.linspace(1, count - 1, min(cuts, count - 1)).round().long().to(lengths.device))
-    # cuts i <= j (i == j: two groups): area i*l[i-1] + (j-i)*l[j-1] + (U-j)*l[U-1]
-    i, j = at[:, None], at[None, :]
-    area = i * ascending[i - 1] + (j - i) * ascending[j - 1] + (count - j) * ascending[-1]
-    allowed = (j >= i) if groups > 2 else (j == i)
-    area = torch.where(allowed, area, area.new_tensor(torch.iinfo(area.dtype).max))
-    best = int(torch.argmin(area))
-    if int(area.flatten()[best]) >= count * int(ascending[-1]):  # no cut pads less than none
-        return [order]
-    bounds = sorted({0, int(at[best // at.numel()]), int(at[best % at.numel()]), count})
-    return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    ascending = lengths[order].cpu()
+    at = torch.unique(torch.cat([torch.tensor([0, count]), torch.linspace(1, count - 1, min(cuts, count - 1)).round().long()]))
+    # area[i, j]: one group of the sorted rows at[i] .. at[j] - 1, padded to the longest of them (i == j: none)
+    area = ((at[None, :] - at[:, None]) * ascending[(at - 1).clamp(min=0)][None, :]).double()
+    area = area.masked_fill(at[None, :] < at[:, None], float("inf"))
+    best = torch.full((at.numel(),), float("inf"), dtype=torch.float64)
+    best[0] = 0.0
+    came_from = []
+    for _ in range(groups):  # best[j]: least area of the rows before at[j] in the groups so far
+        best, previous = (best[:, None] + area).min(0)
+        came_from.append(previous)
+    bounds, j = [at.numel() - 1], at.numel() - 1
+    for previous in reversed(came_from):
+        j = int(previous[j])
+        bounds.append(j)
+    cuts_at = sorted({int(at[b]) for b in bounds} | {0, count})
+    return [order[lo:hi] for lo, hi in zip(cuts_at[:-1], cuts_at[1:]) if hi > lo]
 
 
-Attend = Callable[[torch.Tensor, Padded, torch.Tensor], torch.Tensor]
+# attend(candidates, padded fragment, each of those candidates' row in it) -> [b, ...]; candidates: the
+# indices of the candidates to attend for (None: all of them, in order)
+Attend = Callable[[torch.Tensor | None, Padded, torch.Tensor], torch.Tensor]
 
 
-def attend_by_length(frag: Fragment | Slots, query: torch.Tensor, user_of: torch.Tensor, attend: Attend,
-                     groups: int) -> torch.Tensor:
-    """`attend(query, padded fragment, user_of)` -> [B, ...], with the requests in up to `groups` groups of
-    similar fragment length (`length_groups`), each padded to its own longest and attended over by its own
-    candidates: a training batch's full fragments run from a few events to 1,000, and padding them all to
-    the longest gathers, attends over and scatters back about 2.6 times the real events (1.3 times in three
-    groups). Every candidate gets what one group would give it: attention is per request."""
+def attend_by_length(frag: Fragment | Slots, user_of: torch.Tensor, attend: Attend, groups: int) -> torch.Tensor:
+    """`attend` for every candidate (`user_of` [B]: its row of `frag`) -> [B, ...], with the rows (requests,
+    or shared timeline slices) in up to `groups` groups of similar length (`length_groups`), each padded to
+    its own longest and attended over by its own candidates: a training batch's full fragments run from a
+    few events to 1,000, and padding them all to the longest gathers, attends over and scatters back about
+    2.6 times the real events (1.3 times in three groups). Every candidate gets what one group would give it:
+    attention is per row."""
     if isinstance(frag, Slots) or groups < 2 or frag.lengths.numel() < 2 * groups:
-        return attend(query, Padded.of(frag), user_of)
-    requests = length_groups(frag.lengths, groups)
-    if len(requests) == 1:
-        return attend(query, Padded.of(frag), user_of)
+        return attend(None, Padded.of(frag), user_of)
+    rows = length_groups(frag.lengths, groups)
+    if len(rows) == 1:
+        return attend(None, Padded.of(frag), user_of)
     group_of, local = torch.empty_like(frag.lengths), torch.empty_like(frag.lengths)
-    for g, members in enumerate(requests):
+    for g, members in enumerate(rows):
         group_of[members] = g
         local[members] = torch.arange(members.numel(), device=members.device)
     order = torch.argsort(group_of[user_of], stable=True)  # candidates, group by group
-    counts = torch.bincount(group_of[user_of], minlength=len(requests)).tolist()
-    out = [attend(query.index_select(0, cand), Padded.of(frag, members), local[user_of[cand]])
-           for members, cand in zip(requests, torch.split(order, counts)) if cand.numel()]
+    counts = torch.bincount(group_of[user_of], minlength=len(rows)).tolist()
+    out = [attend(cand, Padded.of(frag, members), local[user_of[cand]])
+           for members, cand in zip(rows, torch.split(order, counts)) if cand.numel()]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return torch.cat(out).index_select(0, inverse)
+
+
+def selected(values: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+    """`values` [B, ...] of the `candidates` an `Attend` is called for."""
+    return values if candidates is None else values.index_select(0, candidates)
+
+
+@dataclass
+class SliceWindows:
+    """A contiguous fragment (the full one: every event before the request, the most recent ones) as windows
+    into the batch's timeline slices, where the requests of one user share a slice, so that each event is
+    gathered and attended over for all of them at once. A slice of many requests can be long (a user's
+    overlapping windows merge into one), so the rows are segments of the slices: 2W events from every W-th
+    (W: the longest window), each window held whole by the segment it starts in. `rows`: the segments as rows
+    of a fragment; per candidate its row [B] and its window's first event in it and length [B]."""
+
+    rows: Fragment
+    row_of: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+
+    @classmethod
+    def of(cls, frag: Fragment | Slots, histories: Histories, user_of: torch.Tensor) -> SliceWindows | None:
+        """None where no slice is shared (one request, or one history copy per request: nothing to gain), where
+        no request has an event, or where the fragment is not one run of events per request."""
+        offsets = histories.offsets
+        if isinstance(frag, Slots) or offsets.numel() - 1 >= histories.start.numel() or not frag.index.numel():
+            return None
+        first = torch.cumsum(frag.lengths, 0) - frag.lengths
+        head = frag.index[first.clamp(max=frag.index.numel() - 1)]  # each request's first event
+        runs = torch.repeat_interleave(head - first, frag.lengths, output_size=frag.index.numel())
+        if not bool((frag.index - runs == torch.arange(frag.index.numel(), device=runs.device)).all()):
+            return None
+        width = int(frag.lengths.max())
+        # (a request without events may sit at the end of the last slice: any row does for it)
+        request_slice = (torch.searchsorted(offsets, histories.start, right=True) - 1).clamp(max=offsets.numel() - 2)
+        local = torch.where(frag.lengths > 0, head - offsets[request_slice], 0)  # the window's start in its slice
+        segment = local // width
+        per_slice = int(segment.max()) + 1
+        keys, request_row = torch.unique(request_slice * per_slice + segment, return_inverse=True)
+        row_first = offsets[keys // per_slice] + keys % per_slice * width
+        row_length = torch.minimum(offsets[keys // per_slice + 1] - row_first, row_first.new_tensor(2 * width))
+        total = int(row_length.sum())
+        index = torch.repeat_interleave(row_first - (torch.cumsum(row_length, 0) - row_length), row_length,
+                                        output_size=total) + torch.arange(total, device=offsets.device)
+        start = local - segment * width
+        return cls(Fragment(index, row_length), request_row[user_of], start[user_of], frag.lengths[user_of])
 
 
 def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

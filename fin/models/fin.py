@@ -20,7 +20,16 @@ from torch import nn
 
 from fin.inputs import Batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
-from fin.models.base import CTRModel, Encoded, ModelConfig, Padded, attend_by_length, time_gaps
+from fin.models.base import (
+    CTRModel,
+    Encoded,
+    ModelConfig,
+    Padded,
+    SliceWindows,
+    attend_by_length,
+    selected,
+    time_gaps,
+)
 
 SIMPLIFIED = ("location", "meal", "full")
 MULTI_HEAD = ("recent", "integrated")
@@ -45,15 +54,22 @@ class FIN(CTRModel):
         out = []
         for name in SIMPLIFIED:
             attention = self.simplified[name]
-            out.append(attend_by_length(batch.fragments[name], x.target, user_of, groups=groups, attend=lambda
-                                        query, frag, users, attention=attention: attention(
-                                            query, frag.rows(x.events), frag.mask, users)))
+            windows = SliceWindows.of(batch.fragments[name], batch.histories, user_of) if name == "full" else None
+            if windows is not None:  # shared timeline slices once, each candidate's window masked in them
+                out.append(attend_by_length(windows.rows, windows.row_of, groups=groups, attend=lambda
+                                            cand, frag, users, w=windows, attention=attention: attention.over_windows(
+                                                selected(x.target, cand), frag.rows(x.events), selected(w.start, cand),
+                                                selected(w.length, cand), users)))
+                continue
+            out.append(attend_by_length(batch.fragments[name], user_of, groups=groups, attend=lambda
+                                        cand, frag, users, attention=attention: attention(
+                                            selected(x.target, cand), frag.rows(x.events), frag.mask, users)))
         for name in MULTI_HEAD:
-            def attend(query: torch.Tensor, frag: Padded, users: torch.Tensor, attention=self.multi_head[name]):
+            def attend(cand: torch.Tensor | None, frag: Padded, users: torch.Tensor, attention=self.multi_head[name]):
                 seq = frag.rows(x.events)
                 if frag.tags is not None:
                     seq = seq + self.set_tag(frag.tags)
                 gaps = time_gaps(frag.request_times(batch.ts), batch.history["ts"], frag.index, frag.mask)
-                return attention(query, seq, gaps, frag.mask, users)
-            out.append(attend_by_length(batch.fragments[name], x.target, user_of, attend, groups))
+                return attention(selected(x.target, cand), seq, gaps, frag.mask, users)
+            out.append(attend_by_length(batch.fragments[name], user_of, attend, groups))
         return out

@@ -1,0 +1,117 @@
+"""Benchmark: FIN's training step with its fragments laid out as before (every request's fragment gathered
+and padded to the batch's longest) and as now (requests in groups of similar length, the full fragment
+read from shared timeline slices: `fin.models.base.attend_by_length`, `SliceWindows`), in one process.
+
+Both layouts give the same scores and gradients (tests/test_models.py); what differs is how many padded
+event rows the step gathers, attends over and scatters back. Each data folder's first training batches
+(FIN's defaults: user chunks of 2, 1,000 events) are loaded and cut once; then the two layouts take turns,
+`--steps` timed steps each per round (after 5 of warm-up), on one sharded FIN (TorchRec, gloo, one
+process), so that the machine's drift falls on both alike. The figure is the median round.
+Usage: python benchmarks/attention_layout.py --data FEATURES_DATA [FEATURES_DATA ...] [--steps 20] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from _measure import ROOT, report
+
+sys.path.insert(0, str(ROOT))
+
+from fin.loader import ExampleStream  # noqa: E402
+from fin.models import base  # noqa: E402
+from fin.sharding import shard  # noqa: E402
+from fin.train import MODELS, TrainConfig  # noqa: E402
+
+
+def padded_rows(batch) -> dict:
+    """Event rows the step's fragment attentions gather, both ways (FIN: every fragment's padded rows)."""
+    user_of = batch.candidate_requests()
+    before = after = 0
+    for name, frag in batch.fragments.items():
+        before += int(frag.lengths.max()) * frag.lengths.numel()
+        windows = base.SliceWindows.of(frag, batch.histories, user_of) if name == "full" else None
+        lengths = frag.lengths if windows is None else windows.rows.lengths
+        after += sum(int(lengths[g].max()) * g.numel() for g in base.length_groups(lengths, 3))
+    real = sum(int(f.lengths.sum()) for f in batch.fragments.values())
+    return {"real": real, "before": before, "after": after}
+
+
+def measure(data: Path, steps: int, rounds: int) -> dict:
+    config = TrainConfig()
+    torch.manual_seed(config.seed)
+    model = shard(MODELS["fin"](config.model_config), torch.device("cpu"), config.sharding, config.sparse_lr, 1)
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
+                                  lambda params: torch.optim.Adam(params, lr=config.lr))
+    optimizer = CombinedOptimizer([model.fused_optimizer, dense])
+    loader = dataclasses.replace(config.loader, max_seq_len=MODELS["fin"].events_read(config.loader.fragments))
+    batches = list(itertools.islice(iter(ExampleStream(data, "train", loader)), steps + 5))
+    model.train()
+
+    def step(batch) -> None:
+        logits, auxiliary = model(batch, auxiliary=True)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label, reduction="sum")
+        optimizer.zero_grad()
+        (loss + auxiliary.sum()).backward()
+        optimizer.step()
+
+    windows, fin = base.SliceWindows.of, model.module
+    layouts = {"before": (1, classmethod(lambda cls, *args: None)), "after": (3, windows)}
+    seconds: dict[str, list[float]] = {name: [] for name in layouts}
+    try:
+        for _ in range(rounds):
+            for name, (groups, slice_windows) in layouts.items():
+                fin.length_groups, base.SliceWindows.of = groups, slice_windows
+                for batch in batches[:5]:
+                    step(batch)
+                started = time.perf_counter()
+                for batch in batches[5:]:
+                    step(batch)
+                seconds[name].append((time.perf_counter() - started) / steps)
+    finally:
+        base.SliceWindows.of = windows
+    examples = statistics.mean(len(b) for b in batches[5:])
+    step_ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
+    return {"data": str(data), "examples_per_step": examples,
+            "padded_rows_per_step": padded_rows(batches[5]),
+            **{f"{name}_step_ms": round(ms, 1) for name, ms in step_ms.items()},
+            **{f"{name}_examples_per_s": round(examples / ms * 1000) for name, ms in step_ms.items()},
+            "speedup": round(step_ms["before"] / step_ms["after"], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, nargs="+", required=True,
+                        help="features data folders (fin features --out DIR: DIR/data)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of 512 per layout and round")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        runs = [measure(folder, args.steps, args.rounds) for folder in args.data]
+    finally:
+        dist.destroy_process_group()
+    report("attention_layout", {"steps": args.steps, "rounds": args.rounds, "runs": runs,
+                                "note": "batches pre-loaded and cut: the step alone, without the loader"})
+
+
+if __name__ == "__main__":
+    main()
