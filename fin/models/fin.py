@@ -50,20 +50,8 @@ class FIN(CTRModel):
         self.set_tag = nn.Embedding(4, d)  # rows TAG_BOTH / TAG_LOCATION_ONLY / TAG_MEAL_ONLY (1-3); 0 unused
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
-        user_of, groups = batch.candidate_requests(), self.length_groups
-        out = []
-        for name in SIMPLIFIED:
-            attention = self.simplified[name]
-            windows = SliceWindows.of(batch.fragments[name], batch.histories, user_of) if name == "full" else None
-            if windows is not None:  # shared timeline slices once, each candidate's window masked in them
-                out.append(attend_by_length(windows.rows, windows.row_of, groups=groups, attend=lambda
-                                            cand, frag, users, w=windows, attention=attention: attention.over_windows(
-                                                selected(x.target, cand), frag.rows(x.events), selected(w.start, cand),
-                                                selected(w.length, cand), users)))
-                continue
-            out.append(attend_by_length(batch.fragments[name], user_of, groups=groups, attend=lambda
-                                        cand, frag, users, attention=attention: attention(
-                                            selected(x.target, cand), frag.rows(x.events), frag.mask, users)))
+        user_of = batch.candidate_requests()
+        out = [self._simplified(name, batch, x, user_of) for name in SIMPLIFIED]
         for name in MULTI_HEAD:
             def attend(cand: torch.Tensor | None, frag: Padded, users: torch.Tensor, attention=self.multi_head[name]):
                 seq = frag.rows(x.events)
@@ -71,5 +59,19 @@ class FIN(CTRModel):
                     seq = seq + self.set_tag(frag.tags)
                 gaps = time_gaps(frag.request_times(batch.ts), batch.history["ts"], frag.index, frag.mask)
                 return attention(selected(x.target, cand), seq, gaps, frag.mask, users)
-            out.append(attend_by_length(batch.fragments[name], user_of, attend, groups))
+            out.append(attend_by_length(batch.fragments[name], user_of, attend, self.length_groups))
         return out
+
+    def _simplified(self, name: str, batch: Batch, x: Encoded, user_of: torch.Tensor) -> torch.Tensor:
+        attention = self.simplified[name]
+        windows = SliceWindows.of(batch.fragments[name], batch.histories, user_of) if name == "full" else None
+        if windows is None:
+            def attend(cand: torch.Tensor | None, frag: Padded, users: torch.Tensor) -> torch.Tensor:
+                return attention(selected(x.target, cand), frag.rows(x.events), frag.mask, users)
+            return attend_by_length(batch.fragments[name], user_of, attend, self.length_groups)
+
+        def attend_windows(cand: torch.Tensor | None, rows: Padded, users: torch.Tensor) -> torch.Tensor:
+            # the shared slices' events once; each candidate's own window masked in them
+            return attention.over_windows(selected(x.target, cand), rows.rows(x.events), selected(windows.start, cand),
+                                          selected(windows.length, cand), users)
+        return attend_by_length(windows.rows, windows.row_of, attend_windows, self.length_groups)
