@@ -42,7 +42,7 @@ def padded_rows(batch) -> dict:
         before += int(frag.lengths.max()) * frag.lengths.numel()
         windows = base.SliceWindows.of(frag, batch.histories, user_of) if name == "full" else None
         lengths = frag.lengths if windows is None else windows.rows.lengths
-        after += sum(int(lengths[g].max()) * g.numel() for g in base.length_groups(lengths, 3))
+        after += sum(int(lengths[g].max()) * g.numel() for g in base.length_groups(lengths, MODELS["fin"].length_groups))
     real = sum(int(f.lengths.sum()) for f in batch.fragments.values())
     return {"real": real, "before": before, "after": after}
 
@@ -69,7 +69,7 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
         optimizer.step()
 
     windows, fin = base.SliceWindows.of, model.module
-    layouts = {"before": (1, classmethod(lambda cls, *args: None)), "after": (3, windows)}
+    layouts = {"before": (1, classmethod(lambda cls, *args: None)), "after": (fin.length_groups, windows)}
     seconds: dict[str, list[float]] = {name: [] for name in layouts}
     try:
         for _ in range(rounds):

@@ -267,8 +267,9 @@ class SliceWindows:
         segment = local // width
         per_slice = int(segment.max()) + 1
         keys, request_row = torch.unique(request_slice * per_slice + segment, return_inverse=True)
-        row_first = offsets[keys // per_slice] + keys % per_slice * width
-        row_length = torch.minimum(offsets[keys // per_slice + 1] - row_first, row_first.new_tensor(2 * width))
+        row_slice, row_segment = keys // per_slice, keys % per_slice
+        row_first = offsets[row_slice] + row_segment * width
+        row_length = torch.minimum(offsets[row_slice + 1] - row_first, row_first.new_tensor(2 * width))
         total = int(row_length.sum())
         index = torch.repeat_interleave(row_first - (torch.cumsum(row_length, 0) - row_length), row_length,
                                         output_size=total) + torch.arange(total, device=offsets.device)
