@@ -12,6 +12,12 @@ tables' weights: for one request, building KeyedJaggedTensors and splitting the 
 costs about ten times the lookups themselves (1.5 of a 200-candidate request's ~10 ms). Training and
 sharded modules go through TorchRec; both paths give the same rows (tested).
 
+Through TorchRec (training, sharded modules) a batch's history events are looked up once per *distinct*
+event (`DistinctEvents`: the same row of every shared table and the same creative), and the model encodes
+each distinct event once: a training batch of 512 examples holds ~48,000 history events but ~13,000
+distinct ones (a user orders the same dishes from the same places), so the lookups, their backward and the
+event encoder do a quarter of the work for the same rows and gradients.
+
 Ids beyond a table's size are hashed into it: row 0 is kept for unknown ids (MISSING, negative), every
 other id maps to 1 + id mod (rows - 1). Collisions are possible by design and shrink as tables grow.
 """
@@ -62,13 +68,46 @@ def hash_ids(ids: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class DistinctEvents:
+    """The distinct rows among a batch's N history events (M of them), where two events are one row when every
+    key column holds the same value: `first` [M], one event of each row; `row_of` [N], each event's row."""
+
+    first: torch.Tensor
+    row_of: torch.Tensor
+
+    @classmethod
+    def of(cls, columns: list[tuple[torch.Tensor, int]]) -> DistinctEvents:
+        """`columns`: (values [N], how many values it may take: 0 <= value < size). The columns are packed into
+        one int64 key, which is renumbered densely (a sort) whenever the next column would overflow it."""
+        key, bound = None, 1
+        for values, size in columns:
+            if key is not None and bound * size >= 2 ** 62:
+                unique, key = torch.unique(key, return_inverse=True)
+                bound = unique.numel()
+            key = values if key is None else key * size + values
+            bound *= size
+        unique, row_of = torch.unique(key, return_inverse=True)
+        # any event of a row will do: they share every key column
+        first = torch.empty(unique.numel(), dtype=torch.int64, device=key.device)
+        first.scatter_(0, row_of, torch.arange(row_of.numel(), device=key.device))
+        return cls(first, row_of)
+
+    def spread(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row `values` [M, ...] -> per event [N, ...]."""
+        return values.index_select(0, self.row_of)
+
+
+@dataclass
 class SparseOutput:
     target: torch.Tensor  # [B, len(SHARED), d]: the candidate's (or request's) id in each shared table
-    history: torch.Tensor  # [N, len(SHARED), d]: the same for each history event
+    history: torch.Tensor  # [N or M, len(SHARED), d]: the same for each history event (or distinct event)
     single: torch.Tensor  # [B, len(SINGLE) * d]
+    distinct: DistinctEvents | None = None  # history holds one row per distinct event (None: one per event)
 
 
 class SparseArch(nn.Module):
+    lookup_distinct = True  # through TorchRec: one lookup per distinct history event (False: per event)
+
     def __init__(self, sizes: EmbeddingSizes = EmbeddingSizes(), device: torch.device | None = None):
         super().__init__()
         self.sizes = sizes
@@ -81,18 +120,33 @@ class SparseArch(nn.Module):
                                pooling=PoolingType.SUM) for f in SINGLE])
         self._stacked_tables: dict[str, StackedTables] = {}  # eval-mode lookups (`_read_weights`)
 
-    def inputs(self, batch: Batch) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
-        """The batch as KeyedJaggedTensors (ids hashed into their tables)."""
+    def history_ids(self, batch: Batch) -> tuple[DistinctEvents | None, dict[str, torch.Tensor]]:
+        """Each shared table's row ids of the batch's history events to look up: of its distinct events (those
+        with the same row in every table and, with creatives, the same creative), or with `lookup_distinct`
+        off, of every event (distinct: None)."""
+        hashed = {t: hash_ids(batch.history[field], self.sizes.rows[t]) for t, (_, field) in SHARED.items()}
+        if not self.lookup_distinct:
+            return None, hashed
+        columns = [(hashed[t], self.sizes.rows[t]) for t in SHARED]
+        if batch.images is not None:
+            columns.append((batch.images.history, batch.images.table.shape[0]))
+        distinct = DistinctEvents.of(columns)
+        return distinct, {t: ids.index_select(0, distinct.first) for t, ids in hashed.items()}
+
+    def inputs(self, batch: Batch,
+               history: dict[str, torch.Tensor]) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+        """The batch as KeyedJaggedTensors (ids hashed into their tables), with `history` (table -> row ids)
+        as each table's history feature."""
         n, device = len(batch), batch.label.device  # lengths beside the values: a KJT's tensors share a device
         ones = torch.ones(n, dtype=torch.int64, device=device)
-        # every key of a KeyedJaggedTensor has B rows: requests' histories, then empty rows up to B
+        # every key of a KeyedJaggedTensor has B rows: the history ids in the first (a sequence feature is
+        # not pooled: which row holds them does not matter), then empty rows up to B
         history_lengths = torch.zeros(n, dtype=torch.int64, device=device)
-        history_lengths[:batch.histories.offsets.numel() - 1] = batch.histories.offsets.diff()
+        history_lengths[0] = next(iter(history.values())).numel()
         keys, values, lengths = [], [], []
-        for table, (target_id, history_field) in SHARED.items():
-            rows = self.sizes.rows[table]
+        for table, (target_id, _) in SHARED.items():
             keys += [f"target_{table}", f"history_{table}"]
-            values += [hash_ids(batch.ids[target_id], rows), hash_ids(batch.history[history_field], rows)]
+            values += [hash_ids(batch.ids[target_id], self.sizes.rows[table]), history[table]]
             lengths += [ones, history_lengths]
         sequence = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
         single = KeyedJaggedTensor.from_lengths_sync(
@@ -104,13 +158,15 @@ class SparseArch(nn.Module):
         unsharded = type(self.sequence) is EmbeddingCollection and type(self.single) is EmbeddingBagCollection
         if unsharded and not self.training:
             return self._read_weights(batch)
-        sequence, single = self.inputs(batch)
+        distinct, history = self.history_ids(batch)
+        sequence, single = self.inputs(batch, history)
         embedded = self.sequence(sequence)  # read by key: the order of outputs may change with sharding
         pooled = self.single(single).to_dict()
         return SparseOutput(
             target=torch.stack([embedded[f"target_{t}"].values() for t in SHARED], dim=1),
             history=torch.stack([embedded[f"history_{t}"].values() for t in SHARED], dim=1),
             single=torch.cat([pooled[f] for f in SINGLE], dim=1),
+            distinct=distinct,
         )
 
     def _read_weights(self, batch: Batch) -> SparseOutput:

@@ -1,8 +1,9 @@
 """The sparse side on TorchRec (CPU): shared tables, hashing, one lookup per history event."""
 
+import numpy as np
 import torch
 
-from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, hash_ids
+from fin.embeddings import SHARED, SINGLE, DistinctEvents, EmbeddingSizes, SparseArch, hash_ids
 from fin.inputs import LoaderConfig
 from fin.loader import ExampleStream
 
@@ -22,7 +23,9 @@ def test_target_and_history_share_tables(features_job):
     result = arch(batch)
     n_events = int(batch.histories.offsets[-1])
     assert result.target.shape == (len(batch), len(SHARED), 8)
-    assert result.history.shape == (n_events, len(SHARED), 8)
+    distinct = result.distinct.first.numel()
+    assert distinct < n_events and result.history.shape == (distinct, len(SHARED), 8)  # looked up once each
+    assert result.distinct.spread(result.history).shape == (n_events, len(SHARED), 8)
     assert result.single.shape == (len(batch), 8 * len(SINGLE))
     # the candidate's shop and the same shop in a history share one embedding row
     shop = list(SHARED).index("shop")
@@ -30,7 +33,7 @@ def test_target_and_history_share_tables(features_job):
     hist = batch.history["shop_id"]
     i = next(i for i in range(len(batch)) if (hist == shop_ids[i]).any())
     j = int(torch.nonzero(hist == shop_ids[i])[0])
-    assert torch.equal(result.target[i, shop], result.history[j, shop])
+    assert torch.equal(result.target[i, shop], result.distinct.spread(result.history)[j, shop])
     result.target[:, shop].sum().backward()
     assert arch.sequence.embeddings["shop"].weight.grad is not None
 
@@ -44,5 +47,21 @@ def test_eval_mode_reads_the_same_rows_without_keyed_jagged_tensors(features_job
     monkeypatch.setattr(arch, "inputs", None)  # eval mode must not build KeyedJaggedTensors
     direct = arch.eval()(batch)
     assert int(batch.histories.offsets[-1]) > 0
-    for side in ("target", "history", "single"):
+    assert torch.equal(direct.history, through_torchrec.distinct.spread(through_torchrec.history))
+    for side in ("target", "single"):
         assert torch.equal(getattr(direct, side), getattr(through_torchrec, side)), side
+
+
+def test_distinct_events_are_the_distinct_key_tuples_even_past_64_bits():
+    """Key columns whose sizes multiply past 2^62 (so the packed key is renumbered on the way): every event's
+    row holds exactly its own key, and there are as many rows as distinct tuples."""
+    rng = np.random.default_rng(0)
+    sizes = [2**40, 2**30, 5, 2**20]
+    tuples = np.stack([rng.integers(0, n, 40) for n in sizes], axis=1)
+    events = tuples[rng.integers(0, 40, 1000)]
+    columns = [(torch.from_numpy(events[:, k]), n) for k, n in enumerate(sizes)]
+    distinct = DistinctEvents.of(columns)
+    assert distinct.first.numel() == len(np.unique(events, axis=0))
+    for values, _ in columns:
+        assert torch.equal(distinct.spread(values[distinct.first]), values)
+    assert DistinctEvents.of([(torch.zeros(0, dtype=torch.int64), 10)]).first.numel() == 0

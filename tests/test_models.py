@@ -10,12 +10,13 @@ import torch
 from features.fragments import MISSING, Fragment, FragmentConfig
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from features.simulator import load_sim_config, simulate
-from fin.embeddings import EmbeddingSizes, hash_ids
+from fin.embeddings import EmbeddingSizes, SparseArch, hash_ids
 from fin.inputs import (
     CANDIDATE_NUMBERS,
     CONTEXT_FEATURES,
     TARGET_FEATURES,
     Histories,
+    ItemImages,
     LoaderConfig,
     ScoringRequest,
     requests_batch,
@@ -204,6 +205,43 @@ def test_fin_over_shared_slices_in_length_groups_gives_the_scores_and_gradients_
     assert one_grads.keys() == grouped_grads.keys()
     for name, grad in one_grads.items():
         torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["fin", "din"])
+def test_one_lookup_per_distinct_event_gives_the_scores_and_gradients_of_one_per_event(features_job, name,
+                                                                                      monkeypatch):
+    """A training batch with creatives (small item and shop tables: different items share rows; each event's
+    creative drawn apart from its ids, so that events of the same rows differ by it): each distinct (rows,
+    creative) event looked up and encoded once, then spread to its events, against every event looked up and
+    encoded: the same logits and every gradient the same."""
+    out, _ = features_job
+    batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
+    table = torch.cat([torch.zeros(1, 4), torch.randn(7, 4, generator=torch.Generator().manual_seed(0))])
+    event_images = torch.remainder(batch.history["ts"] // 60_000, 8)
+    batch = dataclasses.replace(batch, images=ItemImages(table, batch.ids["item_id"] % 8, event_images))
+    sizes = EmbeddingSizes(dim=8, rows={**EmbeddingSizes().rows, "item": 50, "shop": 20})
+    config = dataclasses.replace(CONFIG, image_dim=4, embeddings=sizes)
+    results = []
+    for distinct in (False, True):
+        monkeypatch.setattr(SparseArch, "lookup_distinct", distinct)
+        torch.manual_seed(0)
+        model = MODELS[name](config).train()
+        if distinct:
+            rows = model.sparse.history_ids(batch)[0].first.numel()
+            assert rows < int(batch.histories.offsets[-1])
+            # fewer rows than events, more than the tables' rows alone tell apart: the creative is in the key
+            images = batch.images
+            batch.images = None
+            assert model.sparse.history_ids(batch)[0].first.numel() < rows
+            batch.images = images
+        logits, auxiliary = model(batch, auxiliary=True)
+        (logits * torch.linspace(-1, 1, len(logits)) + auxiliary).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (each, each_grads), (once, once_grads) = results
+    torch.testing.assert_close(once, each, rtol=1e-5, atol=1e-6)
+    assert each_grads.keys() == once_grads.keys()
+    for param, grad in each_grads.items():
+        torch.testing.assert_close(once_grads[param], grad, rtol=1e-4, atol=1e-5, msg=param)
 
 
 def _window_events(windows: SliceWindows, candidate: int) -> list[int]:

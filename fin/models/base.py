@@ -98,15 +98,18 @@ class CTRModel(nn.Module):
         if self.training and self.config.id_dropout > 0:
             target, stats = self._hide_ids(target, stats, batch.row_id)
         x = Encoded(target=None, events=None, single=sparse.single, stats=torch.log1p(stats.clamp(min=0)))
+        distinct = sparse.distinct  # history rows per distinct event: each encoded once, then spread per event
         if not self.config.image_dim:
-            x.target, x.events = self.target(target.flatten(1)), self.event(sparse.history.flatten(1))
-            return x
-        if batch.images is None:
-            raise ValueError(f"{type(self).__name__} reads creative embeddings: the batch has none (Batch.images)")
-        images = batch.images
-        x.target_inputs = (target.flatten(1), images.table, images.candidate)
-        x.target = self.target(*x.target_inputs)
-        x.events = self.event(sparse.history.flatten(1), images.table, images.history)
+            x.target, events = self.target(target.flatten(1)), self.event(sparse.history.flatten(1))
+        else:
+            if batch.images is None:
+                raise ValueError(f"{type(self).__name__} reads creative embeddings: the batch has none (Batch.images)")
+            images = batch.images
+            x.target_inputs = (target.flatten(1), images.table, images.candidate)
+            x.target = self.target(*x.target_inputs)
+            image_rows = images.history if distinct is None else images.history.index_select(0, distinct.first)
+            events = self.event(sparse.history.flatten(1), images.table, image_rows)
+        x.events = events if distinct is None else distinct.spread(events)
         return x
 
     def _hide_ids(self, target: torch.Tensor, stats: torch.Tensor,

@@ -1,13 +1,18 @@
-"""Benchmark: FIN's training step with its fragments laid out as before (every request's fragment gathered
-and padded to the batch's longest) and as now (requests in groups of similar length, the full fragment
-read from shared timeline slices: `fin.models.base.attend_by_length`, `SliceWindows`), in one process.
+"""Benchmark: FIN's training step as each change to its layout left it, in one process.
 
-Both layouts give the same scores and gradients (tests/test_models.py); what differs is how many padded
-event rows the step gathers, attends over and scatters back. Each data folder's first training batches
-(FIN's defaults: user chunks of 2, 1,000 events) are loaded and cut once; then the two layouts take turns,
-`--steps` timed steps each per round (after 5 of warm-up), on one sharded FIN (TorchRec, gloo, one
-process), so that the machine's drift falls on both alike. The figure is the median round.
-Usage: python benchmarks/attention_layout.py --data FEATURES_DATA [FEATURES_DATA ...] [--steps 20] [--rounds 4]
+- `padded`: every request's fragment gathered and padded to the batch's longest, every history event
+  looked up and encoded (the layout before commit af74059);
+- `grouped`: requests in groups of similar length, the full fragment read from shared timeline slices
+  (`fin.models.base.attend_by_length`, `SliceWindows`), every event looked up and encoded;
+- `distinct`: as `grouped`, each distinct history event looked up and encoded once
+  (`fin.embeddings.DistinctEvents`): today's step.
+
+All three give the same scores and gradients (tests/test_models.py); what differs is how much work the step
+does for them. Each data folder's first training batches (FIN's defaults: user chunks of 2, 1,000 events,
+the creatives when the data has them, as `fin train` reads them) are loaded and cut once; then the variants
+take turns, `--steps` timed steps each per round (after 5 of warm-up), on one sharded FIN (TorchRec, gloo,
+one process), so that the machine's drift falls on all alike. The figure is the median round.
+Usage: python benchmarks/train_step.py --data FEATURES_DATA [FEATURES_DATA ...] [--steps 20] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 from fin.loader import ExampleStream  # noqa: E402
 from fin.models import base  # noqa: E402
 from fin.sharding import shard  # noqa: E402
-from fin.train import MODELS, TrainConfig  # noqa: E402
+from fin.train import MODELS, TrainConfig, with_image_modality  # noqa: E402
 
 
 def padded_rows(batch) -> dict:
-    """Event rows the step's fragment attentions gather, both ways (FIN: every fragment's padded rows)."""
+    """Event rows the step's fragment attentions gather, padded and grouped (FIN: every fragment's padded rows)."""
     user_of = batch.candidate_requests()
     before = after = 0
     for name, frag in batch.fragments.items():
@@ -44,11 +49,11 @@ def padded_rows(batch) -> dict:
         lengths = frag.lengths if windows is None else windows.rows.lengths
         after += sum(int(lengths[g].max()) * g.numel() for g in base.length_groups(lengths, MODELS["fin"].length_groups))
     real = sum(int(f.lengths.sum()) for f in batch.fragments.values())
-    return {"real": real, "before": before, "after": after}
+    return {"real": real, "padded": before, "grouped": after}
 
 
 def measure(data: Path, steps: int, rounds: int) -> dict:
-    config = TrainConfig()
+    config = with_image_modality(data, TrainConfig(), log=lambda message: None)
     torch.manual_seed(config.seed)
     model = shard(MODELS["fin"](config.model_config), torch.device("cpu"), config.sharding, config.sparse_lr, 1)
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -58,7 +63,8 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
                                   lambda params: torch.optim.Adam(params, lr=config.lr))
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
     loader = dataclasses.replace(config.loader, max_seq_len=MODELS["fin"].events_read(config.loader.fragments))
-    batches = list(itertools.islice(iter(ExampleStream(data, "train", loader)), steps + 5))
+    images = config.model_config.image_dim > 0
+    batches = list(itertools.islice(iter(ExampleStream(data, "train", loader, images=images)), steps + 5))
     model.train()
 
     def step(batch) -> None:
@@ -68,13 +74,16 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
         (loss + auxiliary.sum()).backward()
         optimizer.step()
 
-    windows, fin = base.SliceWindows.of, model.module
-    layouts = {"before": (1, classmethod(lambda cls, *args: None)), "after": (fin.length_groups, windows)}
-    seconds: dict[str, list[float]] = {name: [] for name in layouts}
+    windows, fin, sparse = base.SliceWindows.of, model.module, model.module.sparse
+    no_windows = classmethod(lambda cls, *args: None)
+    # variant -> (length groups, SliceWindows.of, one lookup per distinct event)
+    variants = {"padded": (1, no_windows, False), "grouped": (fin.length_groups, windows, False),
+                "distinct": (fin.length_groups, windows, True)}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for _ in range(rounds):
-            for name, (groups, slice_windows) in layouts.items():
-                fin.length_groups, base.SliceWindows.of = groups, slice_windows
+            for name, (groups, slice_windows, distinct) in variants.items():
+                fin.length_groups, base.SliceWindows.of, sparse.lookup_distinct = groups, slice_windows, distinct
                 for batch in batches[:5]:
                     step(batch)
                 started = time.perf_counter()
@@ -85,11 +94,14 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
         base.SliceWindows.of = windows
     examples = statistics.mean(len(b) for b in batches[5:])
     step_ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
-    return {"data": str(data), "examples_per_step": examples,
+    distinct = sparse.history_ids(batches[5])[0].first.numel()
+    return {"data": str(data), "images": images, "examples_per_step": examples,
             "padded_rows_per_step": padded_rows(batches[5]),
+            "history_events_per_step": {"all": int(batches[5].histories.offsets[-1]), "distinct": distinct},
             **{f"{name}_step_ms": round(ms, 1) for name, ms in step_ms.items()},
             **{f"{name}_examples_per_s": round(examples / ms * 1000) for name, ms in step_ms.items()},
-            "speedup": round(step_ms["before"] / step_ms["after"], 2)}
+            "distinct_over_grouped": round(step_ms["grouped"] / step_ms["distinct"], 2),
+            "distinct_over_padded": round(step_ms["padded"] / step_ms["distinct"], 2)}
 
 
 def main() -> None:
@@ -109,7 +121,7 @@ def main() -> None:
         runs = [measure(folder, args.steps, args.rounds) for folder in args.data]
     finally:
         dist.destroy_process_group()
-    report("attention_layout", {"steps": args.steps, "rounds": args.rounds, "runs": runs,
+    report("train_step", {"steps": args.steps, "rounds": args.rounds, "runs": runs,
                                 "note": "batches pre-loaded and cut: the step alone, without the loader"})
 
 
