@@ -92,10 +92,6 @@ class DistinctEvents:
         first.scatter_(0, row_of, torch.arange(row_of.numel(), device=key.device))
         return cls(first, row_of)
 
-    def spread(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-row `values` [M, ...] -> per event [N, ...]."""
-        return values.index_select(0, self.row_of)
-
 
 @dataclass
 class SparseOutput:

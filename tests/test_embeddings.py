@@ -25,7 +25,7 @@ def test_target_and_history_share_tables(features_job):
     assert result.target.shape == (len(batch), len(SHARED), 8)
     distinct = result.distinct.first.numel()
     assert distinct < n_events and result.history.shape == (distinct, len(SHARED), 8)  # looked up once each
-    assert result.distinct.spread(result.history).shape == (n_events, len(SHARED), 8)
+    assert result.history[result.distinct.row_of].shape == (n_events, len(SHARED), 8)
     assert result.single.shape == (len(batch), 8 * len(SINGLE))
     # the candidate's shop and the same shop in a history share one embedding row
     shop = list(SHARED).index("shop")
@@ -33,7 +33,7 @@ def test_target_and_history_share_tables(features_job):
     hist = batch.history["shop_id"]
     i = next(i for i in range(len(batch)) if (hist == shop_ids[i]).any())
     j = int(torch.nonzero(hist == shop_ids[i])[0])
-    assert torch.equal(result.target[i, shop], result.distinct.spread(result.history)[j, shop])
+    assert torch.equal(result.target[i, shop], result.history[result.distinct.row_of][j, shop])
     result.target[:, shop].sum().backward()
     assert arch.sequence.embeddings["shop"].weight.grad is not None
 
@@ -47,7 +47,7 @@ def test_eval_mode_reads_the_same_rows_without_keyed_jagged_tensors(features_job
     monkeypatch.setattr(arch, "inputs", None)  # eval mode must not build KeyedJaggedTensors
     direct = arch.eval()(batch)
     assert int(batch.histories.offsets[-1]) > 0
-    assert torch.equal(direct.history, through_torchrec.distinct.spread(through_torchrec.history))
+    assert torch.equal(direct.history, through_torchrec.history[through_torchrec.distinct.row_of])
     for side in ("target", "single"):
         assert torch.equal(getattr(direct, side), getattr(through_torchrec, side)), side
 
@@ -63,5 +63,5 @@ def test_distinct_events_are_the_distinct_key_tuples_even_past_64_bits():
     distinct = DistinctEvents.of(columns)
     assert distinct.first.numel() == len(np.unique(events, axis=0))
     for values, _ in columns:
-        assert torch.equal(distinct.spread(values[distinct.first]), values)
+        assert torch.equal(values[distinct.first][distinct.row_of], values)
     assert DistinctEvents.of([(torch.zeros(0, dtype=torch.int64), 10)]).first.numel() == 0

@@ -78,7 +78,7 @@ def test_sim_attends_over_the_latest_events_of_the_candidate_s_category(features
         u = int(request[b])
         events = full.index[full.offsets[u]:full.offsets[u + 1]]
         expected = events[category[events] == batch.ids["category_1_id"][b]][-CONFIG.sim_len:]
-        torch.testing.assert_close(seq[b][mask[b]], x.events[expected])
+        torch.testing.assert_close(seq[b][mask[b]], x.events_at(expected))
         assert torch.equal(gaps[b][mask[b]], batch.ts[u] - batch.history["ts"][expected])
         found += expected.numel()
     assert found > 0 and int(mask.sum(1).max()) <= CONFIG.sim_len and torch.equal(rows, torch.arange(len(batch)))

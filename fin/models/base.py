@@ -1,7 +1,8 @@
 """What every model shares: the sparse side, the event and candidate encoders, and the tower inputs.
 
-A model embeds each history event once (`events`, [N, d]) and the candidate once (`target`, [B, d]),
-then adds its own interest vectors; the tower reads [candidate, request context and user, the candidate's
+A model embeds each history event once (`events`, [N, d]; in training, each distinct event once, [M, d]:
+`fin.embeddings.DistinctEvents`) and the candidate once (`target`, [B, d]), then adds its own interest
+vectors, reading the events of its fragments with `Encoded.events_at`; the tower reads [candidate, request context and user, the candidate's
 price and distance, statistics, interests, candidate x interest products]. Every model reads the same
 inputs; they differ in what they make of the history.
 
@@ -29,7 +30,7 @@ from features.fragments import Fragment, FragmentConfig, Slots
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, SparseOutput, hash_ids
 from fin.fusion import ConcatFusion, ConfidenceFusion, ModalityConfidence, UnimodalHeads
 from fin.inputs import CANDIDATE_NUMBERS, STAT_FEATURES, Batch, Histories
-from fin.layers import MLP, MultiHeadTargetAttention
+from fin.layers import MLP, MultiHeadTargetAttention, gather
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,17 @@ class ModelConfig:
 @dataclass
 class Encoded:
     target: torch.Tensor  # [B, d]
-    events: torch.Tensor  # [N, d], one row per history event of the batch
+    events: torch.Tensor  # [N, d], one row per history event of the batch, or [M, d] per distinct event
     single: torch.Tensor  # [B, len(SINGLE) * embedding dim]
     stats: torch.Tensor  # [B, len(STAT_FEATURES) + len(CANDIDATE_NUMBERS)], log1p
     target_inputs: tuple[torch.Tensor, ...] | None = None  # with images: the candidate's (ids, table, rows)
+    event_row: torch.Tensor | None = None  # [N]: each history event's row of `events` (None: its own)
+
+    def events_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The encoded history events at `index` (positions among the batch's N events, any shape) ->
+        [*index.shape, d]: one gather, and in backward one scatter, however a fragment was cut; from the
+        distinct events' rows where there are, so that backward scatters into M rows, not N."""
+        return gather(self.events, index if self.event_row is None else self.event_row[index])
 
 
 class CTRModel(nn.Module):
@@ -98,7 +106,7 @@ class CTRModel(nn.Module):
         if self.training and self.config.id_dropout > 0:
             target, stats = self._hide_ids(target, stats, batch.row_id)
         x = Encoded(target=None, events=None, single=sparse.single, stats=torch.log1p(stats.clamp(min=0)))
-        distinct = sparse.distinct  # history rows per distinct event: each encoded once, then spread per event
+        distinct = sparse.distinct  # history rows per distinct event: each encoded once
         if not self.config.image_dim:
             x.target, events = self.target(target.flatten(1)), self.event(sparse.history.flatten(1))
         else:
@@ -109,7 +117,7 @@ class CTRModel(nn.Module):
             x.target = self.target(*x.target_inputs)
             image_rows = images.history if distinct is None else images.history.index_select(0, distinct.first)
             events = self.event(sparse.history.flatten(1), images.table, image_rows)
-        x.events = events if distinct is None else distinct.spread(events)
+        x.events, x.event_row = events, None if distinct is None else distinct.row_of
         return x
 
     def _hide_ids(self, target: torch.Tensor, stats: torch.Tensor,
@@ -139,7 +147,7 @@ class CTRModel(nn.Module):
         features = [x.target, x.single, x.stats, *interests, *(x.target * i for i in interests)]
         logit = self.tower(torch.cat(features, dim=1)).squeeze(1)
         if self.position is not None and batch.position is not None:
-            logit = logit + self.position(hash_ids(batch.position, self.config.positions)).squeeze(1)
+            logit = logit + gather(self.position.weight, hash_ids(batch.position, self.config.positions)).squeeze(1)
         if not auxiliary:
             return logit
         if self.unimodal is None:
@@ -168,11 +176,6 @@ class Padded:
     def request_times(self, ts: torch.Tensor) -> torch.Tensor:
         """The batch's request times [U] at this fragment's rows."""
         return ts if self.requests is None else ts[self.requests]
-
-    def rows(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-event `values` ([N, ...]) at the fragment's events: [U, L, ...], one gather (and, in backward,
-        one scatter) however the fragment was cut."""
-        return gather(values, self.index)
 
 
 def length_groups(lengths: torch.Tensor, groups: int, cuts: int = 32) -> list[torch.Tensor]:
@@ -278,12 +281,6 @@ class SliceWindows:
                                         output_size=total) + torch.arange(total, device=offsets.device)
         start = local - segment * width
         return cls(Fragment(index, row_length), request_row[user_of], start[user_of], frag.lengths[user_of])
-
-
-def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values [N, ...] at an index of any shape -> [*index.shape, ...] (`index_select`: about 3x faster than
-    advanced indexing on CPU)."""
-    return values.index_select(0, index.flatten()).view(*index.shape, *values.shape[1:])
 
 
 def time_gaps(request_ts: torch.Tensor, event_ts: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -18,4 +18,4 @@ class DIN(TargetAttentionModel):
     def attended(self, batch: Batch, x: Encoded):
         frag = Padded.of(batch.fragments["recent"])
         gaps = time_gaps(batch.ts, batch.history["ts"], frag.index, frag.mask)
-        return frag.rows(x.events), gaps, frag.mask, batch.candidate_requests()
+        return x.events_at(frag.index), gaps, frag.mask, batch.candidate_requests()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fin.inputs import Batch
-from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
+from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention, gather
 from fin.models.base import (
     CTRModel,
     Encoded,
@@ -54,9 +54,9 @@ class FIN(CTRModel):
         out = [self._simplified(name, batch, x, user_of) for name in SIMPLIFIED]
         for name in MULTI_HEAD:
             def attend(cand: torch.Tensor | None, frag: Padded, users: torch.Tensor, attention=self.multi_head[name]):
-                seq = frag.rows(x.events)
+                seq = x.events_at(frag.index)
                 if frag.tags is not None:
-                    seq = seq + self.set_tag(frag.tags)
+                    seq = seq + gather(self.set_tag.weight, frag.tags)
                 gaps = time_gaps(frag.request_times(batch.ts), batch.history["ts"], frag.index, frag.mask)
                 return attention(selected(x.target, cand), seq, gaps, frag.mask, users)
             out.append(attend_by_length(batch.fragments[name], user_of, attend, self.length_groups))
@@ -67,11 +67,11 @@ class FIN(CTRModel):
         windows = SliceWindows.of(batch.fragments[name], batch.histories, user_of) if name == "full" else None
         if windows is None:
             def attend(cand: torch.Tensor | None, frag: Padded, users: torch.Tensor) -> torch.Tensor:
-                return attention(selected(x.target, cand), frag.rows(x.events), frag.mask, users)
+                return attention(selected(x.target, cand), x.events_at(frag.index), frag.mask, users)
             return attend_by_length(batch.fragments[name], user_of, attend, self.length_groups)
 
         def attend_windows(cand: torch.Tensor | None, rows: Padded, users: torch.Tensor) -> torch.Tensor:
             # the shared slices' events once; each candidate's own window masked in them
-            return attention.over_windows(selected(x.target, cand), rows.rows(x.events), selected(windows.start, cand),
+            return attention.over_windows(selected(x.target, cand), x.events_at(rows.index), selected(windows.start, cand),
                                           selected(windows.length, cand), users)
         return attend_by_length(windows.rows, windows.row_of, attend_windows, self.length_groups)

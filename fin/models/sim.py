@@ -7,7 +7,7 @@ import torch
 
 from features.fragments import keep_last
 from fin.inputs import Batch
-from fin.models.base import Encoded, Padded, TargetAttentionModel, gather, time_gaps
+from fin.models.base import Encoded, Padded, TargetAttentionModel, time_gaps
 
 
 class SIM(TargetAttentionModel):
@@ -23,7 +23,7 @@ class SIM(TargetAttentionModel):
                             self.config.sim_len)
         index, mask = left_aligned(events, matched)
         gaps = time_gaps(batch.ts[request], batch.history["ts"], index, mask)
-        return gather(x.events, index), gaps, mask, torch.arange(len(batch), device=index.device)
+        return x.events_at(index), gaps, mask, torch.arange(len(batch), device=index.device)
 
 
 def left_aligned(index: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
