@@ -118,39 +118,95 @@ def fragment_windows(starts: torch.Tensor, ends: torch.Tensor, history: dict[str
                      context: dict[str, torch.Tensor], config: FragmentConfig = FragmentConfig()) -> dict[str, Fragment]:
     """`fragment()` for histories that are windows of shared timelines: request b's history is
     values[starts[b]:ends[b]], oldest first, and windows may overlap (the requests of one user read one
-    slice of its timeline, each up to its own time). The indices point into the shared values."""
+    slice of its timeline, each up to its own time). The indices point into the shared values.
+
+    The rules run over the windows' events laid end to end (`_Flat`), not over a [B, longest] grid: a
+    training batch's windows run from a few events to 1,000 (about 400 on average), and a grid would be
+    mostly padding."""
     missing = [f for f in HISTORY_FIELDS if f not in history] + [f"context.{f}" for f in CONTEXT_FIELDS if f not in context]
     if missing:
         raise ValueError(f"fragment() needs {', '.join(missing)}")
     lengths = ends - starts
-    n = lengths.numel()
-    width = int(lengths.max()) if n else 0
-    if n == 1:  # one request (a served one): its events are one slice, with nothing to pad or gather
-        start = int(starts[0])
+    if lengths.numel() == 1:  # one request (a served one): its events are one slice, nothing to lay out
+        start, width = int(starts[0]), int(lengths[0])
         pos = torch.arange(start, start + width, device=starts.device)[None]
+        layout: _Grid | _Flat = _Grid(1)
 
         def field(name: str) -> torch.Tensor:
             return history[name][start:start + width][None]
-
-        before = field("ts") < context["ts"][:, None]
     else:
-        col = torch.arange(width, device=starts.device)
-        # right-aligned padded view: column j of row b is event ends[b] - width + j
-        pos = ends[:, None] - width + col[None, :]
-        valid = col[None, :] >= (width - lengths)[:, None]
-        pos = torch.where(valid, pos, torch.zeros_like(pos))
+        layout = _Flat(lengths)
+        pos = layout.events(starts)
 
         def field(name: str) -> torch.Tensor:  # index_select: about 3x faster than history[name][pos] on CPU
-            return history[name].index_select(0, pos.flatten()).view(pos.shape) if pos.numel() else pos
+            return history[name].index_select(0, pos)
 
-        before = valid & (field("ts") < context["ts"][:, None])
-    keep, tag_grid = _keep(field, before, context, config)
+    before = field("ts") < layout.of_request(context["ts"])
+    keep, tags = _keep(field, before, context, config, layout)
     out = {}
     for name in FRAGMENTS:
         k = keep[name]
-        out[name] = Fragment(index=pos.masked_select(k), lengths=k.sum(1),  # masked_select: ~2x pos[k]
-                             tags=tag_grid.masked_select(k) if name == "integrated" else None)
+        out[name] = Fragment(index=pos.masked_select(k), lengths=layout.counts(k),  # masked_select: ~2x pos[k]
+                             tags=tags.masked_select(k) if name == "integrated" else None)
     return out
+
+
+class _Grid:
+    """Events of B requests as a [B, W] grid (row b: request b's events): what `_keep` needs of a layout."""
+
+    def __init__(self, requests: int):
+        self.requests = requests
+
+    def of_request(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-request values [B] -> broadcast against the events."""
+        return values[:, None]
+
+    def row(self, like: torch.Tensor) -> torch.Tensor:
+        """Each event's request."""
+        return torch.arange(self.requests, device=like.device)[:, None]
+
+    def keep_last(self, mask: torch.Tensor, cap: int) -> torch.Tensor:
+        return keep_last(mask, cap)
+
+    def counts(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.sum(1)
+
+
+class _Flat:
+    """Events of B requests laid end to end ([E], request b's `lengths[b]` events after request b - 1's)."""
+
+    def __init__(self, lengths: torch.Tensor):
+        self.lengths = lengths
+        self.offsets = torch.cumsum(lengths, 0) - lengths
+        self.total = int(lengths.sum())
+        self.requests = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
+                                                output_size=self.total)
+
+    def events(self, starts: torch.Tensor) -> torch.Tensor:
+        """The positions of the requests' events among values whose request b starts at `starts[b]`."""
+        return torch.repeat_interleave(starts - self.offsets, self.lengths, output_size=self.total) + \
+            torch.arange(self.total, device=starts.device)
+
+    def of_request(self, values: torch.Tensor) -> torch.Tensor:
+        return values.index_select(0, self.requests)
+
+    def row(self, like: torch.Tensor) -> torch.Tensor:
+        return self.requests
+
+    def keep_last(self, mask: torch.Tensor, cap: int) -> torch.Tensor:
+        """`keep_last` per request: the events at which more than the request's total - `cap` kept events
+        have been seen."""
+        if cap >= int(self.lengths.max()):
+            return mask
+        seen = torch.cumsum(mask, 0)
+        before = torch.cat([seen.new_zeros(1), seen])  # before[i]: kept events before event i
+        first = before.index_select(0, self.offsets)  # kept before each request's first event
+        total = before.index_select(0, self.offsets + self.lengths) - first
+        return mask & (seen > self.of_request(first + total - cap))
+
+    def counts(self, mask: torch.Tensor) -> torch.Tensor:
+        before = torch.cat([mask.new_zeros(1, dtype=torch.int64), torch.cumsum(mask, 0)])
+        return before.index_select(0, self.offsets + self.lengths) - before.index_select(0, self.offsets)
 
 
 @dataclass
@@ -176,7 +232,7 @@ def fragment_slots(history: dict[str, torch.Tensor], context: dict[str, torch.Te
         return history[name][None]
 
     before = field("ts") < context["ts"][:, None]
-    keep, tag_grid = _keep(field, before, context, config)
+    keep, tag_grid = _keep(field, before, context, config, _Grid(1))
     events = torch.arange(before.shape[1], device=before.device)[None]
     out = {}
     for name in FRAGMENTS:
@@ -191,34 +247,38 @@ def fragment_slots(history: dict[str, torch.Tensor], context: dict[str, torch.Te
     return out
 
 
-def _keep(field, before: torch.Tensor, context: dict[str, torch.Tensor],
-          config: FragmentConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The rules of the sub-sequences: which events of each request's history each fragment keeps ([B, W]
-    masks over a padded view whose fields `field(name)` gives; `before`: the view's real events strictly
-    before the request), and the integrated set tag of every event of the view."""
+def _keep(field, before: torch.Tensor, context: dict[str, torch.Tensor], config: FragmentConfig,
+          layout: _Grid | _Flat) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The rules of the sub-sequences: which events of each request's history each fragment keeps (masks over
+    the events of a `layout`, whose fields `field(name)` gives; `before`: its real events strictly before the
+    request), and the integrated set tag of every event."""
     cell = field("place_geohash6")
     request_cell = context["geohash6"]
-    at_place = (cell == request_cell[:, None]) & (request_cell[:, None] != MISSING)
+    at_place = (cell == layout.of_request(request_cell)) & (layout.of_request(request_cell) != MISSING)
     if config.neighbour_cells:
         ring = _neighbour_codes(request_cell.clamp(min=0))  # [B, 8]
         ring = torch.where(request_cell[:, None] == MISSING, torch.full_like(ring, MISSING), ring)
-        # each event's cell looked up in its request's sorted ring: [B, W] work, not a [B, W, 8] comparison
-        ring = torch.sort(ring, dim=1).values
-        nearest = ring.gather(1, torch.searchsorted(ring, cell).clamp(max=ring.shape[1] - 1))
-        at_place |= (nearest == cell) & (cell != MISSING)
+        # each event's cell searched among its request's ring: (request, cell) keys, the rings' sorted in one
+        # array (codes are under 2^30, MISSING is -1): [events] work, not an [events, 8] comparison
+        shift = 1 << 32
+        rows = torch.arange(ring.shape[0], device=ring.device)[:, None]
+        keys = torch.sort((rows * shift + ring).flatten()).values
+        wanted = layout.row(cell) * shift + cell
+        nearest = keys.gather(0, torch.searchsorted(keys, wanted.flatten()).clamp(max=keys.numel() - 1))
+        at_place |= (nearest.view(wanted.shape) == wanted) & (cell != MISSING)
     if config.match_aoi:
         aoi = field("aoi_id")
-        at_place |= (aoi == context["aoi_id"][:, None]) & (aoi != MISSING)
-    in_slot = field("time_type") == context["time_type"][:, None]
+        at_place |= (aoi == layout.of_request(context["aoi_id"])) & (aoi != MISSING)
+    in_slot = field("time_type") == layout.of_request(context["time_type"])
 
     keep = {
-        "full": keep_last(before, config.full_len),
-        "recent": keep_last(before, config.recent_len),
-        "location": keep_last(before & at_place, config.location_len),
-        "meal": keep_last(before & in_slot, config.meal_len),
+        "full": layout.keep_last(before, config.full_len),
+        "recent": layout.keep_last(before, config.recent_len),
+        "location": layout.keep_last(before & at_place, config.location_len),
+        "meal": layout.keep_last(before & in_slot, config.meal_len),
     }
     union = keep["location"] | keep["meal"]
-    keep["integrated"] = keep_last(union, config.integrated_len)
-    tag_grid = torch.where(keep["location"] & keep["meal"], TAG_BOTH,
-                           torch.where(keep["location"], TAG_LOCATION_ONLY, TAG_MEAL_ONLY))
-    return keep, tag_grid
+    keep["integrated"] = layout.keep_last(union, config.integrated_len)
+    tags = torch.where(keep["location"] & keep["meal"], TAG_BOTH,
+                       torch.where(keep["location"], TAG_LOCATION_ONLY, TAG_MEAL_ONLY))
+    return keep, tags

@@ -36,6 +36,8 @@ from fin.inputs import (
     history_batch,
 )
 
+_IMAGE_ROW = "image_row"  # the loader's own timeline column beside TIMELINE_FIELDS: each event's creative row
+
 
 def _stats(data: Dataset, key: str) -> pl.DataFrame:
     """An entity's point-in-time statistics by (id, day), as the model reads them."""
@@ -125,6 +127,8 @@ class ExampleStream:
         lengths = timelines["ts"].list.len().to_numpy().astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         flat = {f: timelines[f].explode().to_numpy().astype(np.int64) for f in TIMELINE_FIELDS}
+        if self.images is not None:  # each event's creative row, looked up once per partition, not per batch
+            flat[_IMAGE_ROW] = self.images.rows(flat["item_id"])
         users = timelines["user_id"].to_numpy()  # sorted: timelines are built in user order
 
         # no model input reads the oracle
@@ -176,6 +180,7 @@ class ExampleStream:
         share = self.config.shared_timelines or not self.config.shuffle
         histories = history_batch(flat, starts, rows, requests["history_len"].to_numpy(), self.config.max_seq_len,
                                   share=share)
+        event_images = histories.values.pop(_IMAGE_ROW, None)
         ids = {c: torch.from_numpy(ex[c].to_numpy(writable=True)) for c in (*TARGET_FEATURES, *CONTEXT_FEATURES)}
         batch = Batch(
             label=torch.from_numpy(ex["label"].to_numpy().astype(np.float32)),
@@ -189,8 +194,9 @@ class ExampleStream:
             histories=histories,
             row_id=torch.from_numpy(ex[ROW_IDS[self.dataset]].to_numpy(writable=True)),
             request_of=None if request_of is None else torch.from_numpy(request_of),
-            images=None if self.images is None else ItemImages.of(self.images, ex["item_id"].to_numpy(),
-                                                                   histories.values["item_id"].numpy()),
+            images=None if self.images is None else ItemImages(
+                torch.from_numpy(self.images.vectors), torch.from_numpy(self.images.rows(ex["item_id"].to_numpy())),
+                event_images),
         )
         return batch.cut(self.config.fragments) if self.cut else batch
 
