@@ -130,7 +130,7 @@ def fragment_windows(starts: torch.Tensor, ends: torch.Tensor, history: dict[str
     if lengths.numel() == 1:  # one request (a served one): its events are one slice, nothing to lay out
         start, width = int(starts[0]), int(lengths[0])
         pos = torch.arange(start, start + width, device=starts.device)[None]
-        layout: _Grid | _Flat = _Grid(1)
+        layout: _Row | _Flat = _Row()
 
         def field(name: str) -> torch.Tensor:
             return history[name][start:start + width][None]
@@ -151,24 +151,22 @@ def fragment_windows(starts: torch.Tensor, ends: torch.Tensor, history: dict[str
     return out
 
 
-class _Grid:
-    """Events of B requests as a [B, W] grid (row b: request b's events): what `_keep` needs of a layout."""
-
-    def __init__(self, requests: int):
-        self.requests = requests
+class _Row:
+    """One request's events as a row [1, W]: what `_keep` needs of a layout of the events."""
 
     def of_request(self, values: torch.Tensor) -> torch.Tensor:
         """Per-request values [B] -> broadcast against the events."""
         return values[:, None]
 
     def row(self, like: torch.Tensor) -> torch.Tensor:
-        """Each event's request."""
-        return torch.arange(self.requests, device=like.device)[:, None]
+        """Each event's request (its index)."""
+        return like.new_zeros(1, 1)
 
     def keep_last(self, mask: torch.Tensor, cap: int) -> torch.Tensor:
         return keep_last(mask, cap)
 
     def counts(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per request, how many events `mask` holds."""
         return mask.sum(1)
 
 
@@ -196,7 +194,7 @@ class _Flat:
     def keep_last(self, mask: torch.Tensor, cap: int) -> torch.Tensor:
         """`keep_last` per request: the events at which more than the request's total - `cap` kept events
         have been seen."""
-        if cap >= int(self.lengths.max()):
+        if not self.total or cap >= int(self.lengths.max()):
             return mask
         seen = torch.cumsum(mask, 0)
         before = torch.cat([seen.new_zeros(1), seen])  # before[i]: kept events before event i
@@ -232,7 +230,7 @@ def fragment_slots(history: dict[str, torch.Tensor], context: dict[str, torch.Te
         return history[name][None]
 
     before = field("ts") < context["ts"][:, None]
-    keep, tag_grid = _keep(field, before, context, config, _Grid(1))
+    keep, tag_grid = _keep(field, before, context, config, _Row())
     events = torch.arange(before.shape[1], device=before.device)[None]
     out = {}
     for name in FRAGMENTS:
@@ -248,7 +246,7 @@ def fragment_slots(history: dict[str, torch.Tensor], context: dict[str, torch.Te
 
 
 def _keep(field, before: torch.Tensor, context: dict[str, torch.Tensor], config: FragmentConfig,
-          layout: _Grid | _Flat) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+          layout: _Row | _Flat) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The rules of the sub-sequences: which events of each request's history each fragment keeps (masks over
     the events of a `layout`, whose fields `field(name)` gives; `before`: its real events strictly before the
     request), and the integrated set tag of every event."""

@@ -1,13 +1,13 @@
 """Dense building blocks shared by FIN and the baselines: plain torch modules that run on any device.
 
 Embedding lookups (TorchRec) happen before these; everything here takes embedded tensors. Sequences
-arrive padded once per *user* ([U, L, d] with a mask; `fin.models.base.Encoded.events_at` gathers them, and what a
-masked slot holds is never read: it gets zero weight and zero gradient); a user's candidates attend over
-its events together (`by_user`), so scoring many candidates for one user (the server's case) costs one
-attention kernel, not one per candidate. The simplified attention also takes per-candidate windows of a
-shared sequence (`over_windows`: the requests of one user reading one timeline slice). A request without
-padding skips the mask: a served request pays for few operations, and each costs microseconds whatever its
-size.
+arrive padded once per *user* ([U, L, d] with a mask; `fin.models.base.Encoded.events_at` gathers them,
+and what a masked slot holds is never read: it gets zero weight and zero gradient); a user's candidates
+attend over its events together (`by_user`), so scoring many candidates for one user (the server's case)
+costs one attention kernel, not one per candidate. The simplified attention also takes per-candidate
+windows of a shared sequence (`over_windows`: the requests of one user reading one timeline slice). A
+request without padding skips the mask: a served request pays for few operations, and each costs
+microseconds whatever its size.
 """
 
 from __future__ import annotations

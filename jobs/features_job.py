@@ -26,6 +26,7 @@ from features.pipeline import OnlineStoreConfig, Plan
 from jobs.features_config import FeaturesConfig
 
 _MAX_RAY_TEMP_LEN = 40  # Ray puts ~65 more characters of session and socket names under it; AF_UNIX allows 107
+_LOCAL_STARTS = 2  # tries at starting a local Ray
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -54,7 +55,17 @@ class RaySession:
                 temp = Path(tempfile.mkdtemp(prefix="fin-ray-"))
             temp.mkdir(parents=True, exist_ok=True)
             self.temp_dir = temp
-            ray.init(num_cpus=num_cpus, _temp_dir=str(temp), **kwargs)
+            for attempt in range(_LOCAL_STARTS):
+                try:
+                    ray.init(num_cpus=num_cpus, _temp_dir=str(temp), **kwargs)
+                    break
+                except RuntimeError as error:
+                    # on a loaded 2-core machine the local GCS server has failed to come up at all (no log
+                    # written, even with the longer wait above) where the same run's next start came up
+                    if "Timed out" not in str(error) or attempt == _LOCAL_STARTS - 1:
+                        raise
+                    ray.shutdown()
+                    logging.getLogger(__name__).warning("local Ray did not start (%s); starting it again", error)
         self.started = True
 
     def close(self) -> None:

@@ -217,3 +217,27 @@ def test_materialisation_is_incremental(logs, tmp_path):
         changed += b is None or b["ts"][-1] != a["ts"][-1]
     assert changed > 30
     assert json.loads((out / "data" / "run.json").read_text())["timings_s"]["feast_materialize_s"] >= 0
+
+
+def test_a_local_ray_that_does_not_come_up_is_started_once_more(tmp_path, monkeypatch):
+    """The first local start times out as Ray's GCS start does on a loaded machine (the failure is injected;
+    the second start is Ray's own): the session starts again and runs tasks; any other error is raised."""
+    from jobs.features_job import RaySession
+
+    real_init, calls = ray.init, []
+
+    def init(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise RuntimeError("Timed out waiting for file .../gcs_server_port_...")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", init)
+    session = RaySession(None, 1, tmp_path)
+    try:
+        assert len(calls) == 2 and ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
+    finally:
+        session.close()
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("bad address")))
+    with pytest.raises(RuntimeError, match="bad address"):
+        RaySession(None, 1, tmp_path)
