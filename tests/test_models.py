@@ -197,14 +197,23 @@ def test_fin_over_shared_slices_in_length_groups_gives_the_scores_and_gradients_
             monkeypatch.undo()
         model = _model("fin").train()
         model.length_groups = 3 if shared else 1
-        logits, auxiliary = model(batch, auxiliary=True)
-        (logits * torch.linspace(-1, 1, len(logits)) + auxiliary).sum().backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (one, one_grads), (grouped, grouped_grads) = results
-    torch.testing.assert_close(grouped, one, rtol=1e-5, atol=1e-6)
-    assert one_grads.keys() == grouped_grads.keys()
-    for name, grad in one_grads.items():
-        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        results.append(_logits_and_gradients(model, batch))
+    _assert_same_training(*results)
+
+
+def _logits_and_gradients(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A training forward (with the auxiliary loss) and the gradients of a loss that weighs every logit."""
+    logits, auxiliary = model(batch, auxiliary=True)
+    (logits * torch.linspace(-1, 1, len(logits)) + auxiliary).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_training(expected, found) -> None:
+    (logits, grads), (other_logits, other_grads) = expected, found
+    torch.testing.assert_close(other_logits, logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == other_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(other_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("name", ["fin", "din"])
@@ -234,14 +243,8 @@ def test_one_lookup_per_distinct_event_gives_the_scores_and_gradients_of_one_per
             batch.images = None
             assert model.sparse.history_ids(batch)[0].first.numel() < rows
             batch.images = images
-        logits, auxiliary = model(batch, auxiliary=True)
-        (logits * torch.linspace(-1, 1, len(logits)) + auxiliary).sum().backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (each, each_grads), (once, once_grads) = results
-    torch.testing.assert_close(once, each, rtol=1e-5, atol=1e-6)
-    assert each_grads.keys() == once_grads.keys()
-    for param, grad in each_grads.items():
-        torch.testing.assert_close(once_grads[param], grad, rtol=1e-4, atol=1e-5, msg=param)
+        results.append(_logits_and_gradients(model, batch))
+    _assert_same_training(*results)
 
 
 def _window_events(windows: SliceWindows, candidate: int) -> list[int]:
