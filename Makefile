@@ -31,7 +31,7 @@ demo: install
 	$(FIN) validate --logs $(DEMO)/logs
 	$(FIN) features --logs $(DEMO)/logs --out $(DEMO)/features
 	rm -rf $(DEMO)/models $(DEMO)/report   # a fresh model repository each run: fin/1 is the version promoted below
-	@# at most 2 epochs each (the default is up to 8 with early stopping): ~13-15 minutes on 2 cores;
+	@# at most 2 epochs each (the default is up to 8 with early stopping): ~12-24 minutes on 2 cores;
 	@# benchmarks/quality.py trains every model to convergence
 	@# the creative encoder, then every creative embedded into Feast: the models read them as an image modality
 	$(FIN) train-encoder --data $(DEMO)/features --out $(DEMO)/models
@@ -65,7 +65,7 @@ test-services:
 	@command -v redis-server >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server openssl >/dev/null; }
 
-# CI's command: lint, then every test (~12-14 minutes on 2 cores)
+# CI's command: lint, then every test (~12-21 minutes on 2 cores)
 test: install test-services lint
 	$(PY) -m pytest -q
 
