@@ -26,7 +26,7 @@ from features.pipeline import OnlineStoreConfig, Plan
 from jobs.features_config import FeaturesConfig
 
 _MAX_RAY_TEMP_LEN = 40  # Ray puts ~65 more characters of session and socket names under it; AF_UNIX allows 107
-_LOCAL_STARTS = 2  # tries at starting a local Ray
+_LOCAL_STARTS = 3  # tries at starting a local Ray
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -59,12 +59,14 @@ class RaySession:
                 try:
                     ray.init(num_cpus=num_cpus, _temp_dir=str(temp), **kwargs)
                     break
-                except RuntimeError as error:
-                    # on a loaded 2-core machine the local GCS server has failed to come up at all (no log
-                    # written, even with the longer wait above) where the same run's next start came up
-                    if "Timed out" not in str(error) or attempt == _LOCAL_STARTS - 1:
+                except Exception as error:
+                    # On a loaded 2-core machine a local start has timed out two ways: the GCS server wrote no
+                    # port file ("Timed out waiting for file"), or the raylet did not register within Ray's
+                    # fixed 30 s ("The current node timed out during startup"); the next start came up.
+                    if "timed out" not in str(error).lower() or attempt == _LOCAL_STARTS - 1:
                         raise
                     ray.shutdown()
+                    _stop_leftovers(temp)
                     logging.getLogger(__name__).warning("local Ray did not start (%s); starting it again", error)
         self.started = True
 
@@ -73,6 +75,27 @@ class RaySession:
             self.ray.shutdown()
             if self.temp_dir is not None:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _stop_leftovers(temp: Path) -> None:
+    """Kills what a failed local start left running (its GCS server, raylet, monitors): the processes this
+    one started whose command line names the start's temp dir. They would otherwise hold CPU the next start
+    needs and outlive the job."""
+    import psutil
+
+    def names_temp(process: psutil.Process) -> bool:
+        try:
+            return any(str(temp) in arg for arg in process.cmdline())
+        except psutil.Error:
+            return False
+
+    left = [p for p in psutil.Process().children(recursive=True) if names_temp(p)]
+    for process in left:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=10)
 
 
 def run_features(logs: str | Path, out: str | Path, config: FeaturesConfig = FeaturesConfig(),
