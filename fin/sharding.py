@@ -80,6 +80,9 @@ def full_state_dict(model: DistributedModelParallel) -> dict[str, torch.Tensor] 
 
     A collective: every worker must call it. Keys are those of the unsharded model.
     """
+    if dist.get_world_size() == 1:  # every shard is local: no gloo collective (fin/train.py, "One worker")
+        return {key: _assembled(value) if isinstance(value, ShardedTensor) else value.detach().to("cpu", copy=True).contiguous()
+                for key, value in model.state_dict().items()}
     rank = dist.get_rank()
     # the gather's buffers live where the collective runs: NCCL gathers GPU tensors only
     on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -93,3 +96,11 @@ def full_state_dict(model: DistributedModelParallel) -> dict[str, torch.Tensor] 
         if rank == 0:
             out[key] = full.to("cpu", copy=True).contiguous()
     return out if rank == 0 else None
+
+
+def _assembled(value: ShardedTensor) -> torch.Tensor:
+    """A sharded tensor whose shards are all local, whole on the CPU."""
+    full = torch.empty(value.size(), dtype=value.dtype)
+    for piece in value.local_shards():
+        full[tuple(slice(o, o + n) for o, n in zip(piece.metadata.shard_offsets, piece.metadata.shard_sizes))] = piece.tensor
+    return full

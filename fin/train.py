@@ -21,6 +21,12 @@ best epoch's weights, which go into the artifact (`fin.artifact`); the checkpoin
 Calibration. The validation pass that scores each epoch also fits Platt scaling (`fin.calibration`) to
 its logits, gathered over the workers; the fit of the best epoch is kept in the checkpoint's progress (a
 resumed run keeps it without rescoring) and goes into the artifact, so no extra pass over the data.
+
+One worker, no collectives. A lone worker gathers, checkpoints and scores without gloo. A gloo collective
+over a large CPU tensor copies it with OpenMP on gloo's own thread, which starts a second OpenMP team that
+lives as long as the process group; with more OpenMP threads than CPUs libgomp stops spin-waiting between
+parallel regions and sleeps instead (a futex wake per region), and every later step paid for it: the epochs
+after the first ran at half the first's speed (benchmarks/README.md, "Epochs after the first").
 """
 
 from __future__ import annotations
@@ -305,8 +311,11 @@ def _validation(model, stream: ExampleStream, device: torch.device) -> tuple[flo
     for batch in stream:
         scores.append(model(batch.to(device).cut(stream.config.fragments)).float().cpu().numpy())
         labels.append(batch.label.numpy())
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (np.concatenate(scores or [np.zeros(0)]), np.concatenate(labels or [np.zeros(0)])))
+    mine = (np.concatenate(scores or [np.zeros(0)]), np.concatenate(labels or [np.zeros(0)]))
+    gathered: list = [mine]
+    if dist.get_world_size() > 1:  # a lone worker has them all (module docstring: no collectives)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
     logits, labels = np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
     value = auc(labels, logits)
     return -math.inf if math.isnan(value) else value, logits, labels
@@ -324,6 +333,7 @@ class Checkpoints:
     def __init__(self, folder: Path, fingerprint: dict):
         self.folder, self.fingerprint = folder, fingerprint
         self.rank = dist.get_rank()
+        self.alone = dist.get_world_size() == 1  # no collectives (module docstring)
 
     @property
     def _pointer(self) -> Path:
@@ -340,7 +350,7 @@ class Checkpoints:
             return Progress()
         dense.init_state()  # Adam's state must exist to be loaded into
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        dcp.load(state, checkpoint_id=str(self.folder / latest["checkpoint"]))
+        dcp.load(state, checkpoint_id=str(self.folder / latest["checkpoint"]), no_dist=self.alone)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress = Progress(**latest["progress"])
@@ -357,7 +367,7 @@ class Checkpoints:
     def save(self, model, optimizer, progress: Progress) -> None:
         name = f"epoch-{progress.epoch}"
         dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                 checkpoint_id=str(self.folder / name))
+                 checkpoint_id=str(self.folder / name), no_dist=self.alone)
         dist.barrier()  # every worker's shards are on disk before the pointer moves
         if self.rank == 0:
             tmp = self._pointer.with_suffix(".tmp")

@@ -128,6 +128,26 @@ def test_early_stop_keeps_the_best_epoch(features_job, tmp_path):
     assert training["epochs"] == 2 and training["best_epoch"] == 1  # no epoch can beat a model that never changes
 
 
+def _threads_named(name: str) -> int:
+    return sum((Path("/proc/self/task") / task / "comm").read_text().strip() == name
+               for task in os.listdir("/proc/self/task"))
+
+
+def test_a_lone_worker_s_epochs_start_no_openmp_team_on_gloo_s_threads(features_job, tmp_path):
+    """Between epochs a lone worker scores, gathers and checkpoints without gloo collectives: a collective
+    over a large tensor starts an OpenMP team on gloo's thread (its threads take that thread's name), after
+    which libgomp sleeps between parallel regions and every later step ran at half speed."""
+    out, _ = features_job
+    counts = []
+
+    def log(message: str) -> None:
+        if message.startswith(("train ", "epoch ")):  # the process group is up: before epoch 1, after each
+            counts.append(_threads_named("pt_gloo_runloop"))
+
+    train(out / "data", tmp_path, _config(epochs=2, patience=2, max_steps=2), log=log)
+    assert len(counts) == 3 and counts[0] > 0 and counts[1] == counts[2] == counts[0]
+
+
 def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path):
     out, _ = features_job
     config = tmp_path / "train.yaml"
