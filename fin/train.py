@@ -75,6 +75,10 @@ class TrainConfig:
     patience: int = 1  # epochs without a better validation AUC before stopping
     max_steps: int | None = 0  # per epoch (0 or None: the whole train split)
     workers: int = 1
+    # intra-op threads of each CPU worker (0: the CPUs shared out among the local workers). FIN's step is
+    # thousands of small operations: one thread trains it as fast as two on 2 cores, so two trainings side
+    # by side with one thread each do twice the work (benchmarks/README.md, "Threads")
+    threads: int = 0
     sharding: str = "table_wise"
     seed: int = 0
     # build the artifact's compiled scoring package (`fin.compiled`), checked on held-out requests
@@ -92,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"unknown sharding {self.sharding!r}; choose one of {', '.join(SHARDINGS)}")
         if min(self.workers, self.epochs, self.patience) < 1:
             raise ValueError("workers, epochs and patience must be at least 1")
+        if self.threads < 0:
+            raise ValueError("threads must be 0 (the CPUs shared out among the workers) or more")
 
 
 @dataclass
@@ -165,7 +171,7 @@ def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // local_world))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         return _fit(rank, world, device, data, models, config, name, init_from, log)

@@ -138,14 +138,20 @@ def test_a_lone_worker_s_epochs_start_no_openmp_team_on_gloo_s_threads(features_
     over a large tensor starts an OpenMP team on gloo's thread (its threads take that thread's name), after
     which libgomp sleeps between parallel regions and every later step ran at half speed."""
     out, _ = features_job
-    counts = []
+    counts, intra_op = [], []
 
     def log(message: str) -> None:
         if message.startswith(("train ", "epoch ")):  # the process group is up: before epoch 1, after each
             counts.append(_threads_named("pt_gloo_runloop"))
+            intra_op.append(torch.get_num_threads())
 
-    train(out / "data", tmp_path, _config(epochs=2, patience=2, max_steps=2), log=log)
+    threads = torch.get_num_threads()
+    try:
+        train(out / "data", tmp_path, _config(epochs=2, patience=2, max_steps=2, threads=1), log=log)
+    finally:
+        torch.set_num_threads(threads)
     assert len(counts) == 3 and counts[0] > 0 and counts[1] == counts[2] == counts[0]
+    assert intra_op == [1, 1, 1]  # the `threads` asked for (2 CPUs here would give 2)
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path):
@@ -194,6 +200,8 @@ def test_config_file_and_overrides(tmp_path):
     assert config.model_config.tower == (8, 4) and config.lr == TrainConfig().lr
     with pytest.raises(ValueError, match="loader.batch: unknown key"):
         load_train_config(None, **{"loader.batch": 3})
+    with pytest.raises(ValueError, match="threads must be 0"):
+        load_train_config(None, threads=-1)
 
 
 def test_shipped_configs_load_and_train_yaml_is_the_defaults():
