@@ -5,13 +5,16 @@
 - `grouped`: requests in groups of similar length, the full fragment read from shared timeline slices
   (`fin.models.base.attend_by_length`, `SliceWindows`), every event looked up and encoded;
 - `distinct`: as `grouped`, each distinct history event looked up and encoded once
-  (`fin.embeddings.DistinctEvents`): today's step.
+  (`fin.embeddings.DistinctEvents`), every attention through the fused kernel;
+- `unfused_short`: as `distinct`, sequences of up to `fin.layers.UNFUSED_MAX_LEN` events attended with a
+  plain product, softmax and product: today's step.
 
-All three give the same scores and gradients (tests/test_models.py); what differs is how much work the step
-does for them. Each data folder's first training batches (FIN's defaults: user chunks of 2, 1,000 events,
-the creatives when the data has them, as `fin train` reads them) are loaded and cut once; then the variants
-take turns, `--steps` timed steps each per round (after 5 of warm-up), on one sharded FIN (TorchRec, gloo,
-one process), so that the machine's drift falls on all alike. The figure is the median round.
+All four give the same scores and gradients (tests/test_models.py, tests/test_layers.py); what differs is
+how much work the step does for them. Each data folder's first training batches (FIN's defaults: user
+chunks of 2, 1,000 events, the creatives when the data has them, as `fin train` reads them) are loaded and
+cut once; then the variants take turns, `--steps` timed steps each per round (after 5 of warm-up), on one
+sharded FIN (TorchRec, gloo, one process), so that the machine's drift falls on all alike. The figure is
+the median round.
 Usage: python benchmarks/train_step.py --data FEATURES_DATA [FEATURES_DATA ...] [--steps 20] [--rounds 4]
 """
 
@@ -33,6 +36,7 @@ from _measure import ROOT, report
 
 sys.path.insert(0, str(ROOT))
 
+from fin import layers  # noqa: E402
 from fin.loader import ExampleStream  # noqa: E402
 from fin.models import base  # noqa: E402
 from fin.sharding import shard  # noqa: E402
@@ -74,16 +78,18 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
         (loss + auxiliary.sum()).backward()
         optimizer.step()
 
-    windows, fin, sparse = base.SliceWindows.of, model.module, model.module.sparse
+    windows, fin, sparse, unfused = base.SliceWindows.of, model.module, model.module.sparse, layers.UNFUSED_MAX_LEN
     no_windows = classmethod(lambda cls, *args: None)
-    # variant -> (length groups, SliceWindows.of, one lookup per distinct event)
-    variants = {"padded": (1, no_windows, False), "grouped": (fin.length_groups, windows, False),
-                "distinct": (fin.length_groups, windows, True)}
+    # variant -> (length groups, SliceWindows.of, one lookup per distinct event, longest sequence attended unfused)
+    variants = {"padded": (1, no_windows, False, 0), "grouped": (fin.length_groups, windows, False, 0),
+                "distinct": (fin.length_groups, windows, True, 0),
+                "unfused_short": (fin.length_groups, windows, True, unfused)}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for _ in range(rounds):
-            for name, (groups, slice_windows, distinct) in variants.items():
+            for name, (groups, slice_windows, distinct, unfused_max_len) in variants.items():
                 fin.length_groups, base.SliceWindows.of, sparse.lookup_distinct = groups, slice_windows, distinct
+                layers.UNFUSED_MAX_LEN = unfused_max_len
                 for batch in batches[:5]:
                     step(batch)
                 started = time.perf_counter()
@@ -91,7 +97,7 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
                     step(batch)
                 seconds[name].append((time.perf_counter() - started) / steps)
     finally:
-        base.SliceWindows.of = windows
+        base.SliceWindows.of, layers.UNFUSED_MAX_LEN = windows, unfused
     examples = statistics.mean(len(b) for b in batches[5:])
     step_ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
     distinct = sparse.history_ids(batches[5])[0].first.numel()
@@ -101,6 +107,7 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
             **{f"{name}_step_ms": round(ms, 1) for name, ms in step_ms.items()},
             **{f"{name}_examples_per_s": round(examples / ms * 1000) for name, ms in step_ms.items()},
             "distinct_over_grouped": round(step_ms["grouped"] / step_ms["distinct"], 2),
+            "unfused_short_over_distinct": round(step_ms["distinct"] / step_ms["unfused_short"], 2),
             "distinct_over_padded": round(step_ms["padded"] / step_ms["distinct"], 2)}
 
 

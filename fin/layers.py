@@ -71,6 +71,20 @@ def from_users(grouped: torch.Tensor, user_of: torch.Tensor, column: torch.Tenso
     return grouped[0] if grouped.shape[0] == 1 else grouped[user_of, column]
 
 
+# Longest padded sequence attended with a plain product, softmax and product instead of the fused kernel, on
+# a CPU in eager mode: the fused CPU kernel works in blocks of 32 queries by 512 events, and over a few
+# candidates per user and short fragments (recent events, a meal's) the plain form is cheaper forward and
+# backward, while the fused kernel wins on long ones (benchmarks/README.md, "Short fragments").
+UNFUSED_MAX_LEN = 256
+
+
+def _unfused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor,
+             scale: float | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` with a boolean mask, unfused (every row has an unmasked slot)."""
+    scores = query @ keys.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    return torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), -1) @ values
+
+
 def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:
     """softmax(query keys^T * scale) values over each user's events where `mask` [U, L] (or, per query, [U, C,
@@ -90,7 +104,9 @@ def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     mask = mask if mask.dim() == 3 else mask[:, None]  # [U, C or 1, L]
     empty = ~mask.any(-1)
     mask = torch.cat([mask[..., :1] | empty[..., None], mask[..., 1:]], dim=-1)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None], scale=scale)
+    fused = length > UNFUSED_MAX_LEN or query.device.type != "cpu" or torch.compiler.is_compiling()
+    attend = F.scaled_dot_product_attention if fused else _unfused
+    out = attend(query, keys, values, attn_mask=mask[:, None], scale=scale)
     return out.masked_fill(empty[:, None, :, None], 0.0)
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fin import layers
 from fin.layers import (
     MLP,
     MultiHeadTargetAttention,
@@ -22,11 +23,13 @@ def test_time_gap_buckets_are_log_scale_and_capped():
     assert torch.equal(time_gap_bucket(gaps, time_gap_boundaries(24)), expected)
 
 
+@pytest.mark.parametrize("unfused_max_len", [0, 256], ids=["fused", "unfused"])
 @pytest.mark.parametrize("make", [
     lambda d: SimplifiedTargetAttention(d),
     lambda d: MultiHeadTargetAttention(d, heads=2),
 ])
-def test_attention_ignores_padding_and_shares_user_work(make):
+def test_attention_ignores_padding_and_shares_user_work(make, unfused_max_len, monkeypatch):
+    monkeypatch.setattr(layers, "UNFUSED_MAX_LEN", unfused_max_len)
     torch.manual_seed(0)
     d, users, length = 8, 3, 5
     layer = make(d)
@@ -66,6 +69,34 @@ def test_attention_ignores_padding_and_shares_user_work(make):
     assert empty.shape == out.shape and torch.allclose(empty[3], out[3])
     empty.sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_short_sequences_attended_unfused_give_the_fused_kernel_s_outputs_and_gradients(monkeypatch):
+    """Per-user masks and per-query windows (with a user and a query that see no event): the plain product,
+    softmax and product gives what the fused kernel gives, forward and backward."""
+    torch.manual_seed(0)
+    d, users, length = 16, 4, 40
+    sequence = torch.randn(users, length, d)
+    mask = torch.rand(users, length) < 0.7
+    mask[2] = False
+    user_of = torch.tensor([0, 0, 1, 2, 3, 3, 3])
+    query = torch.randn(user_of.numel(), d)
+    start = torch.randint(0, length // 2, (user_of.numel(),))
+    count = torch.randint(0, length // 2, (user_of.numel(),))
+    count[1] = 0
+    simplified, multi_head = SimplifiedTargetAttention(d), MultiHeadTargetAttention(d, heads=2)
+    gaps = torch.randint(0, 10**8, (users, length))
+
+    def outputs_and_gradients(max_len: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(layers, "UNFUSED_MAX_LEN", max_len)
+        s, q = sequence.clone().requires_grad_(), query.clone().requires_grad_()
+        out = torch.cat([simplified(q, s, mask, user_of), simplified.over_windows(q, s, start, count, user_of),
+                         multi_head(q, s, gaps, mask, user_of)], 1)
+        out.square().sum().backward()
+        return [out.detach(), s.grad, q.grad]
+
+    for fused, unfused in zip(outputs_and_gradients(0), outputs_and_gradients(length)):
+        assert torch.allclose(fused, unfused, atol=1e-5) and torch.isfinite(unfused).all()
 
 
 def test_mlp_and_bfloat16():
