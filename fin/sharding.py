@@ -78,10 +78,11 @@ def plan_summary(model: DistributedModelParallel) -> dict[str, str]:
 def full_state_dict(model: DistributedModelParallel) -> dict[str, torch.Tensor] | None:
     """Every weight gathered whole onto rank 0, as a plain state dict (None on other ranks).
 
-    A collective: every worker must call it. Keys are those of the unsharded model.
+    A collective when there are several workers: every worker must call it. Keys are those of the
+    unsharded model.
     """
     if dist.get_world_size() == 1:  # every shard is local: no gloo collective (fin/train.py, "One worker")
-        return {key: _assembled(value) if isinstance(value, ShardedTensor) else value.detach().to("cpu", copy=True).contiguous()
+        return {key: _assembled(value) if isinstance(value, ShardedTensor) else value.detach().cpu().clone(memory_format=torch.contiguous_format)
                 for key, value in model.state_dict().items()}
     rank = dist.get_rank()
     # the gather's buffers live where the collective runs: NCCL gathers GPU tensors only
@@ -102,5 +103,6 @@ def _assembled(value: ShardedTensor) -> torch.Tensor:
     """A sharded tensor whose shards are all local, whole on the CPU."""
     full = torch.empty(value.size(), dtype=value.dtype)
     for piece in value.local_shards():
-        full[tuple(slice(o, o + n) for o, n in zip(piece.metadata.shard_offsets, piece.metadata.shard_sizes))] = piece.tensor
+        offsets, sizes = piece.metadata.shard_offsets, piece.metadata.shard_sizes
+        full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = piece.tensor
     return full
