@@ -82,7 +82,8 @@ def full_state_dict(model: DistributedModelParallel) -> dict[str, torch.Tensor] 
     unsharded model.
     """
     if dist.get_world_size() == 1:  # every shard is local: no gloo collective (fin/train.py, "One worker")
-        return {key: _assembled(value) if isinstance(value, ShardedTensor) else value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        return {key: (_assembled(value) if isinstance(value, ShardedTensor)
+                      else value.detach().cpu().clone(memory_format=torch.contiguous_format))
                 for key, value in model.state_dict().items()}
     rank = dist.get_rank()
     # the gather's buffers live where the collective runs: NCCL gathers GPU tensors only
