@@ -40,7 +40,7 @@ demo: install
 	$(FIN) validate --logs $(DEMO)/logs
 	$(FIN) features --logs $(DEMO)/logs --out $(DEMO)/features
 	rm -rf $(DEMO)/models $(DEMO)/report   # a fresh model repository each run: fin/1 is the version promoted below
-	@# at most 2 epochs each (the default is up to 8 with early stopping): ~12-24 minutes on 2 cores;
+	@# at most 2 epochs each (the default is up to 8 with early stopping): ~12-14 minutes on 2 cores;
 	@# benchmarks/quality.py trains every model to convergence
 	@# the creative encoder, then every creative embedded into Feast: the models read them as an image modality
 	$(FIN) train-encoder --data $(DEMO)/features --out $(DEMO)/models
