@@ -215,7 +215,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a `fin features` output (or its data/ folder)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps (of 512 examples) per run")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (of the default batch size) per run")
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reps", type=int, default=200, help="scoring repetitions (also bounded by 60 s)")
     parser.add_argument("--fragment-batches", type=int, default=20)

@@ -24,7 +24,8 @@ from _measure import ROOT, report, run_sampled
 
 def epoch_rates(tree: Path, data: Path, epochs: int, steps: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(out), "--model", "fin",
-           "--epochs", str(epochs), "--patience", str(epochs), "--max-steps", str(steps), "--no-compile"]
+           "--epochs", str(epochs), "--patience", str(epochs), "--max-steps", str(steps), "--no-compile",
+           "--batch-size", "512"]  # the batch size of both trees when this was measured
     run = run_sampled(cmd, cwd=tree)  # `-m` from the tree's root: its packages, not the installed ones
     training = json.loads((out / "fin" / "1" / "artifact.json").read_text())["training"]
     rates = [round(epoch["examples_per_s"]) for epoch in training["history"]]

@@ -3,24 +3,29 @@ per-example path it replaces and against DIN over 50 events as it trained before
 for one user x 200 candidates (the server's case) against per-example history copies and a per-candidate loop.
 
 Data: a simulated city over a long period (configs/large.yaml with fewer users) so that most impressions
-have 1,000 events of history. Training: each run is its own `fin train` process for a fixed number of steps
-of 512, one worker unless said; examples/s is the training loop's own figure (loading, fragments and the
-sharded update; validation excluded), peak RSS the largest sum over the process and its workers. Runs:
-  fin_shared           FIN, the defaults: the last 1,000 events, batches of user chunks sharing timelines
+have 1,000 events of history. Training: each run is its own `fin train` process over the same number of
+examples (`--examples`, in whole steps of the run's batch size), one worker unless said; examples/s is the
+training loop's own figure (loading, fragments and the sharded update; validation excluded), peak RSS the
+largest sum over the process and its workers. Runs:
+  fin_shared           FIN, the defaults: the last 1,000 events, batches of 2,048 in user chunks sharing timelines
+  fin_shared_512       FIN, the same in batches of 512 at the learning rates of then (the defaults before)
   fin_shared_chunks_4  FIN, the same with user chunks of 4 (the default before chunks of 2)
-  fin_per_example      FIN, the last 1,000 events, each example with its own history copy (the previous path)
-  din_50_per_example   DIN over the last 50 events, per example (how DIN trained before)
+  fin_per_example      FIN, the last 1,000 events, each example with its own history copy (the previous path), in
+                       batches of the default size
+  din_50_per_example   DIN over the last 50 events, per example (how DIN trained before), batches of the default size
   din_shared           DIN, the defaults (shared timelines; the loader ships the 50 events DIN reads)
   fin_shared_2         FIN, the defaults, 2 workers (gloo)
 and, from a git worktree of the commit the training goals were set against (`--baseline-commit`, the last
-one before shared-timeline batches), on the same data in the same run:
+one before shared-timeline batches), on the same data in the same run, at that commit's defaults (batches of
+512):
   fin_per_example_before   that commit's FIN over 1,000 events (configs/lifelong.yaml there), per example
   din_50_before            that commit's DIN over the last 50 events
 The loader alone iterates the same batches as fin_shared without a model, in the training process and with
 one reader process. Inference: the 1-worker FIN and DIN artifacts score 200 candidates of one request of the
 user with the longest history: (a) one request batch, (b) one batch of 200 examples each with its own copy
 of the history, (c) the model run once per candidate.
-Usage: python benchmarks/train_scale.py [--data DIR] [--steps 150] [--reps 100] [--baseline-commit REV | --no-baseline]
+Usage: python benchmarks/train_scale.py [--data DIR] [--examples 76800] [--reps 100]
+       [--baseline-commit REV | --no-baseline]
 """
 
 from __future__ import annotations
@@ -40,12 +45,15 @@ sys.path.insert(0, str(ROOT))
 LIFELONG = ROOT / "configs" / "lifelong.yaml"
 PER_EXAMPLE = ["--config", str(ROOT / "benchmarks" / "per_example.yaml")]
 BASELINE_COMMIT = "9647a4a"  # the goals' "today": training before shared-timeline batches
+BASELINE_BATCH = 512  # that commit's default batch size
+BEFORE_2048 = ["--batch-size", "512", "--lr", "0.006", "--sparse-lr", "0.1"]  # the defaults before batches of 2,048
 BASELINE_RUNS = {  # name: (model, options of that commit's fin train)
     "fin_per_example_before": ("fin", ["--config", "configs/lifelong.yaml"]),
     "din_50_before": ("din", ["--max-seq-len", "50"]),
 }
 RUNS = {  # name: (model, workers, extra options)
     "fin_shared": ("fin", 1, []),
+    "fin_shared_512": ("fin", 1, BEFORE_2048),
     "fin_shared_chunks_4": ("fin", 1, ["--config", str(ROOT / "benchmarks" / "user_chunks_4.yaml")]),
     "fin_per_example": ("fin", 1, PER_EXAMPLE),
     "din_50_per_example": ("din", 1, [*PER_EXAMPLE, "--max-seq-len", "50"]),
@@ -100,24 +108,31 @@ def loader_alone(data: Path, batches: int) -> dict:
     return out
 
 
-def train_run(data: Path, models: Path, name: str, steps: int, tree: Path = ROOT) -> dict:
-    """One `fin train` run of `RUNS` (of `BASELINE_RUNS` from the worktree `tree`) and its figures."""
+def train_run(data: Path, models: Path, name: str, examples: int, tree: Path = ROOT) -> dict:
+    """One `fin train` run of `RUNS` (of `BASELINE_RUNS` from the worktree `tree`) over about `examples`
+    examples, and its figures."""
+    from fin.train import TrainConfig
+
     if tree == ROOT:
         model, workers, options = RUNS[name]
+        batch = int(options[options.index("--batch-size") + 1]) if "--batch-size" in options else \
+            TrainConfig().loader.batch_size
     else:
-        (model, options), workers = BASELINE_RUNS[name], 1
+        (model, options), workers, batch = BASELINE_RUNS[name], 1, BASELINE_BATCH
+    steps = max(1, examples // batch)
     m = run_sampled([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(models),
                      "--model", model, "--name", name, "--workers", str(workers), "--epochs", "1",
                      "--max-steps", str(steps), *options], cwd=tree)
     meta = json.loads(next((models / name).glob("*/artifact.json")).read_text())
     training = meta["training"]
-    return {"run": name, "model": model, "workers": workers, "steps": steps, "examples": training["examples"],
+    return {"run": name, "model": model, "workers": workers, "batch_size": batch, "steps": steps,
+            "examples": training["examples"],
             "train_loop_s": training["seconds"], "examples_per_s": round(training["examples_per_s"], 1),
             "validation_auc": round(meta["metrics"]["validation_auc"], 4),
             "process_wall_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"]}
 
 
-def baseline_runs(data: Path, models: Path, steps: int, commit: str) -> list[dict]:
+def baseline_runs(data: Path, models: Path, examples: int, commit: str) -> list[dict]:
     """`BASELINE_RUNS` from a git worktree of `commit` (its code, this run's data and machine)."""
     import subprocess
 
@@ -125,7 +140,7 @@ def baseline_runs(data: Path, models: Path, steps: int, commit: str) -> list[dic
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit], check=True,
                    capture_output=True)
     try:
-        return [{**train_run(data, models, name, steps, tree), "commit": commit} for name in BASELINE_RUNS]
+        return [{**train_run(data, models, name, examples, tree), "commit": commit} for name in BASELINE_RUNS]
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
@@ -217,7 +232,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder to keep (or reuse) the simulated logs and features in")
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--days", type=int, default=730)
-    parser.add_argument("--steps", type=int, default=150, help="training steps (of 512 examples) per run")
+    parser.add_argument("--examples", type=int, default=76_800,
+                        help="training examples per run (in whole steps of the run's batch size)")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reps", type=int, default=100, help="inference repetitions (also bounded by 30 s)")
@@ -227,9 +243,9 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="fin-train-bench-"))
     data = build_data(args.data or scratch / "data", args.users, args.days)
-    runs = [train_run(data, scratch / "models", name, args.steps) for name in args.runs]
+    runs = [train_run(data, scratch / "models", name, args.examples) for name in args.runs]
     if not args.no_baseline:
-        runs += baseline_runs(data, scratch / "models", args.steps, args.baseline_commit)
+        runs += baseline_runs(data, scratch / "models", args.examples, args.baseline_commit)
     by = {r["run"]: r["examples_per_s"] for r in runs}
     loader = loader_alone(data, 60)
 
@@ -245,6 +261,7 @@ def main() -> None:
         "fin_shared_vs_din_50_before": ratio("fin_shared", "din_50_before"),
         "fin_two_vs_one_worker": ratio("fin_shared_2", "fin_shared"),
         "fin_chunks_2_vs_4": ratio("fin_shared", "fin_shared_chunks_4"),
+        "fin_batch_2048_vs_512": ratio("fin_shared", "fin_shared_512"),
         "loader": loader,
         "loader_vs_fin_step": (round(max(v["examples_per_s"] for v in loader.values()) / by["fin_shared"], 2)
                                if "fin_shared" in by else None),

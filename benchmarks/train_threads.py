@@ -1,6 +1,6 @@
 """Benchmark: `fin train` with all the CPUs as intra-op threads, with one thread, and two one-thread runs at once.
 
-Each run is FIN with the defaults for `--steps` steps of 512 (one epoch, no compiled package) on the given
+Each run is FIN with the defaults for `--steps` steps of 512 (the batch size then) (one epoch, no compiled package) on the given
 features; the figure is the training rate its artifact records. The side-by-side pair is what `make demo`
 does with its trainings: the question is whether two trainings with one thread each do more work than one
 with all of them.
@@ -22,7 +22,8 @@ from _measure import ROOT, report
 
 def _command(data: Path, out: Path, steps: int, threads: int) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(out), "--model", "fin",
-            "--epochs", "1", "--max-steps", str(steps), "--no-compile", "--threads", str(threads)]
+            "--epochs", "1", "--max-steps", str(steps), "--no-compile", "--threads", str(threads),
+            "--batch-size", "512"]  # the default batch size when this was measured
 
 
 def _rate(out: Path) -> int:
