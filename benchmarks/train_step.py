@@ -56,7 +56,9 @@ def padded_rows(batch) -> dict:
     return {"real": real, "padded": before, "grouped": after}
 
 
-def measure(data: Path, steps: int, rounds: int) -> dict:
+def sharded_fin(data: Path):
+    """FIN with `fin train`'s defaults on `data` (the creatives when it has them), sharded in this process's
+    group, in training mode -> (its training step: batch -> None, its batches: (batch size, count) -> list)."""
     config = with_image_modality(data, TrainConfig(), log=lambda message: None)
     torch.manual_seed(config.seed)
     model = shard(MODELS["fin"](config.model_config), torch.device("cpu"), config.sharding, config.sparse_lr, 1)
@@ -68,7 +70,6 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
     loader = dataclasses.replace(config.loader, max_seq_len=MODELS["fin"].events_read(config.loader.fragments))
     images = config.model_config.image_dim > 0
-    batches = list(itertools.islice(iter(ExampleStream(data, "train", loader, images=images)), steps + 5))
     model.train()
 
     def step(batch) -> None:
@@ -77,6 +78,17 @@ def measure(data: Path, steps: int, rounds: int) -> dict:
         optimizer.zero_grad()
         (loss + auxiliary.sum()).backward()
         optimizer.step()
+
+    def batches(size: int, count: int) -> list:
+        stream = ExampleStream(data, "train", dataclasses.replace(loader, batch_size=size), images=images)
+        return list(itertools.islice(iter(stream), count))
+    return model, step, batches
+
+
+def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
+    model, step, load = sharded_fin(data)
+    batches = load(batch_size, steps + 5)
+    images = model.module.config.image_dim > 0
 
     windows, fin, sparse, unfused = base.SliceWindows.of, model.module, model.module.sparse, layers.UNFUSED_MAX_LEN
     no_windows = classmethod(lambda cls, *args: None)
@@ -115,7 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, nargs="+", required=True,
                         help="features data folders (fin features --out DIR: DIR/data)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of 512 per layout and round")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per layout and round")
+    parser.add_argument("--batch-size", type=int, default=512,
+                        help="examples per step (default 512: the batch size when results/train_step.json was measured)")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -125,7 +139,7 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="1")
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        runs = [measure(folder, args.steps, args.rounds) for folder in args.data]
+        runs = [measure(folder, args.steps, args.rounds, args.batch_size) for folder in args.data]
     finally:
         dist.destroy_process_group()
     report("train_step", {"steps": args.steps, "rounds": args.rounds, "runs": runs,
