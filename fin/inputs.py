@@ -102,9 +102,10 @@ class ItemImages:
 class LoaderConfig:
     # Lifelong by default: the last 1,000 events before each request (the paper's setting);
     # configs/history200.yaml is the earlier 200-event setting
-    # A step of FIN costs ~50 ms on a CPU whatever its size (thousands of small operations) besides ~70 ms per
-    # 512 examples: batches of 2,048 train 1.4-1.6x the examples/s of 512, as good a model at the square-root
-    # learning rates (`TrainConfig`), where 4,096 lose 0.001-0.01 AUC (benchmarks/README.md, "Batch size")
+    # A step of FIN costs ~50 ms on a CPU whatever its size (thousands of small operations) besides ~60 ms per
+    # 512 examples: batches of 2,048 train 1.3-1.7x the examples/s of 512 and as good a model at the
+    # square-root learning rates (`TrainConfig`), where 4,096 lost 0.007 test AUC (benchmarks/README.md,
+    # "Batch size")
     batch_size: int = 2048
     max_seq_len: int = 1000
     fragments: FragmentConfig = field(default_factory=lambda: FragmentConfig(
