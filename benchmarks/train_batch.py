@@ -11,17 +11,14 @@ Usage: python benchmarks/train_batch.py --data FEATURES_DATA [--sizes 512 1024 2
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from _measure import report
-from train_step import sharded_fin
+from train_step import lone_process_group, sharded_fin
 
 
 def measure(data: Path, sizes: list[int], steps: int, rounds: int) -> dict:
@@ -57,15 +54,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with lone_process_group():
         result = measure(args.data, args.sizes, args.steps, args.rounds)
-    finally:
-        dist.destroy_process_group()
     report("train_batch", {"steps": args.steps, "rounds": args.rounds, **result,
                            "note": "batches pre-loaded and cut: the step alone, without the loader"})
 

@@ -21,6 +21,7 @@ Usage: python benchmarks/train_step.py --data FEATURES_DATA [FEATURES_DATA ...] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -54,6 +55,20 @@ def padded_rows(batch) -> dict:
         after += sum(int(lengths[g].max()) * g.numel() for g in base.length_groups(lengths, MODELS["fin"].length_groups))
     real = sum(int(f.lengths.sum()) for f in batch.fragments.values())
     return {"real": real, "padded": before, "grouped": after}
+
+
+@contextlib.contextmanager
+def lone_process_group():
+    """A gloo group of this process alone on 127.0.0.1, as `fin train` makes for one worker."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def sharded_fin(data: Path):
@@ -133,15 +148,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with lone_process_group():
         runs = [measure(folder, args.steps, args.rounds, args.batch_size) for folder in args.data]
-    finally:
-        dist.destroy_process_group()
     report("train_step", {"steps": args.steps, "rounds": args.rounds, "runs": runs,
                                 "note": "batches pre-loaded and cut: the step alone, without the loader"})
 
