@@ -1,9 +1,9 @@
 """Benchmark: `fin train` with all the CPUs as intra-op threads, with one thread, and two one-thread runs at once.
 
 Each run is FIN with the defaults for `--steps` steps of 512 (the default batch size then; one epoch, no
-compiled package) on the given features; the figure is the training rate its artifact records. The side-by-side pair is what `make demo`
-does with its trainings: the question is whether two trainings with one thread each do more work than one
-with all of them.
+compiled package) on the given features; the figure is the training rate its artifact records. The
+side-by-side pair is what `make demo` does with its trainings: the question is whether two trainings with
+one thread each do more work than one with all of them.
 Usage: python benchmarks/train_threads.py --data FEATURES [--steps 200]
 """
 
