@@ -7,17 +7,15 @@ have 1,000 events of history. Training: each run is its own `fin train` process 
 examples (`--examples`, in whole steps of the run's batch size), one worker unless said; examples/s is the
 training loop's own figure (loading, fragments and the sharded update; validation excluded), peak RSS the
 largest sum over the process and its workers. Runs:
-  fin_shared           FIN, the defaults: the last 1,000 events, batches of 2,048 in user chunks sharing timelines
-  fin_shared_512       FIN, the same in batches of 512 at the learning rates of then (the defaults before)
+  fin_shared           FIN, the defaults: the last 1,000 events, batches of 512 in user chunks sharing timelines
+  fin_shared_2048      FIN, the same in batches of 2,048 (configs/batch2048.yaml, as `make demo` trains)
   fin_shared_chunks_4  FIN, the same with user chunks of 4 (the default before chunks of 2)
-  fin_per_example      FIN, the last 1,000 events, each example with its own history copy (the previous path), in
-                       batches of the default size
-  din_50_per_example   DIN over the last 50 events, per example (how DIN trained before), batches of the default size
+  fin_per_example      FIN, the last 1,000 events, each example with its own history copy (the previous path)
+  din_50_per_example   DIN over the last 50 events, per example (how DIN trained before)
   din_shared           DIN, the defaults (shared timelines; the loader ships the 50 events DIN reads)
   fin_shared_2         FIN, the defaults, 2 workers (gloo)
 and, from a git worktree of the commit the training goals were set against (`--baseline-commit`, the last
-one before shared-timeline batches), on the same data in the same run, at that commit's defaults (batches of
-512):
+one before shared-timeline batches), on the same data in the same run:
   fin_per_example_before   that commit's FIN over 1,000 events (configs/lifelong.yaml there), per example
   din_50_before            that commit's DIN over the last 50 events
 The loader alone iterates the same batches as fin_shared without a model, in the training process and with
@@ -46,14 +44,13 @@ LIFELONG = ROOT / "configs" / "lifelong.yaml"
 PER_EXAMPLE = ["--config", str(ROOT / "benchmarks" / "per_example.yaml")]
 BASELINE_COMMIT = "9647a4a"  # the goals' "today": training before shared-timeline batches
 BASELINE_BATCH = 512  # that commit's default batch size
-BEFORE_2048 = ["--batch-size", "512", "--lr", "0.006", "--sparse-lr", "0.1"]  # the defaults before batches of 2,048
 BASELINE_RUNS = {  # name: (model, options of that commit's fin train)
     "fin_per_example_before": ("fin", ["--config", "configs/lifelong.yaml"]),
     "din_50_before": ("din", ["--max-seq-len", "50"]),
 }
 RUNS = {  # name: (model, workers, extra options)
     "fin_shared": ("fin", 1, []),
-    "fin_shared_512": ("fin", 1, BEFORE_2048),
+    "fin_shared_2048": ("fin", 1, ["--config", str(ROOT / "configs" / "batch2048.yaml")]),
     "fin_shared_chunks_4": ("fin", 1, ["--config", str(ROOT / "benchmarks" / "user_chunks_4.yaml")]),
     "fin_per_example": ("fin", 1, PER_EXAMPLE),
     "din_50_per_example": ("din", 1, [*PER_EXAMPLE, "--max-seq-len", "50"]),
@@ -111,12 +108,12 @@ def loader_alone(data: Path, batches: int) -> dict:
 def train_run(data: Path, models: Path, name: str, examples: int, tree: Path = ROOT) -> dict:
     """One `fin train` run of `RUNS` (of `BASELINE_RUNS` from the worktree `tree`) over about `examples`
     examples, and its figures."""
-    from fin.train import TrainConfig
+    from fin.train import load_train_config
 
     if tree == ROOT:
         model, workers, options = RUNS[name]
-        batch = int(options[options.index("--batch-size") + 1]) if "--batch-size" in options else \
-            TrainConfig().loader.batch_size
+        batch = load_train_config(options[options.index("--config") + 1] if "--config" in options else None
+                                  ).loader.batch_size
     else:
         (model, options), workers, batch = BASELINE_RUNS[name], 1, BASELINE_BATCH
     steps = max(1, examples // batch)
@@ -261,7 +258,7 @@ def main() -> None:
         "fin_shared_vs_din_50_before": ratio("fin_shared", "din_50_before"),
         "fin_two_vs_one_worker": ratio("fin_shared_2", "fin_shared"),
         "fin_chunks_2_vs_4": ratio("fin_shared", "fin_shared_chunks_4"),
-        "fin_batch_2048_vs_512": ratio("fin_shared", "fin_shared_512"),
+        "fin_batch_2048_vs_512": ratio("fin_shared_2048", "fin_shared"),
         "loader": loader,
         "loader_vs_fin_step": (round(max(v["examples_per_s"] for v in loader.values()) / by["fin_shared"], 2)
                                if "fin_shared" in by else None),

@@ -103,10 +103,10 @@ class LoaderConfig:
     # Lifelong by default: the last 1,000 events before each request (the paper's setting);
     # configs/history200.yaml is the earlier 200-event setting
     # A step of FIN costs ~50 ms on a CPU whatever its size (thousands of small operations) besides ~60 ms per
-    # 512 examples: batches of 2,048 train 1.3-1.7x the examples/s of 512 and as good a model at the
-    # square-root learning rates (`TrainConfig`), where 4,096 lost 0.007 test AUC (benchmarks/README.md,
-    # "Batch size")
-    batch_size: int = 2048
+    # 512 examples, so batches of 2,048 train 1.3-1.6x the examples/s; configs/batch2048.yaml: as good a model
+    # where an epoch is hundreds of such steps (the demo's world), 0.013 AUC worse on a 35-day world (65
+    # steps an epoch), so 512 stays the default (benchmarks/README.md, "Batch size")
+    batch_size: int = 512
     max_seq_len: int = 1000
     fragments: FragmentConfig = field(default_factory=lambda: FragmentConfig(
         full_len=1000, recent_len=50, location_len=200, meal_len=200, integrated_len=100))

@@ -70,9 +70,8 @@ Log = Callable[[str], None]
 class TrainConfig:
     model: str = "fin"
     epochs: int = 8  # at most: training stops once validation AUC has not improved for `patience` epochs
-    # learning rates for batches of 2,048: twice those tuned for 512 (square-root scaling)
-    lr: float = 1.2e-2  # dense weights (Adam)
-    sparse_lr: float = 0.2  # tables (row-wise Adagrad)
+    lr: float = 6e-3  # dense weights (Adam)
+    sparse_lr: float = 0.1  # tables (row-wise Adagrad)
     patience: int = 1  # epochs without a better validation AUC before stopping
     max_steps: int | None = 0  # per epoch (0 or None: the whole train split)
     workers: int = 1
