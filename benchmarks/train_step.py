@@ -73,7 +73,8 @@ def lone_process_group():
 
 def sharded_fin(data: Path):
     """FIN with `fin train`'s defaults on `data` (the creatives when it has them), sharded in this process's
-    group, in training mode -> (its training step: batch -> None, its batches: (batch size, count) -> list)."""
+    group, in training mode -> (the sharded model, its training step: batch -> None, its training batches:
+    (batch size, count) -> list)."""
     config = with_image_modality(data, TrainConfig(), log=lambda message: None)
     torch.manual_seed(config.seed)
     model = shard(MODELS["fin"](config.model_config), torch.device("cpu"), config.sharding, config.sparse_lr, 1)
