@@ -26,9 +26,20 @@ install: $(VENV)/.installed serving/pb/.generated compiler
 
 # The lock is installed with --no-deps: torchrec declares the CUDA fbgemm-gpu, and resolving it would
 # put a second fbgemm next to fbgemm-gpu-cpu. The lock already holds every dependency.
+# uv installs it in ~50 s against pip's ~135 s on 2 cores (bytecode compiled, as pip does, since every `fin`
+# command and Ray worker would otherwise compile what it imports); uv does not read pip's configuration, so
+# the sources pip is configured with (find-links, where a +cpu torch wheel may lie; indexes) are passed on.
+# Where uv cannot install, pip does.
+UV_VERSION ?= 0.13.9
+pip_config = $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -nE "s/^[^.]*\.$(1)='(.*)'$$/\1/p" | head -n1)
+UV_SOURCES = $(addprefix --index-url ,$(call pip_config,index-url)) \
+	$(addprefix --extra-index-url ,$(call pip_config,extra-index-url)) \
+	$(addprefix --find-links ,$(call pip_config,find-links)) --index-strategy unsafe-best-match
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	($(PY) -m pip install --quiet uv==$(UV_VERSION) && $(PY) -m uv pip install --quiet --compile-bytecode \
+	  --python $(PY) --no-deps $(UV_SOURCES) -r requirements.lock) \
+	  || { echo "uv could not install the lock: pip installs it"; $(PY) -m pip install --quiet --no-deps -r requirements.lock; }
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
