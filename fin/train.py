@@ -75,7 +75,8 @@ class TrainConfig:
     patience: int = 1  # epochs without a better validation AUC before stopping
     max_steps: int | None = 0  # per epoch (0 or None: the whole train split)
     workers: int = 1
-    # intra-op threads of each CPU worker (0: the CPUs shared out among the local workers). FIN's step is
+    # intra-op threads of each CPU worker (0: the CPUs this process may run on, shared out among the local
+    # workers; `taskset` or a container's CPU set limits them). FIN's step is
     # thousands of small operations: one thread trains it as fast as two on 2 cores, so two trainings side
     # by side with one thread each do twice the work (benchmarks/README.md, "Threads")
     threads: int = 0
@@ -171,7 +172,7 @@ def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // local_world))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         return _fit(rank, world, device, data, models, config, name, init_from, log)
