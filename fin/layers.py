@@ -85,6 +85,12 @@ def _unfused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn
     return torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), -1) @ values
 
 
+def _bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as uint8, for reductions: min / max over bytes take a tenth of the time of all / any over
+    booleans on a CPU (4 against 44 us over 300 x 200)."""
+    return mask.view(torch.uint8)
+
+
 def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:
     """softmax(query keys^T * scale) values over each user's events where `mask` [U, L] (or, per query, [U, C,
@@ -96,13 +102,13 @@ def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     length = mask.shape[-1]
     # no padding (one request, or users of equal lengths): no mask to apply; a graph being exported has a
     # mask whatever its values (its shapes do not depend on them) and always applies it
-    if length and not torch.compiler.is_compiling() and bool(mask.all()):
+    if length and not torch.compiler.is_compiling() and (mask.numel() == 0 or bool(_bytes(mask).amin())):
         return F.scaled_dot_product_attention(query, keys, values, scale=scale)
     if length == 0:
         keys, values = F.pad(keys, (0, 0, 0, 1)), F.pad(values, (0, 0, 0, 1))
         mask, length = mask.new_zeros(*mask.shape[:-1], 1), 1
     mask = mask if mask.dim() == 3 else mask[:, None]  # [U, C or 1, L]
-    empty = ~mask.any(-1)
+    empty = _bytes(mask).amax(-1) == 0
     mask = torch.cat([mask[..., :1] | empty[..., None], mask[..., 1:]], dim=-1)
     fused = length > UNFUSED_MAX_LEN or query.device.type != "cpu" or torch.compiler.is_compiling()
     attend = F.scaled_dot_product_attention if fused else _unfused

@@ -264,7 +264,7 @@ class SliceWindows:
         first = torch.cumsum(frag.lengths, 0) - frag.lengths
         head = frag.index[first.clamp(max=frag.index.numel() - 1)]  # each request's first event
         runs = torch.repeat_interleave(head - first, frag.lengths, output_size=frag.index.numel())
-        if not bool((frag.index - runs == torch.arange(frag.index.numel(), device=runs.device)).all()):
+        if not torch.equal(frag.index - runs, torch.arange(frag.index.numel(), device=runs.device)):
             return None
         width = int(frag.lengths.max())
         # (a request without events may sit at the end of the last slice: any row does for it)
