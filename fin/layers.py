@@ -159,8 +159,16 @@ class SimplifiedTargetAttention(nn.Module):
 
 class MultiHeadTargetAttention(nn.Module):
     """Multi-head target attention with time-gap embeddings (FIN's recent and integrated sequences,
-    DIN and SIM baselines). Keys/values (event embedding + its time-gap embedding) are projected once per
-    user; each candidate's query attends over its user's events."""
+    DIN and SIM baselines): each candidate's query attends over its user's events (event embedding + its
+    time-gap embedding), H heads of h = d / H.
+
+    Two equal forms, chosen by the shape. With many candidates per user (a served request: C = 200), keys and
+    values are projected once per event and shared by them all. With few (training: C of 1-4), the per-event
+    projections cost more than they share, and the projections move to the candidates instead, as in
+    `SimplifiedTargetAttention`: per head, q_h . (W_k^h x) = (W_k^h^T q_h) . x and sum_i a_i W_v^h x_i =
+    W_v^h sum_i a_i x_i, so the events are attended over as they are, by H x C queries of width d. The
+    folded form does H x C x d work per event against d x d for the projections: cheaper while
+    C (H - 1) < d. A graph being compiled keeps the projected form."""
 
     def __init__(self, dim: int, heads: int = 2, time_gap_buckets: int = 24):
         super().__init__()
@@ -174,19 +182,27 @@ class MultiHeadTargetAttention(nn.Module):
         self.value = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
-    def project(self, sequence: torch.Tensor, gap_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-user work: sequence [U, L, d] and time gaps to the request [U, L] -> keys, values [U, H, L, h]."""
+    def forward(self, query: torch.Tensor, sequence: torch.Tensor, gap_ms: torch.Tensor, mask: torch.Tensor,
+                user_of: torch.Tensor) -> torch.Tensor:
+        """query [B, d] against its user's (`user_of` [B]) events, sequence [U, L, d] with their time gaps to
+        the request [U, L] and mask [U, L] -> [B, d]."""
         x = sequence + gather(self.time_gap.weight, time_gap_bucket(gap_ms, self.gap_boundaries))
-        u, length, _ = x.shape
-        split = (u, length, self.heads, self.head_dim)
-        return self.key(x).view(split).transpose(1, 2), self.value(x).view(split).transpose(1, 2)
-
-    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-               user_of: torch.Tensor) -> torch.Tensor:
         q = self.query(query).view(-1, self.heads, self.head_dim)  # [B, H, h]
-        grouped, column = by_user(q, user_of, keys.shape[0])  # [U, C, H, h]
-        pooled = _attention(grouped.transpose(1, 2), keys, values, mask).transpose(1, 2)  # [U, C, H, h]
-        return self.out(from_users(pooled, user_of, column).reshape(query.shape[0], -1))  # [B, d]
+        grouped, column = by_user(q, user_of, x.shape[0])  # [U, C, H, h]
+        # (compiling first: a test of the candidates' count would constrain an exported graph's dynamic shape)
+        folded = not torch.compiler.is_compiling() and grouped.shape[1] * (self.heads - 1) < x.shape[-1]
+        pooled = self._folded(grouped, x, mask) if folded else self._projected(grouped, x, mask)  # [U, C, H, h]
+        return self.out(from_users(pooled, user_of, column).reshape(query.shape[0], -1))
 
-    def forward(self, query, sequence, gap_ms, mask, user_of):
-        return self.attend(query, *self.project(sequence, gap_ms), mask, user_of)
+    def _projected(self, grouped: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        split = (*x.shape[:2], self.heads, self.head_dim)
+        keys, values = self.key(x).view(split).transpose(1, 2), self.value(x).view(split).transpose(1, 2)
+        return _attention(grouped.transpose(1, 2), keys, values, mask).transpose(1, 2)
+
+    def _folded(self, grouped: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        users, candidates, heads, h = grouped.shape
+        split = (heads, h, x.shape[-1])  # W^h: rows h * k .. of a projection's weight
+        queries = torch.einsum("uchk,hkd->uhcd", grouped, self.key.weight.view(split)).reshape(users, 1, -1, x.shape[-1])
+        mask = mask if mask.dim() == 2 else mask.repeat(1, heads, 1)  # per query: [U, H x C, L]
+        pooled = _attention(queries, x[:, None], x[:, None], mask, scale=h ** -0.5)  # [U, 1, H x C, d]
+        return torch.einsum("uhcd,hkd->uchk", pooled.view(users, heads, candidates, -1), self.value.weight.view(split))

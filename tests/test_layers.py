@@ -106,3 +106,25 @@ def test_mlp_and_bfloat16():
     out = att(torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(1, 4, 8, dtype=torch.bfloat16),
               torch.ones(1, 4, dtype=torch.bool), torch.tensor([0, 0]))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("unfused_max_len", [0, 256], ids=["fused", "unfused"])
+def test_multi_head_forms_agree(unfused_max_len, monkeypatch):
+    """Many candidates of a user share keys and values projected per event; one alone folds the projections
+    into its queries (`MultiHeadTargetAttention`): the same results and gradients."""
+    monkeypatch.setattr(layers, "UNFUSED_MAX_LEN", unfused_max_len)
+    torch.manual_seed(0)
+    d, users, length, per_user = 16, 3, 6, 16  # 16 candidates a user: the projected form
+    layer = MultiHeadTargetAttention(d, heads=2)
+    seq = torch.randn(users, length, d, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6, [0] * 6], dtype=torch.bool)
+    gaps = torch.randint(0, 10**8, (users, length))
+    user_of = torch.arange(users).repeat_interleave(per_user)
+    query = torch.randn(user_of.numel(), d)
+    shared = layer(query, seq, gaps, mask, user_of)
+    (shared_grad,) = torch.autograd.grad(shared.square().sum(), seq)
+    alone = torch.cat([layer(query[i:i + 1], seq[u][None], gaps[u][None], mask[u][None], torch.zeros(1, dtype=torch.long))
+                       for i, u in enumerate(user_of.tolist())])
+    (alone_grad,) = torch.autograd.grad(alone.square().sum(), seq)
+    assert torch.allclose(shared, alone, atol=1e-5) and torch.allclose(shared_grad, alone_grad, atol=1e-4)
+    assert shared_grad[2].abs().max() == 0 and shared_grad[0, 4:].abs().max() == 0  # no events, padding: none
