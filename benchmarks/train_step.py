@@ -7,9 +7,12 @@
 - `distinct`: as `grouped`, each distinct history event looked up and encoded once
   (`fin.embeddings.DistinctEvents`), every attention through the fused kernel;
 - `unfused_short`: as `distinct`, sequences of up to `fin.layers.UNFUSED_MAX_LEN` events attended with a
-  plain product, softmax and product: today's step.
+  plain product, softmax and product;
+- `folded`: as `unfused_short`, the multi-head attentions (recent, integrated) with their key and value
+  projections folded into the few queries of each user instead of applied to every event
+  (`fin.layers.MultiHeadTargetAttention`): today's step.
 
-All four give the same scores and gradients (tests/test_models.py, tests/test_layers.py); what differs is
+All five give the same scores and gradients (tests/test_models.py, tests/test_layers.py); what differs is
 how much work the step does for them. Each data folder's first training batches (FIN's defaults: user
 chunks of 2, 1,000 events, the creatives when the data has them, as `fin train` reads them) are loaded and
 cut once; then the variants take turns, `--steps` timed steps each per round (after 5 of warm-up), on one
@@ -108,16 +111,18 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
 
     windows, fin, sparse, unfused = base.SliceWindows.of, model.module, model.module.sparse, layers.UNFUSED_MAX_LEN
     no_windows = classmethod(lambda cls, *args: None)
-    # variant -> (length groups, SliceWindows.of, one lookup per distinct event, longest sequence attended unfused)
-    variants = {"padded": (1, no_windows, False, 0), "grouped": (fin.length_groups, windows, False, 0),
-                "distinct": (fin.length_groups, windows, True, 0),
-                "unfused_short": (fin.length_groups, windows, True, unfused)}
+    # variant -> (length groups, SliceWindows.of, one lookup per distinct event, longest sequence attended
+    # unfused, multi-head projections folded into the queries)
+    variants = {"padded": (1, no_windows, False, 0, False), "grouped": (fin.length_groups, windows, False, 0, False),
+                "distinct": (fin.length_groups, windows, True, 0, False),
+                "unfused_short": (fin.length_groups, windows, True, unfused, False),
+                "folded": (fin.length_groups, windows, True, unfused, True)}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for _ in range(rounds):
-            for name, (groups, slice_windows, distinct, unfused_max_len) in variants.items():
+            for name, (groups, slice_windows, distinct, unfused_max_len, fold) in variants.items():
                 fin.length_groups, base.SliceWindows.of, sparse.lookup_distinct = groups, slice_windows, distinct
-                layers.UNFUSED_MAX_LEN = unfused_max_len
+                layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = unfused_max_len, fold
                 for batch in batches[:5]:
                     step(batch)
                 started = time.perf_counter()
@@ -125,7 +130,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
                     step(batch)
                 seconds[name].append((time.perf_counter() - started) / steps)
     finally:
-        base.SliceWindows.of, layers.UNFUSED_MAX_LEN = windows, unfused
+        base.SliceWindows.of, layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = windows, unfused, True
     examples = statistics.mean(len(b) for b in batches[5:])
     step_ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
     distinct = sparse.history_ids(batches[5])[0].first.numel()
@@ -136,6 +141,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
             **{f"{name}_examples_per_s": round(examples / ms * 1000) for name, ms in step_ms.items()},
             "distinct_over_grouped": round(step_ms["grouped"] / step_ms["distinct"], 2),
             "unfused_short_over_distinct": round(step_ms["distinct"] / step_ms["unfused_short"], 2),
+            "folded_over_unfused_short": round(step_ms["unfused_short"] / step_ms["folded"], 2),
             "distinct_over_padded": round(step_ms["padded"] / step_ms["distinct"], 2)}
 
 

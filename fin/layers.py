@@ -170,6 +170,8 @@ class MultiHeadTargetAttention(nn.Module):
     folded form does H x C x d work per event against d x d for the projections: cheaper while
     C (H - 1) < d. A graph being compiled keeps the projected form."""
 
+    fold_queries = True  # the folded form where it is cheaper (False: always projected; benchmarks compare both)
+
     def __init__(self, dim: int, heads: int = 2, time_gap_buckets: int = 24):
         super().__init__()
         if dim % heads:
@@ -190,7 +192,8 @@ class MultiHeadTargetAttention(nn.Module):
         q = self.query(query).view(-1, self.heads, self.head_dim)  # [B, H, h]
         grouped, column = by_user(q, user_of, x.shape[0])  # [U, C, H, h]
         # (compiling first: a test of the candidates' count would constrain an exported graph's dynamic shape)
-        folded = not torch.compiler.is_compiling() and grouped.shape[1] * (self.heads - 1) < x.shape[-1]
+        folded = (self.fold_queries and not torch.compiler.is_compiling()
+                  and grouped.shape[1] * (self.heads - 1) < x.shape[-1])
         pooled = self._folded(grouped, x, mask) if folded else self._projected(grouped, x, mask)  # [U, C, H, h]
         return self.out(from_users(pooled, user_of, column).reshape(query.shape[0], -1))
 
