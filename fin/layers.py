@@ -166,9 +166,9 @@ class MultiHeadTargetAttention(nn.Module):
     values are projected once per event and shared by them all. With few (training: C of 1-4), the per-event
     projections cost more than they share, and the projections move to the candidates instead, as in
     `SimplifiedTargetAttention`: per head, q_h . (W_k^h x) = (W_k^h^T q_h) . x and sum_i a_i W_v^h x_i =
-    W_v^h sum_i a_i x_i, so the events are attended over as they are, by H x C queries of width d. The
-    folded form does H x C x d work per event against d x d for the projections: cheaper while
-    C (H - 1) < d. A graph being compiled keeps the projected form."""
+    W_v^h sum_i a_i x_i, so the events are attended over as they are, by H x C queries of width d. Per
+    event, the folded form multiplies 2 H C d numbers against 2 d d + 2 C d for the projected one: cheaper
+    while C (H - 1) < d. A graph being compiled keeps the projected form."""
 
     fold_queries = True  # the folded form where it is cheaper (False: always projected; benchmarks compare both)
 
@@ -204,7 +204,7 @@ class MultiHeadTargetAttention(nn.Module):
 
     def _folded(self, grouped: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         users, candidates, heads, h = grouped.shape
-        split = (heads, h, x.shape[-1])  # W^h: rows h * k .. of a projection's weight
+        split = (heads, h, x.shape[-1])  # a projection's weight [d, d] as each head's rows W^h: [H, h, d]
         queries = torch.einsum("uchk,hkd->uhcd", grouped, self.key.weight.view(split)).reshape(users, 1, -1, x.shape[-1])
         mask = mask if mask.dim() == 2 else mask.repeat(1, heads, 1)  # per query: [U, H x C, L]
         pooled = _attention(queries, x[:, None], x[:, None], mask, scale=h ** -0.5)  # [U, 1, H x C, d]

@@ -172,7 +172,8 @@ def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // local_world))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(config.threads or max(1, cpus // local_world))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         return _fit(rank, world, device, data, models, config, name, init_from, log)
