@@ -110,6 +110,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
     images = model.module.config.image_dim > 0
 
     windows, fin, sparse, unfused = base.SliceWindows.of, model.module, model.module.sparse, layers.UNFUSED_MAX_LEN
+    folds = layers.MultiHeadTargetAttention.fold_queries
     no_windows = classmethod(lambda cls, *args: None)
     # variant -> (length groups, SliceWindows.of, one lookup per distinct event, longest sequence attended
     # unfused, multi-head projections folded into the queries)
@@ -130,7 +131,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
                     step(batch)
                 seconds[name].append((time.perf_counter() - started) / steps)
     finally:
-        base.SliceWindows.of, layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = windows, unfused, True
+        base.SliceWindows.of, layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = windows, unfused, folds
     examples = statistics.mean(len(b) for b in batches[5:])
     step_ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
     distinct = sparse.history_ids(batches[5])[0].first.numel()

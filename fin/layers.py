@@ -206,6 +206,5 @@ class MultiHeadTargetAttention(nn.Module):
         users, candidates, heads, h = grouped.shape
         split = (heads, h, x.shape[-1])  # a projection's weight [d, d] as each head's rows W^h: [H, h, d]
         queries = torch.einsum("uchk,hkd->uhcd", grouped, self.key.weight.view(split)).reshape(users, 1, -1, x.shape[-1])
-        mask = mask if mask.dim() == 2 else mask.repeat(1, heads, 1)  # per query: [U, H x C, L]
         pooled = _attention(queries, x[:, None], x[:, None], mask, scale=h ** -0.5)  # [U, 1, H x C, d]
         return torch.einsum("uhcd,hkd->uchk", pooled.view(users, heads, candidates, -1), self.value.weight.view(split))
