@@ -135,8 +135,9 @@ def new_items(data: str | Path, split: str) -> np.ndarray:
 def cold_start(data: str | Path, split: str, frame: pl.DataFrame, predictions: dict[str, np.ndarray],
                logged: tuple[pl.DataFrame, dict[str, np.ndarray]] | None, auction_config: AuctionConfig | None,
                replay: ReplayConfig) -> dict | None:
-    """AUC, GAUC and RPM of each model on the impressions of cold-start ads (first shown in `split`) and of
-    warm ones, apart. RPM: the revenue replay of an auction among each request's cold (warm) candidates only,
+    """AUC, GAUC, calibration and RPM of each model on the impressions of cold-start ads (first shown in
+    `split`) and of warm ones, apart. Calibration (sum of pCTR / clicks) apart, because a level fitted on the
+    validation days, where few ads are new, says nothing of how a model prices new ones. RPM: the revenue replay of an auction among each request's cold (warm) candidates only,
     so each figure says how well a model ranks that kind of ad. None when the split has no cold-start ad."""
     cold_items = new_items(data, split)
     if cold_items.size == 0:
@@ -152,7 +153,8 @@ def cold_start(data: str | Path, split: str, frame: pl.DataFrame, predictions: d
         out[f"{kind}_examples"], out[f"{kind}_clicks"] = int(rows.sum()), int(labels[rows].sum())
         for key, s in scores.items():
             out["models"].setdefault(key, {})[kind] = {"auc": auc(labels[rows], s[rows]),
-                                                       "gauc": gauc(labels[rows], s[rows], users[rows])}
+                                                       "gauc": gauc(labels[rows], s[rows], users[rows]),
+                                                       "calibration": calibration(labels[rows], s[rows])}
     if logged is not None:  # the split's logged candidates and each model's pCTR of them
         candidates, by_model = logged
         is_cold = np.isin(candidates["item_id"].to_numpy(), cold_items)
@@ -268,17 +270,19 @@ def markdown(report: dict) -> str:
 def _cold_start_markdown(cold: dict) -> list[str]:
     lines = [f"## Cold-start ads: {cold['new_items']:,} ads first shown in this split ({cold['cold_examples']:,} "
              f"impressions, {cold['cold_clicks']:,} clicks) and warm ads ({cold['warm_examples']:,} impressions)", "",
-             "| model | cold AUC | cold GAUC | cold RPM (SNIPS) | cold RPM (exact) | warm AUC | warm GAUC | "
-             "warm RPM (SNIPS) | warm RPM (exact) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | cold AUC | cold GAUC | cold calibration | cold RPM (SNIPS) | cold RPM (exact) | warm AUC | "
+             "warm GAUC | warm calibration | warm RPM (SNIPS) | warm RPM (exact) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, m in cold["models"].items():
         c, w = m.get(COLD, {}), m.get(WARM, {})
-        lines.append(f"| {key} | {_number(c.get('auc'))} | {_number(c.get('gauc'))} | {_number(c.get('rpm'), 1)} | "
-                     f"{_number(c.get('exact_rpm'), 1)} | {_number(w.get('auc'))} | {_number(w.get('gauc'))} | "
-                     f"{_number(w.get('rpm'), 1)} | {_number(w.get('exact_rpm'), 1)} |")
+        lines.append(f"| {key} | {_number(c.get('auc'))} | {_number(c.get('gauc'))} | {_number(c.get('calibration'), 3)} | "
+                     f"{_number(c.get('rpm'), 1)} | {_number(c.get('exact_rpm'), 1)} | {_number(w.get('auc'))} | "
+                     f"{_number(w.get('gauc'))} | {_number(w.get('calibration'), 3)} | {_number(w.get('rpm'), 1)} | "
+                     f"{_number(w.get('exact_rpm'), 1)} |")
     lines += ["", "RPM here: an auction among each request's cold (warm) candidates only, estimated from the logged "
               "clicks (SNIPS; few logged clicks of cold ads make it noisy) and, on simulated data, exact (the true "
               "click probabilities of the same slates). A model with the image modality reads each ad's creative "
-              "embedding; one without reads ids and statistics alone."]
+              "embedding; one without reads ids and statistics alone. Calibration: sum of pCTR / clicks."]
     return lines
 
 

@@ -121,6 +121,11 @@ class LoaderConfig:
     examples_per_user: int = 2
     workers: int = 0  # processes reading and assembling batches ahead of the step (0: in the training process)
     prefetch: int = 4  # batches each of them keeps ready
+    # Training: an example whose ad was first shown under this many days before it is marked a new ad
+    # (`Batch.new_ad`; 0: none), and the model reads it without its ids, as it will read an ad first shown
+    # after training. Ads first shown in the split's first `new_ad_days` days are not marked: they may be
+    # older than the log
+    new_ad_days: int = 7
 
 
 @dataclass
@@ -145,6 +150,9 @@ class Batch:
     # int64 [B]: the slot each training example was shown in (None when scoring: the score must not depend
     # on a slot the ranking has yet to choose)
     position: torch.Tensor | None = None
+    # bool [B]: training examples of an ad first shown under `LoaderConfig.new_ad_days` days before (None: none
+    # marked, as when scoring)
+    new_ad: torch.Tensor | None = None
     images: ItemImages | None = None  # the creative embeddings of its items (models with an image modality)
 
     @property
@@ -181,7 +189,7 @@ class Batch:
         h = self.histories
         return dataclasses.replace(
             self, label=move(self.label), ids={k: move(v) for k, v in self.ids.items()}, stats=move(self.stats),
-            numbers=move(self.numbers), position=move(self.position), ts=move(self.ts),
+            numbers=move(self.numbers), position=move(self.position), new_ad=move(self.new_ad), ts=move(self.ts),
             request_context={k: move(v) for k, v in self.request_context.items()},
             histories=Histories(move(h.offsets), {k: move(v) for k, v in h.values.items()}, move(h.start),
                                 move(h.end)),

@@ -37,6 +37,7 @@ from fin.inputs import (
 )
 
 _IMAGE_ROW = "image_row"  # the loader's own timeline column beside TIMELINE_FIELDS: each event's creative row
+_FIRST_SHOWN, _NEW_AD = "first_shown_day", "new_ad"  # the loader's own example columns (`LoaderConfig.new_ad_days`)
 
 
 def _stats(data: Dataset, key: str) -> pl.DataFrame:
@@ -44,6 +45,15 @@ def _stats(data: Dataset, key: str) -> pl.DataFrame:
     prefix = key.removesuffix("_id")
     table = pl.read_parquet(data.stats_source(key))
     return table.select(key, "day", *[pl.col(v).cast(pl.Float32).alias(f"{prefix}_{v}") for v in STAT_VALUES])
+
+
+def _first_shown(parts: list[Path], new_ad_days: int) -> pl.DataFrame:
+    """item_id -> the day its ad was first shown among the split's examples, for the ads first shown at least
+    `new_ad_days` days into the split (the earlier ones may have been shown before the log began). Known on
+    any later day: an example on day d reads nothing of days after d."""
+    shown = pl.concat([pl.scan_parquet(p).select("item_id", "day") for p in parts]).collect()
+    first = shown.group_by("item_id").agg(pl.col("day").min().alias(_FIRST_SHOWN))
+    return first.filter(pl.col(_FIRST_SHOWN) >= shown["day"].min() + new_ad_days)
 
 
 def user_chunk_order(user_id: np.ndarray, ts: np.ndarray, examples_per_user: int,
@@ -88,6 +98,8 @@ class ExampleStream:
         if not self.parts:
             raise FileNotFoundError(f"no {split} {dataset} under {self.data.root / dataset} (run fin features first)")
         self.stats = {key: _stats(self.data, key) for key in STAT_KEYS}
+        self.first_shown = _first_shown(self.parts, config.new_ad_days) \
+            if split == "train" and dataset == EXAMPLES and config.new_ad_days > 0 else None
         self.images = None
         if images:
             source = embeddings_source(self.data)
@@ -143,6 +155,10 @@ class ExampleStream:
             *[pl.col(c).fill_null(0.0) for c in STAT_FEATURES],
             *[pl.col(c).fill_null(0.0).cast(pl.Float32) for c in CANDIDATE_NUMBERS],
         )
+        if self.first_shown is not None:
+            age = pl.col("day") - pl.col(_FIRST_SHOWN)
+            examples = examples.join(self.first_shown, on="item_id", how="left", maintain_order="left") \
+                .with_columns((age < self.config.new_ad_days).fill_null(False).alias(_NEW_AD))
         order = self._order(examples, rng)
         for lo in range(0, examples.height, self.config.batch_size):
             rows = order[lo:lo + self.config.batch_size]
@@ -189,6 +205,7 @@ class ExampleStream:
             numbers=torch.from_numpy(ex.select(CANDIDATE_NUMBERS).to_numpy().astype(np.float32)),
             # the slot is a training input only: validation and test are scored as the server scores
             position=torch.from_numpy(ex[POSITION].to_numpy(writable=True)) if self.split == "train" else None,
+            new_ad=torch.from_numpy(ex[_NEW_AD].to_numpy(writable=True)) if _NEW_AD in ex.columns else None,
             ts=torch.from_numpy(requests["ts"].to_numpy(writable=True)),
             request_context={c: torch.from_numpy(requests[c].to_numpy(writable=True)) for c in FRAGMENT_CONTEXT},
             histories=histories,

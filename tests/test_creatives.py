@@ -75,6 +75,10 @@ def test_fin_reads_creatives_and_the_report_splits_cold_and_warm_ads(run):
     assert cold is not None and cold["new_items"] > 0 and cold["cold_examples"] > 0 and cold["warm_examples"] > 0
     row = cold["models"][f"{artifact.name}/{artifact.version}"]
     assert set(row) == {COLD, WARM} and "auc" in row[COLD] and "rpm" in row[WARM]
+    # calibration is sum of pCTR / clicks: the two kinds' sums of pCTR add up to the whole split's
+    whole = report["models"][f"{artifact.name}/{artifact.version}"]["calibration"]
+    parts = row[COLD]["calibration"] * cold["cold_clicks"] + row[WARM]["calibration"] * cold["warm_clicks"]
+    assert parts == pytest.approx(whole * (cold["cold_clicks"] + cold["warm_clicks"]), rel=1e-9)
     # hiding the creatives changes the scores: the model reads them
     data = Dataset.at(out)
     from fin.loader import ExampleStream

@@ -87,6 +87,21 @@ def test_statistics_are_joined_point_in_time(features_job):
     assert np.isfinite(batch.stats.numpy()).all()
 
 
+def test_training_examples_of_ads_first_shown_days_before_are_marked_new(features_job):
+    out, _ = features_job
+    cfg = LoaderConfig(batch_size=256, max_seq_len=50, new_ad_days=2)
+    batches = list(ExampleStream(out / "data", "train", cfg))
+    marked = dict(zip(torch.cat([b.row_id for b in batches]).tolist(), torch.cat([b.new_ad for b in batches]).tolist()))
+    train = _examples(out, "train")
+    first = train.group_by("item_id").agg(pl.col("day").min().alias("first"))
+    new = (pl.col("first") >= train["day"].min() + 2) & (pl.col("day") - pl.col("first") < 2)
+    expected = train.join(first, on="item_id").select("impression_id", new.alias("new"))
+    assert marked == dict(zip(expected["impression_id"].to_list(), expected["new"].to_list()))
+    assert 0 < sum(marked.values()) < len(marked)
+    assert next(iter(ExampleStream(out / "data", "validation", cfg))).new_ad is None  # scored as served
+    assert next(iter(ExampleStream(out / "data", "train", LoaderConfig(batch_size=256, new_ad_days=0)))).new_ad is None
+
+
 def test_shared_timeline_batches_give_each_example_its_own_history_and_fragments(features_job):
     """A training batch of users' chunks holds each user's events once, and every example reads exactly the
     history and fragments the per-example path gives it."""

@@ -10,7 +10,7 @@ import torch
 from features.fragments import MISSING, Fragment, FragmentConfig
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from features.simulator import load_sim_config, simulate
-from fin.embeddings import EmbeddingSizes, SparseArch, hash_ids
+from fin.embeddings import SHARED, EmbeddingSizes, SparseArch, hash_ids
 from fin.inputs import (
     CANDIDATE_NUMBERS,
     CONTEXT_FEATURES,
@@ -63,6 +63,25 @@ def test_the_position_term_is_trained_on_and_left_out_of_scores(features_job):
         model.position.weight.normal_()
         moved = model(train) - model(dataclasses.replace(train, position=None))
     torch.testing.assert_close(moved, model.position.weight[hash_ids(train.position, CONFIG.positions), 0].detach())
+
+
+def test_new_ads_are_read_without_their_ids_and_with_their_statistics(features_job):
+    """In training a new ad's candidate reads zero item and shop rows, as an ad first shown after training does,
+    and keeps its statistics; the other candidates (no id dropout here) read theirs, and scoring hides none."""
+    out, _ = features_job
+    batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
+    model = MODELS["dnn"](dataclasses.replace(CONFIG, id_dropout=0.0)).train()
+    new_ad = torch.arange(len(batch)) % 3 == 0
+    sparse = model.sparse(batch)
+    found = model.encode(dataclasses.replace(batch, new_ad=new_ad), sparse)
+    hidden = sparse.target.clone()
+    hidden[new_ad.nonzero(), [list(SHARED).index("item"), list(SHARED).index("shop")]] = 0.0
+    torch.testing.assert_close(found.target, model.target(hidden.flatten(1)))
+    torch.testing.assert_close(found.stats, model.encode(dataclasses.replace(batch, new_ad=None), sparse).stats)
+    assert not torch.allclose(found.target, model.encode(dataclasses.replace(batch, new_ad=None), sparse).target)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(dataclasses.replace(batch, new_ad=new_ad)), model(batch))
 
 
 def test_sim_attends_over_the_latest_events_of_the_candidate_s_category(features_job):

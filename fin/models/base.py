@@ -13,9 +13,13 @@ calibration is fitted on position-free validation logits.
 
 With an image modality (`ModelConfig.image_dim` > 0), the candidate and every history event also carry the
 creative embedding of their item (`Batch.images`), joined to the ids by the model's `fusion`
-(`fin.fusion`: a plain projection of both for the baselines, confidence-weighted for FIN). `id_dropout`
-hides a share of the training candidates' item and shop ids and statistics, as a new ad has none, so that
-the model learns what to make of such a candidate instead of first meeting one in the test week.
+(`fin.fusion`: a plain projection of both for the baselines, confidence-weighted for FIN).
+
+An ad first shown after training has untrained id rows (about zero) and statistics of its first days, so
+training shows the model such candidates (`CTRModel._hide_ids`): the ads that were new at the time
+(`Batch.new_ad`) always, and an `id_dropout` share of the others, without their item and shop ids. The
+new ones teach it what a new ad's click rate is (about half the average: nobody has ordered from it yet);
+the others, whose statistics stay, what to make of the creative when the ids say nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class ModelConfig:
     positions: int = 64  # slots with a bias of their own (later ones share by hashing)
     embeddings: EmbeddingSizes = field(default_factory=EmbeddingSizes)
     image_dim: int = 0  # width of the creative embeddings read (0: no image modality; `fin train` sets it)
-    id_dropout: float = 0.1  # share of training candidates shown without item/shop ids and statistics
+    id_dropout: float = 0.1  # share of the other training candidates shown without item/shop ids (besides new ads)
     fusion: str = ""  # how the image modality joins the ids: "concat" or "confidence" ("": the model's own)
 
 
@@ -103,8 +107,8 @@ class CTRModel(nn.Module):
     def encode(self, batch: Batch, sparse: SparseOutput | None = None) -> Encoded:
         sparse = self.sparse(batch) if sparse is None else sparse
         target, stats = sparse.target, torch.cat([batch.stats, batch.numbers], dim=1)
-        if self.training and self.config.id_dropout > 0:
-            target, stats = self._hide_ids(target, stats, batch.row_id)
+        if self.training and (self.config.id_dropout > 0 or batch.new_ad is not None):
+            target = self._hide_ids(target, batch.row_id, batch.new_ad)
         x = Encoded(target=None, events=None, single=sparse.single, stats=torch.log1p(stats.clamp(min=0)))
         distinct = sparse.distinct  # history rows per distinct event: each encoded once
         if not self.config.image_dim:
@@ -120,19 +124,21 @@ class CTRModel(nn.Module):
         x.events, x.event_row = events, None if distinct is None else distinct.row_of
         return x
 
-    def _hide_ids(self, target: torch.Tensor, stats: torch.Tensor,
-                  row_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """An `id_dropout` share of the candidates as a new ad looks: item and shop rows zero (an untrained
-        row is about zero) and no statistics. Which ones follows from each example's id (a multiplicative
-        hash), not from a random stream: N workers and a resumed run hide the same examples one worker does."""
+    def _hide_ids(self, target: torch.Tensor, row_id: torch.Tensor, new_ad: torch.Tensor | None) -> torch.Tensor:
+        """New ads and an `id_dropout` share of the other candidates as an ad first shown after training looks:
+        item and shop rows zero (an untrained row is about zero). Which others follows from each example's id
+        (a multiplicative hash), not from a random stream: N workers and a resumed run hide the same examples
+        one worker does. Statistics stay: a new ad's are those of its first days, and they are what tells
+        it from a known ad whose ids are hidden (zeroing them too priced new ads as known ones: benchmarks/
+        README.md, "Creatives: cold-start ads")."""
         buckets = 1 << 16
         hashed = torch.remainder(row_id * 0x9E3779B1, buckets)  # int64 products wrap; the remainder is >= 0
         hidden = hashed < int(self.config.id_dropout * buckets)
+        if new_ad is not None:
+            hidden = hidden | new_ad
         tables = torch.zeros(len(SHARED), dtype=torch.bool, device=target.device)
         tables[[list(SHARED).index("item"), list(SHARED).index("shop")]] = True
-        target = target.masked_fill(hidden[:, None, None] & tables[None, :, None], 0.0)
-        columns = torch.arange(stats.shape[1], device=stats.device) < len(STAT_FEATURES)
-        return target, stats.masked_fill(hidden[:, None] & columns[None, :], 0.0)
+        return target.masked_fill(hidden[:, None, None] & tables[None, :, None], 0.0)
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
         return []
