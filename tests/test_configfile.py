@@ -40,7 +40,7 @@ def test_unknown_keys_are_named_with_their_path_and_the_keys_that_exist(tmp_path
     path.write_text("epochs: 2\nloader:\n  batch_sise: 256\n")
     assert _error(TrainConfig, path) == (f"{path}: loader.batch_sise: unknown key (expected one of batch_size, "
                                          "max_seq_len, fragments, shuffle, seed, shared_timelines, examples_per_user, workers, "
-                                         "prefetch)")
+                                         "prefetch, new_ad_days)")
     path.write_text("epoch: 2\n")
     assert _error(TrainConfig, path).startswith(f"{path}: epoch: unknown key (expected one of model, epochs, lr,")
     path.write_text("loader:\n  fragments:\n    full: 10\n")  # a section inside a section
