@@ -137,8 +137,9 @@ def cold_start(data: str | Path, split: str, frame: pl.DataFrame, predictions: d
                replay: ReplayConfig) -> dict | None:
     """AUC, GAUC, calibration and RPM of each model on the impressions of cold-start ads (first shown in
     `split`) and of warm ones, apart. Calibration (sum of pCTR / clicks) apart, because a level fitted on the
-    validation days, where few ads are new, says nothing of how a model prices new ones. RPM: the revenue replay of an auction among each request's cold (warm) candidates only,
-    so each figure says how well a model ranks that kind of ad. None when the split has no cold-start ad."""
+    validation days, where few ads are new, says nothing of how a model prices new ones. RPM: the revenue
+    replay of an auction among each request's cold (warm) candidates only, so each figure says how well a
+    model ranks that kind of ad. None when the split has no cold-start ad."""
     cold_items = new_items(data, split)
     if cold_items.size == 0:
         return None
