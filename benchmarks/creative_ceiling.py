@@ -5,7 +5,8 @@ On the test split's impressions of cold-start ads (first shown in the test split
 of the simulator's true click logit (the oracle), of the same logit without the shop's appeal term (the one
 attribute a creative shows that a new ad's ids do not), and with the appeal term put back as read from the
 creative embeddings by a linear probe fitted on the train split's items (no model, no training: what the
-embedding can tell, not what a model makes of it).
+embedding can tell, not what a model makes of it). `gap_share`: the cold-start goal's measure for these
+logits, (cold AUC with the appeal - cold AUC without) / (warm AUC without - cold AUC without).
 Usage: python benchmarks/creative_ceiling.py --logs DIR --data FEATURES   (e.g. demo_out/logs demo_out/features)
 """
 
@@ -62,6 +63,11 @@ def main() -> None:
     a = out["auc"]
     out["creative_worth_cold_auc"] = round(a["oracle"]["cold"] - a["without_appeal"]["cold"], 4)
     out["embedding_carries_cold_auc"] = round(a["appeal_read_from_embedding"]["cold"] - a["without_appeal"]["cold"], 4)
+    # the cold-start goal's measure for these logits: what the creative adds on cold ads, as a share of the
+    # gap between cold and warm ads without it (the share a model that knew everything else would close)
+    blind = a["without_appeal"]
+    out["gap_share"] = {name: round((a[name]["cold"] - blind["cold"]) / (blind["warm"] - blind["cold"]), 4)
+                        for name in ("oracle", "appeal_read_from_embedding")}
     report("creative_ceiling", out)
 
 
