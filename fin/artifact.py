@@ -112,7 +112,9 @@ def load_artifact(path: str | Path, package: bool = False) -> Artifact:
     if meta.get("model") not in MODELS:
         raise ArtifactError(f"{path}: unknown model kind {meta.get('model')!r}")
     try:
-        config = load_config(ModelConfig, meta["model_config"], label=f"{path / META} model_config")
+        # an artifact written before the attentions' intensity existed (no key) was trained without it
+        written = {"intensity": False, **meta["model_config"]}
+        config = load_config(ModelConfig, written, label=f"{path / META} model_config")
         loader = load_config(LoaderConfig, meta["loader_config"], label=f"{path / META} loader_config")
         model = MODELS[meta["model"]](config)
         model.load_state_dict(load_file(str(path / WEIGHTS)))

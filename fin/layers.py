@@ -78,11 +78,28 @@ def from_users(grouped: torch.Tensor, user_of: torch.Tensor, column: torch.Tenso
 UNFUSED_MAX_LEN = 256
 
 
+def _scores(query: torch.Tensor, keys: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return query @ keys.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _null_logsumexp(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(1 + sum_i exp(score_i)) over the slots of `scores` [..., L] where `mask` (broadcast): a null event of
+    score 0 beside the real ones, so that a row without any is 0 (and its gradient 0, not NaN)."""
+    return torch.logsumexp(F.pad(scores.masked_fill(~mask, float("-inf")), (1, 0)), -1)
+
+
 def _unfused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor,
-             scale: float | None = None) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` with a boolean mask, unfused (every row has an unmasked slot)."""
-    scores = query @ keys.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
-    return torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), -1) @ values
+             scale: float | None = None, log_mass: bool = False):
+    """`F.scaled_dot_product_attention` with a boolean mask, unfused (every row has an unmasked slot); with
+    `log_mass`, also log(1 + sum_i exp(score_i)) over the unmasked slots (`_log_mass`), read off the softmax
+    instead of a second pass of exponentials: log sum_i exp(s_i) = max s - log max p (the largest score's
+    weight; its gradient through both maxima is p, as it should be)."""
+    scores = _scores(query, keys, scale).masked_fill(~attn_mask, float("-inf"))
+    weights = torch.softmax(scores, -1)
+    out = weights @ values
+    if not log_mass:
+        return out
+    return out, F.softplus(scores.amax(-1) - weights.amax(-1).log())
 
 
 def _bytes(mask: torch.Tensor) -> torch.Tensor:
@@ -91,29 +108,48 @@ def _bytes(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8)
 
 
+def _log_mass(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """How much of each query's attention its events hold before the softmax divides it away: log(1 + sum_i
+    exp(score_i)) over the unmasked events (the "1": a null event of score 0), [U, H, C] for query [U, H, C, h],
+    keys [U, H or 1, L, h] and mask [U, L] or [U, C, L]. The softmax keeps where the attention goes and drops
+    how much there is: ten orders from a shop at this place and one look at it pool to the same vector. This
+    keeps the amount (DIN leaves the softmax out for the same reason; here the softmax stays and its
+    log-partition goes beside it). No events: 0."""
+    mask = mask if mask.dim() == 3 else mask[:, None]  # [U, C or 1, L]
+    return _null_logsumexp(_scores(query, keys, scale), mask[:, None])
+
+
 def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-               scale: float | None = None) -> torch.Tensor:
+               scale: float | None = None, log_mass: bool = False):
     """softmax(query keys^T * scale) values over each user's events where `mask` [U, L] (or, per query, [U, C,
     L]), fused (`scaled_dot_product_attention`); query [U, H, C, h], keys and values [U, H, L, h] (4-D: the
     fused CPU kernel takes nothing else). A user (query) without events gets zeros: its first slot is
     unmasked for the kernel (so no backend sees an all-masked row and no gradient is NaN) and its result is
     zeroed. A batch without any event gets one masked slot: the projections stay in the graph (zero
-    gradients), which DistributedModelParallel's static-graph replication requires of every step."""
+    gradients), which DistributedModelParallel's static-graph replication requires of every step.
+    With `log_mass`, -> (that, `_log_mass` [U, H, C]): from the same scores where the attention is unfused."""
     length = mask.shape[-1]
     # no padding (one request, or users of equal lengths): no mask to apply; a graph being exported has a
     # mask whatever its values (its shapes do not depend on them) and always applies it
     if length and not torch.compiler.is_compiling() and (mask.numel() == 0 or bool(_bytes(mask).amin())):
-        return F.scaled_dot_product_attention(query, keys, values, scale=scale)
+        out = F.scaled_dot_product_attention(query, keys, values, scale=scale)
+        return (out, _log_mass(query, keys, mask, scale)) if log_mass else out
     if length == 0:
         keys, values = F.pad(keys, (0, 0, 0, 1)), F.pad(values, (0, 0, 0, 1))
         mask, length = mask.new_zeros(*mask.shape[:-1], 1), 1
     mask = mask if mask.dim() == 3 else mask[:, None]  # [U, C or 1, L]
     empty = _bytes(mask).amax(-1) == 0
-    mask = torch.cat([mask[..., :1] | empty[..., None], mask[..., 1:]], dim=-1)
-    fused = length > UNFUSED_MAX_LEN or query.device.type != "cpu" or torch.compiler.is_compiling()
-    attend = F.scaled_dot_product_attention if fused else _unfused
-    out = attend(query, keys, values, attn_mask=mask[:, None], scale=scale)
-    return out.masked_fill(empty[:, None, :, None], 0.0)
+    kernel_mask = torch.cat([mask[..., :1] | empty[..., None], mask[..., 1:]], dim=-1)
+    if length > UNFUSED_MAX_LEN or query.device.type != "cpu" or torch.compiler.is_compiling():
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=kernel_mask[:, None], scale=scale)
+        mass = _log_mass(query, keys, mask, scale) if log_mass else None
+    else:
+        result = _unfused(query, keys, values, kernel_mask[:, None], scale, log_mass)
+        out, mass = result if log_mass else (result, None)
+        if log_mass:  # a row without events read its unmasked first slot: its mass is 0
+            mass = mass.masked_fill(empty[:, None], 0.0)
+    out = out.masked_fill(empty[:, None, :, None], 0.0)
+    return (out, mass) if log_mass else out
 
 
 class SimplifiedTargetAttention(nn.Module):
@@ -125,19 +161,30 @@ class SimplifiedTargetAttention(nn.Module):
     no per-event matrix product (L = 1,000 events against C = 200 candidates of a request; C = 1 per user
     in training)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, intensity: bool = False):
         super().__init__()
         self.key = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(dim, dim, bias=False)
         self.scale = 1.0 / math.sqrt(dim)
+        self.intensity = intensity  # also return each candidate's `_log_mass`: [B, d + 1]
+        self.outputs = dim + intensity
 
     def forward(self, query: torch.Tensor, sequence: torch.Tensor, mask: torch.Tensor,
                 user_of: torch.Tensor) -> torch.Tensor:
-        """query [B, d] against its user's (`user_of` [B]) events, sequence [U, L, d] and mask [U, L] -> [B, d]."""
+        """query [B, d] against its user's (`user_of` [B]) events, sequence [U, L, d] and mask [U, L] -> [B, d]
+        (with `intensity`, [B, d + 1]: the pooled vector, then the log-mass)."""
         grouped, column = by_user(query @ self.key.weight, user_of, sequence.shape[0])  # [U, C, d]
+        return self._pooled(grouped, sequence, mask, user_of, column)
+
+    def _pooled(self, grouped: torch.Tensor, sequence: torch.Tensor, mask: torch.Tensor, user_of: torch.Tensor,
+                column: torch.Tensor | None) -> torch.Tensor:
         events = sequence[:, None]
-        pooled = _attention(grouped[:, None], events, events, mask, self.scale)[:, 0]  # one head
-        return self.value(from_users(pooled, user_of, column))
+        if not self.intensity:
+            pooled = _attention(grouped[:, None], events, events, mask, self.scale)[:, 0]  # one head
+            return self.value(from_users(pooled, user_of, column))
+        pooled, mass = _attention(grouped[:, None], events, events, mask, self.scale, log_mass=True)
+        out = from_users(torch.cat([pooled[:, 0], mass[:, 0, :, None]], -1), user_of, column)  # [B, d + 1]
+        return torch.cat([self.value(out[:, :-1]), out[:, -1:]], 1)
 
     def over_windows(self, query: torch.Tensor, sequence: torch.Tensor, start: torch.Tensor, length: torch.Tensor,
                      user_of: torch.Tensor) -> torch.Tensor:
@@ -152,9 +199,7 @@ class SimplifiedTargetAttention(nn.Module):
             count = length.new_zeros(grouped.shape[:2]).index_put_((user_of, column), length)
         slot = torch.arange(sequence.shape[1], device=sequence.device)
         mask = (slot >= first[..., None]) & (slot < (first + count)[..., None])  # [U, C, L]
-        events = sequence[:, None]
-        pooled = _attention(grouped[:, None], events, events, mask, self.scale)[:, 0]
-        return self.value(from_users(pooled, user_of, column))
+        return self._pooled(grouped, sequence, mask, user_of, column)
 
 
 class MultiHeadTargetAttention(nn.Module):
@@ -172,11 +217,13 @@ class MultiHeadTargetAttention(nn.Module):
 
     fold_queries = True  # the folded form where it is cheaper (False: always projected; benchmarks compare both)
 
-    def __init__(self, dim: int, heads: int = 2, time_gap_buckets: int = 24):
+    def __init__(self, dim: int, heads: int = 2, time_gap_buckets: int = 24, intensity: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
+        self.intensity = intensity  # also return each candidate's `_log_mass` per head: [B, d + H]
+        self.outputs = dim + heads * intensity
         self.time_gap = nn.Embedding(time_gap_buckets, dim)
         self.register_buffer("gap_boundaries", time_gap_boundaries(time_gap_buckets), persistent=False)
         self.query = nn.Linear(dim, dim, bias=False)
@@ -187,24 +234,36 @@ class MultiHeadTargetAttention(nn.Module):
     def forward(self, query: torch.Tensor, sequence: torch.Tensor, gap_ms: torch.Tensor, mask: torch.Tensor,
                 user_of: torch.Tensor) -> torch.Tensor:
         """query [B, d] against its user's (`user_of` [B]) events, sequence [U, L, d] with their time gaps to
-        the request [U, L] and mask [U, L] -> [B, d]."""
+        the request [U, L] and mask [U, L] -> [B, d] (with `intensity`, [B, d + H]: then each head's log-mass)."""
         x = sequence + gather(self.time_gap.weight, time_gap_bucket(gap_ms, self.gap_boundaries))
         q = self.query(query).view(-1, self.heads, self.head_dim)  # [B, H, h]
         grouped, column = by_user(q, user_of, x.shape[0])  # [U, C, H, h]
         # (compiling first: a test of the candidates' count would constrain an exported graph's dynamic shape)
         folded = (self.fold_queries and not torch.compiler.is_compiling()
                   and grouped.shape[1] * (self.heads - 1) < x.shape[-1])
-        pooled = self._folded(grouped, x, mask) if folded else self._projected(grouped, x, mask)  # [U, C, H, h]
-        return self.out(from_users(pooled, user_of, column).reshape(query.shape[0], -1))
+        # [U, C, H, h], and with `intensity` each head's log-mass [U, C, H]
+        pooled, mass = self._folded(grouped, x, mask) if folded else self._projected(grouped, x, mask)
+        if mass is None:
+            return self.out(from_users(pooled, user_of, column).reshape(query.shape[0], -1))
+        out = from_users(torch.cat([pooled.flatten(2), mass], -1), user_of, column)
+        return torch.cat([self.out(out[:, :-self.heads]), out[:, -self.heads:]], 1)
 
-    def _projected(self, grouped: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _projected(self, grouped: torch.Tensor, x: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         split = (*x.shape[:2], self.heads, self.head_dim)
         keys, values = self.key(x).view(split).transpose(1, 2), self.value(x).view(split).transpose(1, 2)
-        return _attention(grouped.transpose(1, 2), keys, values, mask).transpose(1, 2)
+        if not self.intensity:
+            return _attention(grouped.transpose(1, 2), keys, values, mask).transpose(1, 2), None
+        pooled, mass = _attention(grouped.transpose(1, 2), keys, values, mask, log_mass=True)
+        return pooled.transpose(1, 2), mass.transpose(1, 2)
 
-    def _folded(self, grouped: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _folded(self, grouped: torch.Tensor, x: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         users, candidates, heads, h = grouped.shape
         split = (heads, h, x.shape[-1])  # a projection's weight [d, d] as each head's rows W^h: [H, h, d]
         queries = torch.einsum("uchk,hkd->uhcd", grouped, self.key.weight.view(split)).reshape(users, 1, -1, x.shape[-1])
-        pooled = _attention(queries, x[:, None], x[:, None], mask, scale=h ** -0.5)  # [U, 1, H x C, d]
-        return torch.einsum("uhcd,hkd->uchk", pooled.view(users, heads, candidates, -1), self.value.weight.view(split))
+        # [U, 1, H x C, d], and with `intensity` the log-masses [U, 1, H x C]
+        pooled, mass = _attention(queries, x[:, None], x[:, None], mask, h ** -0.5, log_mass=True) if self.intensity \
+            else (_attention(queries, x[:, None], x[:, None], mask, h ** -0.5), None)
+        pooled = torch.einsum("uhcd,hkd->uchk", pooled.view(users, heads, candidates, -1), self.value.weight.view(split))
+        return pooled, None if mass is None else mass.view(users, heads, candidates).transpose(1, 2)

@@ -23,16 +23,17 @@ def test_time_gap_buckets_are_log_scale_and_capped():
     assert torch.equal(time_gap_bucket(gaps, time_gap_boundaries(24)), expected)
 
 
+@pytest.mark.parametrize("intensity", [False, True], ids=["vectors", "with_intensity"])
 @pytest.mark.parametrize("unfused_max_len", [0, 256], ids=["fused", "unfused"])
 @pytest.mark.parametrize("make", [
-    lambda d: SimplifiedTargetAttention(d),
-    lambda d: MultiHeadTargetAttention(d, heads=2),
+    lambda d, intensity: SimplifiedTargetAttention(d, intensity),
+    lambda d, intensity: MultiHeadTargetAttention(d, heads=2, intensity=intensity),
 ])
-def test_attention_ignores_padding_and_shares_user_work(make, unfused_max_len, monkeypatch):
+def test_attention_ignores_padding_and_shares_user_work(make, unfused_max_len, intensity, monkeypatch):
     monkeypatch.setattr(layers, "UNFUSED_MAX_LEN", unfused_max_len)
     torch.manual_seed(0)
     d, users, length = 8, 3, 5
-    layer = make(d)
+    layer = make(d, intensity)
     seq = torch.randn(users, length, d)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     gaps = torch.randint(0, 10**8, (users, length))
@@ -44,6 +45,7 @@ def test_attention_ignores_padding_and_shares_user_work(make, unfused_max_len, m
         return layer(q, s, *((g,) if extra else ()), m, u)
 
     out = run(seq, gaps, mask, user_of, query)
+    assert out.shape == (user_of.numel(), layer.outputs)
     noisy = seq.clone().requires_grad_()
     with torch.no_grad():
         noisy[~mask] = 1e3  # garbage in padded slots (a model's padding repeats real events)
@@ -99,6 +101,33 @@ def test_short_sequences_attended_unfused_give_the_fused_kernel_s_outputs_and_gr
         assert torch.allclose(fused, unfused, atol=1e-5) and torch.isfinite(unfused).all()
 
 
+@pytest.mark.parametrize("unfused_max_len", [0, 256], ids=["fused", "unfused"])
+def test_intensity_tells_one_event_from_many_that_the_softmax_pools_alike(unfused_max_len, monkeypatch):
+    """A user with one event and a user with ten copies of it pool to the same vector; the log-mass after it
+    is log(1 + n exp(score)): it grows with the count, and is 0 for a user without events."""
+    monkeypatch.setattr(layers, "UNFUSED_MAX_LEN", unfused_max_len)
+    torch.manual_seed(0)
+    d = 8
+    event, query = torch.randn(d), torch.randn(1, d)
+    seq = event.repeat(3, 10, 1)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, 0], mask[1] = True, True  # user 0: the event once; user 1: ten times; user 2: none
+    gaps = torch.zeros(3, 10, dtype=torch.long)
+    user_of = torch.arange(3)
+    for make, args in [(lambda i: SimplifiedTargetAttention(d, intensity=i), ()),
+                       (lambda i: MultiHeadTargetAttention(d, heads=2, intensity=i), (gaps,))]:
+        layer, plain = make(True), make(False)
+        plain.load_state_dict(layer.state_dict())
+        out = layer(query.expand(3, d), seq, *args, mask, user_of)
+        vectors, mass = out[:, :d], out[:, d:]
+        torch.testing.assert_close(vectors, plain(query.expand(3, d), seq, *args, mask, user_of))
+        torch.testing.assert_close(vectors[0], vectors[1])  # the softmax alone cannot tell them apart
+        # the score of the event, per head, from the log-mass of one copy: log(1 + exp(s)) = m
+        score = torch.log(torch.expm1(mass[0]))
+        torch.testing.assert_close(mass[1], torch.log1p(10 * score.exp()))
+        assert bool((mass[1] > mass[0]).all()) and mass[2].abs().max() == 0
+
+
 def test_mlp_and_bfloat16():
     mlp = MLP(8, (16, 4), out_dim=1).to(torch.bfloat16)
     assert mlp(torch.randn(3, 8, dtype=torch.bfloat16)).shape == (3, 1)
@@ -115,7 +144,7 @@ def test_multi_head_forms_agree(unfused_max_len, monkeypatch):
     monkeypatch.setattr(layers, "UNFUSED_MAX_LEN", unfused_max_len)
     torch.manual_seed(0)
     d, users, length, per_user = 16, 3, 6, 16  # 16 candidates a user: the projected form
-    layer = MultiHeadTargetAttention(d, heads=2)
+    layer = MultiHeadTargetAttention(d, heads=2, intensity=True)
     seq = torch.randn(users, length, d, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6, [0] * 6], dtype=torch.bool)
     gaps = torch.randint(0, 10**8, (users, length))

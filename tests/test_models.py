@@ -25,7 +25,8 @@ from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
 from fin.loader import ExampleStream
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
-from fin.models.base import SliceWindows, length_groups
+from fin.models.base import MATCHED, SliceWindows, length_groups, matched_counts
+from fin.models.fin import MATCHED_TAG, fragment_counts
 from jobs.features_job import FeaturesConfig, run_features
 
 LOADER = LoaderConfig(batch_size=256, max_seq_len=50,
@@ -88,19 +89,51 @@ def test_sim_attends_over_the_latest_events_of_the_candidate_s_category(features
     out, _ = features_job
     model = _model("sim").eval()
     batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
-    with torch.no_grad():
-        x = model.encode(batch)
-        seq, gaps, mask, rows = model.attended(batch, x)
+    index, gaps, mask, rows = model.attended(batch)
     full, request, category = batch.fragments["full"], batch.candidate_requests(), batch.history["category_1_id"]
     found = 0
     for b in range(len(batch)):
         u = int(request[b])
         events = full.index[full.offsets[u]:full.offsets[u + 1]]
         expected = events[category[events] == batch.ids["category_1_id"][b]][-CONFIG.sim_len:]
-        torch.testing.assert_close(seq[b][mask[b]], x.events_at(expected))
+        assert torch.equal(index[b][mask[b]], expected)
         assert torch.equal(gaps[b][mask[b]], batch.ts[u] - batch.history["ts"][expected])
         found += expected.numel()
     assert found > 0 and int(mask.sum(1).max()) <= CONFIG.sim_len and torch.equal(rows, torch.arange(len(batch)))
+
+
+def test_each_model_counts_the_candidate_s_shop_and_category_in_the_events_it_reads(features_job):
+    """FIN per fragment (of the integrated sequence, the events both at the place and at the meal time), SIM in
+    the events its search keeps: log1p of the events with the candidate's shop, with its category."""
+    out, _ = features_job
+    batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
+    user_of, history = batch.candidate_requests(), batch.history
+
+    def expected(events: torch.Tensor, b: int) -> list[float]:
+        return [float(np.log1p(int((history[key][events] == batch.ids[key][b]).sum()))) for key in MATCHED]
+
+    some = 0
+    for name, frag in batch.fragments.items():
+        counts = fragment_counts(batch, frag, user_of, MATCHED_TAG.get(name))
+        for b in range(len(batch)):
+            u = int(user_of[b])
+            events = frag.index[frag.offsets[u]:frag.offsets[u + 1]]
+            if name in MATCHED_TAG:
+                events = events[frag.tags[frag.offsets[u]:frag.offsets[u + 1]] == MATCHED_TAG[name]]
+            assert counts[b].tolist() == pytest.approx(expected(events, b))
+        some += int((counts[:, 0] > 0).sum())
+    assert some > 0  # past orders from the candidate's shop are there to count
+    sim = _model("sim")
+    index, _, mask, rows = sim.attended(batch)
+    counts = matched_counts(batch, index, mask, rows)
+    for b in range(len(batch)):
+        assert counts[b].tolist() == pytest.approx(expected(index[rows[b]][mask[rows[b]]], b))
+    assert torch.equal(counts[:, 1], torch.log1p(mask.sum(1).float()))  # SIM keeps the candidate's category only
+    # without them (and the log-masses), the tower reads the vectors alone
+    torch.manual_seed(0)
+    plain = MODELS["fin"](dataclasses.replace(CONFIG, intensity=False))
+    assert plain.tower[0].in_features == _model("fin").tower[0].in_features - MODELS["fin"].intensities(CONFIG)
+    assert torch.isfinite(plain(batch)).all()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

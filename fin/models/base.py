@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from features.contract import MISSING
 from features.fragments import Fragment, FragmentConfig, Slots
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, SparseOutput, hash_ids
 from fin.fusion import ConcatFusion, ConfidenceFusion, ModalityConfidence, UnimodalHeads
@@ -50,6 +51,10 @@ class ModelConfig:
     image_dim: int = 0  # width of the creative embeddings read (0: no image modality; `fin train` sets it)
     id_dropout: float = 0.1  # share of the other training candidates shown without item/shop ids (besides new ads)
     fusion: str = ""  # how the image modality joins the ids: "concat" or "confidence" ("": the model's own)
+    # each sequence a model reads also hands the tower how much of it answers the candidate, not only what it
+    # is: its attention's log-mass (`fin.layers._log_mass`) and how many of its events have the candidate's
+    # shop and category (`matched_counts`); a softmax alone cannot tell one past order from ten
+    intensity: bool = True
 
 
 @dataclass
@@ -72,6 +77,8 @@ class CTRModel(nn.Module):
     """Base of FIN and the baselines. Subclasses say how many interest vectors they make and make them."""
 
     interests: int = 0
+    # with `ModelConfig.intensity`: the columns its interest vectors carry after their d (`fin.layers._log_mass`)
+    intensities: Callable[[ModelConfig], int] = staticmethod(lambda config: 0)
     # why the model's scoring forward cannot be exported whole (`fin.compiled`), None when it can
     not_exportable: str | None = None
     fusion: str = "concat"  # how the image modality joins the ids (`fin.fusion`): "concat" or "confidence"
@@ -99,6 +106,7 @@ class CTRModel(nn.Module):
         else:
             self.event, self.target = ConcatFusion(ids, config.image_dim, d), ConcatFusion(ids, config.image_dim, d)
         tower_in = d + len(SINGLE) * e + len(STAT_FEATURES) + len(CANDIDATE_NUMBERS) + 2 * self.interests * d
+        tower_in += self.intensities(config) if config.intensity else 0
         self.tower = MLP(tower_in, config.tower, out_dim=1, dropout=config.dropout)
         self.position = nn.Embedding(config.positions, 1) if config.position_bias else None
         if self.position is not None:
@@ -141,6 +149,7 @@ class CTRModel(nn.Module):
         return target.masked_fill(hidden[:, None, None] & tables[None, :, None], 0.0)
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
+        """[B, d] each, or with `ModelConfig.intensity` [B, d + k]: the vector, then k log-masses."""
         return []
 
     def forward(self, batch: Batch, sparse: SparseOutput | None = None,
@@ -149,8 +158,10 @@ class CTRModel(nn.Module):
         reads its own copy of the tables: `fin.compiled`). With `auxiliary` (training), also each example's
         auxiliary loss [B] (`fin.fusion`; zeros for a model without one), added to its click loss."""
         x = self.encode(batch, sparse)
-        interests = self.interest_vectors(batch, x)
-        features = [x.target, x.single, x.stats, *interests, *(x.target * i for i in interests)]
+        vectors, d = self.interest_vectors(batch, x), self.config.dim
+        interests = [v[:, :d] for v in vectors]
+        intensities = [v[:, d:] for v in vectors]  # [B, 0] without `ModelConfig.intensity`
+        features = [x.target, x.single, x.stats, *interests, *intensities, *(x.target * i for i in interests)]
         logit = self.tower(torch.cat(features, dim=1)).squeeze(1)
         if self.position is not None and batch.position is not None:
             logit = logit + gather(self.position.weight, hash_ids(batch.position, self.config.positions)).squeeze(1)
@@ -294,19 +305,41 @@ def time_gaps(request_ts: torch.Tensor, event_ts: torch.Tensor, index: torch.Ten
     return (request_ts[:, None] - event_ts[index]).masked_fill(~mask, 0)
 
 
+MATCHED = ("shop_id", "category_1_id")  # the candidate's ids counted in the events a model reads
+
+
+def matched_counts(batch: Batch, index: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """log1p of how many events each candidate reads (the batch's events at `index` [R, L] where `mask`, row
+    `rows` [B] for each candidate) have its shop, its category: [B, len(MATCHED)] (0 for an unknown id). The
+    simulated click rate grows with such counts (a habit is a count), which an attention's weighted average
+    cannot give and its log-mass gives only softly."""
+    counts = []
+    for key in MATCHED:
+        candidate = batch.ids[key]
+        hits = (batch.history[key][index][rows] == candidate[:, None]) & mask[rows]
+        counts.append((hits & (candidate != MISSING)[:, None]).sum(1))
+    return torch.log1p(torch.stack(counts, 1).to(torch.float32))
+
+
 class TargetAttentionModel(CTRModel):
     """A baseline with one multi-head target attention over a sequence it chooses (`attended`)."""
 
     interests = 1
+    intensities = staticmethod(lambda config: config.heads + len(MATCHED))
 
     def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
         super().__init__(config, device)
-        self.attention = MultiHeadTargetAttention(config.dim, config.heads)
+        self.attention = MultiHeadTargetAttention(config.dim, config.heads, intensity=config.intensity)
 
-    def attended(self, batch: Batch, x: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The events to attend over: padded sequence [R, L, d], time gaps [R, L], mask [R, L], and the row
-        of each candidate [B] (R: one row per request, or per candidate when the events depend on it)."""
+    def attended(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The events to attend over: their positions among the batch's events [R, L], time gaps [R, L], mask
+        [R, L], and the row of each candidate [B] (R: one row per request, or per candidate when the events
+        depend on it)."""
         raise NotImplementedError
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
-        return [self.attention(x.target, *self.attended(batch, x))]
+        index, gaps, mask, rows = self.attended(batch)
+        vector = self.attention(x.target, x.events_at(index), gaps, mask, rows)
+        if not self.config.intensity:
+            return [vector]
+        return [torch.cat([vector, matched_counts(batch, index, mask, rows)], 1)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from features.fragments import FragmentConfig
 from fin.inputs import Batch
-from fin.models.base import Encoded, Padded, TargetAttentionModel, time_gaps
+from fin.models.base import Padded, TargetAttentionModel, time_gaps
 
 
 class DIN(TargetAttentionModel):
@@ -15,7 +15,7 @@ class DIN(TargetAttentionModel):
     def events_read(fragments: FragmentConfig) -> int:
         return fragments.recent_len
 
-    def attended(self, batch: Batch, x: Encoded):
+    def attended(self, batch: Batch):
         frag = Padded.of(batch.fragments["recent"])
         gaps = time_gaps(batch.ts, batch.history["ts"], frag.index, frag.mask)
-        return x.events_at(frag.index), gaps, frag.mask, batch.candidate_requests()
+        return frag.index, gaps, frag.mask, batch.candidate_requests()

@@ -18,25 +18,42 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from features.fragments import TAG_BOTH, Fragment, Slots
 from fin.inputs import Batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention, gather
 from fin.models.base import (
+    MATCHED,
     CTRModel,
     Encoded,
     ModelConfig,
     Padded,
     SliceWindows,
     attend_by_length,
+    matched_counts,
     selected,
     time_gaps,
 )
 
 SIMPLIFIED = ("location", "meal", "full")
 MULTI_HEAD = ("recent", "integrated")
+MATCHED_TAG = {"integrated": TAG_BOTH}  # of the integrated sequence, its intersection is counted
+
+
+def fragment_counts(batch: Batch, frag: Fragment | Slots, user_of: torch.Tensor, tag: int | None = None) -> torch.Tensor:
+    """`matched_counts` over each candidate's fragment (`user_of` [B]: its row of `frag`); with `tag`, only the
+    integrated events of that set tag."""
+    padded = Padded.of(frag)
+    mask = padded.mask if tag is None else padded.mask & (padded.tags == tag)
+    return matched_counts(batch, padded.index, mask, user_of)
 
 
 class FIN(CTRModel):
     interests = len(SIMPLIFIED) + len(MULTI_HEAD)
+    # the fragments whose attention also hands the tower its log-mass (`ModelConfig.intensity`): not the full
+    # one, whose mass says little beyond its length and, attended fused, would cost a pass of its own
+    intensity_fragments = ("location", "meal", "recent", "integrated")
+    intensities = staticmethod(lambda config: sum(config.heads if f in MULTI_HEAD else 1 for f in FIN.intensity_fragments)
+                               + FIN.interests * len(MATCHED))
     fusion = "confidence"  # with creatives: per-row weights of ids and image (`fin.fusion.ConfidenceFusion`)
     # requests in up to this many groups of similar fragment length, each padded to its own longest
     # (`attend_by_length`): the same scores, computed over less padding
@@ -45,8 +62,10 @@ class FIN(CTRModel):
     def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
         super().__init__(config, device)
         d = config.dim
-        self.simplified = nn.ModuleDict({f: SimplifiedTargetAttention(d) for f in SIMPLIFIED})
-        self.multi_head = nn.ModuleDict({f: MultiHeadTargetAttention(d, config.heads) for f in MULTI_HEAD})
+        intensity = {f: config.intensity and f in self.intensity_fragments for f in (*SIMPLIFIED, *MULTI_HEAD)}
+        self.simplified = nn.ModuleDict({f: SimplifiedTargetAttention(d, intensity[f]) for f in SIMPLIFIED})
+        self.multi_head = nn.ModuleDict({f: MultiHeadTargetAttention(d, config.heads, intensity=intensity[f])
+                                         for f in MULTI_HEAD})
         self.set_tag = nn.Embedding(4, d)  # rows TAG_BOTH / TAG_LOCATION_ONLY / TAG_MEAL_ONLY (1-3); 0 unused
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
@@ -60,7 +79,11 @@ class FIN(CTRModel):
                 gaps = time_gaps(frag.request_times(batch.ts), batch.history["ts"], frag.index, frag.mask)
                 return attention(selected(x.target, cand), seq, gaps, frag.mask, users)
             out.append(attend_by_length(batch.fragments[name], user_of, attend, self.length_groups))
-        return out
+        if not self.config.intensity:
+            return out
+        # each fragment's counts of the candidate's shop and category after its vector (`matched_counts`)
+        return [torch.cat([vector, fragment_counts(batch, batch.fragments[name], user_of, MATCHED_TAG.get(name))], 1)
+                for name, vector in zip((*SIMPLIFIED, *MULTI_HEAD), out)]
 
     def _simplified(self, name: str, batch: Batch, x: Encoded, user_of: torch.Tensor) -> torch.Tensor:
         attention = self.simplified[name]

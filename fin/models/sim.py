@@ -7,13 +7,13 @@ import torch
 
 from features.fragments import keep_last
 from fin.inputs import Batch
-from fin.models.base import Encoded, Padded, TargetAttentionModel, time_gaps
+from fin.models.base import Padded, TargetAttentionModel, time_gaps
 
 
 class SIM(TargetAttentionModel):
     not_exportable = "its search keeps a number of events per candidate that depends on the data"
 
-    def attended(self, batch: Batch, x: Encoded):
+    def attended(self, batch: Batch):
         # the search runs on ids (one row per candidate: what it retrieves depends on the candidate's
         # category); only the retrieved events are gathered
         full, request = Padded.of(batch.fragments["full"]), batch.candidate_requests()
@@ -23,7 +23,7 @@ class SIM(TargetAttentionModel):
                             self.config.sim_len)
         index, mask = left_aligned(events, matched)
         gaps = time_gaps(batch.ts[request], batch.history["ts"], index, mask)
-        return x.events_at(index), gaps, mask, torch.arange(len(batch), device=index.device)
+        return index, gaps, mask, torch.arange(len(batch), device=index.device)
 
 
 def left_aligned(index: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
