@@ -3,8 +3,8 @@
 A model embeds each history event once (`events`, [N, d]; in training, each distinct event once, [M, d]:
 `fin.embeddings.DistinctEvents`) and the candidate once (`target`, [B, d]), then adds its own interest
 vectors, reading the events of its fragments with `Encoded.events_at`; the tower reads [candidate, request
-context and user, the candidate's price and distance, statistics, interests, candidate x interest
-products]. Every model reads the same inputs; they differ in what they make of the history.
+context and user, the candidate's price and distance, statistics, interests (each with its intensities:
+`ModelConfig.intensity`), candidate x interest products]. Every model reads the same inputs; they differ in what they make of the history.
 
 In training, a shallow position term (one learned bias per slot) is added to the tower's logit, so that
 the tower need not explain the click-rate fall-off down the page with the other inputs; scoring leaves it

@@ -9,8 +9,12 @@ Follows docs/design.md, "FIN"; choices that are our reconstruction rather than t
   both / location-only / meal-only by an added embedding) through multi-head target attention;
 - with creatives (`ModelConfig.image_dim`), each event and the candidate fuse ids and creative embedding
   with confidence-aware weights (`fin.fusion`, after Predictive Dynamic Fusion);
-- tower: MLP over [candidate, request context, point-in-time statistics, the five interest vectors,
-  candidate x interest products] -> one logit, trained with binary cross-entropy.
+- intensity (`ModelConfig.intensity`): each fragment's vector is followed by counts of the candidate's shop
+  and category in it (of the integrated sequence, its intersection: the events at this place and meal
+  time) and, but for the full fragment's, its attention's log-mass (`fin.models.base.matched_counts`,
+  `fin.layers._log_mass`): a softmax cannot tell one past order from ten;
+- tower: MLP over [candidate, request context, point-in-time statistics, the five interest vectors and
+  their intensities, candidate x interest products] -> one logit, trained with binary cross-entropy.
 """
 
 from __future__ import annotations
