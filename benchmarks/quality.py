@@ -115,10 +115,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["fin", "fin_200", *BASELINES], choices=list(MODELS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/fin_quality"), help="worlds' folders")
     args = parser.parse_args()
+    measured = {name: {"commit": commit(), **world_quality(args.work / name, WORLDS[name], args.models)}
+                for name in args.worlds}
+    # a world measured again replaces its entry; the others are kept (read now: runs of other worlds may
+    # have written since this one started)
     previous = ROOT / "results" / "quality.json"
-    worlds = json.loads(previous.read_text())["worlds"] if previous.exists() else {}
-    for name in args.worlds:  # a world measured again replaces its entry; the others are kept
-        worlds[name] = {"commit": commit(), **world_quality(args.work / name, WORLDS[name], args.models)}
+    worlds = {**(json.loads(previous.read_text())["worlds"] if previous.exists() else {}), **measured}
     report("quality", {"worlds": worlds, "goals": goals(worlds)})
 
 
