@@ -10,9 +10,11 @@
   plain product, softmax and product;
 - `folded`: as `unfused_short`, the multi-head attentions (recent, integrated) with their key and value
   projections folded into the few queries of each user instead of applied to every event
-  (`fin.layers.MultiHeadTargetAttention`): today's step.
+  (`fin.layers.MultiHeadTargetAttention`): today's step;
+- `without_intensity`: as `folded`, a FIN without its intensities (`ModelConfig.intensity`: the fragments'
+  counts of the candidate's shop and category and the attentions' log-mass), what they cost.
 
-All five give the same scores and gradients (tests/test_models.py, tests/test_layers.py); what differs is
+The first five give the same scores and gradients (tests/test_models.py, tests/test_layers.py); what differs is
 how much work the step does for them. Each data folder's first training batches (FIN's defaults: user
 chunks of 2, 1,000 events, the creatives when the data has them, as `fin train` reads them) are loaded and
 cut once; then the variants take turns, `--steps` timed steps each per round (after 5 of warm-up), on one
@@ -74,11 +76,12 @@ def lone_process_group():
         dist.destroy_process_group()
 
 
-def sharded_fin(data: Path):
-    """FIN with `fin train`'s defaults on `data` (the creatives when it has them), sharded in this process's
-    group, in training mode -> (the sharded model, its training step: batch -> None, its training batches:
-    (batch size, count) -> list)."""
+def sharded_fin(data: Path, **model_config):
+    """FIN with `fin train`'s defaults on `data` (the creatives when it has them; `model_config` fields
+    replaced), sharded in this process's group, in training mode -> (the sharded model, its training step:
+    batch -> None, its training batches: (batch size, count) -> list)."""
     config = with_image_modality(data, TrainConfig(), log=lambda message: None)
+    config = dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, **model_config))
     torch.manual_seed(config.seed)
     model = shard(MODELS["fin"](config.model_config), torch.device("cpu"), config.sharding, config.sparse_lr, 1)
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -106,6 +109,7 @@ def sharded_fin(data: Path):
 
 def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
     model, step, load = sharded_fin(data)
+    _, plain_step, _ = sharded_fin(data, intensity=False)
     batches = load(batch_size, steps + 5)
     images = model.module.config.image_dim > 0
 
@@ -117,18 +121,20 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
     variants = {"padded": (1, no_windows, False, 0, False), "grouped": (fin.length_groups, windows, False, 0, False),
                 "distinct": (fin.length_groups, windows, True, 0, False),
                 "unfused_short": (fin.length_groups, windows, True, unfused, False),
-                "folded": (fin.length_groups, windows, True, unfused, True)}
+                "folded": (fin.length_groups, windows, True, unfused, True),
+                "without_intensity": (fin.length_groups, windows, True, unfused, True)}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for _ in range(rounds):
             for name, (groups, slice_windows, distinct, unfused_max_len, fold) in variants.items():
                 fin.length_groups, base.SliceWindows.of, sparse.lookup_distinct = groups, slice_windows, distinct
                 layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = unfused_max_len, fold
+                run = plain_step if name == "without_intensity" else step
                 for batch in batches[:5]:
-                    step(batch)
+                    run(batch)
                 started = time.perf_counter()
                 for batch in batches[5:]:
-                    step(batch)
+                    run(batch)
                 seconds[name].append((time.perf_counter() - started) / steps)
     finally:
         base.SliceWindows.of, layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = windows, unfused, folds
@@ -143,6 +149,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
             "distinct_over_grouped": round(step_ms["grouped"] / step_ms["distinct"], 2),
             "unfused_short_over_distinct": round(step_ms["distinct"] / step_ms["unfused_short"], 2),
             "folded_over_unfused_short": round(step_ms["unfused_short"] / step_ms["folded"], 2),
+            "intensity_cost": round(step_ms["folded"] / step_ms["without_intensity"], 2),
             "distinct_over_padded": round(step_ms["padded"] / step_ms["distinct"], 2)}
 
 
