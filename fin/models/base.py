@@ -313,10 +313,11 @@ def matched_counts(batch: Batch, index: torch.Tensor, mask: torch.Tensor, rows: 
     `rows` [B] for each candidate) have its shop, its category: [B, len(MATCHED)] (0 for an unknown id). The
     simulated click rate grows with such counts (a habit is a count), which an attention's weighted average
     cannot give and its log-mass gives only softly."""
+    mask = mask.index_select(0, rows)
     counts = []
-    for key in MATCHED:
+    for key in MATCHED:  # (index_select: gather's, several times faster than advanced indexing on a CPU)
         candidate = batch.ids[key]
-        hits = (batch.history[key][index][rows] == candidate[:, None]) & mask[rows]
+        hits = (gather(batch.history[key], index).index_select(0, rows) == candidate[:, None]) & mask
         counts.append((hits & (candidate != MISSING)[:, None]).sum(1))
     return torch.log1p(torch.stack(counts, 1).to(torch.float32))
 
