@@ -4,7 +4,8 @@ A model embeds each history event once (`events`, [N, d]; in training, each dist
 `fin.embeddings.DistinctEvents`) and the candidate once (`target`, [B, d]), then adds its own interest
 vectors, reading the events of its fragments with `Encoded.events_at`; the tower reads [candidate, request
 context and user, the candidate's price and distance, statistics, interests (each with its intensities:
-`ModelConfig.intensity`), candidate x interest products]. Every model reads the same inputs; they differ in what they make of the history.
+`ModelConfig.intensity`), candidate x interest products]. Every model reads the same inputs; they differ
+in what they make of the history.
 
 In training, a shallow position term (one learned bias per slot) is added to the tower's logit, so that
 the tower need not explain the click-rate fall-off down the page with the other inputs; scoring leaves it
@@ -77,7 +78,7 @@ class CTRModel(nn.Module):
     """Base of FIN and the baselines. Subclasses say how many interest vectors they make and make them."""
 
     interests: int = 0
-    # with `ModelConfig.intensity`: the columns its interest vectors carry after their d (`fin.layers._log_mass`)
+    # with `ModelConfig.intensity`: the columns its interest vectors carry after their d (log-masses, counts)
     intensities: Callable[[ModelConfig], int] = staticmethod(lambda config: 0)
     # why the model's scoring forward cannot be exported whole (`fin.compiled`), None when it can
     not_exportable: str | None = None
@@ -149,7 +150,8 @@ class CTRModel(nn.Module):
         return target.masked_fill(hidden[:, None, None] & tables[None, :, None], 0.0)
 
     def interest_vectors(self, batch: Batch, x: Encoded) -> list[torch.Tensor]:
-        """[B, d] each, or with `ModelConfig.intensity` [B, d + k]: the vector, then k log-masses."""
+        """[B, d] each, or with `ModelConfig.intensity` [B, d + k]: the vector, then its k intensities (its
+        attention's log-masses, `matched_counts`)."""
         return []
 
     def forward(self, batch: Batch, sparse: SparseOutput | None = None,
