@@ -89,17 +89,15 @@ def _null_logsumexp(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _unfused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor,
-             scale: float | None = None, log_mass: bool = False):
-    """`F.scaled_dot_product_attention` with a boolean mask, unfused (every row has an unmasked slot); with
-    `log_mass`, also log(1 + sum_i exp(score_i)) over the unmasked slots (`_log_mass`), read off the softmax
+             scale: float | None = None, log_mass: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`F.scaled_dot_product_attention` with a boolean mask, unfused (every row has an unmasked slot), and with
+    `log_mass` log(1 + sum_i exp(score_i)) over the unmasked slots (`_log_mass`; else None), read off the softmax
     instead of a second pass of exponentials: log sum_i exp(s_i) = max s - log max p (the largest score's
     weight; its gradient through both maxima is p, as it should be)."""
     scores = _scores(query, keys, scale).masked_fill(~attn_mask, float("-inf"))
     weights = torch.softmax(scores, -1)
-    out = weights @ values
-    if not log_mass:
-        return out
-    return out, F.softplus(scores.amax(-1) - weights.amax(-1).log())
+    mass = F.softplus(scores.amax(-1) - weights.amax(-1).log()) if log_mass else None
+    return weights @ values, mass
 
 
 def _bytes(mask: torch.Tensor) -> torch.Tensor:
@@ -120,20 +118,21 @@ def _log_mass(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale
 
 
 def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-               scale: float | None = None, log_mass: bool = False):
+               scale: float | None = None, log_mass: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(query keys^T * scale) values over each user's events where `mask` [U, L] (or, per query, [U, C,
     L]), fused (`scaled_dot_product_attention`); query [U, H, C, h], keys and values [U, H, L, h] (4-D: the
     fused CPU kernel takes nothing else). A user (query) without events gets zeros: its first slot is
     unmasked for the kernel (so no backend sees an all-masked row and no gradient is NaN) and its result is
     zeroed. A batch without any event gets one masked slot: the projections stay in the graph (zero
     gradients), which DistributedModelParallel's static-graph replication requires of every step.
-    With `log_mass`, -> (that, `_log_mass` [U, H, C]): from the same scores where the attention is unfused."""
+    -> (that, and with `log_mass` `_log_mass` [U, H, C], else None): from the same scores where the attention
+    is unfused."""
     length = mask.shape[-1]
     # no padding (one request, or users of equal lengths): no mask to apply; a graph being exported has a
     # mask whatever its values (its shapes do not depend on them) and always applies it
     if length and not torch.compiler.is_compiling() and (mask.numel() == 0 or bool(_bytes(mask).amin())):
         out = F.scaled_dot_product_attention(query, keys, values, scale=scale)
-        return (out, _log_mass(query, keys, mask, scale)) if log_mass else out
+        return out, _log_mass(query, keys, mask, scale) if log_mass else None
     if length == 0:
         keys, values = F.pad(keys, (0, 0, 0, 1)), F.pad(values, (0, 0, 0, 1))
         mask, length = mask.new_zeros(*mask.shape[:-1], 1), 1
@@ -144,12 +143,10 @@ def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=kernel_mask[:, None], scale=scale)
         mass = _log_mass(query, keys, mask, scale) if log_mass else None
     else:
-        result = _unfused(query, keys, values, kernel_mask[:, None], scale, log_mass)
-        out, mass = result if log_mass else (result, None)
-        if log_mass:  # a row without events read its unmasked first slot: its mass is 0
+        out, mass = _unfused(query, keys, values, kernel_mask[:, None], scale, log_mass)
+        if mass is not None:  # a row without events read its unmasked first slot: its mass is 0
             mass = mass.masked_fill(empty[:, None], 0.0)
-    out = out.masked_fill(empty[:, None, :, None], 0.0)
-    return (out, mass) if log_mass else out
+    return out.masked_fill(empty[:, None, :, None], 0.0), mass
 
 
 class SimplifiedTargetAttention(nn.Module):
@@ -179,10 +176,9 @@ class SimplifiedTargetAttention(nn.Module):
     def _pooled(self, grouped: torch.Tensor, sequence: torch.Tensor, mask: torch.Tensor, user_of: torch.Tensor,
                 column: torch.Tensor | None) -> torch.Tensor:
         events = sequence[:, None]
-        if not self.intensity:
-            pooled = _attention(grouped[:, None], events, events, mask, self.scale)[:, 0]  # one head
-            return self.value(from_users(pooled, user_of, column))
-        pooled, mass = _attention(grouped[:, None], events, events, mask, self.scale, log_mass=True)
+        pooled, mass = _attention(grouped[:, None], events, events, mask, self.scale, self.intensity)
+        if mass is None:
+            return self.value(from_users(pooled[:, 0], user_of, column))  # one head
         out = from_users(torch.cat([pooled[:, 0], mass[:, 0, :, None]], -1), user_of, column)  # [B, d + 1]
         return torch.cat([self.value(out[:, :-1]), out[:, -1:]], 1)
 
@@ -252,10 +248,8 @@ class MultiHeadTargetAttention(nn.Module):
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         split = (*x.shape[:2], self.heads, self.head_dim)
         keys, values = self.key(x).view(split).transpose(1, 2), self.value(x).view(split).transpose(1, 2)
-        if not self.intensity:
-            return _attention(grouped.transpose(1, 2), keys, values, mask).transpose(1, 2), None
-        pooled, mass = _attention(grouped.transpose(1, 2), keys, values, mask, log_mass=True)
-        return pooled.transpose(1, 2), mass.transpose(1, 2)
+        pooled, mass = _attention(grouped.transpose(1, 2), keys, values, mask, log_mass=self.intensity)
+        return pooled.transpose(1, 2), None if mass is None else mass.transpose(1, 2)
 
     def _folded(self, grouped: torch.Tensor, x: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -263,7 +257,6 @@ class MultiHeadTargetAttention(nn.Module):
         split = (heads, h, x.shape[-1])  # a projection's weight [d, d] as each head's rows W^h: [H, h, d]
         queries = torch.einsum("uchk,hkd->uhcd", grouped, self.key.weight.view(split)).reshape(users, 1, -1, x.shape[-1])
         # [U, 1, H x C, d], and with `intensity` the log-masses [U, 1, H x C]
-        pooled, mass = _attention(queries, x[:, None], x[:, None], mask, h ** -0.5, log_mass=True) if self.intensity \
-            else (_attention(queries, x[:, None], x[:, None], mask, h ** -0.5), None)
+        pooled, mass = _attention(queries, x[:, None], x[:, None], mask, h ** -0.5, self.intensity)
         pooled = torch.einsum("uhcd,hkd->uchk", pooled.view(users, heads, candidates, -1), self.value.weight.view(split))
         return pooled, None if mass is None else mass.view(users, heads, candidates).transpose(1, 2)
