@@ -10,10 +10,10 @@ TRAIN_THREADS ?= $(shell n=$$(nproc); echo $$(( n > 1 ? n / 2 : 1 )))
 DEMO_TRAIN = $(FIN) train --data $(DEMO)/features --out $(DEMO)/models --config configs/batch2048.yaml \
 	--threads $(TRAIN_THREADS)
 
-# $(call side_by_side,A,B): run commands A and B at once; A's output streams, B's follows when both are done;
-# fails when either fails
+# $(call side_by_side,A,B): run command lists A and B at once; A's output streams, B's follows when both are
+# done; fails when either fails
 define side_by_side
-$(2) > $(DEMO)/side_by_side.log 2>&1 & second=$$!; $(1); first_rc=$$?; wait $$second; second_rc=$$?; \
+{ $(2); } > $(DEMO)/side_by_side.log 2>&1 & second=$$!; { $(1); }; first_rc=$$?; wait $$second; second_rc=$$?; \
 	cat $(DEMO)/side_by_side.log; rm -f $(DEMO)/side_by_side.log; [ $$first_rc -eq 0 ] && [ $$second_rc -eq 0 ]
 endef
 
@@ -61,13 +61,13 @@ demo: install
 	$(FIN) embed-creatives --data $(DEMO)/features --encoder $(DEMO)/models/creative_encoder
 	@# two trainings at a time: a second intra-op thread gains FIN's step nothing on 2 cores, so a pair
 	@# takes about the time of one (benchmarks/README.md, "Threads"); batches of 2,048 (DEMO_TRAIN): on this
-	@# world as good as the default 512 and 1.5x the examples/s
+	@# world as good as the default 512 and 1.5x the examples/s. Two queues of about equal length: FIN (then
+	@# its compiled scoring package) and DIN; FIN without creatives and the DNN
 	@# the models only evaluated are not compiled (--no-compile; the server scores them eagerly, and says so):
 	@# FIN, the one promoted and served, builds its compiled scoring package
-	$(call side_by_side,$(DEMO_TRAIN) --model fin --epochs 2,$(DEMO_TRAIN) --model fin --name fin_ids \
-	    --no-images --epochs 2 --no-compile)
-	$(call side_by_side,$(DEMO_TRAIN) --model din --epochs 2 --no-compile,$(DEMO_TRAIN) --model dnn --patience 2 \
-	    --no-compile)
+	$(call side_by_side,$(DEMO_TRAIN) --model fin --epochs 2 && $(DEMO_TRAIN) --model din --epochs 2 --no-compile,\
+	    $(DEMO_TRAIN) --model fin --name fin_ids --no-images --epochs 2 --no-compile && \
+	    $(DEMO_TRAIN) --model dnn --patience 2 --no-compile)
 	$(FIN) evaluate --data $(DEMO)/features --repo $(DEMO)/models --models fin fin_ids din dnn --out $(DEMO)/report
 	$(FIN) promote --models $(DEMO)/models --name fin --version 1 --report $(DEMO)/report/report.json
 	@# serve on loopback, replay three logged requests through gRPC; then score user 1418 the day after the

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from features.fragments import MISSING, Fragment, FragmentConfig
+from features.fragments import MISSING, Fragment, FragmentConfig, Slots
 from features.sequences import TIMELINE_FIELDS, geohash_code
 from features.simulator import load_sim_config, simulate
 from fin.embeddings import SHARED, EmbeddingSizes, SparseArch, hash_ids
@@ -25,7 +25,7 @@ from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
 from fin.loader import ExampleStream
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
-from fin.models.base import MATCHED, SliceWindows, length_groups, matched_counts
+from fin.models.base import MATCHED, Entries, Padded, SliceWindows, length_groups, matched_counts, sorted_counts
 from fin.models.fin import MATCHED_TAG, fragment_counts
 from jobs.features_job import FeaturesConfig, run_features
 
@@ -104,7 +104,9 @@ def test_sim_attends_over_the_latest_events_of_the_candidate_s_category(features
 
 def test_each_model_counts_the_candidate_s_shop_and_category_in_the_events_it_reads(features_job):
     """FIN per fragment (of the integrated sequence, the events both at the place and at the meal time), SIM in
-    the events its search keeps: log1p of the events with the candidate's shop, with its category."""
+    the events its search keeps: log1p of the events with the candidate's shop, with its category. FIN's counts
+    by comparing and by sorting (flat fragments, fixed-width slots as a scored request's, windows of the
+    shared slices) give the same."""
     out, _ = features_job
     batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
     user_of, history = batch.candidate_requests(), batch.history
@@ -114,7 +116,16 @@ def test_each_model_counts_the_candidate_s_shop_and_category_in_the_events_it_re
 
     some = 0
     for name, frag in batch.fragments.items():
-        counts = fragment_counts(batch, frag, user_of, MATCHED_TAG.get(name))
+        tag = MATCHED_TAG.get(name)
+        counts = fragment_counts(batch, frag, user_of, tag)
+        padded = Padded.of(frag)
+        assert torch.equal(sorted_counts(batch, Entries.of(frag, tag), user_of), counts)
+        assert torch.equal(sorted_counts(batch, Entries.of(Slots(padded.index, padded.mask, padded.tags), tag), user_of),
+                           counts)
+        if name == "full":
+            windows = SliceWindows.of(frag, batch.histories, user_of)
+            assert windows is not None  # the loader's user chunks share slices
+            assert torch.equal(fragment_counts(batch, frag, user_of, windows=windows), counts)
         for b in range(len(batch)):
             u = int(user_of[b])
             events = frag.index[frag.offsets[u]:frag.offsets[u + 1]]
