@@ -71,7 +71,7 @@ class Encoded:
         """The encoded history events at `index` (positions among the batch's N events, any shape) ->
         [*index.shape, d]: one gather, and in backward one scatter, however a fragment was cut; from the
         distinct events' rows where there are, so that backward scatters into M rows, not N."""
-        return gather(self.events, index if self.event_row is None else self.event_row[index])
+        return gather(self.events, index if self.event_row is None else gather(self.event_row, index))
 
 
 class CTRModel(nn.Module):
@@ -190,7 +190,7 @@ class Padded:
         if isinstance(frag, Slots):  # one request's fragment at a fixed width: already padded
             return cls(frag.index, frag.mask, frag.tags)
         pos, mask = frag.padded(requests)
-        return cls(frag.index[pos], mask, None if frag.tags is None else frag.tags[pos], requests)
+        return cls(gather(frag.index, pos), mask, None if frag.tags is None else gather(frag.tags, pos), requests)
 
     def request_times(self, ts: torch.Tensor) -> torch.Tensor:
         """The batch's request times [U] at this fragment's rows."""
@@ -304,7 +304,7 @@ class SliceWindows:
 
 def time_gaps(request_ts: torch.Tensor, event_ts: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Request time [R] minus the time of each event at `index` [R, L] (ms, exact int64; 0 where masked)."""
-    return (request_ts[:, None] - event_ts[index]).masked_fill(~mask, 0)
+    return (request_ts[:, None] - gather(event_ts, index)).masked_fill(~mask, 0)
 
 
 MATCHED = ("shop_id", "category_1_id")  # the candidate's ids counted in the events a model reads
