@@ -93,7 +93,7 @@ test-services:
 	@command -v redis-server >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server openssl >/dev/null; }
 
-# CI's command: lint, then every test (~12-21 minutes on 2 cores)
+# CI's command: lint, then every test (~18-23 minutes on 2 cores)
 test: install test-services lint
 	$(PY) -m pytest -q
 
