@@ -359,9 +359,9 @@ def sorted_counts(batch: Batch, entries: Entries, rows: torch.Tensor, start: tor
     `length` [B], in its window of that row (the places start .. start + length - 1), counted by sorting: each
     event keyed (row, id, place) in one sorted order, each candidate's count is the distance between where
     (its row, its id, its window's first place) and (.., its window's end) would go. E log E + B log E
-    instead of B x L comparisons: the same for one candidate per row and far less for many (a scored
-    request's 200 candidates over one timeline), and the full fragment's shared slices are sorted once
-    for all the requests that read windows of them, not copied per request."""
+    instead of B x L comparisons: far less for many candidates a row (a scored request's 200 over one
+    timeline) and for the full fragment's shared slices, sorted once for all the requests that read
+    windows of them; somewhat more for one or two a row (`fin.models.fin.fragment_counts` picks)."""
     if entries.index.numel() == 0:
         return rows.new_zeros(rows.numel(), len(MATCHED), dtype=torch.float32)
     places = entries.place.amax() + 1  # keys (row, id + 1, place) as one int64: ((row x ids) + id + 1) x places + place
