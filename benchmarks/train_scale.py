@@ -13,7 +13,10 @@ largest sum over the process and its workers. Runs:
   fin_per_example      FIN, the last 1,000 events, each example with its own history copy (the previous path)
   din_50_per_example   DIN over the last 50 events, per example (how DIN trained before)
   din_shared           DIN, the defaults (shared timelines; the loader ships the 50 events DIN reads)
-  fin_shared_2         FIN, the defaults, 2 workers (gloo)
+  fin_shared_2         FIN, the defaults, 2 workers (gloo) training one model sharded over them
+  fin_replicas_2       FIN, 2 workers each training a whole replica on batches of 512 (global 1,024), merged
+                       every AVERAGE_EVERY steps (local SGD, `fin.local_sgd`)
+  fin_replicas_2_2048  the same on batches of 2,048 each (configs/batch2048.yaml, global 4,096)
 and, from a git worktree of the commit the training goals were set against (`--baseline-commit`, the last
 one before shared-timeline batches), on the same data in the same run:
   fin_per_example_before   that commit's FIN over 1,000 events (configs/lifelong.yaml there), per example
@@ -48,6 +51,7 @@ BASELINE_RUNS = {  # name: (model, options of that commit's fin train)
     "fin_per_example_before": ("fin", ["--config", "configs/lifelong.yaml"]),
     "din_50_before": ("din", ["--max-seq-len", "50"]),
 }
+AVERAGE_EVERY = 8  # steps between the replicas' merges (benchmarks/README.md, "Local SGD")
 RUNS = {  # name: (model, workers, extra options)
     "fin_shared": ("fin", 1, []),
     "fin_shared_2048": ("fin", 1, ["--config", str(ROOT / "configs" / "batch2048.yaml")]),
@@ -56,6 +60,9 @@ RUNS = {  # name: (model, workers, extra options)
     "din_50_per_example": ("din", 1, [*PER_EXAMPLE, "--max-seq-len", "50"]),
     "din_shared": ("din", 1, []),
     "fin_shared_2": ("fin", 2, []),
+    "fin_replicas_2": ("fin", 2, ["--average-every", str(AVERAGE_EVERY), "--batch-size", "1024"]),
+    "fin_replicas_2_2048": ("fin", 2, ["--config", str(ROOT / "configs" / "batch2048.yaml"),
+                                       "--average-every", str(AVERAGE_EVERY), "--batch-size", "4096"]),
 }
 
 
@@ -112,8 +119,9 @@ def train_run(data: Path, models: Path, name: str, examples: int, tree: Path = R
 
     if tree == ROOT:
         model, workers, options = RUNS[name]
-        batch = load_train_config(options[options.index("--config") + 1] if "--config" in options else None
-                                  ).loader.batch_size
+        batch = (int(options[options.index("--batch-size") + 1]) if "--batch-size" in options else
+                 load_train_config(options[options.index("--config") + 1] if "--config" in options else None
+                                   ).loader.batch_size)
     else:
         (model, options), workers, batch = BASELINE_RUNS[name], 1, BASELINE_BATCH
     steps = max(1, examples // batch)
@@ -257,6 +265,11 @@ def main() -> None:
         "fin_shared_vs_per_example_before": ratio("fin_shared", "fin_per_example_before"),
         "fin_shared_vs_din_50_before": ratio("fin_shared", "din_50_before"),
         "fin_two_vs_one_worker": ratio("fin_shared_2", "fin_shared"),
+        "fin_replicas_2_vs_one_worker": ratio("fin_replicas_2", "fin_shared"),
+        "fin_replicas_2_vs_per_example_before": ratio("fin_replicas_2", "fin_per_example_before"),
+        "fin_replicas_2_2048_vs_one_worker_2048": ratio("fin_replicas_2_2048", "fin_shared_2048"),
+        "fin_replicas_2_2048_vs_per_example_before": ratio("fin_replicas_2_2048", "fin_per_example_before"),
+        "fin_replicas_2_2048_vs_din_50_before": ratio("fin_replicas_2_2048", "din_50_before"),
         "fin_chunks_2_vs_4": ratio("fin_shared", "fin_shared_chunks_4"),
         "fin_batch_2048_vs_512": ratio("fin_shared_2048", "fin_shared"),
         "loader": loader,

@@ -11,7 +11,10 @@ Every worker walks the same global batches and builds its own slice (`fin.loader
 worker's loss is its slice's summed loss over the global batch size, times the world size, so data
 parallelism's gradient average over workers equals one worker's gradient on the global batch. TorchRec
 sums the table gradients over workers instead of averaging; the tables' row-wise Adagrad is invariant
-to the gradient's scale, so N workers train as one does (tested to a tolerance).
+to the gradient's scale, so N workers train as one does (tested to a tolerance). With `average_every=k`
+each worker instead trains a whole replica on its share of every global batch, and the replicas are merged
+every k steps and at each epoch's end (`fin.local_sgd`): on CPUs, where a collective every step costs more
+than a second worker gives.
 
 Checkpoints. After every epoch the sharded model and optimizer state are saved with
 torch.distributed.checkpoint under `MODELS/<name>/.checkpoint/epoch-<k>` (a pointer file names the last
@@ -57,6 +60,7 @@ from fin.artifact import load_artifact, save_artifact, to_dict
 from fin.calibration import fit_platt
 from fin.inputs import LoaderConfig, scoring_requests
 from fin.loader import ExampleStream
+from fin.local_sgd import Peers, Replicas
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
 from fin.quiet import quiet_library_notices
@@ -75,6 +79,10 @@ class TrainConfig:
     patience: int = 1  # epochs without a better validation AUC before stopping
     max_steps: int | None = 0  # per epoch (0 or None: the whole train split)
     workers: int = 1
+    # 0: the workers train one model (tables sharded over them, gradients reduced every step); k > 0: each
+    # worker trains a whole replica on its share of every global batch and the replicas are merged every k
+    # steps and at the end of each epoch (`fin.local_sgd`)
+    average_every: int = 0
     # intra-op threads of each CPU worker (0: the CPUs this process may run on, shared out among the local
     # workers; `taskset` or a container's CPU set limits them). FIN's step is
     # thousands of small operations: one thread trains it as fast as two on 2 cores, so two trainings side
@@ -97,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"unknown sharding {self.sharding!r}; choose one of {', '.join(SHARDINGS)}")
         if min(self.workers, self.epochs, self.patience) < 1:
             raise ValueError("workers, epochs and patience must be at least 1")
+        if self.average_every < 0:
+            raise ValueError("average_every must be 0 (one sharded model) or more (replicas merged every k steps)")
         if self.threads < 0:
             raise ValueError("threads must be 0 (the CPUs shared out among the workers) or more")
 
@@ -174,9 +184,15 @@ def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(config.threads or max(1, cpus // local_world))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    peers = None
+    if world > 1 and config.average_every > 0:  # to TorchRec each replica is a lone worker (`fin.local_sgd`)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        peers = Peers(rank, world)
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world)
     try:
-        return _fit(rank, world, device, data, models, config, name, init_from, log)
+        return _fit(rank, world, device, data, models, config, name, init_from, log, peers)
     finally:
         dist.destroy_process_group()
 
@@ -190,7 +206,7 @@ def _warm_start(model: torch.nn.Module, init_from: Path, config: TrainConfig) ->
     model.load_state_dict(artifact.model.state_dict())
 
 
-def _fit(rank, world, device, data, models, config, name, init_from, log) -> Path | None:
+def _fit(rank, world, device, data, models, config, name, init_from, log, peers: Peers | None) -> Path | None:
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -198,13 +214,19 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     model = MODELS[config.model](config.model_config)
     if init_from is not None:
         _warm_start(model, init_from, config)
-    model = shard(model, device, config.sharding, config.sparse_lr, int(os.environ["LOCAL_WORLD_SIZE"]))
+    # the workers' collectives: over the default process group, or the replicas' own (`fin.local_sgd`)
+    all_reduce, barrier = (peers.all_reduce, peers.barrier) if peers else (dist.all_reduce, dist.barrier)
+    model = shard(model, device, config.sharding, config.sparse_lr,
+                  min(dist.get_world_size(), int(os.environ["LOCAL_WORLD_SIZE"])))
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=config.lr))
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
-    checkpoints = Checkpoints(models / name / ".checkpoint", _fingerprint(data, config, init_from))
+    checkpoints = Checkpoints(models / name / ".checkpoint", _fingerprint(data, config, world, init_from), rank,
+                              barrier)
     progress = checkpoints.restore(model, optimizer, dense, log)
-    log(f"train {name}: {config.model}, {world} worker(s) on {device.type}, tables {_plan_text(model)}")
+    replicas = Replicas(model, optimizer, peers, config.average_every) if peers else None
+    log(f"train {name}: {config.model}, {world} worker(s) on {device.type}, tables {_plan_text(model)}"
+        + (f", replicas merged every {config.average_every} steps" if peers else ""))
 
     # fragments are cut where the model runs: on a GPU the loader ships timeline slices and pointers only;
     # and it ships no event older than the model reads (DIN's 50, none for the DNN: the same fragments)
@@ -213,8 +235,9 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     loader = dataclasses.replace(config.loader, max_seq_len=min(config.loader.max_seq_len, reads))
     images = config.model_config.image_dim > 0
     train_stream = ExampleStream(data, "train", loader, rank, world, cut=on_host, images=images)
-    validation = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False), rank, world,
-                               cut=on_host, images=images)
+    # replicas are one model after each epoch's merge: each scores the whole split alike, as a lone worker does
+    validation = ExampleStream(data, "validation", dataclasses.replace(loader, shuffle=False),
+                               *((0, 1) if peers else (rank, world)), cut=on_host, images=images)
     train_stream.pin_memory = validation.pin_memory = device.type == "cuda"
     while progress.epoch < config.epochs and progress.epoch - progress.best_epoch < config.patience:
         started = time.perf_counter()
@@ -222,7 +245,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
         with tqdm(total=config.max_steps or None, unit="step", desc=f"epoch {progress.epoch + 1}", leave=False,
                   disable=None if rank == 0 else True, file=sys.stderr, dynamic_ncols=True) as bar:
             loss_sum, examples = _train_epoch(model, optimizer, train_stream, world, config.max_steps, device,
-                                              bar.update)
+                                              bar.update, replicas, all_reduce)
         seconds = time.perf_counter() - started
         val_auc, val_logits, val_labels = _validation(model, validation, device)
         progress.epoch += 1
@@ -230,7 +253,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
         progress.seconds += seconds
         progress.history.append({"epoch": progress.epoch, "train_logloss": loss_sum / max(examples, 1),
                                  "validation_auc": val_auc, "examples_per_s": examples / seconds})
-        weights = full_state_dict(model)  # a collective: every worker joins
+        weights = full_state_dict(model)  # a collective when sharded: every worker joins
         if val_auc > progress.best_auc:
             progress.best_auc, progress.best_epoch = val_auc, progress.epoch
             fit = fit_platt(val_logits, val_labels)  # every worker fits the same gathered arrays alike
@@ -243,7 +266,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
         log(f"early stop: validation AUC did not improve for {config.patience} epoch(s)")
 
     if rank != 0:
-        dist.barrier()
+        barrier()
         return None
     training = {"workers": world, "device": device.type, "sharding": config.sharding, "plan": plan_summary(model),
                 "epochs": progress.epoch, "best_epoch": progress.best_epoch, "history": progress.history,
@@ -264,7 +287,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log) -> Pat
     checkpoints.clear()
     log(f"wrote {folder} (best epoch {progress.best_epoch}, validation AUC {progress.best_auc:.4f}; "
         f"{_calibration_text(progress.best_calibration)})")
-    dist.barrier()
+    barrier()
     return folder
 
 
@@ -282,7 +305,8 @@ def _plan_text(model) -> str:
 
 
 def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps: int | None,
-                 device: torch.device, on_step: Callable[[int], object] = lambda n: None) -> tuple[float, int]:
+                 device: torch.device, on_step: Callable[[int], object] = lambda n: None,
+                 replicas: Replicas | None = None, all_reduce=dist.all_reduce) -> tuple[float, int]:
     model.train()
     loss_sum, examples = 0.0, 0
     for step, batch in enumerate(stream):
@@ -295,11 +319,15 @@ def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if replicas is not None:
+            replicas.stepped()
         loss_sum += float(losses.detach().sum())
         examples += len(batch)
         on_step(1)
+    if replicas is not None:
+        replicas.merge()  # the epoch ends with one model: validation, checkpoint and artifact are any replica's
     totals = torch.tensor([loss_sum, examples], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors
-    dist.all_reduce(totals)
+    all_reduce(totals)
     return float(totals[0]), int(totals[1])
 
 
@@ -329,19 +357,20 @@ def _validation(model, stream: ExampleStream, device: torch.device) -> tuple[flo
     return -math.inf if math.isnan(value) else value, logits, labels
 
 
-def _fingerprint(data: Path, config: TrainConfig, init_from: Path | None = None) -> dict:
+def _fingerprint(data: Path, config: TrainConfig, world: int, init_from: Path | None = None) -> dict:
     """What must match for a checkpoint to be resumed."""
-    return {"data": str(data.resolve()), "config": to_dict(config), "world": dist.get_world_size(),
+    return {"data": str(data.resolve()), "config": to_dict(config), "world": world,
             "init_from": None if init_from is None else str(init_from.resolve())}
 
 
 class Checkpoints:
     """Epoch checkpoints of a sharded model and its optimizer (torch.distributed.checkpoint)."""
 
-    def __init__(self, folder: Path, fingerprint: dict):
-        self.folder, self.fingerprint = folder, fingerprint
-        self.rank = dist.get_rank()
-        self.alone = dist.get_world_size() == 1  # no collectives (module docstring)
+    def __init__(self, folder: Path, fingerprint: dict, rank: int, barrier: Callable[[], object]):
+        self.folder, self.fingerprint, self.rank, self.barrier = folder, fingerprint, rank, barrier
+        # every worker holds the whole model (a lone worker, or merged replicas): rank 0 writes it and every
+        # worker reads it, with no collectives (module docstring)
+        self.whole = dist.get_world_size() == 1
 
     @property
     def _pointer(self) -> Path:
@@ -358,7 +387,7 @@ class Checkpoints:
             return Progress()
         dense.init_state()  # Adam's state must exist to be loaded into
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        dcp.load(state, checkpoint_id=str(self.folder / latest["checkpoint"]), no_dist=self.alone)
+        dcp.load(state, checkpoint_id=str(self.folder / latest["checkpoint"]), no_dist=self.whole)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress = Progress(**latest["progress"])
@@ -366,17 +395,18 @@ class Checkpoints:
         return progress
 
     def _reset(self) -> None:
-        dist.barrier()
+        self.barrier()
         if self.rank == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
-        dist.barrier()
+        self.barrier()
 
     def save(self, model, optimizer, progress: Progress) -> None:
         name = f"epoch-{progress.epoch}"
-        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                 checkpoint_id=str(self.folder / name), no_dist=self.alone)
-        dist.barrier()  # every worker's shards are on disk before the pointer moves
+        if self.rank == 0 or not self.whole:
+            dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                     checkpoint_id=str(self.folder / name), no_dist=self.whole)
+        self.barrier()  # every worker's shards are on disk before the pointer moves
         if self.rank == 0:
             tmp = self._pointer.with_suffix(".tmp")
             tmp.write_text(json.dumps({"checkpoint": name, "fingerprint": self.fingerprint,
@@ -385,10 +415,10 @@ class Checkpoints:
             for old in self.folder.glob("epoch-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        self.barrier()
 
     def save_best(self, weights: dict[str, torch.Tensor] | None) -> None:
-        if weights is not None:  # rank 0
+        if weights is not None and self.rank == 0:
             save_file(weights, str(self.folder / "best.tmp"))
             os.replace(self.folder / "best.tmp", self.folder / "best.safetensors")
 

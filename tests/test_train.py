@@ -162,13 +162,16 @@ def test_a_lone_worker_s_epochs_start_no_openmp_team_on_gloo_s_threads(features_
     assert intra_op == [1, 1, 1]  # the `threads` asked for (2 CPUs here would give 2)
 
 
-def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path):
+@pytest.mark.parametrize("workers", [[], ["--workers", "2", "--average-every", "3"]], ids=["one", "replicas"])
+def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path, workers):
+    """A run killed after its first epoch's checkpoint and rerun ends as an uninterrupted run does: one worker,
+    and two replicas (`fin.local_sgd`; rank 0 writes the checkpoint, both read it)."""
     out, _ = features_job
     config = tmp_path / "train.yaml"
     config.write_text(json.dumps({"model": "din", "epochs": 3, "patience": 3, "max_steps": 4,
                                   "loader": {"batch_size": 64, "max_seq_len": 50},
                                   "model_config": {"dim": 16, "tower": [32], "embeddings": {"dim": 8}}}))
-    args = ["train", "--data", str(out / "data"), "--config", str(config)]
+    args = ["train", "--data", str(out / "data"), "--config", str(config), *workers]
     fin = Path(sys.executable).parent / "fin"
     env = {k: v for k, v in os.environ.items() if k != "FIN_DEBUG"}
 
@@ -193,6 +196,8 @@ def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path
     assert straight.returncode == 0, straight.stderr
     a, b = _weights(tmp_path / "killed" / "din" / "1"), _weights(tmp_path / "straight" / "din" / "1")
     assert _max_difference(a, b) < 1e-5
+    training = json.loads((tmp_path / "straight" / "din" / "1" / "artifact.json").read_text())["training"]
+    assert training["examples"] == 3 * 4 * 64  # every step's global batch, over all workers
     # the best epoch's calibration survives the kill in the checkpoint, whichever epoch was best
     calibrations = [json.loads((tmp_path / run / "din" / "1" / "artifact.json").read_text())["calibration"]
                     ["parameters"] for run in ("killed", "straight")]

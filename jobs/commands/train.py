@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="artifact name (default: the model kind)")
     p.add_argument("--config", type=Path, help="YAML/JSON training config (any subset; see configs/train.yaml)")
     p.add_argument("--workers", type=int, help=f"local worker processes (default {d.workers})")
+    p.add_argument("--average-every", type=int,
+                   help="with several workers, train a whole replica on each and merge the replicas every this many "
+                        f"steps (local SGD; 0: one model sharded over the workers, default {d.average_every})")
     p.add_argument("--threads", type=int, help="intra-op threads of each worker on a CPU (default: the CPUs "
                                                "shared out among the workers; 1 lets trainings run side by side)")
     p.add_argument("--epochs", type=int, help=f"maximum epochs (default {d.epochs})")
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config, **{
         "model": args.model, "epochs": args.epochs, "workers": args.workers, "threads": args.threads,
+        "average_every": args.average_every,
         "sharding": args.sharding,
         "lr": args.lr, "sparse_lr": args.sparse_lr, "patience": args.patience, "max_steps": args.max_steps,
         "seed": args.seed, "compile": args.compile, "images": args.images, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
