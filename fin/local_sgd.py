@@ -1,11 +1,11 @@
 """Local SGD on CPU workers: each worker trains a whole replica of the model and the replicas are merged every
 few steps, instead of reducing every step.
 
-Why. FIN's step on a CPU is thousands of small operations (benchmarks/README.md, "What a step costs"): two
+Why. FIN's step on a CPU is thousands of small operations (benchmarks/README.md, "Threads"): two
 trainings side by side, one per core, do about twice the work of one, but two workers of one sharded model
-(TorchRec's all-to-all of the table lookups and DDP's gradient all-reduce every step, over gloo) do less than
-one. A replica holds every table (FIN's are ~17 MB here), so its steps need no collective; merging costs one
-all-reduce of the model and its optimizer state per `every` steps.
+(TorchRec's all-to-all of the table lookups and DDP's gradient all-reduce every step, over gloo) do about
+what one does (0.85-1.05x). A replica holds every table (FIN's are ~17 MB here), so its steps need no
+collective; merging costs one all-reduce of the model and its optimizer state per `every` steps.
 
 How. To TorchRec each replica is a lone worker (a process group of its own, so its plan, checkpoints and
 state dicts are exactly one worker's); the replicas reach each other over a gloo group of their own
