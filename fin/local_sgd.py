@@ -50,7 +50,7 @@ class Peers:
     def __init__(self, rank: int, world: int, timeout: datetime.timedelta = datetime.timedelta(minutes=30)):
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                               is_master=rank == 0, timeout=timeout)
-        self.rank, self.world = rank, world
+        self.world = world
         self.group = dist.ProcessGroupGloo(dist.PrefixStore("replicas", store), rank, world, timeout)
 
     def all_reduce(self, tensor: torch.Tensor) -> None:

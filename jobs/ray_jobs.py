@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-_NO_AGENT = "No available agent to submit job"  # Ray's answer (HTTP 500) while the head's job agent starts
 # what Ray's job supervisor writes into a job's logs beside the command's output
 _RAY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+[A-Z]+ \S+:\d+ -- |Running entrypoint for job )")
 
@@ -50,9 +49,6 @@ class RayJobTarget:
     entrypoint: str = "fin"  # how the cluster's nodes run fin
     runtime_env: dict = field(default_factory=dict)
     poll_s: float = 1.0
-    # a head that has just started answers "No available agent to submit job, please try again later" until
-    # its job agent is up (seconds; longer on a busy machine): a submission is tried again for this long
-    agent_wait_s: float = 60.0
 
     def __post_init__(self):
         if not self.address.startswith(("http://", "https://")):
@@ -64,17 +60,9 @@ class RayJobTarget:
         timeout_s), and return its status and logs."""
         client = JobSubmissionClient(self.address)
         submission_id = f"{name}-{uuid.uuid4().hex[:8]}"  # unique even when a run database is started afresh
-        agent_deadline = time.monotonic() + self.agent_wait_s
-        while True:
-            try:
-                client.submit_job(entrypoint=shlex.join([*shlex.split(self.entrypoint), *args]),
-                                  submission_id=submission_id, runtime_env=self.runtime_env or None,
-                                  metadata={"submitted_by": "fin schedule"})
-                break
-            except RuntimeError as error:
-                if _NO_AGENT not in str(error) or time.monotonic() > agent_deadline:
-                    raise
-                time.sleep(self.poll_s)
+        client.submit_job(entrypoint=shlex.join([*shlex.split(self.entrypoint), *args]),
+                          submission_id=submission_id, runtime_env=self.runtime_env or None,
+                          metadata={"submitted_by": "fin schedule"})
         deadline = time.monotonic() + timeout_s
         while not (status := client.get_job_status(submission_id)).is_terminal():
             if time.monotonic() > deadline:

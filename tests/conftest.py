@@ -217,7 +217,9 @@ class RayHead:
 
     def __init__(self):
         self.folder = tempfile.mkdtemp(prefix="fin-ray-")  # short: Ray's socket paths must fit 107 bytes
-        ports = [free_port(), free_port()]
+        # the dashboard agent's HTTP port too: at its default (52365) it collides with any other local Ray (a
+        # features job in the other test process), and the head then has no agent to take jobs
+        ports = [free_port(), free_port(), free_port()]
         self.address = f"http://127.0.0.1:{ports[1]}"
         bin_dir = Path(sys.executable).parent
         # the job drivers run `fin` from the head's PATH; auth is off on this loopback-only test cluster
@@ -227,6 +229,7 @@ class RayHead:
         started = subprocess.run(
             [self.ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ports[0]),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports[1]), "--include-dashboard", "true",
+             "--dashboard-agent-listen-port", str(ports[2]),
              "--num-cpus", "2", "--temp-dir", self.folder, "--disable-usage-stats"],
             env=self.env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
