@@ -214,8 +214,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log, peers:
     model = MODELS[config.model](config.model_config)
     if init_from is not None:
         _warm_start(model, init_from, config)
-    # the workers' collectives: over the default process group, or the replicas' own (`fin.local_sgd`)
-    all_reduce, barrier = (peers.all_reduce, peers.barrier) if peers else (dist.all_reduce, dist.barrier)
+    barrier = peers.barrier if peers else dist.barrier  # the replicas meet in their own group (`fin.local_sgd`)
     model = shard(model, device, config.sharding, config.sparse_lr,
                   min(dist.get_world_size(), int(os.environ["LOCAL_WORLD_SIZE"])))
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
@@ -245,7 +244,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log, peers:
         with tqdm(total=config.max_steps or None, unit="step", desc=f"epoch {progress.epoch + 1}", leave=False,
                   disable=None if rank == 0 else True, file=sys.stderr, dynamic_ncols=True) as bar:
             loss_sum, examples = _train_epoch(model, optimizer, train_stream, world, config.max_steps, device,
-                                              bar.update, replicas, all_reduce)
+                                              bar.update, replicas)
         seconds = time.perf_counter() - started
         val_auc, val_logits, val_labels = _validation(model, validation, device)
         progress.epoch += 1
@@ -253,7 +252,8 @@ def _fit(rank, world, device, data, models, config, name, init_from, log, peers:
         progress.seconds += seconds
         progress.history.append({"epoch": progress.epoch, "train_logloss": loss_sum / max(examples, 1),
                                  "validation_auc": val_auc, "examples_per_s": examples / seconds})
-        weights = full_state_dict(model)  # a collective when sharded: every worker joins
+        # a collective when sharded: every worker joins; merged replicas are one model, rank 0's is written
+        weights = full_state_dict(model) if rank == 0 or peers is None else None
         if val_auc > progress.best_auc:
             progress.best_auc, progress.best_epoch = val_auc, progress.epoch
             fit = fit_platt(val_logits, val_labels)  # every worker fits the same gathered arrays alike
@@ -306,7 +306,7 @@ def _plan_text(model) -> str:
 
 def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps: int | None,
                  device: torch.device, on_step: Callable[[int], object] = lambda n: None,
-                 replicas: Replicas | None = None, all_reduce=dist.all_reduce) -> tuple[float, int]:
+                 replicas: Replicas | None = None) -> tuple[float, int]:
     model.train()
     loss_sum, examples = 0.0, 0
     for step, batch in enumerate(stream):
@@ -327,7 +327,7 @@ def _train_epoch(model, optimizer, stream: ExampleStream, world: int, max_steps:
     if replicas is not None:
         replicas.merge()  # the epoch ends with one model: validation, checkpoint and artifact are any replica's
     totals = torch.tensor([loss_sum, examples], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors
-    all_reduce(totals)
+    (replicas.peers.all_reduce if replicas else dist.all_reduce)(totals)
     return float(totals[0]), int(totals[1])
 
 
@@ -418,7 +418,7 @@ class Checkpoints:
         self.barrier()
 
     def save_best(self, weights: dict[str, torch.Tensor] | None) -> None:
-        if weights is not None and self.rank == 0:
+        if weights is not None:  # rank 0
             save_file(weights, str(self.folder / "best.tmp"))
             os.replace(self.folder / "best.tmp", self.folder / "best.safetensors")
 
