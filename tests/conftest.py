@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -235,7 +237,23 @@ class RayHead:
         assert started.returncode == 0, started.stdout + started.stderr
 
     def stop(self) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        """Kills this head's processes alone: those whose command line names its folder (the GCS server, the
+        raylet, the dashboard) and all they started (workers, which retitle themselves, and job drivers).
+        `ray stop` would kill every Ray on the machine: the other test process's local Rays with them."""
+        def names_folder(process: psutil.Process) -> bool:
+            try:
+                return any(self.folder in arg for arg in process.cmdline())
+            except psutil.Error:
+                return False
+
+        ours = {p.pid: p for p in psutil.process_iter() if names_folder(p)}
+        for process in list(ours.values()):
+            with contextlib.suppress(psutil.Error):
+                ours.update((child.pid, child) for child in process.children(recursive=True))
+        for process in ours.values():
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(list(ours.values()), timeout=30)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -250,3 +268,13 @@ class Clock:
 
     def advance(self, **delta) -> None:
         self.t += timedelta(**delta)
+
+
+def outcomes(runs: list[dict]) -> list[tuple[str, str]]:
+    """(job, status) of a scheduler tick's runs, in order."""
+    return [(r["job"], r["status"]) for r in runs]
+
+
+def errors(runs: list[dict]) -> dict[str, str]:
+    """The failed runs' errors by run id: what an assertion on `outcomes` should show when it fails."""
+    return {r["run_id"]: r["error"] for r in runs if r["error"]}

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import TRAIN_CONFIG, Clock, Running
+from tests.conftest import TRAIN_CONFIG, Clock, Running, errors, outcomes
 
 from features.creatives import CREATIVE_SIZE, encode_png
 from features.dataset import Dataset
@@ -168,7 +168,7 @@ def test_the_daily_chain_embeds_the_new_runs_creatives_before_training(run, tmp_
     clock = Clock(datetime(2026, 3, 26, 3, 0))
     scheduler = Scheduler(config, clock)
     runs = scheduler.tick()
-    assert [(r["job"], r["status"]) for r in runs] == [("embed", "done"), ("train", "done")], runs
+    assert outcomes(runs) == [("embed", "done"), ("train", "done")], errors(runs)
     embedded = json.loads(runs[0]["outputs"])
     assert embedded["creatives"] == pl.read_parquet(Dataset.at(features).creatives).height and embedded["dim"] == 8
     assert source.exists()
@@ -181,7 +181,7 @@ def test_the_daily_chain_embeds_the_new_runs_creatives_before_training(run, tmp_
     scheduler = Scheduler(dataclasses.replace(config, train_args=(*config.train_args, "--no-images")), clock)
     clock.advance(days=1)
     runs = scheduler.tick()
-    assert [(r["job"], r["status"]) for r in runs] == [("embed", "done"), ("train", "done")], runs
+    assert outcomes(runs) == [("embed", "done"), ("train", "done")], errors(runs)
     trained = json.loads(runs[1]["outputs"])
     assert trained["init_from"] is None and "width 8, this run 0" in trained["init_skipped"]
     assert load_artifact(trained["artifact"]).model.config.image_dim == 0

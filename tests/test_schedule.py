@@ -18,7 +18,7 @@ from fin.promotion import PromotionGate
 from fin.versions import promoted
 from jobs.ray_jobs import RayJobResult
 from jobs.schedule import JobSpec, ScheduleConfig, Scheduler, check_cron, command_result, last_fire, load_schedule
-from tests.conftest import ROOT, Clock, RayHead, run_fin
+from tests.conftest import ROOT, Clock, RayHead, errors, outcomes, run_fin
 
 
 def test_cron_last_fire():
@@ -106,8 +106,8 @@ def test_two_days_through_the_chain(tmp_path):
     assert scheduler.tick() == []  # still backing off
     clock.advance(minutes=6)
     runs = scheduler.tick()
-    assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("embed", "done"), ("train", "done"),
-                                                        ("evaluate", "done"), ("promote", "done")], runs
+    assert outcomes(runs) == [("features", "done"), ("embed", "done"), ("train", "done"),
+                                                        ("evaluate", "done"), ("promote", "done")], errors(runs)
     assert scheduler.store.get("features:2026-03-25")["attempts"] == 2
     assert "no creative encoder" in scheduler.store.get("embed:2026-03-25")["outputs"]
     assert promoted(config.models, "fin") == 1  # the first version: nothing to compare with
@@ -123,8 +123,8 @@ def test_two_days_through_the_chain(tmp_path):
     scheduler = Scheduler(untrained, clock)
     clock.advance(days=1)
     runs = scheduler.tick()
-    assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("embed", "done"), ("train", "done"),
-                                                        ("evaluate", "done"), ("promote", "done")], runs
+    assert outcomes(runs) == [("features", "done"), ("embed", "done"), ("train", "done"),
+                                                        ("evaluate", "done"), ("promote", "done")], errors(runs)
     outputs = scheduler.store.get("promote:2026-03-26")["outputs"]
     assert '"promoted": false' in outputs and "AUC" in outputs
     assert promoted(config.models, "fin") == 1 and (config.models / "fin" / "2").is_dir()  # kept, not promoted
@@ -148,8 +148,8 @@ def test_two_days_through_the_chain(tmp_path):
         scheduler = Scheduler(warm, clock)
         clock.advance(minutes=11)
         runs = scheduler.tick()
-        assert [(r["job"], r["status"]) for r in runs] == [("features", "done"), ("embed", "done"), ("train", "done"),
-                                                            ("evaluate", "done"), ("promote", "done")], runs
+        assert outcomes(runs) == [("features", "done"), ("embed", "done"), ("train", "done"),
+                                                            ("evaluate", "done"), ("promote", "done")], errors(runs)
         assert '"init_from": 1' in scheduler.store.get("train:2026-03-27")["outputs"]
         assert '"ray_job": "fin-train-2026-03-27-1-' in scheduler.store.get("train:2026-03-27")["outputs"]
         assert promoted(config.models, "fin") == 3
