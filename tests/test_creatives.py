@@ -10,7 +10,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from tests.conftest import TRAIN_CONFIG, Clock, Running, errors, outcomes
 
 from features.creatives import CREATIVE_SIZE, encode_png
 from features.dataset import Dataset
@@ -25,6 +24,7 @@ from fin.vision import CreativeEncoderConfig, EncoderTrainConfig, images_tensor,
 from jobs.creatives_job import EmbedConfig, embed_creatives
 from serving.pb import ctr_scoring_pb2 as pb
 from serving.vision import load_vision
+from tests.conftest import TRAIN_CONFIG, Clock, Running, errors, outcomes
 
 pytestmark = pytest.mark.integration
 
