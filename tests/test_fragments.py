@@ -14,6 +14,7 @@ from features.fragments import (
     FragmentConfig,
     fragment,
     fragment_slots,
+    fragment_windows,
 )
 from fin.inputs import history_batch
 
@@ -82,6 +83,52 @@ def test_fragments_match_the_rules(batch):
             assert got == expected[name], (name, b)
             assert len(got) <= config.cap(name)
             assert all(history["ts"][offsets[b] + i] < ctx["ts"] for i in got)  # strictly before the request
+        integ = out["integrated"]
+        assert integ.tags[integ.offsets[b]:integ.offsets[b + 1]].tolist() == tags
+
+
+@st.composite
+def shared_windows(draw):
+    """A few users' timelines end to end and many requests, each reading a window of one of them (windows
+    overlap, as a training batch's requests of one user do), from a few places and meal slots (so that
+    requests ask the same of the events)."""
+    timelines = []
+    for _ in range(draw(st.integers(1, 3))):
+        length = draw(st.integers(0, 60))
+        ts = sorted(draw(st.lists(st.integers(0, 1000), min_size=length, max_size=length)))
+        timelines.append([dict(ts=t, place_geohash6=draw(st.sampled_from(CELLS)), aoi_id=draw(st.sampled_from([MISSING, 1, 2])),
+                               time_type=draw(st.integers(0, 2))) for t in ts])
+    first = np.concatenate([[0], np.cumsum([len(t) for t in timelines])])
+    windows, contexts = [], []
+    for _ in range(draw(st.integers(2, 12))):
+        user = draw(st.integers(0, len(timelines) - 1))
+        lo = draw(st.integers(0, len(timelines[user])))
+        hi = draw(st.integers(lo, len(timelines[user])))
+        windows.append((user, lo, hi))
+        contexts.append(dict(ts=draw(st.integers(0, 1100)), geohash6=draw(st.sampled_from([CENTRE, FAR, MISSING])),
+                             aoi_id=draw(st.sampled_from([MISSING, 1])), time_type=draw(st.integers(0, 2))))
+    config = FragmentConfig(full_len=draw(st.integers(1, 40)), recent_len=draw(st.integers(1, 10)),
+                            location_len=draw(st.integers(1, 10)), meal_len=draw(st.integers(1, 10)),
+                            integrated_len=draw(st.integers(1, 12)), neighbour_cells=draw(st.booleans()),
+                            match_aoi=draw(st.booleans()))
+    return timelines, first, windows, contexts, config
+
+
+@settings(max_examples=300, deadline=None)
+@given(shared_windows())
+def test_overlapping_windows_of_shared_timelines_are_cut_by_the_rules(case):
+    """A training batch's requests read windows of their users' timelines (`fragment_windows`): each
+    request's fragments are the rules' over its own window, indices into the shared values."""
+    timelines, first, windows, contexts, config = case
+    _, history, context = _tensors(timelines, contexts)
+    starts = torch.tensor([first[u] + lo for u, lo, _ in windows], dtype=torch.int64)
+    ends = torch.tensor([first[u] + hi for u, _, hi in windows], dtype=torch.int64)
+    out = fragment_windows(starts, ends, history, context, config)
+    for b, ((user, lo, hi), ctx) in enumerate(zip(windows, contexts)):
+        expected, tags = _reference(timelines[user][lo:hi], ctx, config)
+        for name, frag in out.items():
+            got = (frag.index[frag.offsets[b]:frag.offsets[b + 1]] - starts[b]).tolist()
+            assert got == expected[name], (name, b)
         integ = out["integrated"]
         assert integ.tags[integ.offsets[b]:integ.offsets[b + 1]].tolist() == tags
 
