@@ -234,15 +234,15 @@ class _Windows:
                   config: FragmentConfig) -> torch.Tensor:
         """Events at the place their range asks of: asks[:, 0] its cell (or a neighbour), asks[:, 1] its AOI."""
         cell, wanted = self.history["place_geohash6"].index_select(0, pos), asks[:, 0]
-        at = (cell == wanted.index_select(0, range_of)) & (wanted != MISSING).index_select(0, range_of)
+        known = (wanted != MISSING).index_select(0, range_of)
+        at = (cell == wanted.index_select(0, range_of)) & known
         if config.neighbour_cells:
             # one comparison per neighbour: a third of the time of searching each event's cell among sorted
             # (range, cell) keys, and half of comparing [events, 8] at once
-            ring = _neighbour_codes(wanted.clamp(min=0))
             near = torch.zeros_like(at)
-            for neighbour in ring.unbind(1):
+            for neighbour in _neighbour_codes(wanted.clamp(min=0)).unbind(1):
                 near |= neighbour.index_select(0, range_of) == cell
-            at |= near & (cell != MISSING) & (wanted != MISSING).index_select(0, range_of)
+            at |= near & known & (cell != MISSING)
         if config.match_aoi:
             aoi = self.history["aoi_id"].index_select(0, pos)
             at |= (aoi == asks[:, 1].index_select(0, range_of)) & (aoi != MISSING)
