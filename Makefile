@@ -94,7 +94,7 @@ test-services:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server openssl >/dev/null; }
 
 # CI's command: lint, then every test in TEST_PROCESSES processes (pytest-xdist; each test file runs whole in
-# one of them, so module fixtures are built once; the session fixtures are built in each): 15-17 minutes on
+# one of them, so module fixtures are built once; the session fixtures are built in each): 11-17 minutes on
 # 2 cores against ~22.5 in one process, which kept ~0.9 of the cores busy (imports, servers and Ray starting)
 TEST_PROCESSES ?= 2
 test: install test-services lint
