@@ -244,7 +244,7 @@ def test_fin_over_shared_slices_in_length_groups_gives_the_scores_and_gradients_
         features_job, monkeypatch):
     """A training batch (many requests, a few candidates each, fragment lengths from 0 to the cap): FIN's
     full fragment attended over segments of the shared timeline slices, every fragment in groups of similar
-    length; against every request's fragments gathered and padded as one group: the same logits and every
+    length (the segments also of similar candidate counts); against every request's fragments gathered and padded as one group: the same logits and every
     gradient the same."""
     out, _ = features_job
     batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
@@ -252,6 +252,7 @@ def test_fin_over_shared_slices_in_length_groups_gives_the_scores_and_gradients_
     windows = SliceWindows.of(batch.fragments["full"], batch.histories, user_of)
     assert windows is not None and len(length_groups(batch.fragments["full"].lengths, 3)) > 1
     assert windows.rows.lengths.numel() < batch.histories.start.numel()  # fewer rows than requests
+    assert torch.bincount(windows.row_of).unique().numel() > 1  # segments read by more and fewer candidates
     results = []
     for shared in (False, True):
         if not shared:
@@ -259,7 +260,7 @@ def test_fin_over_shared_slices_in_length_groups_gives_the_scores_and_gradients_
         else:
             monkeypatch.undo()
         model = _model("fin").train()
-        model.length_groups = 3 if shared else 1
+        model.length_groups, model.count_groups = (3, 2) if shared else (1, 1)
         results.append(_logits_and_gradients(model, batch))
     _assert_same_training(*results)
 

@@ -77,6 +77,9 @@ class FIN(CTRModel):
     # requests in up to this many groups of similar fragment length, each padded to its own longest
     # (`attend_by_length`): the same scores, computed over less padding
     length_groups = 3
+    # the full fragment's rows (segments of the shared slices) split again by how many candidates read them
+    # (`attend_by_length`): a user with many requests in the batch fills one row with dozens
+    count_groups = 2
 
     def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
         super().__init__(config, device)
@@ -118,4 +121,4 @@ class FIN(CTRModel):
             # the shared slices' events once; each candidate's own window masked in them
             return attention.over_windows(selected(x.target, cand), x.events_at(rows.index), selected(windows.start, cand),
                                           selected(windows.length, cand), users)
-        return attend_by_length(windows.rows, windows.row_of, attend_windows, self.length_groups)
+        return attend_by_length(windows.rows, windows.row_of, attend_windows, self.length_groups, self.count_groups)
