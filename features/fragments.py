@@ -147,8 +147,9 @@ def fragment_windows(starts: torch.Tensor, ends: torch.Tensor, history: dict[str
             for name in FRAGMENTS}
 
 
-def _runs(first: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """first[i], first[i] + 1, ..., first[i] + lengths[i] - 1 for every i, one run after another."""
+def runs(first: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """first[i], first[i] + 1, ..., first[i] + lengths[i] - 1 for every i, one run after another (the flat
+    positions of jagged rows that each hold a contiguous run)."""
     total = int(lengths.sum()) if lengths.numel() else 0
     offsets = torch.cumsum(lengths, 0) - lengths
     return torch.repeat_interleave(first - offsets, lengths, output_size=total) + \
@@ -167,6 +168,7 @@ class _Windows:
     def __init__(self, starts: torch.Tensor, ends: torch.Tensor, history: dict[str, torch.Tensor],
                  context: dict[str, torch.Tensor]):
         self.history, self.context, self.starts = history, context, starts
+        self.key_width = history["ts"].numel() + 1  # (group, position) keys: group * key_width + position
         self.ends = starts + self._count_before(history["ts"], starts, ends, context["ts"])
 
     @staticmethod
@@ -193,13 +195,13 @@ class _Windows:
 
     def _last(self, cap: int) -> Fragment:
         lengths = (self.ends - self.starts).clamp(max=cap)
-        return Fragment(index=_runs(self.ends - lengths, lengths), lengths=lengths)
+        return Fragment(index=runs(self.ends - lengths, lengths), lengths=lengths)
 
     def _matching(self, asks: torch.Tensor, matches: Callable[..., torch.Tensor], cap: int) -> Fragment:
         """The last `cap` events before each request that `matches`, where `asks` [R, k] is what each request
         asks of an event. `matches(pos, range_of, asks)`: events at positions `pos` [T] of ranges `range_of`
         [T] whose asks are `asks` [G, k] -> bool [T]."""
-        n = self.history["ts"].numel() + 1
+        n = self.key_width
         ask = torch.zeros_like(self.starts)  # a number per distinct row of `asks` (unique(dim=0) costs 20x)
         for column in asks.unbind(1):
             values, inverse = torch.unique(column, return_inverse=True)
@@ -215,7 +217,7 @@ class _Windows:
         closes[:-1] = opens[1:]
         group = torch.cumsum(opens, 0) - 1
         lo, hi = s[opens], reach[closes]
-        pos = _runs(lo, hi - lo)
+        pos = runs(lo, hi - lo)
         range_of = torch.repeat_interleave(torch.arange(lo.numel(), device=lo.device), hi - lo, output_size=pos.numel())
         hit = matches(pos, range_of, asks[order][opens])
         seen = torch.cat([hit.new_zeros(1, dtype=torch.int64), torch.cumsum(hit, 0)])  # hits before each event
@@ -224,7 +226,7 @@ class _Windows:
         first = torch.maximum(first, last - cap)
         kept_first, kept = torch.empty_like(first), torch.empty_like(first)
         kept_first[order], kept[order] = first, last - first
-        return Fragment(index=pos.masked_select(hit).index_select(0, _runs(kept_first, kept)), lengths=kept)
+        return Fragment(index=pos.masked_select(hit).index_select(0, runs(kept_first, kept)), lengths=kept)
 
     def _in_slot(self, pos: torch.Tensor, range_of: torch.Tensor, asks: torch.Tensor) -> torch.Tensor:
         """Events in the meal slot their range asks of (asks[:, 0])."""
@@ -251,12 +253,12 @@ class _Windows:
     def _union(self, location: Fragment, meal: Fragment, cap: int) -> Fragment:
         """The last `cap` events of each request's location and meal fragments together, in time order, each
         tagged by the fragments it is in. Only each one's last `cap` can be among them."""
-        n = self.history["ts"].numel() + 1
+        n = self.key_width
         requests = torch.arange(self.starts.numel(), device=self.starts.device)
 
         def keys(frag: Fragment) -> torch.Tensor:  # (request, position), ascending: requests in order, oldest first
             kept = frag.lengths.clamp(max=cap)
-            rows = _runs(frag.offsets[1:] - kept, kept)
+            rows = runs(frag.offsets[1:] - kept, kept)
             return torch.repeat_interleave(requests, kept, output_size=rows.numel()) * n + frag.index.index_select(0, rows)
 
         loc, meal = keys(location), keys(meal)
@@ -271,7 +273,7 @@ class _Windows:
         tags[at_meal] = TAG_MEAL_ONLY
         counts = torch.bincount(both // n, minlength=requests.numel())
         kept = counts.clamp(max=cap)
-        rows = _runs(torch.cumsum(counts, 0) - kept, kept)
+        rows = runs(torch.cumsum(counts, 0) - kept, kept)
         return Fragment(index=both.index_select(0, rows) % n, lengths=kept, tags=tags.index_select(0, rows))
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from features.contract import MISSING
-from features.fragments import Fragment, FragmentConfig, Slots
+from features.fragments import Fragment, FragmentConfig, Slots, runs
 from fin.embeddings import SHARED, SINGLE, EmbeddingSizes, SparseArch, SparseOutput, hash_ids
 from fin.fusion import ConcatFusion, ConfidenceFusion, ModalityConfidence, UnimodalHeads
 from fin.inputs import CANDIDATE_NUMBERS, STAT_FEATURES, Batch, Histories
@@ -288,8 +288,7 @@ class SliceWindows:
             return None
         first = torch.cumsum(frag.lengths, 0) - frag.lengths
         head = frag.index[first.clamp(max=frag.index.numel() - 1)]  # each request's first event
-        runs = torch.repeat_interleave(head - first, frag.lengths, output_size=frag.index.numel())
-        if not torch.equal(frag.index - runs, torch.arange(frag.index.numel(), device=runs.device)):
+        if not torch.equal(frag.index, runs(head, frag.lengths)):
             return None
         width = int(frag.lengths.max())
         # (a request without events may sit at the end of the last slice: any row does for it)
@@ -301,11 +300,8 @@ class SliceWindows:
         row_slice, row_segment = keys // per_slice, keys % per_slice
         row_first = offsets[row_slice] + row_segment * width
         row_length = torch.minimum(offsets[row_slice + 1] - row_first, row_first.new_tensor(2 * width))
-        total = int(row_length.sum())
-        index = torch.repeat_interleave(row_first - (torch.cumsum(row_length, 0) - row_length), row_length,
-                                        output_size=total) + torch.arange(total, device=offsets.device)
         start = local - segment * width
-        return cls(Fragment(index, row_length), request_row[user_of], start[user_of], frag.lengths[user_of])
+        return cls(Fragment(runs(row_first, row_length), row_length), request_row[user_of], start[user_of], frag.lengths[user_of])
 
 
 def time_gaps(request_ts: torch.Tensor, event_ts: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
