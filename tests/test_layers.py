@@ -74,8 +74,9 @@ def test_attention_ignores_padding_and_shares_user_work(make, unfused_max_len, i
 
 
 def test_short_sequences_attended_unfused_give_the_fused_kernel_s_outputs_and_gradients(monkeypatch):
-    """Per-user masks and per-query windows (with a user and a query that see no event): the plain product,
-    softmax and product gives what the fused kernel gives, forward and backward."""
+    """Per-user masks and per-query windows (with a user and a query that see no event), with and without the
+    log-masses: the unfused attention (the events both keys and values: `_EventAttention`, its backward written
+    out) gives what the fused kernel and plain autograd give, forward and backward."""
     torch.manual_seed(0)
     d, users, length = 16, 4, 40
     sequence = torch.randn(users, length, d)
@@ -86,16 +87,17 @@ def test_short_sequences_attended_unfused_give_the_fused_kernel_s_outputs_and_gr
     start = torch.randint(0, length // 2, (user_of.numel(),))
     count = torch.randint(0, length // 2, (user_of.numel(),))
     count[1] = 0
-    simplified, multi_head = SimplifiedTargetAttention(d), MultiHeadTargetAttention(d, heads=2)
     gaps = torch.randint(0, 10**8, (users, length))
+    layers_ = [(SimplifiedTargetAttention(d, intensity=i), MultiHeadTargetAttention(d, heads=2, intensity=i))
+               for i in (False, True)]
 
     def outputs_and_gradients(max_len: int) -> list[torch.Tensor]:
         monkeypatch.setattr(layers, "UNFUSED_MAX_LEN", max_len)
         s, q = sequence.clone().requires_grad_(), query.clone().requires_grad_()
-        out = torch.cat([simplified(q, s, mask, user_of), simplified.over_windows(q, s, start, count, user_of),
-                         multi_head(q, s, gaps, mask, user_of)], 1)
-        out.square().sum().backward()
-        return [out.detach(), s.grad, q.grad]
+        out = torch.cat([torch.cat([simplified(q, s, mask, user_of), simplified.over_windows(q, s, start, count, user_of),
+                                    multi_head(q, s, gaps, mask, user_of)], 1) for simplified, multi_head in layers_], 1)
+        (out.square().sum() + out.sin().sum()).backward()
+        return [out.detach(), s.grad, q.grad, *(p.grad for pair in layers_ for m in pair for p in m.parameters())]
 
     for fused, unfused in zip(outputs_and_gradients(0), outputs_and_gradients(length)):
         assert torch.allclose(fused, unfused, atol=1e-5) and torch.isfinite(unfused).all()
