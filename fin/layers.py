@@ -97,8 +97,9 @@ def _unfused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn
     values (one head of them: the simplified attention, the folded multi-head one), by `_EventAttention`."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if keys is values and query.shape[1] == keys.shape[1] == 1:
-        out, mass = _EventAttention.apply(query[:, 0] * scale, keys[:, 0], attn_mask[:, 0], log_mass)
-        return out[:, None], None if mass is None else mass[:, None]
+        # (squeezed, not indexed: an index's backward would fill a zero tensor of the events' size first)
+        out, mass = _EventAttention.apply(query.squeeze(1) * scale, keys.squeeze(1), attn_mask.squeeze(1), log_mass)
+        return out.unsqueeze(1), None if mass is None else mass.unsqueeze(1)
     scores = _scores(query, keys, scale).masked_fill(~attn_mask, float("-inf"))
     weights = torch.softmax(scores, -1)
     mass = F.softplus(scores.amax(-1) - weights.amax(-1).log()) if log_mass else None
