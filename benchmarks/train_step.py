@@ -10,11 +10,13 @@
   plain product, softmax and product;
 - `folded`: as `unfused_short`, the multi-head attentions (recent, integrated) with their key and value
   projections folded into the few queries of each user instead of applied to every event
-  (`fin.layers.MultiHeadTargetAttention`): today's step;
-- `without_intensity`: as `folded`, a FIN without its intensities (`ModelConfig.intensity`: the fragments'
-  counts of the candidate's shop and category and the attentions' log-mass), what they cost.
+  (`fin.layers.MultiHeadTargetAttention`);
+- `written_backward`: as `folded`, the unfused attentions over events that are both keys and values by
+  `fin.layers._EventAttention`, whose backward is written out (`fin.layers.WRITTEN_BACKWARD`): today's step;
+- `without_intensity`: as `written_backward`, a FIN without its intensities (`ModelConfig.intensity`: the
+  fragments' counts of the candidate's shop and category and the attentions' log-mass), what they cost.
 
-The first five give the same scores and gradients (tests/test_models.py, tests/test_layers.py); what differs is
+The first six give the same scores and gradients (tests/test_models.py, tests/test_layers.py); what differs is
 how much work the step does for them. Each data folder's first training batches (FIN's defaults: user
 chunks of 2, 1,000 events, the creatives when the data has them, as `fin train` reads them) are loaded and
 cut once; then the variants take turns, `--steps` timed steps each per round (after 5 of warm-up), on one
@@ -114,21 +116,24 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
     images = model.module.config.image_dim > 0
 
     windows, fin, sparse, unfused = base.SliceWindows.of, model.module, model.module.sparse, layers.UNFUSED_MAX_LEN
-    folds = layers.MultiHeadTargetAttention.fold_queries
+    folds, written = layers.MultiHeadTargetAttention.fold_queries, layers.WRITTEN_BACKWARD
     no_windows = classmethod(lambda cls, *args: None)
     # variant -> (length groups, SliceWindows.of, one lookup per distinct event, longest sequence attended
-    # unfused, multi-head projections folded into the queries)
-    variants = {"padded": (1, no_windows, False, 0, False), "grouped": (fin.length_groups, windows, False, 0, False),
-                "distinct": (fin.length_groups, windows, True, 0, False),
-                "unfused_short": (fin.length_groups, windows, True, unfused, False),
-                "folded": (fin.length_groups, windows, True, unfused, True),
-                "without_intensity": (fin.length_groups, windows, True, unfused, True)}
+    # unfused, multi-head projections folded into the queries, the events' attention's backward written out)
+    variants = {"padded": (1, no_windows, False, 0, False, False),
+                "grouped": (fin.length_groups, windows, False, 0, False, False),
+                "distinct": (fin.length_groups, windows, True, 0, False, False),
+                "unfused_short": (fin.length_groups, windows, True, unfused, False, False),
+                "folded": (fin.length_groups, windows, True, unfused, True, False),
+                "written_backward": (fin.length_groups, windows, True, unfused, True, True),
+                "without_intensity": (fin.length_groups, windows, True, unfused, True, True)}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for _ in range(rounds):
-            for name, (groups, slice_windows, distinct, unfused_max_len, fold) in variants.items():
+            for name, (groups, slice_windows, distinct, unfused_max_len, fold, backward) in variants.items():
                 fin.length_groups, base.SliceWindows.of, sparse.lookup_distinct = groups, slice_windows, distinct
                 layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = unfused_max_len, fold
+                layers.WRITTEN_BACKWARD = backward
                 run = plain_step if name == "without_intensity" else step
                 for batch in batches[:5]:
                     run(batch)
@@ -138,6 +143,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
                 seconds[name].append((time.perf_counter() - started) / steps)
     finally:
         base.SliceWindows.of, layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = windows, unfused, folds
+        layers.WRITTEN_BACKWARD = written
     examples = statistics.mean(len(b) for b in batches[5:])
     step_ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
     distinct = sparse.history_ids(batches[5])[0].first.numel()
@@ -149,7 +155,8 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
             "distinct_over_grouped": round(step_ms["grouped"] / step_ms["distinct"], 2),
             "unfused_short_over_distinct": round(step_ms["distinct"] / step_ms["unfused_short"], 2),
             "folded_over_unfused_short": round(step_ms["unfused_short"] / step_ms["folded"], 2),
-            "intensity_cost": round(step_ms["folded"] / step_ms["without_intensity"], 2),
+            "written_backward_over_folded": round(step_ms["folded"] / step_ms["written_backward"], 2),
+            "intensity_cost": round(step_ms["written_backward"] / step_ms["without_intensity"], 2),
             "distinct_over_padded": round(step_ms["padded"] / step_ms["distinct"], 2)}
 
 

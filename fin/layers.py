@@ -76,6 +76,9 @@ def from_users(grouped: torch.Tensor, user_of: torch.Tensor, column: torch.Tenso
 # candidates per user and short fragments (recent events, a meal's) the plain form is cheaper forward and
 # backward, while the fused kernel wins on long ones (benchmarks/README.md, "Short fragments").
 UNFUSED_MAX_LEN = 256
+# Events that are both keys and values attended unfused by `_EventAttention`, whose backward is written out
+# (False: plain autograd of the same operations; benchmarks/train_step.py compares both)
+WRITTEN_BACKWARD = True
 
 
 def _scores(query: torch.Tensor, keys: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -96,7 +99,7 @@ def _unfused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn
     weight; its gradient through both maxima is p, as it should be). Where the events are both keys and
     values (one head of them: the simplified attention, the folded multi-head one), by `_EventAttention`."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if keys is values and query.shape[1] == keys.shape[1] == 1:
+    if WRITTEN_BACKWARD and keys is values and query.shape[1] == keys.shape[1] == 1:
         # (squeezed, not indexed: an index's backward would fill a zero tensor of the events' size first)
         out, mass = _EventAttention.apply(query.squeeze(1) * scale, keys.squeeze(1), attn_mask.squeeze(1), log_mass)
         return out.unsqueeze(1), None if mass is None else mass.unsqueeze(1)
