@@ -58,6 +58,9 @@ class Fragment:
     index: torch.Tensor  # flat int64 indices into the history values, grouped by request, oldest first
     lengths: torch.Tensor  # int64 per request
     tags: torch.Tensor | None = None  # integrated only: set-membership tag per index
+    # where each request's events are one run of positions (full and recent, cut from many windows): its
+    # first position, so that a reader of runs need not check `index` for them
+    first: torch.Tensor | None = None
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -195,7 +198,8 @@ class _Windows:
 
     def _last(self, cap: int) -> Fragment:
         lengths = (self.ends - self.starts).clamp(max=cap)
-        return Fragment(index=runs(self.ends - lengths, lengths), lengths=lengths)
+        first = self.ends - lengths
+        return Fragment(index=runs(first, lengths), lengths=lengths, first=first)
 
     def _matching(self, asks: torch.Tensor, matches: Callable[..., torch.Tensor], cap: int) -> Fragment:
         """The last `cap` events before each request that `matches`, where `asks` [R, k] is what each request

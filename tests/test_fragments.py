@@ -15,6 +15,7 @@ from features.fragments import (
     fragment,
     fragment_slots,
     fragment_windows,
+    runs,
 )
 from fin.inputs import history_batch
 
@@ -131,6 +132,9 @@ def test_overlapping_windows_of_shared_timelines_are_cut_by_the_rules(case):
             assert got == expected[name], (name, b)
         integ = out["integrated"]
         assert integ.tags[integ.offsets[b]:integ.offsets[b + 1]].tolist() == tags
+    for name in ("full", "recent"):  # said to be one run per request: each its first position onwards
+        frag = out[name]
+        assert torch.equal(frag.index, runs(frag.first, frag.lengths)), name
 
 
 @settings(max_examples=200, deadline=None)

@@ -286,10 +286,12 @@ class SliceWindows:
         offsets = histories.offsets
         if isinstance(frag, Slots) or offsets.numel() - 1 >= histories.start.numel() or not frag.index.numel():
             return None
-        first = torch.cumsum(frag.lengths, 0) - frag.lengths
-        head = frag.index[first.clamp(max=frag.index.numel() - 1)]  # each request's first event
-        if not torch.equal(frag.index, runs(head, frag.lengths)):
-            return None
+        head = frag.first  # each request's first event, where the cut says its events are one run
+        if head is None:
+            first = torch.cumsum(frag.lengths, 0) - frag.lengths
+            head = frag.index[first.clamp(max=frag.index.numel() - 1)]
+            if not torch.equal(frag.index, runs(head, frag.lengths)):
+                return None
         width = int(frag.lengths.max())
         # (a request without events may sit at the end of the last slice: any row does for it)
         request_slice = (torch.searchsorted(offsets, histories.start, right=True) - 1).clamp(max=offsets.numel() - 2)
