@@ -266,13 +266,18 @@ class _Windows:
             return torch.repeat_interleave(requests, kept, output_size=rows.numel()) * n + frag.index.index_select(0, rows)
 
         loc, meal = keys(location), keys(meal)
-        loc_in_meal, meal_in_loc = _isin_sorted(loc, meal), _isin_sorted(meal, loc)
-        meal_only = meal[~meal_in_loc]
-        both = torch.empty(loc.numel() + meal_only.numel(), dtype=loc.dtype, device=loc.device)
+        # how many of the other list's keys are below each key (one search per list serves both the
+        # membership test and the merge: keys are distinct within a list)
+        meal_below, loc_below = torch.searchsorted(meal, loc), torch.searchsorted(loc, meal)
+        loc_in_meal, meal_only = _found(meal, meal_below, loc), ~_found(loc, loc_below, meal)
+        meal_only_below = torch.cat([meal_below.new_zeros(1), torch.cumsum(meal_only, 0)])  # at each meal rank
+        # a key's place in the union: its rank in its own list plus the other list's keys below it (of the
+        # meal keys, only those not in the location list)
+        at_loc = torch.arange(loc.numel(), device=loc.device) + meal_only_below.index_select(0, meal_below)
+        at_meal = (meal_only_below[:-1] + loc_below)[meal_only]
+        both = torch.empty(at_loc.numel() + at_meal.numel(), dtype=loc.dtype, device=loc.device)
         tags = torch.empty_like(both)
-        at_loc = torch.arange(loc.numel(), device=loc.device) + torch.searchsorted(meal_only, loc)
-        at_meal = torch.arange(meal_only.numel(), device=loc.device) + torch.searchsorted(loc, meal_only)
-        both[at_loc], both[at_meal] = loc, meal_only
+        both[at_loc], both[at_meal] = loc, meal[meal_only]
         tags[at_loc] = torch.where(loc_in_meal, TAG_BOTH, TAG_LOCATION_ONLY)
         tags[at_meal] = TAG_MEAL_ONLY
         counts = torch.bincount(both // n, minlength=requests.numel())
@@ -281,11 +286,12 @@ class _Windows:
         return Fragment(index=both.index_select(0, rows) % n, lengths=kept, tags=tags.index_select(0, rows))
 
 
-def _isin_sorted(values: torch.Tensor, sorted_: torch.Tensor) -> torch.Tensor:
-    """Which of `values` are in the ascending `sorted_`."""
+def _found(sorted_: torch.Tensor, below: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Which of `values` are in the ascending `sorted_`, given how many of its entries are below each
+    (`torch.searchsorted(sorted_, values)`)."""
     if not sorted_.numel():
         return torch.zeros_like(values, dtype=torch.bool)
-    return sorted_.gather(0, torch.searchsorted(sorted_, values).clamp(max=sorted_.numel() - 1)) == values
+    return sorted_.index_select(0, below.clamp(max=sorted_.numel() - 1)) == values
 
 
 @dataclass
