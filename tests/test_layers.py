@@ -88,19 +88,25 @@ def test_short_sequences_attended_unfused_give_the_fused_kernel_s_outputs_and_gr
     count = torch.randint(0, length // 2, (user_of.numel(),))
     count[1] = 0
     gaps = torch.randint(0, 10**8, (users, length))
-    layers_ = [(SimplifiedTargetAttention(d, intensity=i), MultiHeadTargetAttention(d, heads=2, intensity=i))
-               for i in (False, True)]
+    attentions = [(SimplifiedTargetAttention(d, intensity=i), MultiHeadTargetAttention(d, heads=2, intensity=i))
+                  for i in (False, True)]
+    parameters = [p for pair in attentions for m in pair for p in m.parameters()]
 
-    def outputs_and_gradients(max_len: int) -> list[torch.Tensor]:
+    def outputs_and_gradients(max_len: int, written_backward: bool = True) -> list[torch.Tensor]:
         monkeypatch.setattr(layers, "UNFUSED_MAX_LEN", max_len)
+        monkeypatch.setattr(layers, "WRITTEN_BACKWARD", written_backward)
+        for p in parameters:
+            p.grad = None
         s, q = sequence.clone().requires_grad_(), query.clone().requires_grad_()
         out = torch.cat([torch.cat([simplified(q, s, mask, user_of), simplified.over_windows(q, s, start, count, user_of),
-                                    multi_head(q, s, gaps, mask, user_of)], 1) for simplified, multi_head in layers_], 1)
+                                    multi_head(q, s, gaps, mask, user_of)], 1) for simplified, multi_head in attentions], 1)
         (out.square().sum() + out.sin().sum()).backward()
-        return [out.detach(), s.grad, q.grad, *(p.grad for pair in layers_ for m in pair for p in m.parameters())]
+        return [out.detach(), s.grad, q.grad, *(p.grad for p in parameters)]
 
-    for fused, unfused in zip(outputs_and_gradients(0), outputs_and_gradients(length)):
-        assert torch.allclose(fused, unfused, atol=1e-5) and torch.isfinite(unfused).all()
+    fused = outputs_and_gradients(0)
+    for unfused in (outputs_and_gradients(length), outputs_and_gradients(length, written_backward=False)):
+        for a, b in zip(fused, unfused, strict=True):
+            assert torch.allclose(a, b, atol=1e-5) and torch.isfinite(b).all()
 
 
 @pytest.mark.parametrize("unfused_max_len", [0, 256], ids=["fused", "unfused"])
