@@ -125,15 +125,20 @@ def test_calls_without_a_good_event_are_invalid_argument(server, events, message
 
 
 def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> None:
-    """Until every process has exited (a zombie has: it holds no files or locks)."""
+    """Until every process has exited with all its threads. A killed process's main thread can be a zombie
+    while another of its threads is still finishing a disk write: until that one is gone too, the process's
+    files stay open and its locks held (so the next start would take its log segment for a live one's)."""
     deadline = time.monotonic() + timeout_s
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE and os.listdir(f"/proc/{pid}/task") == [str(pid)]
+        except (psutil.NoSuchProcess, FileNotFoundError):
+            return True
+
     for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
+        while not gone(pid):
+            assert time.monotonic() < deadline, f"process {pid} still running {timeout_s:.0f} s after SIGKILL"
             time.sleep(0.01)
 
 
