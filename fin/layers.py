@@ -105,8 +105,13 @@ def _unfused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn
         return out.unsqueeze(1), None if mass is None else mass.unsqueeze(1)
     scores = _scores(query, keys, scale).masked_fill(~attn_mask, float("-inf"))
     weights = torch.softmax(scores, -1)
-    mass = F.softplus(scores.amax(-1) - weights.amax(-1).log()) if log_mass else None
+    mass = F.softplus(_logsumexp_of(scores, weights)) if log_mass else None
     return weights @ values, mass
+
+
+def _logsumexp_of(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log sum_i exp(s_i) over the last dimension, read off the softmax `weights` of `scores`: max s - log max p."""
+    return scores.amax(-1) - weights.amax(-1).log()
 
 
 class _EventAttention(torch.autograd.Function):
@@ -125,8 +130,7 @@ class _EventAttention(torch.autograd.Function):
                 log_mass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         scores = torch.bmm(query, events.transpose(1, 2)).masked_fill_(~mask, float("-inf"))
         weights = torch.softmax(scores, -1)
-        # log sum_i exp(s_i) = max s - log max p, as in `_unfused`
-        logsumexp = scores.amax(-1) - weights.amax(-1).log() if log_mass else None
+        logsumexp = _logsumexp_of(scores, weights) if log_mass else None
         ctx.save_for_backward(query, events, weights, None if logsumexp is None else torch.sigmoid(logsumexp))
         return torch.bmm(weights, events), None if logsumexp is None else F.softplus(logsumexp)
 

@@ -244,8 +244,8 @@ def test_fin_over_shared_slices_in_length_groups_gives_the_scores_and_gradients_
         features_job, monkeypatch):
     """A training batch (many requests, a few candidates each, fragment lengths from 0 to the cap): FIN's
     full fragment attended over segments of the shared timeline slices, every fragment in groups of similar
-    length (the segments also of similar candidate counts); against every request's fragments gathered and padded as one group: the same logits and every
-    gradient the same."""
+    length (the segments also of similar candidate counts); against every request's fragments gathered and
+    padded as one group: the same logits and every gradient the same."""
     out, _ = features_job
     batch = next(iter(ExampleStream(out / "data", "train", LOADER)))
     user_of = batch.candidate_requests()
