@@ -3,7 +3,7 @@
 - `padded`: every request's fragment gathered and padded to the batch's longest, every history event
   looked up and encoded (the layout before commit af74059);
 - `grouped`: requests in groups of similar length, the full fragment read from shared timeline slices
-  (`fin.models.base.attend_by_length`, `SliceWindows`), every event looked up and encoded;
+  (`fin.models.layout.attend_by_length`, `SliceWindows`), every event looked up and encoded;
 - `distinct`: as `grouped`, each distinct history event looked up and encoded once
   (`fin.embeddings.DistinctEvents`), every attention through the fused kernel;
 - `unfused_short`: as `distinct`, sequences of up to `fin.layers.UNFUSED_MAX_LEN` events attended with a
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from fin import layers  # noqa: E402
 from fin.loader import ExampleStream  # noqa: E402
-from fin.models import base  # noqa: E402
+from fin.models import layout  # noqa: E402
 from fin.sharding import shard  # noqa: E402
 from fin.train import MODELS, TrainConfig, with_image_modality  # noqa: E402
 
@@ -57,9 +57,9 @@ def padded_rows(batch) -> dict:
     before = after = 0
     for name, frag in batch.fragments.items():
         before += int(frag.lengths.max()) * frag.lengths.numel()
-        windows = base.SliceWindows.of(frag, batch.histories, user_of) if name == "full" else None
+        windows = layout.SliceWindows.of(frag, batch.histories, user_of) if name == "full" else None
         lengths = frag.lengths if windows is None else windows.rows.lengths
-        after += sum(int(lengths[g].max()) * g.numel() for g in base.length_groups(lengths, MODELS["fin"].length_groups))
+        after += sum(int(lengths[g].max()) * g.numel() for g in layout.length_groups(lengths, MODELS["fin"].length_groups))
     real = sum(int(f.lengths.sum()) for f in batch.fragments.values())
     return {"real": real, "padded": before, "grouped": after}
 
@@ -115,7 +115,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
     batches = load(batch_size, steps + 5)
     images = model.module.config.image_dim > 0
 
-    windows, fin, sparse, unfused = base.SliceWindows.of, model.module, model.module.sparse, layers.UNFUSED_MAX_LEN
+    windows, fin, sparse, unfused = layout.SliceWindows.of, model.module, model.module.sparse, layers.UNFUSED_MAX_LEN
     folds, written = layers.MultiHeadTargetAttention.fold_queries, layers.WRITTEN_BACKWARD
     no_windows = classmethod(lambda cls, *args: None)
     # variant -> (length groups, SliceWindows.of, one lookup per distinct event, longest sequence attended
@@ -131,7 +131,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
     try:
         for _ in range(rounds):
             for name, (groups, slice_windows, distinct, unfused_max_len, fold, backward) in variants.items():
-                fin.length_groups, base.SliceWindows.of, sparse.lookup_distinct = groups, slice_windows, distinct
+                fin.length_groups, layout.SliceWindows.of, sparse.lookup_distinct = groups, slice_windows, distinct
                 layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = unfused_max_len, fold
                 layers.WRITTEN_BACKWARD = backward
                 run = plain_step if name == "without_intensity" else step
@@ -142,7 +142,7 @@ def measure(data: Path, steps: int, rounds: int, batch_size: int) -> dict:
                     run(batch)
                 seconds[name].append((time.perf_counter() - started) / steps)
     finally:
-        base.SliceWindows.of, layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = windows, unfused, folds
+        layout.SliceWindows.of, layers.UNFUSED_MAX_LEN, layers.MultiHeadTargetAttention.fold_queries = windows, unfused, folds
         layers.WRITTEN_BACKWARD = written
     examples = statistics.mean(len(b) for b in batches[5:])
     step_ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}

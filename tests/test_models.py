@@ -25,8 +25,9 @@ from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention
 from fin.loader import ExampleStream
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
-from fin.models.base import MATCHED, Entries, Padded, SliceWindows, length_groups, matched_counts, sorted_counts
+from fin.models.counts import MATCHED, Entries, matched_counts, sorted_counts
 from fin.models.fin import MATCHED_TAG, fragment_counts
+from fin.models.layout import Padded, SliceWindows, length_groups
 from jobs.features_job import FeaturesConfig, run_features
 
 LOADER = LoaderConfig(batch_size=256, max_seq_len=50,

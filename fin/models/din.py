@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from features.fragments import FragmentConfig
 from fin.inputs import Batch
-from fin.models.base import Padded, TargetAttentionModel, time_gaps
+from fin.models.base import TargetAttentionModel
+from fin.models.layout import Padded, time_gaps
 
 
 class DIN(TargetAttentionModel):

@@ -11,7 +11,7 @@ Follows docs/design.md, "FIN"; choices that are our reconstruction rather than t
   with confidence-aware weights (`fin.fusion`, after Predictive Dynamic Fusion);
 - intensity (`ModelConfig.intensity`): each fragment's vector is followed by counts of the candidate's shop
   and category in it (of the integrated sequence, its intersection: the events at this place and meal
-  time) and, but for the full fragment's, its attention's log-mass (`fin.models.base.matched_counts`,
+  time) and, but for the full fragment's, its attention's log-mass (`fin.models.counts.matched_counts`,
   `fin.layers._log_mass`): a softmax cannot tell one past order from ten;
 - tower: MLP over [candidate, request context, point-in-time statistics, the five interest vectors and
   their intensities, candidate x interest products] -> one logit, trained with binary cross-entropy.
@@ -25,20 +25,9 @@ from torch import nn
 from features.fragments import TAG_BOTH, Fragment, Slots
 from fin.inputs import Batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention, gather
-from fin.models.base import (
-    MATCHED,
-    CTRModel,
-    Encoded,
-    Entries,
-    ModelConfig,
-    Padded,
-    SliceWindows,
-    attend_by_length,
-    matched_counts,
-    selected,
-    sorted_counts,
-    time_gaps,
-)
+from fin.models.base import CTRModel, Encoded, ModelConfig
+from fin.models.counts import MATCHED, Entries, matched_counts, sorted_counts
+from fin.models.layout import Padded, SliceWindows, attend_by_length, selected, time_gaps
 
 SIMPLIFIED = ("location", "meal", "full")
 MULTI_HEAD = ("recent", "integrated")

@@ -7,7 +7,8 @@ import torch
 
 from features.fragments import keep_last
 from fin.inputs import Batch
-from fin.models.base import Padded, TargetAttentionModel, time_gaps
+from fin.models.base import TargetAttentionModel
+from fin.models.layout import Padded, time_gaps
 
 
 class SIM(TargetAttentionModel):
