@@ -5,18 +5,20 @@ Everything here also runs where there is no GPU (it then compares the CPU with i
 tried anywhere before it is taken to a GPU machine. On the GPU machine it reports:
   fragments  `features.fragments.fragment` on the GPU gives exactly the CPU's sub-sequences: the batches of
              the validation split (the training path) and single requests cut from them (the server's path);
-  training   `fin train` (configs/lifelong.yaml: 1,000-event histories) for a fixed number of steps, on the
-             GPU (NCCL, TorchRec's fused table kernels) with each of `--shardings`, and once with the GPU
-             hidden (gloo, all CPU cores): examples/s of each, the first GPU run's ratio to the CPU's, and
-             the validation AUC each reached;
+  training   `fin train` (configs/lifelong.yaml: 1,000-event histories, shared-timeline batches of
+             `--batch-size` assembled by `--loader-workers` processes, fragments cut on the device) for a
+             fixed number of steps, on the GPU (NCCL, TorchRec's fused table kernels) with each of
+             `--shardings`, and once with the GPU hidden (gloo, all CPU cores): examples/s of each, the first
+             GPU run's ratio to the CPU's, and the validation AUC each reached;
   scoring    the GPU-trained artifact scores the test split on the CPU and on the GPU (largest pCTR difference,
              AUC of each), then one served request (200 candidates, the longest history of the test split)
              end to end: batch and fragments on the CPU, forward on the device, scores back; CPU with one
              intra-op thread (as `fin serve`) against the GPU, p50/p99, and 8 requests in one GPU forward;
   resume     `fin train` killed after its first epoch's checkpoint resumes from it on the device and
              finishes (how far it ends from an uninterrupted run).
-Usage: python benchmarks/gpu_check.py --data DIR (a `fin features` output) [--steps 200] [--reps 200]
-       [--sections fragments training resume] [--shardings table_wise row_wise auto]
+Usage: python benchmarks/gpu_check.py --data DIR (a `fin features` output) [--steps 100] [--cpu-steps 20]
+       [--batch-size 8192] [--loader-workers 4] [--reps 200] [--sections fragments training resume]
+       [--shardings table_wise row_wise auto]
 """
 
 from __future__ import annotations
@@ -87,12 +89,21 @@ def fragments_agree(data: Path, loader, batches: int, singles: int) -> dict:
     return {**checked, "device": device.type, "identical": checked["mismatches"] == 0}
 
 
-def train_run(data: Path, models: Path, name: str, steps: int, sharding: str, hide_gpu: bool) -> dict:
-    """`fin train` as its own process; with `hide_gpu` it cannot see the GPU and trains on the CPU (gloo)."""
+def train_run(data: Path, models: Path, name: str, steps: int, sharding: str, hide_gpu: bool, batch_size: int,
+              loader_workers: int) -> dict:
+    """`fin train` as its own process (configs/lifelong.yaml, in batches of `batch_size` read by `loader_workers`
+    processes); with `hide_gpu` it cannot see the GPU and trains on the CPU (gloo)."""
+    from features.configfile import read_config_file
+
+    config = read_config_file(LIFELONG)
+    config["loader"] = {**config.get("loader", {}), "workers": loader_workers}
+    config_file = models / f"{name}.json"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps(config))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if hide_gpu else None
     m = run_sampled([sys.executable, "-m", "jobs.cli", "train", "--data", str(data), "--out", str(models),
-                     "--name", name, "--config", str(LIFELONG), "--epochs", "1", "--max-steps", str(steps),
-                     "--sharding", sharding], env=env)
+                     "--name", name, "--config", str(config_file), "--batch-size", str(batch_size), "--epochs", "1",
+                     "--max-steps", str(steps), "--sharding", sharding], env=env)
     folder = next((models / name).glob("*/artifact.json")).parent
     meta = json.loads((folder / "artifact.json").read_text())
     training = meta["training"]
@@ -215,7 +226,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a `fin features` output (or its data/ folder)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps (of the default batch size) per run")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per run on the GPU")
+    parser.add_argument("--cpu-steps", type=int, default=20, help="training steps of the CPU run")
+    # a GPU step of FIN costs about the same for a batch of 512 as for thousands (it waits on kernel launches
+    # and the host): 512, the CPU's default, measured the launches, not the GPU (5,910 examples/s on an H100)
+    parser.add_argument("--batch-size", type=int, default=8192, help="examples per training step")
+    parser.add_argument("--loader-workers", type=int, default=4,
+                        help="processes reading and assembling training batches ahead of the step")
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reps", type=int, default=200, help="scoring repetitions (also bounded by 60 s)")
     parser.add_argument("--fragment-batches", type=int, default=20)
@@ -223,8 +240,9 @@ def main() -> None:
                         help="what to run (default all; scoring needs training); a subset writes "
                              "results/gpu_check_<sections>.json")
     parser.add_argument("--resume-steps", type=int, default=30, help="steps per epoch of the resume check")
-    parser.add_argument("--shardings", nargs="+", default=["table_wise"], choices=SHARDINGS,
-                        help="table shardings to train with on the GPU (default table_wise; the CPU run uses the first)")
+    parser.add_argument("--shardings", nargs="+", default=["table_wise", "row_wise"], choices=SHARDINGS,
+                        help="table shardings to train with on the GPU (default table_wise and row_wise; the CPU run "
+                             "uses the first)")
     args = parser.parse_args()
     from features.dataset import Dataset
     from fin.train import load_train_config
@@ -238,9 +256,11 @@ def main() -> None:
                                    args.fragment_batches, 16)
     if "training" in args.sections:
         on_gpu = args.shardings if doc["environment"]["device"] == "cuda" else []
-        runs = {f"device_{s}": attempt(train_run, data, models, f"fin-{s}", args.steps, s, hide_gpu=False)
+        batches = {"batch_size": args.batch_size, "loader_workers": args.loader_workers}
+        runs = {f"device_{s}": attempt(train_run, data, models, f"fin-{s}", args.steps, s, hide_gpu=False, **batches)
                 for s in on_gpu}
-        runs["cpu"] = attempt(train_run, data, models, "fin-cpu", args.steps, args.shardings[0], hide_gpu=True)
+        runs["cpu"] = attempt(train_run, data, models, "fin-cpu", args.cpu_steps, args.shardings[0], hide_gpu=True,
+                              **batches)
         trained = [r for r in runs.values() if "error" not in r]
         doc["training"] = {**runs, "device_vs_cpu_examples_per_s": round(
             trained[0]["examples_per_s"] / trained[-1]["examples_per_s"], 2) if len(trained) == len(runs) else None}
