@@ -7,10 +7,12 @@ one disk flush per append, no file created), so an acknowledged event survives a
 after the answer. `flush` closes the segment (renamed `<stem>.arrows`; the next append opens a new one) and
 moves every closed segment into the contract's layout, one parquet file per local date
 (`behaviours/date=YYYY-MM-DD/part-<first>-<last>.parquet`, each written to a temporary name, fsynced and
-renamed, its metadata naming the segments it holds), then removes those segments. The next start undoes a
-crash (`recover`): a segment left open by a process that is gone (it no longer holds the segment's lock) is
-closed with the batches it has whole (a torn last batch was never acknowledged), segments that a part file
-names are removed, the rest flushed, so every event lands in exactly one part file. A background thread
+renamed, its metadata naming the segments it holds), then removes those segments. Every flush, and the next
+start (`recover`), undoes what a crashed process left (`_take_over`): a segment left open by a process that is
+gone (it no longer holds the segment's lock) is closed with the batches it has whole (a torn last batch was
+never acknowledged) and flushed; where a flush died after writing part files and before removing their
+segments (it leaves a mark), the segments a part file names are removed; so every event lands in exactly
+one part file, also while other processes sharing the folder stay up. A background thread
 flushes every `flush_s` seconds and as soon as `flush_rows` rows are pending (an append waits at most for the
 close of its segment, never for a flush's parquet writing); `close` flushes the rest. Server processes
 sharing a folder each append to their own segment and flush one at a time (a lock file).
@@ -38,6 +40,7 @@ from features import contract
 TABLE = contract.BEHAVIOURS.name
 PENDING = "_pending"
 HOLDS = b"fin.pending_files"  # part file metadata: the pending files it was made of
+FLUSHING = ".flushing"  # in the pending folder while a flush writes part files of segments it has not removed
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -161,17 +164,20 @@ class BehaviourLog:
 
     def flush(self) -> int:
         """Move every pending row into the date partitions; returns how many. Server processes sharing the
-        folder flush one at a time (a lock file)."""
+        folder flush one at a time (a lock file); each flush first takes over what a process that is gone
+        left (`_take_over`)."""
         self._close_segment()  # appends go on meanwhile, into a new segment this flush does not list
         with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            self._take_over(all_parts=False)
             files = sorted(self.pending.glob("*.arrows"))
             if not files:
                 return 0
             table = pa.concat_tables(pa.ipc.open_stream(f.read_bytes()).read_all() for f in files)
             day = (table["ts"].to_numpy() + int(self.utc_offset_hours * 3_600_000)) // 86_400_000
             name = f"part-{files[0].stem}-{files[-1].stem}.parquet"
-            holds = {HOLDS: ",".join(f.stem for f in files).encode()}  # what `recover` reads back
+            holds = {HOLDS: ",".join(f.stem for f in files).encode()}  # what `_drop_held` reads back
+            _durable_write(self.pending / FLUSHING, lambda f: None)  # until the segments are gone
             for d in np.unique(day):
                 date = np.datetime64(int(d), "D").astype(str)
                 part = table.filter(pa.array(day == d)).replace_schema_metadata(holds)
@@ -179,37 +185,46 @@ class BehaviourLog:
                                lambda f, part=part: pq.write_table(part, f))
             for f in files:
                 f.unlink()
+            (self.pending / FLUSHING).unlink()
             with self._lock:
                 self._pending_rows = max(0, self._pending_rows - table.num_rows)
             return table.num_rows
 
     def recover(self) -> int:
-        """After a crash: close the segments of processes that are gone, drop segments a part file already
-        holds, flush the others."""
+        """At a start, after a crash: close the segments of processes that are gone, drop segments a part file
+        already holds (of any flush: also of a log written before flushes left a mark), flush the others."""
         with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            for path in [*self.pending.glob("*.arrows.open"), *self.pending.glob(".*.arrows.new")]:
-                try:
-                    f = open(path, "rb")
-                except FileNotFoundError:  # closed by its live writer meanwhile
-                    continue
-                with f:
-                    try:
-                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # a live process's segment
-                    whole = None if path.name.startswith(".") else _whole_batches(path)
-                    if whole is not None and whole.num_rows:
-                        stem = path.name.removesuffix(".arrows.open")
-                        _durable_write(self.pending / f"{stem}.arrows",
-                                       lambda out, t=whole: _write_stream(out, t))
-                    path.unlink()
-            if any(self.pending.glob("*.arrows")):
-                for part in (self.folder / TABLE).glob("date=*/part-*.parquet"):
-                    held = (pq.read_schema(part).metadata or {}).get(HOLDS, b"")
-                    for stem in filter(None, held.decode().split(",")):
-                        (self.pending / f"{stem}.arrows").unlink(missing_ok=True)
+            self._take_over(all_parts=True)
         return self.flush()
+
+    def _take_over(self, all_parts: bool) -> None:
+        """Under the folder's lock: close the open segments of processes that are gone (they no longer hold
+        their lock) with the batches they have whole, and, where a flush died between writing its part files
+        and removing its segments (its mark is left; or with `all_parts`), remove the segments part files
+        already hold, so that no event is written twice, however long the other processes have been up."""
+        for path in [*self.pending.glob("*.arrows.open"), *self.pending.glob(".*.arrows.new")]:
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:  # closed by its live writer meanwhile
+                continue
+            with f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live process's segment
+                whole = None if path.name.startswith(".") else _whole_batches(path)
+                if whole is not None and whole.num_rows:
+                    stem = path.name.removesuffix(".arrows.open")
+                    _durable_write(self.pending / f"{stem}.arrows", lambda out, t=whole: _write_stream(out, t))
+                path.unlink()
+        mark = self.pending / FLUSHING
+        if (all_parts or mark.exists()) and any(self.pending.glob("*.arrows")):
+            for part in (self.folder / TABLE).glob("date=*/part-*.parquet"):
+                held = (pq.read_schema(part).metadata or {}).get(HOLDS, b"")
+                for stem in filter(None, held.decode().split(",")):
+                    (self.pending / f"{stem}.arrows").unlink(missing_ok=True)
+        mark.unlink(missing_ok=True)
 
     def _flush_every(self) -> None:
         while not self._closed.is_set():

@@ -156,6 +156,43 @@ os._exit(0)  # gone with its segment open: no close, no flush
 """
 
 
+_DIE_FLUSHING = """
+import os, pathlib, sys
+import polars as pl
+from features.behaviour_log import BehaviourLog
+log = BehaviourLog(sys.argv[1], 8.0, flush_s=3600)
+log.append(pl.read_ipc(sys.argv[2]))
+unlink = pathlib.Path.unlink
+def killed(path, *args, **kwargs):
+    if path.name.endswith(".arrows"):
+        os._exit(0)  # killed in its flush: the part files written, its segments not yet removed
+    return unlink(path, *args, **kwargs)
+pathlib.Path.unlink = killed
+log.flush()
+"""
+
+
+@pytest.mark.parametrize("script", ["appending", "flushing"])
+def test_a_live_process_takes_over_what_a_crashed_one_left(tmp_path, script):
+    """A process sharing the folder dies with rows in its open segment, or in its flush after writing part
+    files and before removing their segments; a process that stays up takes its rows over at its next flush,
+    each row once (without, a dead writer's rows waited for the next start, and a flush killed midway was
+    written again by the live process's next flush)."""
+    folder = tmp_path / "log"
+    live = BehaviourLog(folder, 8.0, flush_s=3600)  # up before the other process dies, and after
+    _log_rows([7, 8], [DAY, DAY]).write_ipc(tmp_path / "rows.arrow")
+    died = subprocess.run([sys.executable, "-c", {"appending": _DIE_APPENDING, "flushing": _DIE_FLUSHING}[script],
+                           str(folder), str(tmp_path / "rows.arrow")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert died.returncode == 0, died.stderr
+    assert any((folder / "behaviours" / PENDING).glob("*.arrows*"))  # what the dead process left
+    live.append(_log_rows([10], [DAY]))
+    assert live.flush() == (1 if script == "flushing" else 3)
+    assert sorted(logio.read_raw(folder, "behaviours")["event_id"].to_list()) == [7, 8, 10]
+    live.close()
+    assert not any((folder / "behaviours" / PENDING).glob("*arrows*"))
+
+
 def test_the_behaviour_log_recovers_what_a_crash_left(tmp_path):
     folder, pending = tmp_path / "log", tmp_path / "log" / "behaviours" / PENDING
     # a process killed with rows in its open segment, and a torn append after them (never acknowledged)
