@@ -8,11 +8,12 @@ after the answer. `flush` closes the segment (renamed `<stem>.arrows`; the next 
 moves every closed segment into the contract's layout, one parquet file per local date
 (`behaviours/date=YYYY-MM-DD/part-<first>-<last>.parquet`, each written to a temporary name, fsynced and
 renamed, its metadata naming the segments it holds), then removes those segments. Every flush, and the next
-start (`recover`), undoes what a crashed process left (`_take_over`): a segment left open by a process that is
-gone (it no longer holds the segment's lock) is closed with the batches it has whole (a torn last batch was
-never acknowledged) and flushed; where a flush died after writing part files and before removing their
-segments (it leaves a mark), the segments a part file names are removed; so every event lands in exactly
-one part file, also while other processes sharing the folder stay up. A background thread
+start (`recover`), takes over what a killed process left (`_take_over`): a segment left open by a process
+that is gone (it no longer holds the segment's lock) is closed with the batches it has whole (a torn last
+batch was never acknowledged) and flushed; a flush that died after writing part files (it leaves a mark) is
+finished from its segments, which it removes only once all its dates' part files are written (the dates
+still missing are written, then the segments go); so every event lands in exactly one part file, also
+while other processes sharing the folder stay up. A background thread
 flushes every `flush_s` seconds and as soon as `flush_rows` rows are pending (an append waits at most for the
 close of its segment, never for a flush's parquet writing); `close` flushes the rest. Server processes
 sharing a folder each append to their own segment and flush one at a time (a lock file).
@@ -80,14 +81,22 @@ def _whole_batches(path: Path) -> pa.Table | None:
     return pa.Table.from_batches(batches, reader.schema)
 
 
+def _names(path: Path, f) -> bool:
+    """Whether `path` still names the open file `f`."""
+    try:
+        return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
 class _Segment:
     """This process's open segment: an Arrow IPC stream it appends record batches to, holding an exclusive
-    lock on the file for as long as it is open (so `recover` can tell a live writer's segment from a dead
+    lock on the file for as long as it is open (so `_take_over` can tell a live writer's segment from a dead
     one's)."""
 
     def __init__(self, folder: Path, stem: str, schema: pa.Schema):
         self.path = folder / f"{stem}.arrows.open"
-        new = folder / f".{stem}.arrows.new"  # locked before it carries the name `recover` looks for
+        new = folder / f".{stem}.arrows.new"  # locked before it carries the name `_take_over` looks for
         self.file = open(new, "xb")
         fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.writer = pa.ipc.new_stream(self.file, schema)
@@ -105,13 +114,14 @@ class _Segment:
         self._sync()
 
     def close(self) -> Path:
-        """End the stream, release the file and rename it closed (`<stem>.arrows`)."""
+        """End the stream, rename it closed (`<stem>.arrows`) and only then release the file: a segment
+        unlocked under its open name is a dead process's to another process's flush (`_take_over`)."""
         self.writer.close()
         self._sync()
-        self.file.close()
         closed = self.path.with_suffix("")
         os.replace(self.path, closed)
         _fsync_folder(closed.parent)
+        self.file.close()
         return closed
 
 
@@ -173,26 +183,33 @@ class BehaviourLog:
             files = sorted(self.pending.glob("*.arrows"))
             if not files:
                 return 0
-            table = pa.concat_tables(pa.ipc.open_stream(f.read_bytes()).read_all() for f in files)
-            day = (table["ts"].to_numpy() + int(self.utc_offset_hours * 3_600_000)) // 86_400_000
-            name = f"part-{files[0].stem}-{files[-1].stem}.parquet"
-            holds = {HOLDS: ",".join(f.stem for f in files).encode()}  # what `_drop_held` reads back
             _durable_write(self.pending / FLUSHING, lambda f: None)  # until the segments are gone
-            for d in np.unique(day):
-                date = np.datetime64(int(d), "D").astype(str)
-                part = table.filter(pa.array(day == d)).replace_schema_metadata(holds)
-                _durable_write(self.folder / TABLE / f"date={date}" / name,
-                               lambda f, part=part: pq.write_table(part, f))
+            rows = self._write_parts(files)
             for f in files:
                 f.unlink()
             (self.pending / FLUSHING).unlink()
             with self._lock:
-                self._pending_rows = max(0, self._pending_rows - table.num_rows)
-            return table.num_rows
+                self._pending_rows = max(0, self._pending_rows - rows)
+            return rows
+
+    def _write_parts(self, files: list[Path], missing_only: bool = False) -> int:
+        """The rows of closed segments `files` as one part file per local date, named by the first and last
+        segment and naming every one of them (what `_take_over` reads back); with `missing_only`, only the
+        dates whose part file is not there yet (the rest of a flush that died among its dates)."""
+        table = pa.concat_tables(pa.ipc.open_stream(f.read_bytes()).read_all() for f in files)
+        day = (table["ts"].to_numpy() + int(self.utc_offset_hours * 3_600_000)) // 86_400_000
+        name = f"part-{files[0].stem}-{files[-1].stem}.parquet"
+        holds = {HOLDS: ",".join(f.stem for f in files).encode()}
+        for d in np.unique(day):
+            path = self.folder / TABLE / f"date={np.datetime64(int(d), 'D').astype(str)}" / name
+            if not (missing_only and path.exists()):
+                part = table.filter(pa.array(day == d)).replace_schema_metadata(holds)
+                _durable_write(path, lambda f, part=part: pq.write_table(part, f))
+        return table.num_rows
 
     def recover(self) -> int:
-        """At a start, after a crash: close the segments of processes that are gone, drop segments a part file
-        already holds (of any flush: also of a log written before flushes left a mark), flush the others."""
+        """At a start, after a crash: close the segments of processes that are gone, finish the flushes that
+        died (of any flush: also of a log written before flushes left a mark), flush the rest."""
         with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._take_over(all_parts=True)
@@ -200,9 +217,11 @@ class BehaviourLog:
 
     def _take_over(self, all_parts: bool) -> None:
         """Under the folder's lock: close the open segments of processes that are gone (they no longer hold
-        their lock) with the batches they have whole, and, where a flush died between writing its part files
-        and removing its segments (its mark is left; or with `all_parts`), remove the segments part files
-        already hold, so that no event is written twice, however long the other processes have been up."""
+        their lock) with the batches they have whole; and where a flush died after writing part files (its
+        mark is left; or with `all_parts`), finish it: a flush removes its segments only after all its dates'
+        part files are written, so while every segment a part file names is still here, some dates may be
+        missing and are written from them, then the segments go. Every event lands in one part file, however
+        long the other processes sharing the folder have been up."""
         for path in [*self.pending.glob("*.arrows.open"), *self.pending.glob(".*.arrows.new")]:
             try:
                 f = open(path, "rb")
@@ -213,6 +232,8 @@ class BehaviourLog:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live process's segment
+                if not _names(path, f):
+                    continue  # renamed closed by its writer between the listing and the lock: not left open
                 whole = None if path.name.startswith(".") else _whole_batches(path)
                 if whole is not None and whole.num_rows:
                     stem = path.name.removesuffix(".arrows.open")
@@ -220,10 +241,15 @@ class BehaviourLog:
                 path.unlink()
         mark = self.pending / FLUSHING
         if (all_parts or mark.exists()) and any(self.pending.glob("*.arrows")):
-            for part in (self.folder / TABLE).glob("date=*/part-*.parquet"):
-                held = (pq.read_schema(part).metadata or {}).get(HOLDS, b"")
-                for stem in filter(None, held.decode().split(",")):
-                    (self.pending / f"{stem}.arrows").unlink(missing_ok=True)
+            flushes = {(pq.read_schema(part).metadata or {}).get(HOLDS, b"")
+                       for part in (self.folder / TABLE).glob("date=*/part-*.parquet")}
+            for held in flushes:
+                segments = [self.pending / f"{stem}.arrows" for stem in filter(None, held.decode().split(","))]
+                present = [s for s in segments if s.exists()]
+                if present and len(present) == len(segments):
+                    self._write_parts(segments, missing_only=True)
+                for s in present:
+                    s.unlink()
         mark.unlink(missing_ok=True)
 
     def _flush_every(self) -> None:

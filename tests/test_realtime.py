@@ -3,6 +3,7 @@ redis-server: time order whatever the arrival order, one copy per event id, the 
 concurrent writers all kept, durable across a reopen or a server restart. And the behaviour log the
 ingested events also go to (`features.behaviour_log`)."""
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -159,38 +160,71 @@ os._exit(0)  # gone with its segment open: no close, no flush
 _DIE_FLUSHING = """
 import os, pathlib, sys
 import polars as pl
+import pyarrow.parquet as pq
 from features.behaviour_log import BehaviourLog
 log = BehaviourLog(sys.argv[1], 8.0, flush_s=3600)
 log.append(pl.read_ipc(sys.argv[2]))
-unlink = pathlib.Path.unlink
-def killed(path, *args, **kwargs):
-    if path.name.endswith(".arrows"):
-        os._exit(0)  # killed in its flush: the part files written, its segments not yet removed
+unlink, write, written = pathlib.Path.unlink, pq.write_table, []
+def unlinked(path, *args, **kwargs):
+    if sys.argv[3] == "removing" and path.name.endswith(".arrows"):
+        os._exit(0)  # killed in its flush: its part files written, its segments not yet removed
     return unlink(path, *args, **kwargs)
-pathlib.Path.unlink = killed
+def wrote(*args, **kwargs):
+    if sys.argv[3] == "between_dates" and written:
+        os._exit(0)  # killed in its flush between the part files of its two dates
+    written.append(1)
+    return write(*args, **kwargs)
+pathlib.Path.unlink, pq.write_table = unlinked, wrote
 log.flush()
 """
 
 
-@pytest.mark.parametrize("script", ["appending", "flushing"])
-def test_a_live_process_takes_over_what_a_crashed_one_left(tmp_path, script):
-    """A process sharing the folder dies with rows in its open segment, or in its flush after writing part
-    files and before removing their segments; a process that stays up takes its rows over at its next flush,
-    each row once (without, a dead writer's rows waited for the next start, and a flush killed midway was
-    written again by the live process's next flush)."""
+@pytest.mark.parametrize("live", [True, False], ids=["beside_a_live_process", "at_the_next_start"])
+@pytest.mark.parametrize("killed", ["appending", "removing", "between_dates"])
+def test_what_a_killed_process_left_lands_once(tmp_path, killed, live):
+    """A process sharing the folder is killed with rows of two dates in its open segment, or in its flush after
+    writing its part files and before removing their segments, or between its two dates' part files; a process
+    that stays up takes its rows over at its next flush (or the next one to start, at its start): each row once.
+    (Before: beside a live process, the dead writer's rows waited for the next start and a flush killed after
+    its part files was written again; a flush killed between its dates lost the second date's rows.)"""
     folder = tmp_path / "log"
-    live = BehaviourLog(folder, 8.0, flush_s=3600)  # up before the other process dies, and after
-    _log_rows([7, 8], [DAY, DAY]).write_ipc(tmp_path / "rows.arrow")
-    died = subprocess.run([sys.executable, "-c", {"appending": _DIE_APPENDING, "flushing": _DIE_FLUSHING}[script],
-                           str(folder), str(tmp_path / "rows.arrow")],
+    other = BehaviourLog(folder, 8.0, flush_s=3600) if live else None  # up before the process dies, and after
+    _log_rows([7, 8], [DAY, DAY + 86_400_000]).write_ipc(tmp_path / "rows.arrow")
+    script = _DIE_APPENDING if killed == "appending" else _DIE_FLUSHING
+    died = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "rows.arrow"), killed],
                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert died.returncode == 0, died.stderr
-    assert any((folder / "behaviours" / PENDING).glob("*.arrows*"))  # what the dead process left
-    live.append(_log_rows([10], [DAY]))
-    assert live.flush() == (1 if script == "flushing" else 3)
+    assert any((folder / "behaviours" / PENDING).glob("*.arrows*"))  # what the killed process left
+    other = other or BehaviourLog(folder, 8.0, flush_s=3600)
+    other.append(_log_rows([10], [DAY]))
+    other.flush()
     assert sorted(logio.read_raw(folder, "behaviours")["event_id"].to_list()) == [7, 8, 10]
-    live.close()
+    other.close()
     assert not any((folder / "behaviours" / PENDING).glob("*arrows*"))
+    assert not (folder / "behaviours" / PENDING / ".flushing").exists()
+
+
+def test_a_segment_being_closed_is_not_taken_for_a_dead_ones(tmp_path, monkeypatch):
+    """Another process's flush runs while this one closes its segment (between its last write and its rename):
+    the segment is still locked, so it is left to its writer, whose flush and later appends go on. (Before, the
+    file was released before its rename: the other flush took it over and this one's rename, flush and every
+    later append failed.)"""
+    folder = tmp_path / "log"
+    other, log = BehaviourLog(folder, 8.0, flush_s=3600), BehaviourLog(folder, 8.0, flush_s=3600)
+    log.append(_log_rows([1, 2], [DAY, DAY]))
+    replace, raced = os.replace, []
+
+    def closing(src, dst):
+        if str(src).endswith(".arrows.open") and not raced:
+            raced.append(other.flush())
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", closing)
+    assert log.flush() == 2 and raced == [0]
+    log.append(_log_rows([3], [DAY]))
+    log.close()
+    other.close()
+    assert sorted(logio.read_raw(folder, "behaviours")["event_id"].to_list()) == [1, 2, 3]
 
 
 def test_the_behaviour_log_recovers_what_a_crash_left(tmp_path):
