@@ -38,8 +38,8 @@ class CheckedEvents:
     behaviours: pa.Table  # accepted events as the contract's behaviours table, typed (for the log)
     events: pl.DataFrame  # the same as timeline rows: event_id, user_id, TIMELINE_FIELDS
     refused: list[tuple[int, str]]  # (index in the call, reasons)
-    checked: np.ndarray  # the indices of the events checked: all but repeats of an earlier event's id
-    repeats: int  # events whose id came earlier in the same call (kept once, counted as duplicates)
+    checked: np.ndarray  # the indices of the accepted events kept: all but repeats of an earlier one's id
+    repeats: int  # accepted events whose id an earlier accepted one had (kept once, counted as duplicates)
 
 
 def message_columns(messages, utc_offset_hours: float) -> dict[str, np.ndarray]:
@@ -86,22 +86,22 @@ def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -
     a call's few events, kept equal to the job's polars path by tests."""
     now_ms = now_ms if now_ms is not None else int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
     columns = message_columns(messages, utc_offset_hours)
-    ids = columns["event_id"]
-    keep = np.ma.getmaskarray(ids).copy()  # an event without an id is checked (and refused as such)
-    present = np.flatnonzero(~keep)
-    keep[present[np.unique(ids.data[present], return_index=True)[1]]] = True  # a retry in one call: one event
-    index = np.flatnonzero(keep)
-    columns = {name: column[keep] for name, column in columns.items()}
-    # ids are checked for form: the world tables live with the job
-    checks = check_arrays(contract.BEHAVIOURS, columns, (_WINDOW_START_MS, now_ms + _FUTURE_MS))
+    # every event is checked (ids for form: the world tables live with the job), then of the accepted ones
+    # each id's first copy is kept (a retry in one call: one event, counted as a duplicate, not refused as
+    # the job's uniqueness check would); a refused copy keeps no later copy of its id from being stored
+    repeated_id = f"duplicate_id:{contract.BEHAVIOURS.key}"
+    checks = [(reason, fails) for reason, fails in
+              check_arrays(contract.BEHAVIOURS, columns, (_WINDOW_START_MS, now_ms + _FUTURE_MS)) if reason != repeated_id]
     failed = np.column_stack([bad for _, bad in checks])
     bad = failed.any(axis=1)
-    refused = [(int(index[row]), ";".join(name for (name, _), fails in zip(checks, failed[row]) if fails))
+    refused = [(int(row), ";".join(name for (name, _), fails in zip(checks, failed[row]) if fails))
                for row in np.flatnonzero(bad)]
-    accepted = {name: column[~bad] for name, column in columns.items()}
+    good = np.flatnonzero(~bad)  # each with an id: a missing one is refused
+    index = np.sort(good[np.unique(columns["event_id"].data[good], return_index=True)[1]])
+    accepted = {name: column[index] for name, column in columns.items()}
     events = pl.DataFrame(sequences.timeline_arrays(accepted)) if len(accepted["ts"]) else pl.DataFrame()
     return CheckedEvents(behaviours=behaviour_table(accepted), events=events, refused=refused,
-                         checked=index, repeats=len(messages) - len(index))
+                         checked=index, repeats=len(good) - len(index))
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def ingest_calls(calls: Sequence[Sequence], utc_offset_hours: float, log, realti
     total = int(starts[-1])
     refused = np.zeros(total, bool)
     refused[[i for i, _ in checked.refused]] = True
-    repeat = np.ones(total, bool)  # a repeat of an earlier event's id in the group
+    repeat = ~refused  # a repeat of an earlier accepted event's id in the group
     repeat[checked.checked] = False
     held = np.zeros(total, bool)  # an accepted event whose id the store held already
     if appended is not None and appended.duplicate_ids:

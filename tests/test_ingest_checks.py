@@ -8,9 +8,11 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from features import contract, sequences
+from features import contract, logio, sequences
+from features.behaviour_log import BehaviourLog
+from features.realtime import SqliteRealtime
 from features.validate import validate_table
-from serving.ingest import _FUTURE_MS, _WINDOW_START_MS, behaviour_rows, check_events
+from serving.ingest import _FUTURE_MS, _WINDOW_START_MS, behaviour_rows, check_events, ingest_calls
 from serving.pb import ctr_scoring_pb2 as pb
 
 NOW = 1_780_000_000_000
@@ -69,3 +71,24 @@ def test_a_repeated_event_id_in_one_call_is_one_event_and_unknown_ids_are_each_r
     checked = check_events([first, again, later, later], 8.0, now_ms=NOW)
     assert checked.repeats == 1 and checked.behaviours["price"].to_pylist() == [3.0]
     assert checked.refused == [(2, "null:event_id"), (3, "null:event_id")]
+
+
+def test_a_refused_event_keeps_no_later_copy_of_its_id_from_being_stored(tmp_path):
+    """A client's corrected retry of a refused event, in the same call or in another call of the same group, is
+    stored and answered as it would be alone (before, the refused first copy was kept as the id's one event:
+    the retry was answered accepted but never stored)."""
+    good = pb.BehaviourEvent(event_id=7, user_id=1, ts_ms=NOW - 1000, action=1, shop_id=5, category_id=2,
+                             price=3.0, shop_geohash="wtw3sj", geohash="wtw3sjq6")
+    bad = pb.BehaviourEvent()
+    bad.CopyFrom(good)
+    bad.shop_id = 0  # unknown: refused
+    checked = check_events([bad, good, good], 8.0, now_ms=NOW)
+    assert checked.refused == [(0, "null:shop_id")] and checked.checked.tolist() == [1] and checked.repeats == 1
+    log, store = BehaviourLog(tmp_path / "log", 8.0, flush_s=3600), SqliteRealtime(tmp_path / "realtime.db")
+    results = ingest_calls([[bad], [good], [good]], 8.0, log, store, now_ms=NOW)
+    assert [(r.accepted, r.duplicates, r.refused) for r in results] == [(0, 0, [(0, "null:shop_id")]), (1, 0, []),
+                                                                        (1, 1, [])]
+    log.close()
+    assert logio.read_raw(tmp_path / "log", "behaviours")["event_id"].to_list() == [7]
+    assert store.read([1])[0]["ts"].tolist() == [NOW - 1000]
+    store.close()
