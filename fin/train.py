@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from tqdm import tqdm
 
 from features.configfile import load_config
@@ -254,11 +255,12 @@ def _fit(rank, world, device, data, models, config, name, init_from, log, peers:
                                  "validation_auc": val_auc, "examples_per_s": examples / seconds})
         # a collective when sharded: every worker joins; merged replicas are one model, rank 0's is written
         weights = full_state_dict(model) if rank == 0 or peers is None else None
-        if val_auc > progress.best_auc:
+        # (a validation split of one class has no AUC (-inf): its first epoch is kept, then patience runs out)
+        if val_auc > progress.best_auc or progress.best_epoch == 0:
             progress.best_auc, progress.best_epoch = val_auc, progress.epoch
             fit = fit_platt(val_logits, val_labels)  # every worker fits the same gathered arrays alike
             progress.best_calibration = None if fit is None else fit.to_meta("validation")
-            checkpoints.save_best(weights)
+            checkpoints.save_best(weights, progress.epoch)
         checkpoints.save(model, optimizer, progress)
         log(f"epoch {progress.epoch}/{config.epochs}: train logloss {loss_sum / max(examples, 1):.4f}, "
             f"validation AUC {val_auc:.4f}, {examples / seconds:,.0f} examples/s")
@@ -276,7 +278,8 @@ def _fit(rank, world, device, data, models, config, name, init_from, log, peers:
     check = _held_out_requests(data, loader, config.check_requests, images) if config.compile else None
     if check is not None:
         log(f"compiling the scoring package, checked on {len(check)} validation requests")
-    folder = save_artifact(models, name, config.model, checkpoints.best(), config.model_config, config.loader,
+    folder = save_artifact(models, name, config.model, checkpoints.best(progress.best_epoch), config.model_config,
+                           config.loader,
                            {"validation_auc": progress.best_auc}, training, calibration=progress.best_calibration,
                            compile_with=check)
     compiled = json.loads((folder / META).read_text()).get("compiled")
@@ -386,8 +389,14 @@ class Checkpoints:
             self._reset()
             return Progress()
         dense.init_state()  # Adam's state must exist to be loaded into
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        dcp.load(state, checkpoint_id=str(self.folder / latest["checkpoint"]), no_dist=self.whole)
+        checkpoint = str(self.folder / latest["checkpoint"])
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=checkpoint, no_dist=self.whole)
+        # a weight that never had a gradient (the DNN's event encoder: it reads no history) has no Adam state
+        # in the checkpoint; it keeps the zero state `init_state` gave it
+        state["optimizer"] = optimizer.state_dict()
+        dcp.load({"optimizer": state["optimizer"]}, checkpoint_id=checkpoint, no_dist=self.whole,
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress = Progress(**latest["progress"])
@@ -415,15 +424,24 @@ class Checkpoints:
             for old in self.folder.glob("epoch-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
+            for old in self.folder.glob("best-*.safetensors"):  # only the pointer's best epoch is read
+                if old != self._best(progress.best_epoch):
+                    old.unlink()
         self.barrier()
 
-    def save_best(self, weights: dict[str, torch.Tensor] | None) -> None:
+    def _best(self, epoch: int) -> Path:
+        return self.folder / f"best-{epoch}.safetensors"
+
+    def save_best(self, weights: dict[str, torch.Tensor] | None, epoch: int) -> None:
+        """The weights of `epoch`, the best so far, under a name of its own: until the pointer moves (`save`),
+        a rerun reads the previous best epoch's, so a run killed between the two keeps best weights, AUC and
+        calibration of one epoch."""
         if weights is not None:  # rank 0
             save_file(weights, str(self.folder / "best.tmp"))
-            os.replace(self.folder / "best.tmp", self.folder / "best.safetensors")
+            os.replace(self.folder / "best.tmp", self._best(epoch))
 
-    def best(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.folder / "best.safetensors"))
+    def best(self, epoch: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self._best(epoch)))
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -2,16 +2,19 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fin.train
 from fin.artifact import load_artifact
 from fin.loader import ExampleStream
 from fin.train import TrainConfig, load_train_config, train
@@ -162,13 +165,15 @@ def test_a_lone_worker_s_epochs_start_no_openmp_team_on_gloo_s_threads(features_
     assert intra_op == [1, 1, 1]  # the `threads` asked for (2 CPUs here would give 2)
 
 
-@pytest.mark.parametrize("workers", [[], ["--workers", "2", "--average-every", "3"]], ids=["one", "replicas"])
-def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path, workers):
+@pytest.mark.parametrize(("model", "workers"), [("din", []), ("din", ["--workers", "2", "--average-every", "3"]),
+                                               ("dnn", [])], ids=["one", "replicas", "dnn"])
+def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path, model, workers):
     """A run killed after its first epoch's checkpoint and rerun ends as an uninterrupted run does: one worker,
-    and two replicas (`fin.local_sgd`; rank 0 writes the checkpoint, both read it)."""
+    two replicas (`fin.local_sgd`; rank 0 writes the checkpoint, both read it), and a model with a weight that
+    never has a gradient (the DNN's event encoder: no Adam state is saved for it; its rerun failed to load)."""
     out, _ = features_job
     config = tmp_path / "train.yaml"
-    config.write_text(json.dumps({"model": "din", "epochs": 3, "patience": 3, "max_steps": 4,
+    config.write_text(json.dumps({"model": model, "epochs": 3, "patience": 3, "max_steps": 4,
                                   "loader": {"batch_size": 64, "max_seq_len": 50},
                                   "model_config": {"dim": 16, "tower": [32], "embeddings": {"dim": 8}}}))
     args = ["train", "--data", str(out / "data"), "--config", str(config), *workers]
@@ -177,14 +182,14 @@ def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path
 
     killed = subprocess.Popen([str(fin), *args, "--out", str(tmp_path / "killed")], env=env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    pointer = tmp_path / "killed" / "din" / ".checkpoint" / "latest.json"
+    pointer = tmp_path / "killed" / model / ".checkpoint" / "latest.json"
     deadline = time.monotonic() + 300
     while not (pointer.exists() and json.loads(pointer.read_text())["progress"]["epoch"] >= 1):
         assert killed.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    assert not (tmp_path / "killed" / "din" / "1").exists()
+    assert not (tmp_path / "killed" / model / "1").exists()
 
     resumed = subprocess.run([str(fin), *args, "--out", str(tmp_path / "killed")], env=env, capture_output=True,
                              text=True, timeout=600)
@@ -194,15 +199,71 @@ def test_resume_after_kill_gives_the_uninterrupted_result(features_job, tmp_path
     straight = subprocess.run([str(fin), *args, "--out", str(tmp_path / "straight")], env=env, capture_output=True,
                               text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr
-    a, b = _weights(tmp_path / "killed" / "din" / "1"), _weights(tmp_path / "straight" / "din" / "1")
+    a, b = _weights(tmp_path / "killed" / model / "1"), _weights(tmp_path / "straight" / model / "1")
     assert _max_difference(a, b) < 1e-5
-    training = json.loads((tmp_path / "straight" / "din" / "1" / "artifact.json").read_text())["training"]
+    training = json.loads((tmp_path / "straight" / model / "1" / "artifact.json").read_text())["training"]
     assert training["examples"] == 3 * 4 * 64  # every step's global batch, over all workers
     # the best epoch's calibration survives the kill in the checkpoint, whichever epoch was best
-    calibrations = [json.loads((tmp_path / run / "din" / "1" / "artifact.json").read_text())["calibration"]
+    calibrations = [json.loads((tmp_path / run / model / "1" / "artifact.json").read_text())["calibration"]
                     ["parameters"] for run in ("killed", "straight")]
     for key in ("scale", "shift"):
         assert calibrations[0][key] == pytest.approx(calibrations[1][key], abs=1e-4)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_kill_between_the_best_weights_and_the_checkpoint_ships_one_epochs_best(features_job, tmp_path,
+                                                                                  monkeypatch):
+    """The best weights are written before the checkpoint's pointer moves. A run killed between the two, whose
+    rerun of that epoch no longer beats the best (another order of float sums, dropout), ships the best epoch's
+    weights with that epoch's AUC (before, one `best.safetensors` replaced in place: the killed epoch's weights
+    under another epoch's AUC and calibration). The AUCs are set: 0.6, then 0.7 for the killed epoch 2, 0.5
+    for its rerun."""
+    out, _ = features_job
+    aucs, best, kept = iter([0.6, 0.7, 0.5]), {}, []
+    validation, save, save_best = fin.train._validation, fin.train.Checkpoints.save, fin.train.Checkpoints.save_best
+    monkeypatch.setattr(fin.train, "_validation", lambda *args: (next(aucs), *validation(*args)[1:]))
+
+    def saving_best(self, weights, epoch):
+        best.setdefault(epoch, {k: v.clone() for k, v in weights.items()})
+        save_best(self, weights, epoch)
+
+    def saving(self, model, optimizer, progress):
+        if progress.epoch == 2 and not kept:
+            kept.append(progress.epoch)
+            raise _Killed
+        save(self, model, optimizer, progress)
+
+    monkeypatch.setattr(fin.train.Checkpoints, "save_best", saving_best)
+    monkeypatch.setattr(fin.train.Checkpoints, "save", saving)
+    config = _config(model="din", epochs=2, patience=2, max_steps=2)
+    with pytest.raises(_Killed):
+        train(out / "data", tmp_path, config)
+    assert sorted(best) == [1, 2]  # epoch 2 was best, and killed before its checkpoint
+    folder = train(out / "data", tmp_path, config)  # resumes after epoch 1
+    meta = json.loads((folder / "artifact.json").read_text())
+    assert meta["training"]["best_epoch"] == 1 and meta["metrics"]["validation_auc"] == 0.6
+    assert _max_difference(_weights(folder), best[1]) == 0.0
+
+
+def test_a_validation_split_of_one_class_trains_and_says_so(features_job, tmp_path):
+    """Validation labels of one class have no AUC: the first epoch is kept, patience ends the run, and the artifact
+    is written uncalibrated (before, no epoch was ever best and the run failed reading the best weights)."""
+    out, _ = features_job
+    data = tmp_path / "data"
+    shutil.copytree(out / "data", data)
+    for part in (data / "examples").rglob("*.parquet"):
+        if "validation" in str(part):
+            frame = pl.read_parquet(part)
+            frame.with_columns(pl.lit(0, dtype=frame["label"].dtype).alias("label")).write_parquet(part)
+    messages = []
+    folder = train(data, tmp_path / "models", _config(model="dnn", epochs=3, patience=1, max_steps=2),
+                   log=messages.append)
+    meta = json.loads((folder / "artifact.json").read_text())
+    assert meta["training"]["best_epoch"] == 1 and meta["training"]["epochs"] == 2
+    assert meta.get("calibration") is None and any("uncalibrated" in m for m in messages)
 
 
 def test_config_file_and_overrides(tmp_path):
