@@ -2,7 +2,7 @@
 Feast-materialised timeline in the online store's own primitives.
 
 An event is stored once (its `event_id`, the contract's key: a retried event is a duplicate, not a second
-event), every user's events are read in time order (then event id) however they arrived, and a user keeps
+event; in Redis, once per user: one id sent with two users is stored under each), every user's events are read in time order (then event id) however they arrived, and a user keeps
 at most `max_len` of them (the newest: the same bound as the materialised timeline). Appends from several
 clients or server processes interleave safely: each store applies a user's append atomically.
 
@@ -135,8 +135,9 @@ class SqliteRealtime:
         ids = cols[EVENT_ID]
         first = np.zeros(ids.size, bool)
         first[np.unique(ids, return_index=True)[1]] = True  # a repeat inside this append is not stored
-        if not self._checkpointer.is_alive() and not self._closed.is_set():
-            self._checkpointer.start()
+        with self._lock:  # one thread starts it, once (two starting it at once: every later append failed)
+            if self._checkpointer.ident is None and not self._closed.is_set():
+                self._checkpointer.start()
         with self._transaction() as db:
             held = {held for (held,) in _select_in(db, "SELECT event_id FROM realtime_events WHERE event_id IN ({})",
                                                    ids.tolist())}
@@ -202,7 +203,9 @@ for k = 1, #KEYS, 2 do
   if excess > 0 then
     local old = redis.call('ZRANGE', ids, 0, excess - 1)
     redis.call('ZREMRANGEBYRANK', ids, 0, excess - 1)
-    redis.call('HDEL', events, unpack(old))
+    for i = 1, #old, 1000 do  -- unpack takes at most ~8,000 values: an append that trims more failed midway
+      redis.call('HDEL', events, unpack(old, i, math.min(i + 999, #old)))
+    end
   end
 end
 return held

@@ -78,6 +78,17 @@ def test_each_user_keeps_the_newest_max_len_events(open_store):
     assert one["ts"].tolist() == [40, 50, 60, 70] and two["ts"].tolist() == [5]
 
 
+def test_one_append_far_over_max_len_keeps_the_newest(open_store):
+    """An append that trims more events than one Redis command's arguments can hold (~8,000: the script's
+    deletions go in parts; before, it failed midway and left the deleted ids' fields behind)."""
+    store = open_store(max_len=10)
+    ids = np.arange(1, 9_011)
+    store.append(_events(ids=ids, users=1, ts=ids))
+    assert store.read([1])[0]["ts"].tolist() == list(range(9_001, 9_011))
+    if open_store.kind == "redis":
+        assert store.client.hlen(f"{store.prefix}:1:events") == 10
+
+
 def test_a_store_written_before_it_kept_counts_trims_as_one_that_did(tmp_path):
     SqliteRealtime(tmp_path / "realtime.db").append(_events(ids=np.arange(1, 6), users=1, ts=np.arange(1, 6)))
     with sqlite3.connect(tmp_path / "realtime.db") as db:
