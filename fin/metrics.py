@@ -20,21 +20,25 @@ def _average_ranks(scores: np.ndarray) -> np.ndarray:
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U). NaN when only one class is present."""
+    """Area under the ROC curve (Mann-Whitney U). NaN when only one class is present, or a score is NaN (NaN
+    has no rank: ranked anyway, a model scoring NaN on every click got 1.0)."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     if labels.shape != scores.shape:
         raise ValueError("labels and scores must have the same shape")
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
         return float("nan")
     rank_sum = _average_ranks(scores)[labels].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
-    """Group AUC: per-group (user) AUC weighted by the group's impressions; groups with one class are skipped."""
+    """Group AUC: per-group (user) AUC weighted by the group's impressions; groups with one class are skipped.
+    NaN where a score is NaN (as `auc`)."""
+    if np.isnan(np.asarray(scores, dtype=np.float64)).any():
+        return float("nan")
     df = pl.DataFrame({"g": np.asarray(groups), "y": np.asarray(labels).astype(bool),
                        "s": np.asarray(scores, dtype=np.float64)})
     per_group = (df.with_columns(r=pl.col("s").rank("average").over("g"))

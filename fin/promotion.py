@@ -4,6 +4,7 @@ revenue (SNIPS RPM). Otherwise it is kept, not promoted, and the decision says w
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -31,6 +32,10 @@ def _rpm(report: dict, key: str) -> float | None:
     return policy["snips"]["rpm"] if policy else None
 
 
+def _defined(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def decide(report: dict, candidate: str, current: str | None, gate: PromotionGate = PromotionGate()) -> Decision:
     """Whether `candidate` may replace `current` (keys of the report's models, e.g. "fin/3")."""
     decision = Decision(candidate, current, promote=True, gate=asdict(gate))
@@ -42,7 +47,12 @@ def decide(report: dict, candidate: str, current: str | None, gate: PromotionGat
     if missing:
         raise ValueError(f"the evaluation report has no {' or '.join(missing)}: evaluate both versions together")
     auc_new, auc_old = models[candidate]["auc"], models[current]["auc"]
-    if auc_new < auc_old - gate.auc_tolerance:
+    if not _defined(auc_new):  # (a report file holds an undefined AUC as null)
+        decision.promote = False
+        decision.reasons.append(f"{candidate}'s AUC is undefined ({auc_new}): its scores or the labels are unusable")
+    elif not _defined(auc_old):
+        decision.reasons.append(f"{current}'s AUC is undefined ({auc_old}): AUC not compared")
+    elif auc_new < auc_old - gate.auc_tolerance:
         decision.promote = False
         decision.reasons.append(f"AUC {auc_new:.4f} is below {current}'s {auc_old:.4f} by more than "
                                 f"{gate.auc_tolerance}")
@@ -51,6 +61,10 @@ def decide(report: dict, candidate: str, current: str | None, gate: PromotionGat
     rpm_new, rpm_old = _rpm(report, candidate), _rpm(report, current)
     if rpm_new is None or rpm_old is None:
         decision.reasons.append("no revenue replay in the report: RPM not checked")
+    elif not (_defined(rpm_new) and _defined(rpm_old)):
+        decision.promote = decision.promote and _defined(rpm_new)
+        decision.reasons.append(f"SNIPS RPM {rpm_new} vs {rpm_old}: undefined, "
+                                + ("not compared" if _defined(rpm_new) else f"{candidate} not promoted"))
     elif rpm_new < rpm_old * (1 - gate.rpm_tolerance):
         decision.promote = False
         decision.reasons.append(f"SNIPS RPM {rpm_new:.1f} is below {current}'s {rpm_old:.1f} by more than "

@@ -193,4 +193,6 @@ def logging_slate(logged: LoggedCandidates, logging_score: np.ndarray, bid: np.n
     rest = ranks(logged.request, logging_score, ~shown)
     rank = np.where(shown, logged.position, logged.slots + rest)
     kept = shown & (logged.position < config.slots)  # with fewer slots than logged: its top ones
-    return np.where(kept, logged.position, -1), prices(logged.request, rank, logging_score / bid, bid, config)
+    # (a bid of 0, which the contract allows, has no quality: 0, so no price above it is NaN)
+    quality = np.divide(logging_score, bid, out=np.zeros(bid.shape), where=bid > 0)
+    return np.where(kept, logged.position, -1), prices(logged.request, rank, quality, bid, config)

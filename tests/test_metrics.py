@@ -1,6 +1,6 @@
 import numpy as np
 
-from fin.metrics import auc
+from fin.metrics import auc, gauc
 
 
 def _pairwise_auc(labels, scores):
@@ -21,6 +21,13 @@ def test_auc_edges():
     assert auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
     assert auc(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.3, 0.4])) == 0.0
     assert np.isnan(auc(np.array([1, 1]), np.array([0.1, 0.2])))
+
+
+def test_a_nan_score_has_no_auc():
+    """A model scoring NaN is not ranked (before, NaNs sorted last as distinct values: NaN on every click gave an
+    AUC of 1.0, which passed the promotion gate, and the same two rows swapped gave 0 or 1)."""
+    labels, scores, users = np.array([0, 1, 0, 1]), np.array([0.1, np.nan, 0.2, np.nan]), np.array([1, 1, 2, 2])
+    assert np.isnan(auc(labels, scores)) and np.isnan(gauc(labels, scores, users))
 
 
 def test_auc_matches_torchmetrics_on_random_data():

@@ -33,6 +33,20 @@ def test_decisions():
         decide(_report({"fin/2": 0.8}, None), "fin/2", "fin/1", gate)
 
 
+def test_an_undefined_metric_promotes_no_candidate():
+    """A candidate whose AUC or RPM is undefined (NaN in memory, null in a report file) is not promoted; an
+    incumbent's undefined metric is not compared (before, NaN compared as "within" and null raised)."""
+    gate = PromotionGate()
+    for undefined in (float("nan"), None):
+        auc_gone = decide(_report({"fin/1": 0.80, "fin/2": undefined}, {"fin/1": 100, "fin/2": 100}), "fin/2", "fin/1", gate)
+        assert not auc_gone.promote and "undefined" in auc_gone.reasons[0]
+        rpm_gone = decide(_report({"fin/1": 0.80, "fin/2": 0.80}, {"fin/1": 100, "fin/2": undefined}), "fin/2", "fin/1",
+                          gate)
+        assert not rpm_gone.promote or undefined is None  # (a null RPM reads as no replay)
+        old_gone = decide(_report({"fin/1": undefined, "fin/2": 0.80}, None), "fin/2", "fin/1", gate)
+        assert old_gone.promote and "not compared" in old_gone.reasons[0]
+
+
 def test_a_worse_version_is_kept_but_not_promoted(trained_models, features_job, tmp_path):
     """fin/2 is fin/1 with its output negated (AUC becomes 1 - AUC: one of them is clearly worse), fin/3 a
     copy of the better one. After promoting the better one, the gate keeps the worse one out and lets the

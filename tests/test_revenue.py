@@ -7,7 +7,7 @@ import pytest
 
 from features.simulator import load_sim_config, simulate
 from fin.auction import AuctionConfig, auction
-from fin.revenue import ReplayConfig, evaluate_policy, logged_candidates, logging_slate
+from fin.revenue import LoggedCandidates, ReplayConfig, evaluate_policy, logged_candidates, logging_slate
 
 
 def test_gsp_first_price_and_reserve():
@@ -25,6 +25,20 @@ def test_gsp_first_price_and_reserve():
     assert slot.tolist() == [-1, 0, 1, 0, 1, -1] and price.tolist() == [0, 1, 4, 1, 2, 0]
     with pytest.raises(ValueError, match="auction rule"):
         AuctionConfig(rule="vickrey")
+
+
+def test_a_zero_bid_prices_the_logging_slate_without_nan():
+    """A bid of 0 (the contract allows it) gives its ad no quality, not NaN: the ad ranked above it pays the
+    reserve, and every estimate of the logging policy stays finite (before, 0 / 0 made that price NaN, which
+    turned the slot's SNIPS revenue into 0 and IPS and exact RPM into NaN)."""
+    request, position = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    bid, score = np.array([1.0, 0.5, 1.0, 0.0]), np.array([0.2, 0.05, 0.2, 0.0])
+    logged = LoggedCandidates(request, position, np.array([1.0, 0, 1, 0]), np.tile([[1.0, 0], [0, 1]], (2, 1)),
+                              np.zeros(4, bool), oracle=np.full((4, 2), 0.5))
+    slot, price = logging_slate(logged, score, bid, AuctionConfig(slots=2))
+    assert price.tolist() == [0.25, 0.0, 0.0, 0.0]
+    result = evaluate_policy(logged, slot, price, ReplayConfig(bootstrap=20), on_policy=True)
+    assert result["snips"]["rpm"] == result["ips"]["rpm"] == 125.0 and np.isfinite(result["exact"]["rpm"])
 
 
 @pytest.fixture(scope="module")
