@@ -274,15 +274,15 @@ def publish(plan: Plan, stats: dict, max_bad_fraction: float) -> None:
 
 
 def push_timelines(store, encoded: Path, since: datetime | None) -> int:
-    """Write users whose newest event is after `since` (all when None) to the online store, one partition
-    at a time, from the values the build steps encoded. This skips the offline read that `materialize`
-    would do over the source files, and Feast's element-by-element conversion of list values (see
-    `features.online`)."""
+    """Write users whose newest event is at or after `since` (the watermark, 1 ms past the last run's newest;
+    all when None) to the online store, one partition at a time, from the values the build steps encoded.
+    This skips the offline read that `materialize` would do over the source files, and Feast's
+    element-by-element conversion of list values (see `features.online`)."""
     pushed = 0
     for part in sorted(encoded.glob("*.parquet")):
         rows = pl.read_parquet(part)
         if since is not None:
-            rows = rows.filter(pl.col(EVENT_TIMESTAMP) > since)
+            rows = rows.filter(pl.col(EVENT_TIMESTAMP) >= since)  # the watermark is 1 ms past the last run's newest
         pushed += write_encoded_timelines(store, rows)
     return pushed
 

@@ -131,10 +131,13 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
                 out_of_range = out_of_range | ((x <= rng.lo) if rng.lo_open else (x < rng.lo))
             if rng.hi is not None:
                 out_of_range = out_of_range | (x > rng.hi)
-        if is_list:
-            out_of_range = value.list.eval(out_of_range).list.any()
+        if is_list:  # a null element is no value in range either (`list.any` alone would skip it)
+            out_of_range = value.list.eval(out_of_range.fill_null(True)).list.any()
         narrow = value.cast(target, strict=False)
         out_of_range = out_of_range | (value.is_not_null() & narrow.is_null())  # does not fit the column type
+        if element.is_float():  # a finite value past a float column's range casts to infinity, not to null
+            out_of_range = out_of_range | (narrow.list.eval(pl.element().is_infinite()).list.any() if is_list
+                                           else narrow.is_infinite())
         checks.append((f"out_of_range:{f.name}", out_of_range.fill_null(False)))
         if f.name in spec.geohashes:
             ok = value.str.contains(geohash.pattern(spec.geohashes[f.name]))

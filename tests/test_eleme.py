@@ -3,7 +3,7 @@
 import polars as pl
 import pytest
 
-from features.eleme import ElemeConfig, convert_eleme
+from features.eleme import ElemeConfig, convert_eleme, parse_rows
 from features.validate import validate_logs
 from tests.conftest import ROOT, run_fin
 
@@ -79,3 +79,16 @@ def test_converted_logs_feed_the_features_job(converted, tmp_path):
                           for s in ("train", "validation", "test")])
     first_request = examples.filter(pl.col("user_id") == 101).sort("ts")
     assert first_request["history_len"].to_list() == [2, 2, 3]  # two candidates of one request, then a later one
+
+
+def test_a_non_finite_number_in_a_list_is_quarantined(tmp_path):
+    """`nan` or `inf` in a row's time differences or prices is a bad value with its reason (before, it passed the
+    checks and the whole conversion failed casting it)."""
+    raw = pl.read_csv(FIXTURE, infer_schema=False)
+    good = raw.filter(pl.col("user_id") == "101").head(1)
+    bad = pl.concat([good.with_columns(pl.col("timediff_list").str.replace(r"^[^;]+", value)) for value in ("nan", "inf")])
+    rows, quarantine = parse_rows(pl.concat([good, bad]), ElemeConfig())
+    assert rows.height == 1 and quarantine["reason"].to_list() == ["bad_list_value:timediff_list"] * 2
+    source = tmp_path / "eleme.csv"
+    pl.concat([raw, bad]).write_csv(source)
+    assert convert_eleme(source, tmp_path / "logs")["quarantined_rows"] == 7 + 2

@@ -1,5 +1,6 @@
 """The features job end to end on a real local Ray and a real Feast (file offline, sqlite online) store."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -217,6 +218,61 @@ def test_materialisation_is_incremental(logs, tmp_path):
         changed += b is None or b["ts"][-1] != a["ts"][-1]
     assert changed > 30
     assert json.loads((out / "data" / "run.json").read_text())["timings_s"]["feast_materialize_s"] >= 0
+
+
+def _publish_online(out: Path, events: list[tuple[int, int]]) -> pl.DataFrame:
+    """One features run's online step (`apply_feast`, a real Feast sqlite store) over behaviours (user, ts): its
+    timelines, each user's newest event its row's time, and a day of statistics; returns the timelines."""
+    from features import aggregates
+    from features.build import SplitDays
+    from features.dataset import EVENT_TIMESTAMP, STATS_VIEWS
+    from features.online import encode_timelines
+    from features.pipeline import OnlineStoreConfig, Plan, apply_feast
+    from features.sequences import build_timelines, tail_timelines, timeline_events
+
+    n, times = len(events), [ts for _, ts in events]
+    local = contract.local_time_fields(np.array(times), 8.0)
+    given = {"event_id": list(range(1, n + 1)), "user_id": [u for u, _ in events], "ts": times, "action": [0] * n,
+             "shop_id": [10] * n, "item_id": [100] * n, "category_1_id": [1] * n, "shop_geohash_6": ["wx4g0b"] * n,
+             **{k: v.tolist() for k, v in local.items()}}
+    columns = {f.name: pl.Series(f.name, given.get(f.name, [None] * n), dtype=None if f.name in given else pl.Null).to_arrow()
+               for f in contract.BEHAVIOURS.schema}
+    behaviours = pl.from_arrow(contract.to_table(contract.BEHAVIOURS, columns))
+    timelines = build_timelines(timeline_events(behaviours))
+    online = tail_timelines(timelines, 50).with_columns(
+        pl.col("ts").list.last().cast(pl.Datetime("ms", "UTC")).alias(EVENT_TIMESTAMP))
+    data = Dataset(out / "data")
+    shutil.rmtree(data.root, ignore_errors=True)
+    plan = Plan(Path("."), out, contract.LOG_TABLES, (events[0][1] - 40 * 86_400_000, events[-1][1] + 40 * 86_400_000),
+                8.0, 0, SplitDays.last_days(0, 7, 7), date(2023, 1, 1))
+    shutil.rmtree(plan.encoded, ignore_errors=True)
+    data.online_timelines().mkdir(parents=True)
+    plan.encoded.mkdir()
+    online.write_parquet(data.online_timelines() / "part-00000.parquet")
+    encode_timelines(online).write_parquet(plan.encoded / "part-00000.parquet")
+    day = (events[-1][1] + 8 * 3_600_000) // 86_400_000
+    newest = {"user_timeline": online[EVENT_TIMESTAMP].max()}
+    for key, view in STATS_VIEWS.items():
+        counts = pl.DataFrame({key: [10], "day": [day], "impressions": [1], "clicks": [0]},
+                              schema={key: pl.Int64, "day": pl.Int32, "impressions": pl.Int64, "clicks": pl.Int64})
+        stats = aggregates.point_in_time_stats(counts, key, day, day, 8.0)
+        stats.write_parquet(data.stats_source(key))
+        newest[view] = stats[EVENT_TIMESTAMP].max()
+    apply_feast(dataclasses.replace(plan, last_day=day, split=SplitDays.last_days(day, 7, 7)), OnlineStoreConfig(),
+                newest)
+    return timelines
+
+
+def test_a_user_whose_newest_event_is_at_the_watermark_is_pushed(tmp_path):
+    """The online timelines' watermark sits 1 ms past a run's newest event; a user whose newest event in the next
+    run is exactly there is pushed (before, only users strictly after it were: its online timeline stayed
+    stale)."""
+    t0 = 1_700_000_000_000
+    _publish_online(tmp_path, [(1, t0 - 10_000), (1, t0)])
+    timelines = _publish_online(tmp_path, [(1, t0 - 10_000), (1, t0), (1, t0 + 1), (2, t0 + 5_000)])
+    online = read_timelines(FeatureStore(repo_path=str(tmp_path / "feast")), [1, 2])
+    for user, got in zip([1, 2], online):
+        assert got["ts"].tolist() == timelines.filter(pl.col("user_id") == user)["ts"].item().to_list()
 
 
 @pytest.mark.parametrize("message", ["Timed out waiting for file .../gcs_server_port_...",

@@ -115,6 +115,23 @@ def test_impression_ranges_and_multiple_reasons(logs):
     assert report.tables["impressions"].reasons["out_of_range:bid"] == 2
 
 
+def test_a_float_past_its_column_and_a_null_list_element_are_quarantined(logs):
+    """A price too large for float32 (it cast to infinity and passed) and a candidate whose slot propensities
+    hold a null (`list.any` skipped it; NaN was caught) are out of range."""
+    imp = pl.read_parquet(logs / "impressions" / "**" / "*.parquet", hive_partitioning=False)
+    nxt = imp["impression_id"].max() + 1
+    _add_bad_file(logs, "impressions", imp.head(1).with_columns(impression_id=pl.lit(nxt, pl.Int64),
+                                                               price=pl.lit(1e39, pl.Float64)))
+    candidates = pl.read_parquet(logs / "ad_candidates" / "**" / "*.parquet", hive_partitioning=False)
+    row = candidates.head(1)
+    slots = len(row["slot_propensities"][0])
+    nulled = pl.Series("slot_propensities", [[0.5] * (slots - 1) + [None]], row.schema["slot_propensities"])
+    _add_bad_file(logs, "ad_candidates", row.with_columns(nulled, candidate_id=candidates["candidate_id"].max() + 1))
+    report = validate_logs(logs, ValidationConfig(max_bad_fraction=1.0))
+    assert _reasons(report, "impressions") == ["out_of_range:price"]
+    assert _reasons(report, "ad_candidates") == ["out_of_range:slot_propensities"]
+
+
 def test_missing_required_column_and_bad_world_rows(logs):
     items = pl.read_parquet(logs / "items.parquet")
     bad_items = pl.concat([items, items.head(1).with_columns(item_id=pl.lit(10**9, pl.Int64), shop_id=pl.lit(10**9, pl.Int64))])
