@@ -43,7 +43,9 @@ class Loaded:
 
     @property
     def version(self) -> int:
-        return int(self.meta["version"])
+        """The version folder's number, what a request pins (a folder copied to roll back keeps the artifact.json
+        of the version it was copied from: that number named a version not loaded)."""
+        return int(self.path.name) if self.path.name.isdigit() else int(self.meta["version"])
 
 
 def versions(models: Path, name: str) -> list[int]:

@@ -81,7 +81,7 @@ class ForwardBatcher:
     def _take(self, first: _Waiting) -> tuple[list[_Waiting], bool]:
         """`first` and the waiting requests that may share its forward; whether a stop signal was taken."""
         batch, others, stop = [first], [], False
-        size, budget = self.forward.size(first.request), self.forward.budget(first.artifact)
+        size, budget = self._size(first), self.forward.budget(first.artifact)
         while size < budget:
             try:
                 item = self._queue.get_nowait()
@@ -90,15 +90,23 @@ class ForwardBatcher:
             if item is None:
                 stop = True
                 break
-            if (item.artifact is not first.artifact or size + self.forward.size(item.request) > budget
+            if (item.artifact is not first.artifact or size + self._size(item) > budget
                     or not self.forward.share(first.request, item.request)):
                 others.append(item)  # for the next forward
                 continue
             batch.append(item)
-            size += self.forward.size(item.request)
+            size += self._size(item)
         for item in others:
             self._queue.put(item)
         return batch, stop
+
+    def _size(self, waiting: _Waiting) -> int:
+        """A request's size, or where it has none, the budget's worth: it goes alone, and the forward says why
+        (an error here would end the thread and leave every later call unanswered)."""
+        try:
+            return self.forward.size(waiting.request)
+        except Exception:  # noqa: BLE001
+            return 1 << 62
 
     def _run(self) -> None:
         while True:
@@ -132,7 +140,8 @@ def _run(model: VisionModel | OnnxModel, arrays: dict[str, np.ndarray]) -> dict[
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:
-    return next(iter(arrays.values())).shape[0]
+    first = next(iter(arrays.values()))
+    return first.shape[0] if first.ndim else 1  # (a model without a batch dimension may take a scalar)
 
 
 def _infer_together(model: VisionModel | OnnxModel, requests: list[dict[str, np.ndarray]]) -> list[dict]:

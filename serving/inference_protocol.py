@@ -38,7 +38,7 @@ class BadInfer(ValueError):
 def _version(text: str) -> int | None:
     if not text:
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # ("²" is a digit to str.isdigit, not to int)
         raise BadInfer(f"model version {text!r} is not a number")
     return int(text)
 
@@ -63,7 +63,10 @@ def _input_array(request: pb.ModelInferRequest, index: int, spec) -> np.ndarray:
             raise BadInfer(f"input {tensor.name!r}: {len(raw)} bytes for {count} {spec.datatype} elements")
         values = np.frombuffer(raw, dtype=dtype)
     else:
-        values = np.asarray(getattr(tensor.contents, CONTENTS[spec.datatype]), dtype=dtype)
+        sent = getattr(tensor.contents, CONTENTS[spec.datatype])  # the wire's 32- or 64-bit field
+        values = np.asarray(sent, dtype=dtype)
+        if dtype.kind in "iu" and len(sent) and (min(sent) < np.iinfo(dtype).min or max(sent) > np.iinfo(dtype).max):
+            raise BadInfer(f"input {tensor.name!r} holds values outside {spec.datatype}'s range")  # (not wrapped)
         if values.size != count:
             raise BadInfer(f"input {tensor.name!r}: {values.size} values for shape {list(shape)}")
     if values.dtype.kind == "f" and not np.all(np.isfinite(values)):

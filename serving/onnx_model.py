@@ -95,8 +95,9 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _check_graph(session, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-    """The declared tensors against the graph's: ValueError naming the first difference."""
+def _check_graph(session, inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch_size: int) -> None:
+    """The declared tensors against the graph's: ValueError naming the first difference. With batching, the
+    graph's first dimension must take any number of rows: calls are joined along it."""
     graph = {"inputs": {t.name: t for t in session.get_inputs()}, "outputs": {t.name: t for t in session.get_outputs()}}
     if set(graph["inputs"]) != {s.name for s in inputs}:
         raise ValueError(f"the graph's inputs are {sorted(graph['inputs'])}, the config declares "
@@ -114,6 +115,9 @@ def _check_graph(session, inputs: list[TensorSpec], outputs: list[TensorSpec]) -
             for got, want in zip(tensor.shape, spec.shape):
                 if isinstance(got, int) and got > 0 and want != -1 and got != want:
                     raise ValueError(f"{spec.name!r} is {tensor.shape} in the graph, declared {list(spec.shape)}")
+            if max_batch_size > 1 and isinstance(tensor.shape[0], int) and tensor.shape[0] > 0:
+                raise ValueError(f"{spec.name!r} has a fixed batch of {tensor.shape[0]} in the graph: export it with a "
+                                 f"dynamic first dimension, or declare max_batch_size 0 or 1")
 
 
 def _smoke_check(model: OnnxModel) -> None:
@@ -135,7 +139,7 @@ def load_onnx(path: str | Path) -> OnnxModel:
         raise ArtifactError(f"{path}: checksum of {MODEL_FILE} does not match {META}")
     try:
         session = _session(path / MODEL_FILE)
-        _check_graph(session, inputs, outputs)
+        _check_graph(session, inputs, outputs, batch)
         model = OnnxModel(path, meta, session, inputs, outputs, batch)
         _smoke_check(model)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; any failure refuses the version

@@ -28,7 +28,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from features.item_embeddings import ItemEmbeddings
+from features.item_embeddings import EMBEDDING, ItemEmbeddings
 from features.realtime import open_realtime, realtime_location
 from fin.artifact import Artifact
 from serving.batching import ForwardBatcher, model_forward, score_forward
@@ -60,13 +60,18 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         self.batcher, self.metrics, self.ingester = batcher, metrics, ingester
         self.creatives = creatives
 
-    def _encoder(self) -> VisionModel | None:
-        """The creative encoder loaded from the repository (None when there is none)."""
+    def _encoder(self, width: int) -> VisionModel | None:
+        """The creative encoder loaded from the repository whose embeddings are `width` wide, the model's (None
+        when there is none: another version's width would be refused as the client's error; the candidates
+        without a stored embedding are then scored without one, and the response says so)."""
         try:
             model = self.repository.get(self.config.creative_encoder)
         except ModelNotFound:
             return None
-        return model if isinstance(model, VisionModel) and model.meta.get("model") == "creative_encoder" else None
+        if not (isinstance(model, VisionModel) and model.meta.get("model") == "creative_encoder"):
+            return None
+        widths = [spec.shape[-1] for spec in model.outputs if spec.name == EMBEDDING]
+        return model if widths == [width] else None
 
     async def _creatives(self, request: pb.ScoreRequest, inputs, timeline, width: int) -> RequestCreatives:
         """The request's creative embeddings (`serving.creatives`), read and embedded on a store thread; if
@@ -76,7 +81,7 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         pngs = [c.creative_png for c in request.candidates]
         try:
             return await asyncio.wait_for(asyncio.to_thread(
-                self.creatives.for_request, items, pngs, history, width, self._encoder()),
+                self.creatives.for_request, items, pngs, history, width, self._encoder(width)),
                 self.config.online.read_timeout_s + 1.0)
         except ValueError as e:  # a creative that is not a PNG of the encoder's size
             raise BadRequest(str(e)) from None

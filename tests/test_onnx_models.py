@@ -105,3 +105,57 @@ def test_triton_client_infers_what_onnxruntime_computes(exported, features_job, 
     finally:
         code, err = running.stop()
     assert code == 0, err
+
+
+def _graph(path, node: str, inputs: list, output: list, constant: float | None = None, to: int | None = None):
+    """A one-node graph (onnx.helper): input "x" [type, shape], output "y"."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x, y = helper.make_tensor_value_info("x", *inputs), helper.make_tensor_value_info("y", *output)
+    constants = [] if constant is None else [helper.make_tensor("c", TensorProto.FLOAT, [], [constant])]
+    node = helper.make_node(node, ["x", *(["c"] if constants else [])], ["y"], **({} if to is None else {"to": to}))
+    graph = helper.make_graph([node], "g", [x], [y], constants)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_models_at_the_edges_of_a_config(features_job, tmp_path):
+    """A graph with a fixed batch is not added with batching (joined calls failed in onnxruntime); a model with a
+    scalar input is served (it ended the forward threads: no ModelInfer of any model was answered after it); a
+    UINT8 input is served, and a version that is no number is INVALID_ARGUMENT (a version like "²" was an
+    internal error)."""
+    from onnx import TensorProto
+
+    models = tmp_path / "models"
+    _graph(tmp_path / "fixed.onnx", "Add", [TensorProto.FLOAT, [1, 4]], [TensorProto.FLOAT, [1, 4]], constant=1.0)
+    _graph(tmp_path / "scalar.onnx", "Mul", [TensorProto.FLOAT, []], [TensorProto.FLOAT, []], constant=2.0)
+    _graph(tmp_path / "bytes.onnx", "Cast", [TensorProto.UINT8, ["n", 4]], [TensorProto.FLOAT, ["n", 4]],
+           to=TensorProto.FLOAT)
+    configs = {"fixed": (4, "FP32", [4], "FP32", [4]), "scalar": (0, "FP32", [], "FP32", []),
+               "bytes": (4, "UINT8", [4], "FP32", [4])}
+    for name, (batch, in_type, in_dims, out_type, out_dims) in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
+            "max_batch_size": batch, "inputs": [{"name": "x", "datatype": in_type, "dims": in_dims}],
+            "outputs": [{"name": "y", "datatype": out_type, "dims": out_dims}]}))
+        added = run_fin("add-onnx", "--models", str(models), "--name", name, "--onnx", str(tmp_path / f"{name}.onnx"),
+                        "--config", str(tmp_path / f"{name}.yaml"))
+        assert (added.returncode != 0) == (name == "fixed"), added.stderr
+    assert "has a fixed batch of 1 in the graph" in run_fin(
+        "add-onnx", "--models", str(models), "--name", "fixed", "--onnx", str(tmp_path / "fixed.onnx"),
+        "--config", str(tmp_path / "fixed.yaml")).stderr
+    running = Running(models, features_job[0] / "feast")
+    try:
+        client = triton.InferenceServerClient(url=running.addr)
+        for value in (3.0, 4.0):  # the second call: the threads lived on
+            scalar = triton.InferInput("x", [], "FP32")
+            scalar.set_data_from_numpy(np.array(value, np.float32))
+            assert float(client.infer("scalar", [scalar]).as_numpy("y")) == 2 * value
+        sent = triton.InferInput("x", [1, 4], "UINT8")
+        sent.set_data_from_numpy(np.array([[1, 255, 0, 7]], np.uint8))
+        assert client.infer("bytes", [sent]).as_numpy("y").tolist() == [[1.0, 255.0, 0.0, 7.0]]
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("bytes", [sent], model_version="²")
+        assert "StatusCode.INVALID_ARGUMENT" == e.value.status() and "not a number" in e.value.message()
+    finally:
+        code, err = running.stop()
+    assert code == 0, err

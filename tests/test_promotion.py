@@ -8,7 +8,7 @@ import pytest
 
 from fin.artifact import load_artifact, save_artifact
 from fin.promotion import PromotionGate, decide
-from fin.versions import promoted
+from fin.versions import Loaded, promoted
 from tests.conftest import run_fin
 
 
@@ -84,3 +84,10 @@ def test_a_worse_version_is_kept_but_not_promoted(trained_models, features_job, 
     r = run_fin("promote", "--models", str(models), "--name", "fin", "--version", "3", "--report", report)
     assert r.returncode == 0 and "fin/3: promoted" in r.stdout, r.stdout + r.stderr
     assert promoted(models, "fin") == 3
+
+
+def test_a_version_is_named_by_its_folder(tmp_path):
+    """A version folder copied to roll back keeps the artifact.json of the version it came from: responses name
+    the folder a request pins, not that (before, they named a version that was not loaded)."""
+    (tmp_path / "3").mkdir()
+    assert Loaded(tmp_path / "3", {"name": "fin", "version": 1}).version == 3
