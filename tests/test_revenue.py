@@ -41,6 +41,17 @@ def test_a_zero_bid_prices_the_logging_slate_without_nan():
     assert result["snips"]["rpm"] == result["ips"]["rpm"] == 125.0 and np.isfinite(result["exact"]["rpm"])
 
 
+def test_snips_counts_a_slot_a_slate_leaves_empty():
+    """On-policy, every outcome is seen with weight 1: SNIPS is the logged revenue per request, as IPS and the
+    exact value are, also where one request's slate is shorter than the slots (before, the empty slot was left
+    out of its normaliser: 2,000 for a true 1,500 RPM)."""
+    request, position, label = np.array([0, 0, 1]), np.array([0, 1, 0]), np.ones(3)
+    logged = LoggedCandidates(request, position, label, np.array([[1.0, 0], [0, 1], [1, 0]]), np.ones(3, bool),
+                              oracle=np.ones((3, 2)))
+    result = evaluate_policy(logged, position.copy(), np.ones(3), ReplayConfig(bootstrap=20), on_policy=True)
+    assert result["snips"]["rpm"] == result["ips"]["rpm"] == result["exact"]["rpm"] == 1500.0
+
+
 @pytest.fixture(scope="module")
 def candidates(tmp_path_factory) -> pl.DataFrame:
     out = tmp_path_factory.mktemp("replay") / "logs"
