@@ -78,9 +78,10 @@ class ForwardBatcher:
             if t.is_alive():
                 t.join()
 
-    def _take(self, first: _Waiting) -> tuple[list[_Waiting], bool]:
-        """`first` and the waiting requests that may share its forward; whether a stop signal was taken."""
-        batch, others, stop = [first], [], False
+    def _take(self, first: _Waiting) -> list[_Waiting]:
+        """`first` and the waiting requests that may share its forward. A stop signal met here goes back behind
+        the requests skipped here, so that they are still answered before the thread ends."""
+        batch, others, stopping = [first], [], False
         size, budget = self._size(first), self.forward.budget(first.artifact)
         while size < budget:
             try:
@@ -88,7 +89,7 @@ class ForwardBatcher:
             except queue.Empty:
                 break
             if item is None:
-                stop = True
+                stopping = True
                 break
             if (item.artifact is not first.artifact or size + self._size(item) > budget
                     or not self.forward.share(first.request, item.request)):
@@ -98,7 +99,9 @@ class ForwardBatcher:
             size += self._size(item)
         for item in others:
             self._queue.put(item)
-        return batch, stop
+        if stopping:
+            self._queue.put(None)
+        return batch
 
     def _size(self, waiting: _Waiting) -> int:
         """A request's size, or where it has none, the budget's worth: it goes alone, and the forward says why
@@ -113,12 +116,9 @@ class ForwardBatcher:
             first = self._queue.get()
             if first is None:
                 return
-            batch, stop = self._take(first)
-            batch = [w for w in batch if w.future.set_running_or_notify_cancel()]  # the caller may be gone
+            batch = [w for w in self._take(first) if w.future.set_running_or_notify_cancel()]  # the caller may be gone
             if batch:
                 self._forward(batch)
-            if stop:
-                return
 
     def _forward(self, batch: list[_Waiting]) -> None:
         try:

@@ -1,6 +1,8 @@
 """Forwards shared by waiting Score requests, and by waiting ModelInfer calls of a vision model: the same results
 as one by one, order kept, budgets respected."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from features.sequences import TIMELINE_FIELDS
 from fin.artifact import load_artifact
 from fin.inputs import CANDIDATE_NUMBERS, TARGET_FEATURES, ScoringRequest
-from serving.batching import ForwardBatcher, model_forward, score_forward
+from serving.batching import Forward, ForwardBatcher, model_forward, score_forward
 from serving.scoring import score_requests
 from serving.vision import load_vision, write_example
 
@@ -78,3 +80,28 @@ def test_waiting_infer_calls_share_a_vision_forward_and_get_what_each_would_alon
         alone = model.infer({"image": torch.from_numpy(call["image"])})
         assert set(got) == {"logits", "probabilities"} and got["logits"].shape == (len(call["image"]), 10)
         np.testing.assert_allclose(got["logits"], alone["logits"].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_close_answers_every_call_submitted_before_it():
+    """Calls of two models wait behind a running forward when the batcher is closed: the forward that takes the
+    first call meets the other model's call and then the stop; both are still answered before the thread ends
+    (before, the skipped call went back behind the stop and was never answered)."""
+    running, release = threading.Event(), threading.Event()
+
+    def run(model, requests):
+        if model == "slow":
+            running.set()
+            release.wait(10)
+        return [model] * len(requests)
+
+    batcher = ForwardBatcher(threads=1, forward=Forward(run=run, size=lambda request: 1, budget=lambda model: 8))
+    batcher.start()
+    slow = batcher.submit("slow", 0)
+    assert running.wait(10)
+    first, other = batcher.submit("a", 1), batcher.submit("b", 2)
+    closing = threading.Thread(target=batcher.close)
+    closing.start()
+    release.set()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert [f.result(timeout=0) for f in (slow, first, other)] == ["slow", "a", "b"]
