@@ -51,11 +51,16 @@ class PartitionOutput:
 
 def build_partition(behaviours: pl.DataFrame, impressions: pl.DataFrame, *, known_keys: dict[str, pl.Series | None],
                     window: tuple[int, int], split: SplitDays, max_seq_len: int,
-                    utc_offset_hours: float, candidates: pl.DataFrame | None = None) -> PartitionOutput:
+                    utc_offset_hours: float, candidates: pl.DataFrame | None = None,
+                    seen_elsewhere: dict[str, pl.Series] | None = None) -> PartitionOutput:
     # Rows arrive in input-file order (shards are read in a fixed order), so "the first duplicate wins"
     # means the same here as in `fin validate`, and reruns are identical.
-    beh = validate_table(behaviours, contract.BEHAVIOURS, window=window, known_keys=known_keys)
-    imp = validate_table(impressions, contract.IMPRESSIONS, window=window, known_keys=known_keys)
+    # `seen_elsewhere`: per table, the rows whose id an earlier row of another partition holds
+    elsewhere = seen_elsewhere or {}
+    beh = validate_table(behaviours, contract.BEHAVIOURS, window=window, known_keys=known_keys,
+                         seen_elsewhere=elsewhere.get(contract.BEHAVIOURS.name))
+    imp = validate_table(impressions, contract.IMPRESSIONS, window=window, known_keys=known_keys,
+                         seen_elsewhere=elsewhere.get(contract.IMPRESSIONS.name))
     events = sequences.timeline_events(beh.clean)
     timelines = sequences.build_timelines(events)
     online = sequences.tail_timelines(timelines, max_seq_len).with_columns(
@@ -73,7 +78,8 @@ def build_partition(behaviours: pl.DataFrame, impressions: pl.DataFrame, *, know
     if candidates is not None:
         # a candidate takes its request's context and history pointer from the request's impressions (a
         # request without a clean impression has no context: its candidates are left out)
-        cand = validate_table(candidates, contract.AD_CANDIDATES, window=window, known_keys=known_keys)
+        cand = validate_table(candidates, contract.AD_CANDIDATES, window=window, known_keys=known_keys,
+                              seen_elsewhere=elsewhere.get(contract.AD_CANDIDATES.name))
         validation["ad_candidates"] = cand
         requests = examples.select("request_id", *REQUEST_COLUMNS).unique("request_id", keep="first",
                                                                           maintain_order=True)

@@ -52,6 +52,7 @@ _OUTPUT_PARQUET = {"compression": "zstd", "compression_level": 1}
 # scratch, read once on this machine: no compression or statistics, the cheapest parquet to write
 _SCRATCH_PARQUET = {"compression": "uncompressed", "statistics": False}
 _OPTIONAL_TABLE = "ad_candidates"  # read when the logs have it (what revenue replay needs)
+ORDER = "_order"  # a shard row's place in its table's input order (`shard_logs`)
 
 
 def check_logs(logs: Path) -> None:
@@ -139,7 +140,10 @@ def shard_logs(files: list[str], table: str, group: int, work: str, partitions: 
     rows = logio.read_files(files)
     part = (partition_of(rows["user_id"], partitions) if "user_id" in rows.columns
             else np.zeros(rows.height, dtype=np.uint64))
-    rows = rows.with_columns(_p=pl.Series(part.astype(np.int32)))
+    # each row's place in the table's input order (groups are in file order): which of two rows with one id
+    # in different partitions came first (`ids_seen_elsewhere`)
+    order = pl.int_range(rows.height, dtype=pl.Int64) + (group << 32)
+    rows = rows.with_columns(_p=pl.Series(part.astype(np.int32)), **{ORDER: order})
     for (p,), shard in rows.partition_by("_p", as_dict=True).items():
         path = Path(work) / table / f"p={p:05d}" / f"g-{group:05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,24 +151,45 @@ def shard_logs(files: list[str], table: str, group: int, work: str, partitions: 
     return rows.height
 
 
+def ids_seen_elsewhere(work: str, table: str) -> dict[int, list[int]]:
+    """Per user partition, the rows (their input order) whose id the table's first row with that id, in
+    another partition, holds: a partition's validation sees only its own rows, so two rows of one id and
+    different users would both be kept, where `fin validate` keeps the first."""
+    key = contract.TABLES[table].key
+    shards = sorted((Path(work) / table).glob("p=*/*.parquet"))
+    if key is None or not shards:
+        return {}
+    rows = pl.concat([pl.scan_parquet(f).select(key, ORDER).with_columns(p=pl.lit(int(f.parent.name[2:])))
+                      for f in shards]).drop_nulls(key).collect()
+    first = rows.sort(ORDER).group_by(key, maintain_order=True).agg(first_p=pl.col("p").first(),
+                                                                    partitions=pl.col("p").n_unique())
+    later = rows.join(first.filter(pl.col("partitions") > 1), on=key).filter(pl.col("p") != pl.col("first_p"))
+    return {int(p): list(orders) for p, orders in later.group_by("p").agg(pl.col(ORDER)).iter_rows()}
+
+
 def build_partition_files(p: int, work: str, staging: str, encoded: str | None, known_keys: dict,
                           window: tuple[int, int], split: SplitDays, max_seq_len: int, utc_offset_hours: float,
-                          with_candidates: bool) -> dict:
+                          with_candidates: bool, seen_elsewhere: dict[str, list[int]] | None = None) -> dict:
     """Build one user partition from its shards and write its parts of the dataset into `staging`, and (unless
     `encoded` is None) its online timelines encoded for the store into `encoded`, scratch written to the store
     only once the whole run has passed; returns counts and small tables."""
+    elsewhere: dict[str, pl.Series] = {}
+
     def read(table: str) -> pl.DataFrame:
         files = sorted(str(f) for f in (Path(work) / table / f"p={p:05d}").glob("*.parquet"))
         if not files:
             return pl.from_arrow(contract.TABLES[table].schema.empty_table())
-        return logio.read_files(files)
+        rows = logio.read_files(files)
+        elsewhere[table] = rows[ORDER].is_in((seen_elsewhere or {}).get(table, []))
+        return rows.drop(ORDER)
 
     t0 = time.perf_counter()
     behaviours, impressions = read("behaviours"), read("impressions")
     candidates = read(_OPTIONAL_TABLE) if with_candidates else None
     t1 = time.perf_counter()
     out = build_partition(behaviours, impressions, known_keys=known_keys, window=window, split=split,
-                          max_seq_len=max_seq_len, utc_offset_hours=utc_offset_hours, candidates=candidates)
+                          max_seq_len=max_seq_len, utc_offset_hours=utc_offset_hours, candidates=candidates,
+                          seen_elsewhere=elsewhere)
     t2 = time.perf_counter()
     dataset, name = Dataset(Path(staging)), PART.format(p)
 

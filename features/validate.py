@@ -90,8 +90,10 @@ def _polars_type(arrow_type: pa.DataType) -> pl.DataType:
 
 
 def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int],
-                   known_keys: dict[str, pl.Series | None]) -> TableResult:
-    """Validate one table. `known_keys[table]` holds the clean ids of each referenced table (None: absent)."""
+                   known_keys: dict[str, pl.Series | None], seen_elsewhere: pl.Series | None = None) -> TableResult:
+    """Validate one table. `known_keys[table]` holds the clean ids of each referenced table (None: absent).
+    `seen_elsewhere` (bool per row): rows whose id an earlier row outside `raw` holds (the features job
+    validates one user partition at a time), quarantined as duplicates as a repeat within `raw` is."""
     notes: list[str] = []
     extra = [c for c in raw.columns if c not in spec.schema.names]
     if extra:
@@ -145,7 +147,10 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
         if f.name == spec.timestamp:
             checks.append(("ts_outside_window", value.is_not_null() & ((value < window[0]) | (value >= window[1]))))
         if f.name == spec.key:
-            checks.append((f"duplicate_id:{f.name}", value.is_not_null() & ~value.is_first_distinct()))
+            repeated = ~value.is_first_distinct()
+            if seen_elsewhere is not None:
+                repeated = repeated | pl.lit(seen_elsewhere)
+            checks.append((f"duplicate_id:{f.name}", value.is_not_null() & repeated))
         if f.name in spec.foreign_keys:
             ref = spec.foreign_keys[f.name]
             keys = known_keys.get(ref)

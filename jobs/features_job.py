@@ -139,6 +139,7 @@ def _run(plan: Plan, config: FeaturesConfig, say: Callable[[str], None], t0: flo
         # two file groups per CPU: few tasks (each has a fixed cost), all CPUs busy
         groups = plan.file_groups(2 * max(1, int(ray.cluster_resources().get("CPU", 1))))
         ray.get([shard.remote(files, table, i, work, config.partitions) for table, i, files in groups])
+        elsewhere = {table: pipeline.ids_seen_elsewhere(work, table) for table in plan.tables}
         timings["shard_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -146,7 +147,8 @@ def _run(plan: Plan, config: FeaturesConfig, say: Callable[[str], None], t0: flo
         build = ray.remote(num_cpus=1)(pipeline.build_partition_files)
         encoded = str(plan.encoded.resolve()) if config.materialize else None
         pending = [build.remote(p, work, str(plan.staging.resolve()), encoded, keys_ref, plan.window, plan.split,
-                                config.max_seq_len, plan.offset, plan.with_candidates)
+                                config.max_seq_len, plan.offset, plan.with_candidates,
+                                {table: rows[p] for table, rows in elsewhere.items() if p in rows})
                    for p in range(config.partitions)]
         results = []
         while pending:

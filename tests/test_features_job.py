@@ -263,6 +263,51 @@ def _publish_online(out: Path, events: list[tuple[int, int]]) -> pl.DataFrame:
     return timelines
 
 
+def _contract_rows(spec, rows: list[dict]) -> pl.DataFrame:
+    """Rows of a contract table (the columns not given null)."""
+    columns = {f.name: pl.Series(f.name, [r.get(f.name) for r in rows],
+                                 dtype=None if any(f.name in r for r in rows) else pl.Null).to_arrow() for f in spec.schema}
+    return pl.from_arrow(contract.to_table(spec, columns))
+
+
+def test_an_id_repeated_under_another_user_is_kept_once(tmp_path):
+    """Two rows of one impression id (and of one event id) with different users land in different partitions,
+    each validated alone: the later one is quarantined as a duplicate, as `fin validate` does over the whole
+    table (before, both were kept: two examples and two timeline events of one id)."""
+    from features.build import SplitDays
+    from features.dataset import EXAMPLES
+    from features.pipeline import build_partition_files, ids_seen_elsewhere, partition_of, shard_logs
+
+    partitions, t0 = 8, 1_700_000_000_000
+    parts = partition_of(pl.Series(range(1, 50)), partitions)
+    first, second = 1, next(u for u in range(2, 50) if parts[u - 1] != parts[0])
+    local = {k: int(v[0]) for k, v in contract.local_time_fields(np.array([t0]), 8.0).items()}
+    impression = dict(request_id=1, ts=t0, geohash_6="wx4g0b", geohash_12="wx4g0bm6c408", item_id=100, shop_id=10,
+                      category_1_id=1, label=0, propensity=0.5, position=0, **local)
+    behaviour = dict(ts=t0 - 5_000, action=0, shop_id=10, item_id=100, category_1_id=1, shop_geohash_6="wx4g0b",
+                     **local)
+    tables = {"impressions": _contract_rows(contract.IMPRESSIONS, [dict(impression, impression_id=7, user_id=first),
+                                                                   dict(impression, impression_id=7, user_id=second)]),
+              "behaviours": _contract_rows(contract.BEHAVIOURS, [dict(behaviour, event_id=5, user_id=first),
+                                                                 dict(behaviour, event_id=5, user_id=second)])}
+    work, staging = tmp_path / "work", tmp_path / "staging"
+    for name, rows in tables.items():
+        rows.write_parquet(tmp_path / f"{name}.parquet")
+        shard_logs([str(tmp_path / f"{name}.parquet")], name, 0, str(work), partitions)
+    elsewhere = {name: ids_seen_elsewhere(str(work), name) for name in tables}
+    known = {"users": pl.Series("user_id", [first, second], pl.Int64), "shops": pl.Series("shop_id", [10], pl.Int64),
+             "items": pl.Series("item_id", [100], pl.Int64)}
+    built = [build_partition_files(p, str(work), str(staging), None, known, (t0 - 40 * 86_400_000, t0 + 86_400_000),
+                                   SplitDays.last_days((t0 + 8 * 3_600_000) // 86_400_000, 7, 7), 50, 8.0, False,
+                                   {name: rows[p] for name, rows in elsewhere.items() if p in rows})
+             for p in range(partitions)]
+    data = Dataset(staging)
+    examples = pl.concat([pl.read_parquet(f) for f in data.root.glob(f"{EXAMPLES}/**/*.parquet")])
+    assert examples["impression_id"].to_list() == [7] and examples["user_id"].to_list() == [first]
+    assert sum(r["validation"]["behaviours"]["reasons"].get("duplicate_id:event_id", 0) for r in built) == 1
+    assert sum(r["validation"]["impressions"]["reasons"].get("duplicate_id:impression_id", 0) for r in built) == 1
+
+
 def test_a_user_whose_newest_event_is_at_the_watermark_is_pushed(tmp_path):
     """The online timelines' watermark sits 1 ms past a run's newest event; a user whose newest event in the next
     run is exactly there is pushed (before, only users strictly after it were: its online timeline stayed
