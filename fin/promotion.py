@@ -39,18 +39,20 @@ def _defined(value) -> bool:
 def decide(report: dict, candidate: str, current: str | None, gate: PromotionGate = PromotionGate()) -> Decision:
     """Whether `candidate` may replace `current` (keys of the report's models, e.g. "fin/3")."""
     decision = Decision(candidate, current, promote=True, gate=asdict(gate))
+    models = report.get("models", {})
+    missing = [k for k in (candidate, current) if k is not None and k not in models]
+    if missing:
+        raise ValueError(f"the evaluation report has no {' or '.join(missing)}: evaluate both versions together")
+    auc_new = models[candidate]["auc"]
+    if not _defined(auc_new):  # (a report file holds an undefined AUC as null); also with no default yet
+        decision.promote = False
+        decision.reasons.append(f"{candidate}'s AUC is undefined ({auc_new}): its scores or the labels are unusable")
+        return decision
     if current is None or current == candidate:
         decision.reasons.append("no other version is the default yet" if current is None else "already the default")
         return decision
-    models = report.get("models", {})
-    missing = [k for k in (candidate, current) if k not in models]
-    if missing:
-        raise ValueError(f"the evaluation report has no {' or '.join(missing)}: evaluate both versions together")
-    auc_new, auc_old = models[candidate]["auc"], models[current]["auc"]
-    if not _defined(auc_new):  # (a report file holds an undefined AUC as null)
-        decision.promote = False
-        decision.reasons.append(f"{candidate}'s AUC is undefined ({auc_new}): its scores or the labels are unusable")
-    elif not _defined(auc_old):
+    auc_old = models[current]["auc"]
+    if not _defined(auc_old):
         decision.reasons.append(f"{current}'s AUC is undefined ({auc_old}): AUC not compared")
     elif auc_new < auc_old - gate.auc_tolerance:
         decision.promote = False

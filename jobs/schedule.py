@@ -26,6 +26,7 @@ next repository scan.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import subprocess
@@ -200,10 +201,30 @@ def command_result(output: str) -> dict:
     raise RuntimeError("the command printed no JSON result")
 
 
+class SchedulerBusy(RuntimeError):
+    """Another scheduler holds the same state database."""
+
+
+def _hold(state: Path):
+    """An exclusive lock beside the state database, held while the scheduler lives: two schedulers on one state
+    (a cron `--once` started again while the last still runs) each ran a due job for the same data date. The
+    system drops the lock with its process, so a killed scheduler leaves none behind."""
+    path = Path(state).with_name(Path(state).name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SchedulerBusy(f"another fin schedule is running on {state}") from None
+    return lock
+
+
 class Scheduler:
     def __init__(self, config: ScheduleConfig, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  say: Callable[[str], None] = lambda _: None):
         self.config, self.clock, self.say = config, clock, say
+        self._lock = _hold(config.state)
         self.store = RunStore(config.state)
         self.ray = config.ray_target()
         self.ray_job: str | None = None  # the submission id of the run in progress, when submitted to Ray
@@ -372,3 +393,4 @@ class Scheduler:
 
     def close(self) -> None:
         self.store.close()
+        self._lock.close()

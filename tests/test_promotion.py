@@ -45,6 +45,10 @@ def test_an_undefined_metric_promotes_no_candidate():
         assert not rpm_gone.promote or undefined is None  # (a null RPM reads as no replay)
         old_gone = decide(_report({"fin/1": undefined, "fin/2": 0.80}, None), "fin/2", "fin/1", gate)
         assert old_gone.promote and "not compared" in old_gone.reasons[0]
+        first = decide(_report({"fin/1": undefined}, None), "fin/1", None, gate)  # no default yet: still kept out
+        assert not first.promote and "undefined" in first.reasons[0]
+    with pytest.raises(ValueError, match="has no fin/1"):
+        decide(_report({}, None), "fin/1", None, gate)
 
 
 def test_a_worse_version_is_kept_but_not_promoted(trained_models, features_job, tmp_path):

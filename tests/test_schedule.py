@@ -17,7 +17,16 @@ from features.simulator import load_sim_config, simulate
 from fin.promotion import PromotionGate
 from fin.versions import promoted
 from jobs.ray_jobs import RayJobResult
-from jobs.schedule import JobSpec, ScheduleConfig, Scheduler, check_cron, command_result, last_fire, load_schedule
+from jobs.schedule import (
+    JobSpec,
+    ScheduleConfig,
+    Scheduler,
+    SchedulerBusy,
+    check_cron,
+    command_result,
+    last_fire,
+    load_schedule,
+)
 from tests.conftest import ROOT, Clock, RayHead, errors, outcomes, run_fin
 
 
@@ -48,6 +57,23 @@ def test_the_shipped_schedule_loads():
     config = load_schedule(ROOT / "configs" / "jobs.yaml")
     assert config.model == "fin" and config.jobs["promote"].after == "evaluate"
     assert config.logs == ROOT / "configs" / ".." / "demo_out" / "logs"
+
+
+def test_one_scheduler_at_a_time_runs_on_a_state(tmp_path):
+    """A second scheduler on the same state database is refused while the first lives (two `--once` from cron
+    each ran the same due job for the same date); `fin schedule --once` then runs nothing and exits 0; once
+    the first is gone, the next one starts."""
+    config = dataclasses.replace(load_schedule(ROOT / "configs" / "jobs.yaml"), state=tmp_path / "runs.sqlite",
+                                 jobs={"features": JobSpec(cron="30 2 * * *")})
+    first = Scheduler(config)
+    with pytest.raises(SchedulerBusy, match="another fin schedule is running"):
+        Scheduler(config)
+    (tmp_path / "jobs.yaml").write_text((ROOT / "configs" / "jobs.yaml").read_text().replace(
+        "../demo_out/schedule/runs.sqlite", str(tmp_path / "runs.sqlite")))
+    busy = run_fin("schedule", "--config", str(tmp_path / "jobs.yaml"), "--once")
+    assert busy.returncode == 0 and "another fin schedule is running" in busy.stdout + busy.stderr
+    first.close()
+    Scheduler(config).close()
 
 
 def test_a_ray_jobs_last_line_is_the_commands():

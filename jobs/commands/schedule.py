@@ -33,12 +33,20 @@ def add_schedule_arguments(p: argparse.ArgumentParser) -> None:
 def run_schedule(args: argparse.Namespace) -> int:
     import time
 
-    from jobs.schedule import Scheduler
+    from jobs.schedule import Scheduler, SchedulerBusy
 
     if args.json and not args.once:
         raise CommandError("--json needs --once (one run of the scheduler, one result)")
     config = _config(args.config)
-    scheduler = Scheduler(config, say=lambda line: say(args, line))
+    try:
+        scheduler = Scheduler(config, say=lambda line: say(args, line))
+    except SchedulerBusy as e:
+        if not args.once:
+            raise CommandError(str(e)) from None
+        # a cron start while the last run goes on: nothing to do, the running one makes the due runs
+        emit(args, {"command": "schedule", "config": args.config, "runs": [], "failed_for_good": [],
+                    "busy": str(e)}, f"{e}: nothing run")
+        return 0
     try:
         while True:
             runs = scheduler.tick()
