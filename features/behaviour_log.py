@@ -176,10 +176,18 @@ class BehaviourLog:
         """Move every pending row into the date partitions; returns how many. Server processes sharing the
         folder flush one at a time (a lock file); each flush first takes over what a process that is gone
         left (`_take_over`)."""
+        return self._flush(all_parts=False)
+
+    def recover(self) -> int:
+        """At a start, after a crash: a flush that finishes every flush that died (of any flush: also of a log
+        written before flushes left a mark)."""
+        return self._flush(all_parts=True)
+
+    def _flush(self, all_parts: bool) -> int:
         self._close_segment()  # appends go on meanwhile, into a new segment this flush does not list
         with self._flushing, open(self.pending / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._take_over(all_parts=False)
+            self._take_over(all_parts)
             files = sorted(self.pending.glob("*.arrows"))
             if not files:
                 return 0
@@ -206,14 +214,6 @@ class BehaviourLog:
                 part = table.filter(pa.array(day == d)).replace_schema_metadata(holds)
                 _durable_write(path, lambda f, part=part: pq.write_table(part, f))
         return table.num_rows
-
-    def recover(self) -> int:
-        """At a start, after a crash: close the segments of processes that are gone, finish the flushes that
-        died (of any flush: also of a log written before flushes left a mark), flush the rest."""
-        with self._flushing, open(self.pending / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._take_over(all_parts=True)
-        return self.flush()
 
     def _take_over(self, all_parts: bool) -> None:
         """Under the folder's lock: close the open segments of processes that are gone (they no longer hold

@@ -108,8 +108,10 @@ def parse_rows(raw: pl.DataFrame, config: ElemeConfig) -> tuple[pl.DataFrame, pl
     lists = (*LIST_INT, *LIST_FLOAT, *LIST_TEXT)
     first = pl.col(lists[0]).list.len()
     checks.append(("list_length_mismatch", pl.any_horizontal([pl.col(c).list.len() != first for c in lists[1:]])))
-    checks += [(f"bad_list_value:{c}", pl.col(c).list.eval(pl.element().is_null()).list.any()) for c in lists]
-    checks += [(f"bad_list_value:{c}", pl.col(c).list.eval(~pl.element().is_finite()).list.any()) for c in LIST_FLOAT]
+    # a missing value, or in a list of numbers one that is not finite (NaN or inf would fail the casts)
+    value = pl.element()
+    checks += [(f"bad_list_value:{c}", pl.col(c).list.eval(
+        value.is_null() | ~value.is_finite() if c in LIST_FLOAT else value.is_null()).list.any()) for c in lists]
     checks.append(("bad_list_value:shop_geohash_6_list",
                    pl.col("shop_geohash_6_list").list.eval(~pl.element().str.contains(geohash.pattern(6))).list.any()))
     checks.append(("bad_list_value:timediff_list", pl.col("timediff_list").list.eval(pl.element() <= 0).list.any()))

@@ -2,9 +2,10 @@
 Feast-materialised timeline in the online store's own primitives.
 
 An event is stored once (its `event_id`, the contract's key: a retried event is a duplicate, not a second
-event; in Redis, once per user: one id sent with two users is stored under each), every user's events are read in time order (then event id) however they arrived, and a user keeps
-at most `max_len` of them (the newest: the same bound as the materialised timeline). Appends from several
-clients or server processes interleave safely: each store applies a user's append atomically.
+event; in Redis, once per user: one id sent with two users is stored under each), every user's events are
+read in time order (then event id) however they arrived, and a user keeps at most `max_len` of them (the
+newest: the same bound as the materialised timeline). Appends from several clients or server processes
+interleave safely: each store applies a user's append atomically.
 
 - `SqliteRealtime` (one machine, the default beside Feast's sqlite online store): one table keyed by event
   id in a database file in WAL mode; an append is one transaction (insert-or-ignore, then the trim of the

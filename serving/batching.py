@@ -91,12 +91,13 @@ class ForwardBatcher:
             if item is None:
                 stopping = True
                 break
-            if (item.artifact is not first.artifact or size + self._size(item) > budget
+            item_size = self._size(item)
+            if (item.artifact is not first.artifact or size + item_size > budget
                     or not self.forward.share(first.request, item.request)):
                 others.append(item)  # for the next forward
                 continue
             batch.append(item)
-            size += self._size(item)
+            size += item_size
         for item in others:
             self._queue.put(item)
         if stopping:

@@ -220,6 +220,13 @@ def test_materialisation_is_incremental(logs, tmp_path):
     assert json.loads((out / "data" / "run.json").read_text())["timings_s"]["feast_materialize_s"] >= 0
 
 
+def _contract_rows(spec, rows: list[dict]) -> pl.DataFrame:
+    """Rows of a contract table (the columns not given null)."""
+    columns = {f.name: pl.Series(f.name, [r.get(f.name) for r in rows],
+                                 dtype=None if any(f.name in r for r in rows) else pl.Null).to_arrow() for f in spec.schema}
+    return pl.from_arrow(contract.to_table(spec, columns))
+
+
 def _publish_online(out: Path, events: list[tuple[int, int]]) -> pl.DataFrame:
     """One features run's online step (`apply_feast`, a real Feast sqlite store) over behaviours (user, ts): its
     timelines, each user's newest event its row's time, and a day of statistics; returns the timelines."""
@@ -230,14 +237,10 @@ def _publish_online(out: Path, events: list[tuple[int, int]]) -> pl.DataFrame:
     from features.pipeline import OnlineStoreConfig, Plan, apply_feast
     from features.sequences import build_timelines, tail_timelines, timeline_events
 
-    n, times = len(events), [ts for _, ts in events]
-    local = contract.local_time_fields(np.array(times), 8.0)
-    given = {"event_id": list(range(1, n + 1)), "user_id": [u for u, _ in events], "ts": times, "action": [0] * n,
-             "shop_id": [10] * n, "item_id": [100] * n, "category_1_id": [1] * n, "shop_geohash_6": ["wx4g0b"] * n,
-             **{k: v.tolist() for k, v in local.items()}}
-    columns = {f.name: pl.Series(f.name, given.get(f.name, [None] * n), dtype=None if f.name in given else pl.Null).to_arrow()
-               for f in contract.BEHAVIOURS.schema}
-    behaviours = pl.from_arrow(contract.to_table(contract.BEHAVIOURS, columns))
+    local = contract.local_time_fields(np.array([ts for _, ts in events]), 8.0)
+    behaviours = _contract_rows(contract.BEHAVIOURS, [
+        {"event_id": i + 1, "user_id": user, "ts": ts, "action": 0, "shop_id": 10, "item_id": 100, "category_1_id": 1,
+         "shop_geohash_6": "wx4g0b", **{k: int(v[i]) for k, v in local.items()}} for i, (user, ts) in enumerate(events)])
     timelines = build_timelines(timeline_events(behaviours))
     online = tail_timelines(timelines, 50).with_columns(
         pl.col("ts").list.last().cast(pl.Datetime("ms", "UTC")).alias(EVENT_TIMESTAMP))
@@ -261,13 +264,6 @@ def _publish_online(out: Path, events: list[tuple[int, int]]) -> pl.DataFrame:
     apply_feast(dataclasses.replace(plan, last_day=day, split=SplitDays.last_days(day, 7, 7)), OnlineStoreConfig(),
                 newest)
     return timelines
-
-
-def _contract_rows(spec, rows: list[dict]) -> pl.DataFrame:
-    """Rows of a contract table (the columns not given null)."""
-    columns = {f.name: pl.Series(f.name, [r.get(f.name) for r in rows],
-                                 dtype=None if any(f.name in r for r in rows) else pl.Null).to_arrow() for f in spec.schema}
-    return pl.from_arrow(contract.to_table(spec, columns))
 
 
 def test_an_id_repeated_under_another_user_is_kept_once(tmp_path):
