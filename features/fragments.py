@@ -53,14 +53,25 @@ class FragmentConfig:
         return getattr(self, f"{name}_len")
 
 
-@dataclass
 class Fragment:
-    index: torch.Tensor  # flat int64 indices into the history values, grouped by request, oldest first
-    lengths: torch.Tensor  # int64 per request
-    tags: torch.Tensor | None = None  # integrated only: set-membership tag per index
-    # where each request's events are one run of positions (full and recent, cut from many windows): its
-    # first position, so that a reader of runs need not check `index` for them
-    first: torch.Tensor | None = None
+    """A sub-sequence of every request of a batch: `index`, flat int64 positions into the history values,
+    grouped by request, oldest first; `lengths`, int64 per request; `tags` (integrated only), each position's
+    set-membership tag; `first`, where each request's events are one run of positions (full and recent, cut
+    from many windows), its first position. A fragment of runs may be given without `index`: it is spelled
+    out when first read, so that a reader of runs (a model attending over the full fragment as windows of
+    shared slices, `fin.models.layout.SliceWindows`) never builds a training batch's million positions."""
+
+    def __init__(self, index: torch.Tensor | None, lengths: torch.Tensor, tags: torch.Tensor | None = None,
+                 first: torch.Tensor | None = None):
+        if index is None and first is None:
+            raise ValueError("a fragment needs its index or, for runs, each request's first position")
+        self.stored_index, self.lengths, self.tags, self.first = index, lengths, tags, first
+
+    @property
+    def index(self) -> torch.Tensor:
+        if self.stored_index is None:
+            self.stored_index = runs(self.first, self.lengths)
+        return self.stored_index
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -199,7 +210,7 @@ class _Windows:
     def _last(self, cap: int) -> Fragment:
         lengths = (self.ends - self.starts).clamp(max=cap)
         first = self.ends - lengths
-        return Fragment(index=runs(first, lengths), lengths=lengths, first=first)
+        return Fragment(index=None, lengths=lengths, first=first)
 
     def _matching(self, asks: torch.Tensor, matches: Callable[..., torch.Tensor], cap: int) -> Fragment:
         """The last `cap` events before each request that `matches`, where `asks` [R, k] is what each request

@@ -196,7 +196,7 @@ class Batch:
             row_id=move(self.row_id), request_of=move(self.request_of),
             images=None if self.images is None else ItemImages(*map(move, dataclasses.astuple(self.images))),
             fragments=None if self.fragments is None else
-            {k: Fragment(move(f.index), move(f.lengths), move(f.tags), move(f.first)) for k, f in self.fragments.items()})
+            {k: Fragment(move(f.stored_index), move(f.lengths), move(f.tags), move(f.first)) for k, f in self.fragments.items()})
 
 
 @dataclass

@@ -145,7 +145,24 @@ class ExampleStream:
 
         # no model input reads the oracle
         examples = pl.read_parquet(part).drop(*contract.ORACLE_COLUMNS, *contract.CANDIDATE_ORACLE_COLUMNS,
-                                              strict=False).with_columns(pl.col("label").fill_null(0))
+                                              strict=False)
+        order = self._order(examples, rng)
+        batches = [rows for rows in np.split(order, np.arange(self.config.batch_size, order.size, self.config.batch_size))
+                   if rows.size >= self.world]
+        # this worker's slice of every batch, in batch order: only its own rows are joined and converted
+        own = [np.array_split(rows, self.world)[self.rank] for rows in batches]
+        examples = self._model_columns(examples[np.concatenate(own)] if own else examples.clear())
+        lo = 0
+        for rows, mine in zip(batches, own):
+            batch = self._batch(examples.slice(lo, mine.size), flat, starts, users)
+            batch.global_size = rows.size
+            lo += mine.size
+            yield batch
+
+    def _model_columns(self, examples: pl.DataFrame) -> pl.DataFrame:
+        """Examples as the model reads them: point-in-time statistics joined, ids and numbers filled, and (in
+        training) new ads marked."""
+        examples = examples.with_columns(pl.col("label").fill_null(0))
         for key, stats in self.stats.items():
             examples = examples.join(stats, on=[key, "day"], how="left", maintain_order="left")
         examples = examples.with_columns(
@@ -159,14 +176,7 @@ class ExampleStream:
             age = pl.col("day") - pl.col(_FIRST_SHOWN)
             examples = examples.join(self.first_shown, on="item_id", how="left", maintain_order="left") \
                 .with_columns((age < self.config.new_ad_days).fill_null(False).alias(_NEW_AD))
-        order = self._order(examples, rng)
-        for lo in range(0, examples.height, self.config.batch_size):
-            rows = order[lo:lo + self.config.batch_size]
-            if rows.size < self.world:
-                continue
-            batch = self._batch(examples[np.array_split(rows, self.world)[self.rank]], flat, starts, users)
-            batch.global_size = rows.size
-            yield batch
+        return examples
 
     def _order(self, examples: pl.DataFrame, rng: np.random.Generator) -> np.ndarray:
         """The order in which a partition's examples are batched: file order unshuffled, else shuffled one by
@@ -175,7 +185,8 @@ class ExampleStream:
             return np.arange(examples.height)
         if not self.config.shared_timelines:
             return rng.permutation(examples.height)
-        return user_chunk_order(examples["user_id"].to_numpy(), examples["ts"].to_numpy(),
+        users = examples["user_id"].fill_null(MISSING).cast(pl.Int64).to_numpy()
+        return user_chunk_order(users, examples["ts"].to_numpy(),
                                 self.config.examples_per_user, rng)
 
     def _batch(self, ex: pl.DataFrame, flat: dict, starts: np.ndarray, users: np.ndarray) -> Batch:

@@ -333,6 +333,16 @@ def test_slice_windows_hold_each_request_s_events_in_segments_of_a_long_slice():
     expected = {0: [0, 1, 2, 3], 1: [3, 4, 5, 6], 2: [6, 7, 8, 9], 3: [11, 12]}
     for c, request in enumerate(user_of.tolist()):
         assert _window_events(windows, c) == expected[request]
+    # the cut gives the full fragment as runs (each request's first event), its positions left unspelled: the
+    # same windows, read without building the positions (a training batch's million)
+    runs_only = Fragment(index=None, lengths=full.lengths, first=torch.tensor([0, 3, 6, 11]))
+    windows = SliceWindows.of(runs_only, histories, user_of)
+    assert runs_only.stored_index is None
+    for c, request in enumerate(user_of.tolist()):
+        assert _window_events(windows, c) == expected[request]
+    assert runs_only.index.tolist() == full.index.tolist()
+    with pytest.raises(ValueError, match="first position"):
+        Fragment(index=None, lengths=full.lengths)
     holes = Fragment(index=torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 11, 12]), lengths=full.lengths)
     assert SliceWindows.of(holes, histories, user_of) is None  # not one run of events per request
     # a request without events after the last slice's end (its window is empty): masked, any row does

@@ -127,7 +127,10 @@ class SliceWindows:
         """None where no slice is shared (one request, or one history copy per request: nothing to gain), where
         no request has an event, or where the fragment is not one run of events per request."""
         offsets = histories.offsets
-        if isinstance(frag, Slots) or offsets.numel() - 1 >= histories.start.numel() or not frag.index.numel():
+        if isinstance(frag, Slots) or offsets.numel() - 1 >= histories.start.numel() or not frag.lengths.numel():
+            return None
+        width = int(frag.lengths.max())
+        if not width:
             return None
         head = frag.first  # each request's first event, where the cut says its events are one run
         if head is None:
@@ -135,7 +138,6 @@ class SliceWindows:
             head = frag.index[first.clamp(max=frag.index.numel() - 1)]
             if not torch.equal(frag.index, runs(head, frag.lengths)):
                 return None
-        width = int(frag.lengths.max())
         # (a request without events may sit at the end of the last slice: any row does for it)
         request_slice = (torch.searchsorted(offsets, histories.start, right=True) - 1).clamp(max=offsets.numel() - 2)
         local = torch.where(frag.lengths > 0, head - offsets[request_slice], 0)  # the window's start in its slice
