@@ -8,6 +8,7 @@ Usage: python benchmarks/io_floor.py LOGS SCRATCH_DIR
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -39,4 +40,8 @@ def main(logs: str, scratch: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("logs", help="a log folder (fin simulate's output)")
+    parser.add_argument("scratch", help="a folder to write the rows to")
+    args = parser.parse_args()
+    main(args.logs, args.scratch)

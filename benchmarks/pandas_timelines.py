@@ -7,7 +7,7 @@ Usage: python benchmarks/pandas_timelines.py LOGS OUT_FILE
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -32,4 +32,8 @@ def main(logs: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("logs", help="a log folder (fin simulate's output)")
+    parser.add_argument("out", help="the parquet file to write the timelines to")
+    args = parser.parse_args()
+    main(args.logs, args.out)

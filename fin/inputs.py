@@ -131,9 +131,10 @@ class LoaderConfig:
 @dataclass
 class Batch:
     """B candidates of U requests. A request has its time, place and history window (into the batch's shared
-    history slices) and its fragments; each candidate points at its request (`request_of`). In training
-    every example is its own request (U = B, `request_of` None) and the examples of one user share its
-    timeline slice; an evaluation batch of logged candidates has about 30 candidates per request, and the
+    history slices) and its fragments; each candidate points at its request (`request_of`). A training
+    batch of user chunks holds about 1.7 examples per request (the impressions of one page are one request),
+    the requests of one user sharing its timeline slice; shuffled one by one (the per-example path), every
+    example is its own request (U = B, `request_of` None); an evaluation batch of logged candidates has about 30 candidates per request, and the
     server scores many candidates of one request (U = 1)."""
 
     label: torch.Tensor  # float32 [B]

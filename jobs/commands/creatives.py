@@ -56,7 +56,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--no-materialize", dest="materialize", action="store_false",
                    help="write the view's source only; leave the online store as it is")
-    p.add_argument("--chunk", type=int, default=field_default(EmbedConfig, "chunk"), help="creatives per Ray task")
+    p.add_argument("--chunk", type=int, default=field_default(EmbedConfig, "chunk"), help=f"creatives per Ray task (default {field_default(EmbedConfig, 'chunk')})")
     add_json_flag(p)
 
 

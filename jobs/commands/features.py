@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"fail above this bad-row share (default {d.max_bad_fraction})")
     p.add_argument("--ray-address", default=d.ray_address, help="existing Ray cluster (default: start a local one)")
     p.add_argument("--num-cpus", type=int, default=d.num_cpus, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--online-store", choices=["sqlite", "redis"], default=d.online_store, help="Feast online store")
+    p.add_argument("--online-store", choices=["sqlite", "redis"], default=d.online_store,
+                   help=f"Feast online store (default {d.online_store})")
     p.add_argument("--redis", default=d.redis_connection,
                    help=f"Redis host:port for --online-store redis (default {d.redis_connection})")
     p.add_argument("--no-materialize", action="store_false", dest="materialize", default=d.materialize,

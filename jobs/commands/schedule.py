@@ -1,4 +1,4 @@
-"""`fin schedule` (the daily features -> train -> evaluate -> promote chain) and `fin runs` (its history)."""
+"""`fin schedule` (the daily features -> embed -> train -> evaluate -> promote chain) and `fin runs` (its history)."""
 
 from __future__ import annotations
 
@@ -83,9 +83,9 @@ def run_runs(args: argparse.Namespace) -> int:
 
 
 SCHEDULE = Command(
-    name="schedule", help="run the daily features -> train -> evaluate -> promote chain",
+    name="schedule", help="run the daily features -> embed -> train -> evaluate -> promote chain",
     description="Runs the scheduled jobs of a schedule file (configs/jobs.yaml): each data "
-                "date's features, train, evaluate and promote, by cron expression and "
+                "date's features, creative embeddings, train, evaluate and promote, by cron expression and "
                 "dependency, with retries and backoff; run state in a sqlite database. "
                 "--once runs what is due and exits (for cron or an external orchestrator).",
     add_arguments=add_schedule_arguments, run=run_schedule)
