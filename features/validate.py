@@ -51,6 +51,7 @@ class TableResult:
     quarantine: pl.DataFrame
     reasons: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    copies: int = 0  # exact copies of kept rows, dropped (neither clean nor quarantined: nothing is lost)
 
     @property
     def bad_fraction(self) -> float:
@@ -58,6 +59,7 @@ class TableResult:
 
     def summary(self) -> dict:
         return {"rows": self.rows, "clean": self.clean.height, "quarantined": self.quarantine.height,
+                "copies_dropped": self.copies,
                 "bad_fraction": round(self.bad_fraction, 6), "reasons": dict(sorted(self.reasons.items())),
                 "notes": self.notes}
 
@@ -146,11 +148,6 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
             checks.append((f"bad_geohash:{f.name}", value.is_not_null() & ~ok.fill_null(False)))
         if f.name == spec.timestamp:
             checks.append(("ts_outside_window", value.is_not_null() & ((value < window[0]) | (value >= window[1]))))
-        if f.name == spec.key:
-            repeated = ~value.is_first_distinct()
-            if seen_elsewhere is not None:
-                repeated = repeated | pl.lit(seen_elsewhere)
-            checks.append((f"duplicate_id:{f.name}", value.is_not_null() & repeated))
         if f.name in spec.foreign_keys:
             ref = spec.foreign_keys[f.name]
             keys = known_keys.get(ref)
@@ -168,15 +165,44 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
     columns = raw.lazy().select(*flags, **typed).collect().get_columns()
     masks, clean = columns[:len(checks)], pl.DataFrame(columns[len(checks):])
     bad_rows = np.column_stack([m.to_numpy() for m in masks]).any(axis=1)  # every table has checks
+    copies = np.zeros(raw.height, bool)
+    if spec.key in raw.columns:
+        repeated, copies = _repeated_ids(clean, spec.key, ~bad_rows, seen_elsewhere)
+        checks.append((f"duplicate_id:{spec.key}", None))
+        masks.append(pl.Series(f"_check{len(masks)}", repeated & ~copies))
+        bad_rows |= repeated & ~copies
+        if copies.any():
+            notes.append(f"dropped {int(copies.sum())} exact copies of kept rows (a delivery retried)")
     if bad_rows.any():
         failed = pl.DataFrame([m.filter(bad_rows) for m in masks])
         reason = pl.concat_str([pl.when(m.name).then(pl.lit(name)) for m, (name, _) in zip(masks, checks)],
                                separator=";", ignore_nulls=True)
         quarantine = raw.filter(bad_rows).with_columns(failed.select(reason.alias(REASON)))
-        clean = clean.filter(~bad_rows)
     else:
         quarantine = raw.clear().with_columns(pl.Series(REASON, [], pl.String))
-    return TableResult(spec.name, raw.height, clean, quarantine, reason_counts(quarantine), notes)
+    if (bad_rows | copies).any():
+        clean = clean.filter(~(bad_rows | copies))
+    return TableResult(spec.name, raw.height, clean, quarantine, reason_counts(quarantine), notes, int(copies.sum()))
+
+
+def _repeated_ids(typed: pl.DataFrame, key: str, passing: np.ndarray,
+                  seen_elsewhere: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows repeat the id of an earlier row that passes every other check (or of one outside the table,
+    `seen_elsewhere`), and which of those are exact copies of that row (a delivery retried: the same event
+    twice). A failing row does not claim its id: its corrected re-send is kept, as ingestion keeps it."""
+    rows = pl.DataFrame({"k": typed[key], "passing": passing}).with_row_index("row")
+    first = rows.filter(pl.col("passing") & pl.col("k").is_not_null()).group_by("k").agg(pl.col("row").min().alias("first"))
+    first = rows.join(first, on="k", how="left", maintain_order="left")["first"]
+    repeated = (first.is_not_null() & (rows["row"] > first)).to_numpy()
+    if seen_elsewhere is not None:
+        repeated |= np.asarray(seen_elsewhere, bool) & typed[key].is_not_null().to_numpy()
+    copies = np.zeros(typed.height, bool)
+    candidates = np.flatnonzero(repeated & passing & first.is_not_null().to_numpy())
+    if candidates.size:
+        them, originals = typed[candidates], typed[first.to_numpy()[candidates].astype(np.int64)]
+        same = np.logical_and.reduce([them[c].eq_missing(originals[c]).to_numpy() for c in typed.columns])
+        copies[candidates[same]] = True
+    return repeated, copies
 
 
 def _image_checks(raw: pl.DataFrame, column: str, size_columns: tuple[str, str]) -> list[tuple[str, pl.Expr]]:
@@ -199,7 +225,8 @@ def check_arrays(spec: TableSpec, columns: Mapping[str, np.ndarray],
     numpy for calls of a few events, where each polars query costs a millisecond
     (tests/test_ingest_checks.py keeps the two equal). Numbers are numpy masked arrays (masked: null), text is
     an object array (None: null). Not covered, as such columns cannot arrive here: list columns and values
-    of another type; foreign keys are not checked (the referenced tables live with the job)."""
+    of another type; foreign keys are not checked (the referenced tables live with the job), nor are repeated
+    ids (the caller keeps each id's first passing copy, as `validate_table` does)."""
     rows = len(next(iter(columns.values())))
     out: list[tuple[str, np.ndarray]] = []
     for f in spec.schema:
@@ -237,11 +264,6 @@ def check_arrays(spec: TableSpec, columns: Mapping[str, np.ndarray],
         if f.name == spec.timestamp:
             values = np.ma.getdata(column)
             out.append(("ts_outside_window", ~null & ((values < window[0]) | (values >= window[1]))))
-        if f.name == spec.key:
-            present = np.flatnonzero(~null)
-            repeated = ~null
-            repeated[present[np.unique(np.ma.getdata(column)[present], return_index=True)[1]]] = False  # firsts
-            out.append((f"duplicate_id:{f.name}", repeated))
     return out
 
 

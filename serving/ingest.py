@@ -87,11 +87,9 @@ def check_events(messages, utc_offset_hours: float, now_ms: int | None = None) -
     now_ms = now_ms if now_ms is not None else int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
     columns = message_columns(messages, utc_offset_hours)
     # every event is checked (ids for form: the world tables live with the job), then of the accepted ones
-    # each id's first copy is kept (a retry in one call: one event, counted as a duplicate, not refused as
-    # the job's uniqueness check would); a refused copy keeps no later copy of its id from being stored
-    repeated_id = f"duplicate_id:{contract.BEHAVIOURS.key}"
-    checks = [(reason, fails) for reason, fails in
-              check_arrays(contract.BEHAVIOURS, columns, (_WINDOW_START_MS, now_ms + _FUTURE_MS)) if reason != repeated_id]
+    # each id's first copy is kept (a retry in one call: one event, counted as a duplicate; the job drops such
+    # an exact copy too); a refused copy keeps no later copy of its id from being stored
+    checks = check_arrays(contract.BEHAVIOURS, columns, (_WINDOW_START_MS, now_ms + _FUTURE_MS))
     failed = np.column_stack([bad for _, bad in checks])
     bad = failed.any(axis=1)
     refused = [(int(row), ";".join(name for (name, _), fails in zip(checks, failed[row]) if fails))

@@ -60,7 +60,7 @@ def test_every_kind_of_bad_behaviour_row_is_quarantined_with_its_reason(logs):
         "unknown_fk:shop_id": base.with_columns(pl.lit(10**9, pl.Int64).alias("shop_id")),
         "unknown_fk:item_id": base.with_columns(pl.lit(10**9, pl.Int64).alias("item_id")),
         "bad_geohash:geohash_6": base.with_columns(pl.lit("wtw3a!").alias("geohash_6")),
-        "duplicate_id:event_id": base,  # same event id as the original
+        "duplicate_id:event_id": base.with_columns(pl.col("price") + 1),  # the original's id, other values
     }
     frames = []
     for i, (reason, df) in enumerate(cases.items()):
@@ -77,9 +77,29 @@ def test_every_kind_of_bad_behaviour_row_is_quarantined_with_its_reason(logs):
     assert t.clean.height == good.height
     assert sorted(_reasons(report, "behaviours")) == sorted(cases)
     assert t.reasons == {r: 1 for r in cases}
-    # the quarantined duplicate is the later copy, with its original values kept
+    # the quarantined duplicate is the later row, with its values kept
     dup = t.quarantine.filter(pl.col("reason") == "duplicate_id:event_id")
-    assert dup.drop("reason").equals(base)
+    assert dup.drop("reason").equals(base.with_columns(pl.col("price") + 1))
+
+
+def test_a_retried_row_is_dropped_and_a_failing_row_does_not_claim_its_id(logs):
+    """An exact copy of a kept row (a delivery retried, an ingested event logged twice) is dropped, counted and
+    not quarantined: the run's bad share is not raised by retries. A row that fails a check does not claim its
+    id: the corrected re-send after it is kept (before, it was quarantined as a duplicate of the bad row)."""
+    good = _behaviours(logs)
+    new_id = good["event_id"].max() + 1
+    original = good.head(1).with_columns(pl.lit(new_id, pl.Int64).alias("event_id"))
+    broken = good.head(1).with_columns(pl.lit(new_id + 1, pl.Int64).alias("event_id"), pl.lit(-1.0, pl.Float32).alias("price"))
+    corrected = good.head(1).with_columns(pl.lit(new_id + 1, pl.Int64).alias("event_id"))
+    _add_bad_file(logs, "behaviours", pl.concat([original, original, original, broken, corrected]))
+
+    t = validate_logs(logs, ValidationConfig(max_bad_fraction=1.0)).tables["behaviours"]
+    assert t.copies == 2 and t.summary()["copies_dropped"] == 2 and "dropped 2 exact copies" in " ".join(t.notes)
+    assert t.reasons == {"out_of_range:price": 1}
+    assert t.clean.height + t.quarantine.height + t.copies == t.rows
+    assert t.clean.filter(pl.col("event_id") == new_id).height == 1
+    kept = t.clean.filter(pl.col("event_id") == new_id + 1)
+    assert kept.height == 1 and kept["price"].to_list() == corrected["price"].to_list()
 
 
 def test_bad_types_from_text_files(logs):
