@@ -92,7 +92,7 @@ def sharded_fin(data: Path, **model_config):
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=config.lr))
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
-    loader = dataclasses.replace(config.loader, max_seq_len=MODELS["fin"].events_read(config.loader.fragments))
+    loader = config.loader  # FIN reads the whole window (`FIN.events_read`)
     images = config.model_config.image_dim > 0
     model.train()
 

@@ -42,7 +42,7 @@ def predict(artifact: Artifact, data: str | Path, split: str = "test", batch_siz
     loader = dataclasses.replace(artifact.loader, shuffle=False, batch_size=batch_size)
     ids, scores, plain = [], [], []
     images = artifact.model.config.image_dim > 0
-    for batch in ExampleStream(data, split, loader, dataset=dataset, images=images):
+    for batch in ExampleStream(data, split, loader, dataset=dataset, images=images, training=False):
         logits = artifact.model(batch)
         ids.append(batch.row_id.numpy())
         scores.append(artifact.pctr(logits).numpy().astype(np.float64))

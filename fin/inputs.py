@@ -127,6 +127,13 @@ class LoaderConfig:
     # older than the log
     new_ad_days: int = 7
 
+    def __post_init__(self):
+        small = [f"{name} must be at least {least}" for name, least in
+                 (("batch_size", 1), ("examples_per_user", 1), ("prefetch", 1), ("max_seq_len", 0), ("workers", 0),
+                  ("new_ad_days", 0)) if getattr(self, name) < least]
+        if small:
+            raise ValueError("; ".join(small))
+
 
 @dataclass
 class Batch:

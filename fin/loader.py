@@ -86,20 +86,26 @@ class ExampleStream:
 
     With `images`, batches carry the creative embeddings of their items (`ItemImages`), read from the
     dataset's `item_creative` source (what the embedding job wrote and the online store serves).
+
+    `training` (default: for the train split): batches carry the training-only inputs, each example's slot
+    (`Batch.position`) and whether its ad was new (`Batch.new_ad`); scoring a split, the train one too, they
+    carry neither, as the server scores.
     """
 
     def __init__(self, data: str | Path, split: str, config: LoaderConfig = LoaderConfig(), rank: int = 0,
-                 world: int = 1, dataset: str = EXAMPLES, cut: bool = True, images: bool = False):
+                 world: int = 1, dataset: str = EXAMPLES, cut: bool = True, images: bool = False,
+                 training: bool | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
         self.data, self.split, self.config, self.rank, self.world = Dataset.at(data), split, config, rank, world
         self.dataset, self.cut = dataset, cut  # cut: fragments cut here; else where the model runs (`Batch.cut`)
+        self.training = split == "train" if training is None else training
         self.parts = self.data.parts(dataset, split)
         if not self.parts:
             raise FileNotFoundError(f"no {split} {dataset} under {self.data.root / dataset} (run fin features first)")
         self.stats = {key: _stats(self.data, key) for key in STAT_KEYS}
         self.first_shown = _first_shown(self.parts, config.new_ad_days) \
-            if split == "train" and dataset == EXAMPLES and config.new_ad_days > 0 else None
+            if self.training and dataset == EXAMPLES and config.new_ad_days > 0 else None
         self.images = None
         if images:
             source = embeddings_source(self.data)
@@ -214,8 +220,8 @@ class ExampleStream:
             ids=ids,
             stats=torch.from_numpy(ex.select(STAT_FEATURES).to_numpy().astype(np.float32)),
             numbers=torch.from_numpy(ex.select(CANDIDATE_NUMBERS).to_numpy().astype(np.float32)),
-            # the slot is a training input only: validation and test are scored as the server scores
-            position=torch.from_numpy(ex[POSITION].to_numpy(writable=True)) if self.split == "train" else None,
+            # the slot is a training input only: a split is scored as the server scores
+            position=torch.from_numpy(ex[POSITION].to_numpy(writable=True)) if self.training else None,
             new_ad=torch.from_numpy(ex[_NEW_AD].to_numpy(writable=True)) if _NEW_AD in ex.columns else None,
             ts=torch.from_numpy(requests["ts"].to_numpy(writable=True)),
             request_context={c: torch.from_numpy(requests[c].to_numpy(writable=True)) for c in FRAGMENT_CONTEXT},

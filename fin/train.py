@@ -35,12 +35,14 @@ after the first ran at half the first's speed (benchmarks/README.md, "Epochs aft
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,19 +56,20 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from tqdm import tqdm
 
+from features import locks
 from features.configfile import load_config
-from features.dataset import Dataset
+from features.dataset import EXAMPLES, Dataset
 from features.item_embeddings import embeddings_source, embeddings_width
 from fin.artifact import load_artifact, save_artifact, to_dict
 from fin.calibration import fit_platt
-from fin.inputs import LoaderConfig, scoring_requests
+from fin.inputs import STAT_KEYS, LoaderConfig, scoring_requests
 from fin.loader import ExampleStream
 from fin.local_sgd import Peers, Replicas
 from fin.metrics import auc
 from fin.models import MODELS, ModelConfig
 from fin.quiet import quiet_library_notices
 from fin.sharding import SHARDINGS, full_state_dict, plan_summary, shard
-from fin.versions import META, resolve
+from fin.versions import META
 
 Log = Callable[[str], None]
 
@@ -110,6 +113,8 @@ class TrainConfig:
             raise ValueError("average_every must be 0 (one sharded model) or more (replicas merged every k steps)")
         if self.threads < 0:
             raise ValueError("threads must be 0 (the CPUs shared out among the workers) or more")
+        if (self.max_steps or 0) < 0:
+            raise ValueError("max_steps must be 0 (the whole train split each epoch) or more")
 
 
 @dataclass
@@ -133,6 +138,12 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     return load_config(TrainConfig, path, overrides)
 
 
+def _finite(auc: float) -> float | None:
+    """An AUC as artifact.json holds it: None where it is undefined (validation labels of one class), since
+    JSON has no -Infinity."""
+    return auc if math.isfinite(auc) else None
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -150,8 +161,10 @@ def train(data: str | Path, models: str | Path, config: TrainConfig = TrainConfi
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), LOCAL_WORLD_SIZE=str(config.workers))
     if config.workers == 1:
         return _worker(0, 1, *args, log)
-    torch.multiprocessing.spawn(_spawned, args=(config.workers, *args), nprocs=config.workers)
-    return resolve(name, models)
+    with tempfile.TemporaryDirectory(prefix="fin-train-") as scratch:  # where rank 0 says what it wrote
+        written = Path(scratch) / "artifact"
+        torch.multiprocessing.spawn(_spawned, args=(config.workers, written, *args), nprocs=config.workers)
+        return Path(written.read_text())
 
 
 def with_image_modality(data: Path, config: TrainConfig, log: Log = _stderr) -> TrainConfig:
@@ -170,9 +183,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, world: int, *args) -> None:
+def _spawned(rank: int, world: int, written: Path, *args) -> None:
     quiet_library_notices()
-    _worker(rank, world, *args, _stderr if rank == 0 else (lambda message: None))
+    folder = _worker(rank, world, *args, _stderr if rank == 0 else (lambda message: None))
+    if rank == 0:  # the folder it wrote, not the newest version of the name (another run's, or none of this)
+        written.write_text(str(folder))
 
 
 def _worker(rank: int, world: int, data: Path, models: Path, config: TrainConfig, name: str,
@@ -207,7 +222,24 @@ def _warm_start(model: torch.nn.Module, init_from: Path, config: TrainConfig) ->
     model.load_state_dict(artifact.model.state_dict())
 
 
+class TrainingBusy(RuntimeError):
+    """Another training of the same name in the same repository is running: they would share its checkpoints."""
+
+
 def _fit(rank, world, device, data, models, config, name, init_from, log, peers: Peers | None) -> Path | None:
+    # one training of a name at a time in a repository (the schedule's daily run and someone's experiment):
+    # both would read, replace and delete the one checkpoint folder; held by the first worker for the run
+    lock = locks.hold(models / name / ".checkpoint.lock") if rank == 0 else None
+    if rank == 0 and lock is None:
+        raise TrainingBusy(f"another fin train of {name} is running in {models} (it holds {name}/.checkpoint)")
+    try:
+        return _fit_held(rank, world, device, data, models, config, name, init_from, log, peers)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _fit_held(rank, world, device, data, models, config, name, init_from, log, peers: Peers | None) -> Path | None:
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -231,8 +263,8 @@ def _fit(rank, world, device, data, models, config, name, init_from, log, peers:
     # fragments are cut where the model runs: on a GPU the loader ships timeline slices and pointers only;
     # and it ships no event older than the model reads (DIN's 50, none for the DNN: the same fragments)
     on_host = device.type == "cpu"
-    reads = MODELS[config.model].events_read(config.loader.fragments)
-    loader = dataclasses.replace(config.loader, max_seq_len=min(config.loader.max_seq_len, reads))
+    reads = MODELS[config.model].events_read(config.loader.fragments)  # None: the whole window
+    loader = dataclasses.replace(config.loader, max_seq_len=min(config.loader.max_seq_len, reads or config.loader.max_seq_len))
     images = config.model_config.image_dim > 0
     train_stream = ExampleStream(data, "train", loader, rank, world, cut=on_host, images=images)
     # replicas are one model after each epoch's merge: each scores the whole split alike, as a lone worker does
@@ -252,7 +284,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log, peers:
         progress.examples += examples
         progress.seconds += seconds
         progress.history.append({"epoch": progress.epoch, "train_logloss": loss_sum / max(examples, 1),
-                                 "validation_auc": val_auc, "examples_per_s": examples / seconds})
+                                 "validation_auc": _finite(val_auc), "examples_per_s": examples / seconds})
         # a collective when sharded: every worker joins; merged replicas are one model, rank 0's is written
         weights = full_state_dict(model) if rank == 0 or peers is None else None
         # (a validation split of one class has no AUC (-inf): its first epoch is kept, then patience runs out)
@@ -280,7 +312,7 @@ def _fit(rank, world, device, data, models, config, name, init_from, log, peers:
         log(f"compiling the scoring package, checked on {len(check)} validation requests")
     folder = save_artifact(models, name, config.model, checkpoints.best(progress.best_epoch), config.model_config,
                            config.loader,
-                           {"validation_auc": progress.best_auc}, training, calibration=progress.best_calibration,
+                           {"validation_auc": _finite(progress.best_auc)}, training, calibration=progress.best_calibration,
                            compile_with=check)
     compiled = json.loads((folder / META).read_text()).get("compiled")
     if compiled is not None:
@@ -361,8 +393,15 @@ def _validation(model, stream: ExampleStream, device: torch.device) -> tuple[flo
 
 
 def _fingerprint(data: Path, config: TrainConfig, world: int, init_from: Path | None = None) -> dict:
-    """What must match for a checkpoint to be resumed."""
-    return {"data": str(data.resolve()), "config": to_dict(config), "world": world,
+    """What must match for a checkpoint to be resumed: the dataset (its folder however spelled, and its files'
+    names, sizes and times, so that a dataset rebuilt in place, as the daily schedule does, starts afresh
+    rather than resuming the last day's epochs), the config, the workers and the warm start."""
+    dataset = Dataset.at(data)
+    parts = [p for split in ("train", "validation") for p in dataset.parts(EXAMPLES, split)]
+    files = sorted({*parts, *map(dataset.timeline_part, parts), *(dataset.stats_source(key) for key in STAT_KEYS)})
+    identity = hashlib.sha256("\n".join(f"{p.relative_to(dataset.root)} {p.stat().st_size} {p.stat().st_mtime_ns}"
+                                         for p in files if p.exists()).encode()).hexdigest()
+    return {"data": str(dataset.root.resolve()), "data_files": identity, "config": to_dict(config), "world": world,
             "init_from": None if init_from is None else str(init_from.resolve())}
 
 

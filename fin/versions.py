@@ -45,12 +45,17 @@ class Loaded:
     def version(self) -> int:
         """The version folder's number, what a request pins (a folder copied to roll back keeps the artifact.json
         of the version it was copied from: that number named a version not loaded)."""
-        return int(self.path.name) if self.path.name.isdigit() else int(self.meta["version"])
+        return int(self.path.name) if _is_version(self.path.name) else int(self.meta["version"])
 
 
 def versions(models: Path, name: str) -> list[int]:
     folder = Path(models) / name
-    return sorted(int(p.name) for p in folder.glob("*") if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+    return sorted(int(p.name) for p in folder.glob("*") if p.is_dir() and _is_version(p.name)) if folder.is_dir() else []
+
+
+def _is_version(name: str) -> bool:
+    """A version folder's name: ASCII digits ("²" is a digit to `str.isdigit` and no number to `int`)."""
+    return name.isascii() and name.isdigit()
 
 
 def promote(models: str | Path, name: str, version: int) -> None:

@@ -26,7 +26,6 @@ next repository scan.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import sqlite3
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from cronsim import CronSim, CronSimError
 
+from features import locks
 from features.configfile import load_config, read_config_file
 from features.dataset import Dataset
 from features.item_embeddings import embeddings_width
@@ -209,14 +209,9 @@ def _hold(state: Path):
     """An exclusive lock beside the state database, held while the scheduler lives: two schedulers on one state
     (a cron `--once` started again while the last still runs) each ran a due job for the same data date. The
     system drops the lock with its process, so a killed scheduler leaves none behind."""
-    path = Path(state).with_name(Path(state).name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(path, "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise SchedulerBusy(f"another fin schedule is running on {state}") from None
+    lock = locks.hold(Path(state).with_name(Path(state).name + ".lock"))
+    if lock is None:
+        raise SchedulerBusy(f"another fin schedule is running on {state}")
     return lock
 
 

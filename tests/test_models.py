@@ -60,6 +60,9 @@ def test_the_position_term_is_trained_on_and_left_out_of_scores(features_job):
     train = next(iter(ExampleStream(out / "data", "train", LOADER)))
     assert train.position is not None and bool((train.position >= 0).all())
     assert next(iter(ExampleStream(out / "data", "validation", LOADER))).position is None  # scored as served
+    # the train split scored (`fin evaluate --split train`) is scored as served too (before, with its slots)
+    scored = next(iter(ExampleStream(out / "data", "train", LOADER, training=False)))
+    assert scored.position is None and scored.new_ad is None
     model = _model("dnn").eval()
     with torch.no_grad():
         model.position.weight.normal_()

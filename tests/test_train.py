@@ -18,7 +18,7 @@ import fin.train
 from fin.artifact import load_artifact
 from fin.loader import ExampleStream
 from fin.train import TrainConfig, load_train_config, train
-from fin.versions import WEIGHTS, ArtifactError, resolve
+from fin.versions import WEIGHTS, ArtifactError, resolve, versions
 from tests.conftest import TRAIN_CONFIG
 
 
@@ -95,12 +95,22 @@ def test_broken_artifacts_are_refused(one_worker, tmp_path):
         load_artifact(tmp_path / "old")
     with pytest.raises(ArtifactError, match="no versions"):
         resolve("nothing", tmp_path)
+    # a folder named by a digit that is no number to int() ("²") is no version (before, it broke every read of
+    # the model's versions, fin train's last step among them)
+    shutil.copytree(one_worker, tmp_path / "models" / "fin" / "3")
+    (tmp_path / "models" / "fin" / "²").mkdir()
+    assert versions(tmp_path / "models", "fin") == [3] and resolve("fin", tmp_path / "models").name == "3"
 
 
-def test_two_workers_train_like_one(one_worker, features_job, tmp_path):
+def test_two_workers_train_like_one(one_worker, features_job, tmp_path, monkeypatch):
     """Same global batches split over 2 gloo workers with row-wise tables: the same weights as 1 worker."""
     out, _ = features_job
-    two = train(out / "data", tmp_path, _config(workers=2, sharding="row_wise"), name="two")
+    # run where a folder of the same name holds another artifact: the run reports the folder it wrote (before,
+    # with several workers it reported the newest version found by the name, this one)
+    shutil.copytree(one_worker, tmp_path / "elsewhere" / "two" / "5")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    two = train(out / "data", tmp_path / "models", _config(workers=2, sharding="row_wise"), name="two")
+    assert two == tmp_path / "models" / "two" / "1"
     meta = json.loads((two / "artifact.json").read_text())
     assert meta["training"]["workers"] == 2 and "row_wise" in meta["training"]["plan"].values()
     assert meta["training"]["examples"] == json.loads((one_worker / "artifact.json").read_text())["training"]["examples"]
@@ -261,9 +271,57 @@ def test_a_validation_split_of_one_class_trains_and_says_so(features_job, tmp_pa
     messages = []
     folder = train(data, tmp_path / "models", _config(model="dnn", epochs=3, patience=1, max_steps=2),
                    log=messages.append)
-    meta = json.loads((folder / "artifact.json").read_text())
+    def refuse(constant):
+        raise ValueError(f"artifact.json holds {constant}, which JSON has not")
+    meta = json.loads((folder / "artifact.json").read_text(), parse_constant=refuse)  # -Infinity before
+    assert meta["metrics"]["validation_auc"] is None and meta["training"]["history"][0]["validation_auc"] is None
     assert meta["training"]["best_epoch"] == 1 and meta["training"]["epochs"] == 2
     assert meta.get("calibration") is None and any("uncalibrated" in m for m in messages)
+
+
+def test_fin_trains_on_the_window_its_artifact_is_scored_on(features_job, tmp_path):
+    """FIN's location, meal and integrated fragments are cut from the whole window, older than its full
+    fragment's `full_len` too: with `max_seq_len` above `full_len`, training reads the same window the artifact's
+    readers do, so the artifact's validation AUC is its weights' (before, training read only `full_len`
+    events and `fin evaluate` scored other fragments than it was trained and validated on)."""
+    from fin.evaluate import examples, predict
+    from fin.metrics import auc
+
+    out, _ = features_job
+    loader = {**TRAIN_CONFIG["loader"], "max_seq_len": 50, "fragments": {**TRAIN_CONFIG["loader"]["fragments"], "full_len": 10}}
+    folder = train(out / "data", tmp_path, _config(max_steps=4, loader=loader), log=lambda message: None)
+    artifact = load_artifact(folder)
+    assert artifact.loader.max_seq_len == 50
+    scored = examples(out / "data", "validation").join(predict(artifact, out / "data", "validation"), on="impression_id")
+    expected = json.loads((folder / "artifact.json").read_text())["metrics"]["validation_auc"]
+    assert auc(scored["label"].to_numpy(), scored["pctr_uncalibrated"].to_numpy()) == pytest.approx(expected, abs=1e-6)
+
+
+def test_one_training_of_a_name_at_a_time_and_checkpoints_of_this_data_only(features_job, tmp_path):
+    """A second training of a name while one runs is refused before it touches the shared checkpoint folder
+    (before, it deleted the first one's checkpoints and the first failed at its end). A checkpoint is resumed
+    only on the data it was written on: the folder however spelled, and not once it is rebuilt in place."""
+    from features import locks
+    from features.dataset import EXAMPLES, Dataset
+    from fin.train import TrainingBusy, _fingerprint
+
+    out, _ = features_job
+    running = locks.hold(tmp_path / "models" / "fin" / ".checkpoint.lock")
+    (tmp_path / "models" / "fin" / ".checkpoint").mkdir()
+    (tmp_path / "models" / "fin" / ".checkpoint" / "latest.json").write_text("{}")
+    with pytest.raises(TrainingBusy, match="another fin train of fin"):
+        train(out / "data", tmp_path / "models", _config(max_steps=1))
+    assert (tmp_path / "models" / "fin" / ".checkpoint" / "latest.json").read_text() == "{}"
+    running.close()
+
+    data = tmp_path / "features"
+    shutil.copytree(out, data)
+    config = _config()
+    assert _fingerprint(data, config, 1) == _fingerprint(data / "data", config, 1)
+    before = _fingerprint(data / "data", config, 1)
+    part = Dataset.at(data).parts(EXAMPLES, "train")[0]
+    pl.read_parquet(part).head(5).write_parquet(part)  # the day's rebuild
+    assert _fingerprint(data / "data", config, 1)["data_files"] != before["data_files"]
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -276,6 +334,10 @@ def test_config_file_and_overrides(tmp_path):
         load_train_config(None, **{"loader.batch": 3})
     with pytest.raises(ValueError, match="threads must be 0"):
         load_train_config(None, threads=-1)
+    with pytest.raises(ValueError, match="max_steps must be 0"):  # before, -1 trained no step and wrote a version
+        load_train_config(None, max_steps=-1)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):  # before, a ZeroDivisionError mid-epoch
+        load_train_config(None, **{"loader.batch_size": 0})
 
 
 def test_shipped_configs_load_and_train_yaml_is_the_defaults():

@@ -85,9 +85,9 @@ class CTRModel(nn.Module):
     fusion: str = "concat"  # how the image modality joins the ids (`fin.fusion`): "concat" or "confidence"
 
     @staticmethod
-    def events_read(fragments: FragmentConfig) -> int:
+    def events_read(fragments: FragmentConfig) -> int | None:
         """The most recent history events the model reads of a request (its longest fragment): a loader
-        need not ship older ones, whatever its `max_seq_len`."""
+        need not ship older ones, whatever its `max_seq_len`. None: any event of the window it is given."""
         return fragments.full_len
 
     def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):

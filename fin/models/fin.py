@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from features.fragments import TAG_BOTH, Fragment, Slots
+from features.fragments import TAG_BOTH, Fragment, FragmentConfig, Slots
 from fin.inputs import Batch
 from fin.layers import MultiHeadTargetAttention, SimplifiedTargetAttention, gather
 from fin.models.base import CTRModel, Encoded, ModelConfig
@@ -69,6 +69,13 @@ class FIN(CTRModel):
     # the full fragment's rows (segments of the shared slices) split again by how many candidates read them
     # (`attend_by_length`): a user with many requests in the batch fills one row with dozens
     count_groups = 2
+
+    @staticmethod
+    def events_read(fragments: FragmentConfig) -> int | None:
+        # the location, meal and integrated fragments are cut from the whole window, older than the full
+        # fragment's `full_len` too: a loader that shipped only those would train on other fragments than
+        # evaluation and the server cut from the window they read
+        return None
 
     def __init__(self, config: ModelConfig = ModelConfig(), device: torch.device | None = None):
         super().__init__(config, device)

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"epochs without a better validation AUC before stopping (default {d.patience})")
     p.add_argument("--sharding",
                    help=f"table sharding: table_wise, row_wise or auto (the planner's choice); default {d.sharding}")
-    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument("--seed", type=int, help=f"seed of the model's initialisation and of the data order "
+                                            f"(default {d.seed})")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                    help="write the artifact without its compiled scoring package (served eagerly); by default "
                         "the package is built and checked against the eager forward beside the weights")
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         "average_every": args.average_every,
         "sharding": args.sharding,
         "lr": args.lr, "sparse_lr": args.sparse_lr, "patience": args.patience, "max_steps": args.max_steps,
-        "seed": args.seed, "compile": args.compile, "images": args.images, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
+        "seed": args.seed, "loader.seed": args.seed, "compile": args.compile, "images": args.images, "loader.batch_size": args.batch_size, "loader.max_seq_len": args.max_seq_len,
     })
     if args.init_from is not None and not (args.init_from / "artifact.json").is_file():
         raise CommandError(f"--init-from {args.init_from} is not an artifact version folder (MODELS/NAME/VERSION)")
