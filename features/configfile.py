@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import functools
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -47,12 +48,21 @@ class ConfigError(ValueError):
     """A config that does not fit its dataclass; the message is one line."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading a number in exponent form without a dot (`lr: 1e-3`) as a number, as YAML
+    1.2 and JSON do: the YAML 1.1 rules read it as text, which a number field then refused."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping a YAML or JSON file holds (an empty file is an empty mapping)."""
     path = Path(path)
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
     except (ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                           f"{' '.join(str(e).split())}") from None

@@ -75,7 +75,9 @@ def write_embeddings(path: str | Path, item_ids: np.ndarray, vectors: np.ndarray
     vectors = np.asarray(vectors, np.float32)
     table = pa.table({
         "item_id": pa.array(np.asarray(item_ids, np.int64)),
-        EMBEDDING: pa.FixedSizeListArray.from_arrays(vectors.ravel(), vectors.shape[1]).cast(pa.list_(pa.float32())),
+        # (no creatives: no rows, and no width to cut them by)
+        EMBEDDING: pa.FixedSizeListArray.from_arrays(vectors.ravel(), vectors.shape[1]).cast(pa.list_(pa.float32()))
+        if len(vectors) else pa.array([], pa.list_(pa.float32())),
         EVENT_TIMESTAMP: pa.array(np.full(len(item_ids), timestamp_ms, np.int64)).cast(pa.timestamp("ms", "UTC")),
     })
     tmp = Path(str(path) + ".tmp")

@@ -129,8 +129,10 @@ class Plan:
 
 
 def partition_of(user_id: pl.Series, partitions: int) -> np.ndarray:
-    """User -> partition, stable across runs and machines (a multiplicative hash of the id)."""
-    ids = user_id.fill_null(0).to_numpy().astype(np.uint64)
+    """User -> partition, stable across runs and machines (a multiplicative hash of the id). An id that is no
+    integer (text in a CSV log) goes with the missing ones to the partition of 0, whose validation
+    quarantines it: sharding runs before validation and must not fail on what validation reports."""
+    ids = user_id.cast(pl.Int64, strict=False).fill_null(0).to_numpy().astype(np.uint64)
     return ((ids * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) % np.uint64(partitions)
 
 
@@ -157,10 +159,13 @@ def ids_seen_elsewhere(work: str, table: str) -> dict[int, list[int]]:
     different users would both be kept, where `fin validate` keeps the first."""
     key = contract.TABLES[table].key
     shards = sorted((Path(work) / table).glob("p=*/*.parquet"))
-    if key is None or not shards:
+    # (a shard without the key column holds rows its partition's validation quarantines as missing it)
+    shards = [f for f in shards if key is not None and key in pl.read_parquet_schema(f)]
+    if not shards:
         return {}
-    rows = pl.concat([pl.scan_parquet(f).select(key, ORDER).with_columns(p=pl.lit(int(f.parent.name[2:])))
-                      for f in shards]).drop_nulls(key).collect()
+    # (a key of text, from a CSV log, is compared as the integer it reads as)
+    rows = pl.concat([pl.scan_parquet(f).select(pl.col(key).cast(pl.Int64, strict=False), ORDER)
+                      .with_columns(p=pl.lit(int(f.parent.name[2:]))) for f in shards]).drop_nulls(key).collect()
     first = rows.sort(ORDER).group_by(key, maintain_order=True).agg(first_p=pl.col("p").first(),
                                                                     partitions=pl.col("p").n_unique())
     later = rows.join(first.filter(pl.col("partitions") > 1), on=key).filter(pl.col("p") != pl.col("first_p"))

@@ -115,7 +115,10 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
             typed[f.name] = pl.lit(None, dtype=target)
             continue
         src = pl.col(f.name)
-        value = src.cast(wide, strict=False)
+        if is_list and not isinstance(raw.schema[f.name], pl.List):  # text (a CSV log) holds no list: bad_type
+            value = pl.lit(None, dtype=wide)
+        else:
+            value = src.cast(wide, strict=False)
         if wide == pl.String or (is_list and raw.schema[f.name] == wide):
             bad_type = pl.lit(False)
         else:

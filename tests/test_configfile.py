@@ -184,3 +184,15 @@ def test_the_loader_is_the_lowest_layer_s():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fin', 'serving', 'jobs')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_number_in_exponent_form_is_a_number(tmp_path):
+    """`lr: 1e-3` (no dot) is text to YAML 1.1's rules, which a number field refused; it is a number, as in YAML
+    1.2 and JSON. What is text stays text."""
+    path = tmp_path / "train.yaml"
+    path.write_text("lr: 1e-3\nsparse_lr: 2E-1\nloader:\n  batch_size: 64\n")
+    config = load_train_config(path)
+    assert (config.lr, config.sparse_lr, config.loader.batch_size) == (0.001, 0.2, 64)
+    path.write_text("model: e5\n")
+    with pytest.raises(ConfigError, match="unknown model 'e5'"):
+        load_train_config(path)

@@ -186,3 +186,13 @@ def test_the_daily_chain_embeds_the_new_runs_creatives_before_training(run, tmp_
     assert trained["init_from"] is None and "width 8, this run 0" in trained["init_skipped"]
     assert load_artifact(trained["artifact"]).model.config.image_dim == 0
     scheduler.close()
+
+
+def test_no_creatives_write_an_empty_view_source(tmp_path):
+    """A features run without creatives gives the embedding job no rows: it writes an empty source of width 0,
+    which training reads as no image modality (before, pyarrow refused a list width of 0 and the job failed)."""
+    from features.item_embeddings import write_embeddings
+
+    write_embeddings(tmp_path / "item_creative.parquet", np.zeros(0, np.int64), np.zeros((0, 0), np.float32), 0)
+    empty = ItemEmbeddings.read(tmp_path / "item_creative.parquet")
+    assert empty.dim == 0 and empty.rows(np.array([5, 6])).tolist() == [0, 0]

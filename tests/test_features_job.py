@@ -348,3 +348,21 @@ def test_a_local_ray_that_does_not_come_up_is_started_once_more(tmp_path, monkey
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("bad address")))
     with pytest.raises(RuntimeError, match="bad address"):
         RaySession(None, 1, tmp_path)
+
+
+def test_sharding_takes_what_validation_reports(tmp_path):
+    """Sharding runs before validation, so it must not fail on rows validation quarantines: a user id of text
+    (a CSV log) goes to the partition of the missing ids, and a file without its table's key column has no ids
+    to compare across partitions (before, the first crashed `shard_logs` and the second `ids_seen_elsewhere`)."""
+    from features.pipeline import ids_seen_elsewhere, shard_logs
+
+    t0 = 1_700_000_000_000
+    local = {k: int(v[0]) for k, v in contract.local_time_fields(np.array([t0]), 8.0).items()}
+    text_users = pl.DataFrame([dict(event_id=i, user_id=u, ts=t0, action=0, shop_id=10, category_1_id=1, **local)
+                               for i, u in enumerate(["1", "2", "n/a"])])
+    text_users.write_parquet(tmp_path / "behaviours.parquet")
+    assert shard_logs([str(tmp_path / "behaviours.parquet")], "behaviours", 0, str(tmp_path / "work"), 8) == 3
+    assert ids_seen_elsewhere(str(tmp_path / "work"), "behaviours") == {}
+    pl.DataFrame({"user_id": [1, 2], "ts": [t0, t0]}).write_parquet(tmp_path / "impressions.parquet")
+    shard_logs([str(tmp_path / "impressions.parquet")], "impressions", 0, str(tmp_path / "work"), 8)
+    assert ids_seen_elsewhere(str(tmp_path / "work"), "impressions") == {}

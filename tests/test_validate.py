@@ -12,7 +12,7 @@ from PIL import Image
 
 from features import contract
 from features.creatives import CREATIVE_SIZE, decode_pngs, encode_png
-from features.validate import ValidationConfig, validate_logs, write_report
+from features.validate import ValidationConfig, validate_logs, validate_table, write_report
 from tests.conftest import run_fin
 
 
@@ -218,3 +218,14 @@ def test_logs_without_creatives_are_valid(logs):
     (logs / f"{contract.CREATIVES.name}.parquet").unlink()
     report = validate_logs(logs)
     assert report.passed and contract.CREATIVES.name not in report.tables
+
+
+def test_a_list_column_given_as_text_is_quarantined_not_a_crash():
+    """A CSV log has no list type: its list column (an ad candidate's slot propensities) is text, which the
+    validator reports as bad_type for every row that has one (before, the whole run failed on the cast)."""
+    rows = pl.DataFrame({"candidate_id": [1, 2], "request_id": [1, 1], "user_id": [1, 1], "ts": [10, 10],
+                         "slot_propensities": ["[0.5, 0.2]", None]})
+    t = validate_table(rows, contract.AD_CANDIDATES, window=(0, 100), known_keys={})
+    reasons = t.quarantine.sort("candidate_id")["reason"].to_list()
+    assert "bad_type:slot_propensities" in reasons[0].split(";")
+    assert all("bad_type:slot_propensities" not in r.split(";") for r in reasons[1:])
