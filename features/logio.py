@@ -59,7 +59,26 @@ def read_files(files: list[Path] | list[str]) -> pl.DataFrame:
         except (pl.exceptions.SchemaError, pl.exceptions.ComputeError):
             pass
     frames = [_read_file(p) for p in paths]
-    return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+    return pl.concat(_one_type_per_column(frames), how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+
+
+def _one_type_per_column(frames: list[pl.DataFrame]) -> list[pl.DataFrame]:
+    """Scalar columns whose type differs across files made one type without changing a value: integers with
+    whole floats (an id column with a null, as pandas writes it) as Int64, other numbers and text as text,
+    which the validator casts. (The most general type would make integers and floats Float64 and round every
+    id above 2^53.)"""
+    types: dict[str, set[pl.DataType]] = {}
+    for frame in frames:
+        for column, dtype in frame.schema.items():
+            types.setdefault(column, set()).add(dtype)
+    target = {}
+    for column, dtypes in types.items():
+        if len(dtypes) < 2 or not all(t.is_numeric() or t == pl.String for t in dtypes):
+            continue
+        floats = [f[column] for f in frames if column in f.columns and f.schema[column].is_float()]
+        whole = all(((s == s.floor()) & (s.abs() < 2.0 ** 63)).all() for s in floats)  # (nulls ignored)
+        target[column] = pl.Int64 if whole and all(t.is_numeric() for t in dtypes) else pl.String
+    return [frame.with_columns(pl.col(c).cast(t) for c, t in target.items() if c in frame.columns) for frame in frames]
 
 
 def read_raw(root: str | Path, name: str) -> pl.DataFrame | None:

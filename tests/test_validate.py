@@ -229,3 +229,23 @@ def test_a_list_column_given_as_text_is_quarantined_not_a_crash():
     reasons = t.quarantine.sort("candidate_id")["reason"].to_list()
     assert "bad_type:slot_propensities" in reasons[0].split(";")
     assert all("bad_type:slot_propensities" not in r.split(";") for r in reasons[1:])
+
+
+def test_files_of_one_table_with_other_column_types_change_no_value(tmp_path):
+    """One file writes an id column with a null as float64 (as pandas does), another as int64 with an id above
+    2^53: read together, every id keeps its value (before, the column became float64 and the large id was
+    rounded, then accepted); a price written as int64 in one file and float64 in another keeps its cents."""
+    from features import logio
+
+    t0 = 1_700_000_000_000
+    local = {k: int(v[0]) for k, v in contract.local_time_fields(np.array([t0]), 8.0).items()}
+    row = dict(user_id=1, ts=t0, action=0, shop_id=10, category_1_id=1, **local)
+    folder = tmp_path / "behaviours" / "date=2023-11-14"
+    folder.mkdir(parents=True)
+    pl.DataFrame([dict(row, event_id=1, brand_id=2**60 + 1, price=12)]).write_parquet(folder / "a.parquet")
+    pl.DataFrame([dict(row, event_id=2, brand_id=None, price=12.5)]).with_columns(
+        pl.col("brand_id").cast(pl.Float64)).write_parquet(folder / "b.parquet")
+    t = validate_table(logio.read_raw(tmp_path, "behaviours"), contract.BEHAVIOURS, window=(0, 2**62), known_keys={})
+    clean = t.clean.sort("event_id")
+    assert t.quarantine.height == 0
+    assert clean["brand_id"].to_list() == [2**60 + 1, None] and clean["price"].to_list() == [12.0, 12.5]
