@@ -94,7 +94,11 @@ def parse_rows(raw: pl.DataFrame, config: ElemeConfig) -> tuple[pl.DataFrame, pl
               "geohash12": pl.col("geohash12").str.strip_chars().str.to_lowercase(),
               "shop_geohash_12": pl.col("shop_geohash_12").str.strip_chars().str.to_lowercase(),
               "shop_geohash_6": pl.col("shop_geohash_6").str.strip_chars().str.to_lowercase()}
-    df = raw.with_row_index("row", offset=1).with_columns(**typed)
+    # the numbers no check below reads as a whole (the label, ids and time fields have their own)
+    scalars = [c for c in (*SCALAR_INT, *SCALAR_FLOAT)
+               if c not in ("label", "user_id", "shop_id", "item_id", "category_1_id", "hours", "weekdays")]
+    given = {f"_given_{c}": pl.col(c).str.strip_chars().str.len_chars() > 0 for c in scalars}
+    df = raw.with_row_index("row", offset=1).with_columns(**given).with_columns(**typed)
 
     checks: list[tuple[str, pl.Expr]] = [
         ("bad_label", ~pl.col("label").is_in([0, 1]).fill_null(False)),
@@ -105,6 +109,14 @@ def parse_rows(raw: pl.DataFrame, config: ElemeConfig) -> tuple[pl.DataFrame, pl
         ("bad_shop_geohash", ~pl.col("shop_geohash_6").str.contains(geohash.pattern(6)).fill_null(False)),
     ]
     checks += [(f"bad_id:{c}", pl.col(c).is_null()) for c in ("user_id", "shop_id", "item_id", "category_1_id")]
+    # a number given that does not read as one (an empty field is a missing value, allowed where optional)
+    checks += [(f"bad_number:{c}", pl.col(f"_given_{c}").fill_null(False) & pl.col(c).is_null()) for c in scalars]
+    # values the contract's columns do not allow (their small integer types could not even hold some: the
+    # conversion of every row failed)
+    checks += [(f"out_of_range:{c}", _outside(pl.col(c), contract.USERS.ranges[c]).fill_null(False))
+               for c in ("gender", "is_super_vip")]
+    checks += [(f"bad_list_value:{c}_list", pl.col(f"{c}_list").list.eval(
+        _outside(pl.element(), contract.BEHAVIOURS.ranges[c])).list.any().fill_null(False)) for c in ("hours", "weekdays")]
     lists = (*LIST_INT, *LIST_FLOAT, *LIST_TEXT)
     first = pl.col(lists[0]).list.len()
     checks.append(("list_length_mismatch", pl.any_horizontal([pl.col(c).list.len() != first for c in lists[1:]])))
@@ -117,10 +129,14 @@ def parse_rows(raw: pl.DataFrame, config: ElemeConfig) -> tuple[pl.DataFrame, pl
     checks.append(("bad_list_value:timediff_list", pl.col("timediff_list").list.eval(pl.element() <= 0).list.any()))
     reason = pl.concat_str([pl.when(bad.fill_null(True)).then(pl.lit(n)) for n, bad in checks], separator=";",
                            ignore_nulls=True)
-    df = df.with_columns(reason=reason)
+    df = df.with_columns(reason=reason).drop(*given)
     bad = df["reason"] != ""
     quarantine = raw.with_row_index("row", offset=1).filter(bad).with_columns(reason=df.filter(bad)["reason"])
     return df.filter(~bad).drop("reason"), quarantine
+
+
+def _outside(x: pl.Expr, allowed: contract.Range) -> pl.Expr:
+    return (x < allowed.lo) | (x > allowed.hi)
 
 
 def to_tables(rows: pl.DataFrame, config: ElemeConfig) -> dict[str, pl.DataFrame]:

@@ -92,3 +92,20 @@ def test_a_non_finite_number_in_a_list_is_quarantined(tmp_path):
     source = tmp_path / "eleme.csv"
     pl.concat([raw, bad]).write_csv(source)
     assert convert_eleme(source, tmp_path / "logs")["quarantined_rows"] == 7 + 2
+
+
+def test_numbers_that_do_not_read_or_do_not_fit_go_to_quarantine():
+    """A number that does not read as one (before, silently a missing value) and one the contract's column does
+    not allow (before, a value past its small integer type failed the whole conversion) each quarantine their
+    row with a reason; the other rows convert."""
+    raw = pl.read_csv(FIXTURE, infer_schema=False)
+    base = raw.filter(pl.col("user_id") == "101").head(1)
+    cases = {"bad_number:brand_id": ("brand_id", "abc"), "bad_number:avg_price": ("avg_price", "cheap"),
+             "out_of_range:gender": ("gender", "300"), "out_of_range:is_super_vip": ("is_super_vip", "128"),
+             "bad_list_value:hours_list": ("hours_list", "200;11"), "bad_list_value:weekdays_list": ("weekdays_list", "0;1000")}
+    bad = pl.concat([base.with_columns(pl.lit(value).alias(column), pl.lit(str(900 + i)).alias("user_id"))
+                     for i, (column, value) in enumerate(cases.values())])
+    rows, quarantine = parse_rows(pl.concat([raw, bad]), ElemeConfig())
+    reasons = dict(zip(quarantine["user_id"].to_list(), quarantine["reason"].to_list()))
+    assert {reasons[str(900 + i)] for i in range(len(cases))} == set(cases)
+    assert rows.height == 5  # the fixture's good rows
