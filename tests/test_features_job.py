@@ -227,9 +227,10 @@ def _contract_rows(spec, rows: list[dict]) -> pl.DataFrame:
     return pl.from_arrow(contract.to_table(spec, columns))
 
 
-def _publish_online(out: Path, events: list[tuple[int, int]]) -> pl.DataFrame:
+def _publish_online(out: Path, events: list[tuple[int, int]], impressions: int = 1, clicks: int = 0) -> pl.DataFrame:
     """One features run's online step (`apply_feast`, a real Feast sqlite store) over behaviours (user, ts): its
-    timelines, each user's newest event its row's time, and a day of statistics; returns the timelines."""
+    timelines, each user's newest event its row's time, and a day of statistics (item and shop 10's impressions
+    and clicks on the last day); returns the timelines and how many users' timelines it wrote online."""
     from features import aggregates
     from features.build import SplitDays
     from features.dataset import EVENT_TIMESTAMP, STATS_VIEWS
@@ -256,14 +257,14 @@ def _publish_online(out: Path, events: list[tuple[int, int]]) -> pl.DataFrame:
     day = (events[-1][1] + 8 * 3_600_000) // 86_400_000
     newest = {"user_timeline": online[EVENT_TIMESTAMP].max()}
     for key, view in STATS_VIEWS.items():
-        counts = pl.DataFrame({key: [10], "day": [day], "impressions": [1], "clicks": [0]},
+        counts = pl.DataFrame({key: [10], "day": [day], "impressions": [impressions], "clicks": [clicks]},
                               schema={key: pl.Int64, "day": pl.Int32, "impressions": pl.Int64, "clicks": pl.Int64})
         stats = aggregates.point_in_time_stats(counts, key, day, day, 8.0)
         stats.write_parquet(data.stats_source(key))
         newest[view] = stats[EVENT_TIMESTAMP].max()
-    apply_feast(dataclasses.replace(plan, last_day=day, split=SplitDays.last_days(day, 7, 7)), OnlineStoreConfig(),
+    pushed = apply_feast(dataclasses.replace(plan, last_day=day, split=SplitDays.last_days(day, 7, 7)), OnlineStoreConfig(),
                 newest)
-    return timelines
+    return timelines, pushed["timelines_pushed"]
 
 
 def test_an_id_repeated_under_another_user_is_kept_once(tmp_path):
@@ -310,10 +311,26 @@ def test_a_user_whose_newest_event_is_at_the_watermark_is_pushed(tmp_path):
     stale)."""
     t0 = 1_700_000_000_000
     _publish_online(tmp_path, [(1, t0 - 10_000), (1, t0)])
-    timelines = _publish_online(tmp_path, [(1, t0 - 10_000), (1, t0), (1, t0 + 1), (2, t0 + 5_000)])
+    timelines, _ = _publish_online(tmp_path, [(1, t0 - 10_000), (1, t0), (1, t0 + 1), (2, t0 + 5_000)])
     online = read_timelines(FeatureStore(repo_path=str(tmp_path / "feast")), [1, 2])
     for user, got in zip([1, 2], online):
         assert got["ts"].tolist() == timelines.filter(pl.col("user_id") == user)["ts"].item().to_list()
+
+
+def test_a_late_event_and_a_day_s_late_impressions_reach_the_online_store(tmp_path):
+    """The next run's logs hold an event older than its user's newest (delivered late) and more impressions of
+    the last day: the user's online timeline gets the event and the day's statistics are written again (before,
+    only users with events past the last run's newest were pushed, and statistics from the watermark on: both
+    stayed as the first run left them). A user whose timeline is unchanged is not written again."""
+    t0 = 1_700_000_000_000
+    assert _publish_online(tmp_path, [(1, t0 - 10_000), (1, t0), (2, t0 + 5_000)])[1] == 2
+    timelines, pushed = _publish_online(tmp_path, [(1, t0 - 10_000), (1, t0 - 5_000), (1, t0), (2, t0 + 5_000)], 40, 30)
+    assert pushed == 1  # user 2's timeline is as it was
+    store = FeatureStore(repo_path=str(tmp_path / "feast"))
+    assert read_timelines(store, [1])[0]["ts"].tolist() == timelines.filter(pl.col("user_id") == 1)["ts"].item().to_list()
+    stats = store.get_online_features(features=["item_stats:impressions_7d", "item_stats:clicks_7d"],
+                                      entity_rows=[{"item_id": 10}]).to_dict()
+    assert (stats["impressions_7d"][0], stats["clicks_7d"][0]) == (40, 30)
 
 
 @pytest.mark.parametrize("message", ["Timed out waiting for file .../gcs_server_port_...",
