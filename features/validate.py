@@ -196,11 +196,12 @@ def _repeated_ids(typed: pl.DataFrame, key: str, passing: np.ndarray,
     rows = pl.DataFrame({"k": typed[key], "passing": passing}).with_row_index("row")
     first = rows.filter(pl.col("passing") & pl.col("k").is_not_null()).group_by("k").agg(pl.col("row").min().alias("first"))
     first = rows.join(first, on="k", how="left", maintain_order="left")["first"]
-    repeated = (first.is_not_null() & (rows["row"] > first)).to_numpy()
-    if seen_elsewhere is not None:
+    later = (first.is_not_null() & (rows["row"] > first)).to_numpy()  # than the first passing row of its id
+    repeated = later.copy()
+    if seen_elsewhere is not None:  # (a row of another partition's user: never a copy of one here)
         repeated |= np.asarray(seen_elsewhere, bool) & typed[key].is_not_null().to_numpy()
     copies = np.zeros(typed.height, bool)
-    candidates = np.flatnonzero(repeated & passing & first.is_not_null().to_numpy())
+    candidates = np.flatnonzero(later & passing)
     if candidates.size:
         them, originals = typed[candidates], typed[first.to_numpy()[candidates].astype(np.int64)]
         same = np.logical_and.reduce([them[c].eq_missing(originals[c]).to_numpy() for c in typed.columns])
