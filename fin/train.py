@@ -155,6 +155,7 @@ def train(data: str | Path, models: str | Path, config: TrainConfig = TrainConfi
     weights (a warm start, e.g. from yesterday's model) instead of a random initialisation."""
     name = name or config.model
     config = with_image_modality(Path(data), config, log)
+    _warn_of_a_shorter_online_window(Path(data), config, log)
     args = (Path(data), Path(models), config, name, None if init_from is None else Path(init_from))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: this process is one worker
         return _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *args, log)
@@ -175,6 +176,25 @@ def with_image_modality(data: Path, config: TrainConfig, log: Log = _stderr) -> 
     if config.images and not dim:
         log(f"no creative embeddings at {embeddings_source(dataset)}: training without the image modality")
     return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, image_dim=dim))
+
+
+def _warn_of_a_shorter_online_window(data: Path, config: TrainConfig, log: Log) -> None:
+    """Say so when the model reads more events of a history than the features job keeps in the online store
+    (`fin features --max-seq-len`): served requests would then read shorter histories than training did."""
+    stats = Dataset.at(data).stats_file
+    online = json.loads(stats.read_text()).get("config", {}).get("max_seq_len") if stats.exists() else None
+    window = _window(config)
+    if online is not None and window > online:
+        log(f"warning: the model reads the last {window} events of a history, the online store keeps {online} "
+            f"(fin features --max-seq-len {online}): served requests will read fewer than training does; "
+            f"train with --max-seq-len {online} or build the features with --max-seq-len {window}")
+
+
+def _window(config: TrainConfig) -> int:
+    """The most recent events of each history the model reads: `max_seq_len`, or fewer where the model reads
+    fewer (`events_read`: DIN's recent 50, none for the DNN)."""
+    reads = MODELS[config.model].events_read(config.loader.fragments)  # None: the whole window
+    return config.loader.max_seq_len if reads is None else min(config.loader.max_seq_len, reads)
 
 
 def _free_port() -> int:
@@ -263,8 +283,7 @@ def _fit_held(rank, world, device, data, models, config, name, init_from, log, p
     # fragments are cut where the model runs: on a GPU the loader ships timeline slices and pointers only;
     # and it ships no event older than the model reads (DIN's 50, none for the DNN: the same fragments)
     on_host = device.type == "cpu"
-    reads = MODELS[config.model].events_read(config.loader.fragments)  # None: the whole window
-    loader = dataclasses.replace(config.loader, max_seq_len=min(config.loader.max_seq_len, reads or config.loader.max_seq_len))
+    loader = dataclasses.replace(config.loader, max_seq_len=_window(config))
     images = config.model_config.image_dim > 0
     train_stream = ExampleStream(data, "train", loader, rank, world, cut=on_host, images=images)
     # replicas are one model after each epoch's merge: each scores the whole split alike, as a lone worker does

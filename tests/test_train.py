@@ -324,6 +324,19 @@ def test_one_training_of_a_name_at_a_time_and_checkpoints_of_this_data_only(feat
     assert _fingerprint(data / "data", config, 1)["data_files"] != before["data_files"]
 
 
+def test_a_model_reading_more_events_than_the_online_store_keeps_is_told(features_job):
+    """The features job kept 50 events per user online: a FIN reading 100 is warned that served requests read
+    fewer; one reading 50, or a DIN reading its recent 10 of 100, is not."""
+    from fin.train import _warn_of_a_shorter_online_window
+
+    out, _ = features_job
+    for model, max_seq_len, warned in (("fin", 100, True), ("fin", 50, False), ("din", 100, False)):
+        messages = []
+        config = _config(model=model, loader={**TRAIN_CONFIG["loader"], "max_seq_len": max_seq_len})
+        _warn_of_a_shorter_online_window(out / "data", config, messages.append)
+        assert bool(messages) == warned and all("--max-seq-len 50" in m for m in messages)
+
+
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("model: sim\nloader:\n  batch_size: 32\nmodel_config:\n  tower: [8, 4]\n")
