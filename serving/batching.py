@@ -124,9 +124,12 @@ class ForwardBatcher:
     def _forward(self, batch: list[_Waiting]) -> None:
         try:
             scores = self.forward.run(batch[0].artifact, [w.request for w in batch])
-        except Exception as e:  # noqa: BLE001 - every request of the forward gets the error, the thread lives on
-            for w in batch:
-                w.future.set_exception(e)
+        except Exception as e:  # noqa: BLE001 - the thread lives on
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+            else:  # one request's values may have failed them all: each alone, to get its own answer
+                for w in batch:
+                    self._forward([w])
             return
         if self.observe_batch is not None:
             self.observe_batch(len(batch))

@@ -17,7 +17,7 @@ import numpy as np
 
 from serving.batching import ForwardBatcher
 from serving.metrics import ServingMetrics
-from serving.onnx_model import OnnxModel
+from serving.onnx_model import OnnxModel, RefusedInput
 from serving.pb import inference_v2_pb2 as pb
 from serving.pb import inference_v2_pb2_grpc as pb_grpc
 from serving.repository import ModelNotFound, ModelRepository
@@ -38,8 +38,9 @@ class BadInfer(ValueError):
 def _version(text: str) -> int | None:
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()):  # ("²" is a digit to str.isdigit, not to int)
-        raise BadInfer(f"model version {text!r} is not a number")
+    # ("²" is a digit to str.isdigit, not to int; int() refuses over 4,300 digits, no version has 19)
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise BadInfer(f"model version {text[:40]!r} is not a version number")
     return int(text)
 
 
@@ -48,7 +49,7 @@ def _input_array(request: pb.ModelInferRequest, index: int, spec) -> np.ndarray:
     if tensor.datatype != spec.datatype:
         raise BadInfer(f"input {tensor.name!r} is {tensor.datatype}, the model takes {spec.datatype}")
     shape = tuple(tensor.shape)
-    if len(shape) != len(spec.shape) or any(s < 0 for s in shape) or \
+    if len(shape) != len(spec.shape) or any(s < 1 for s in shape) or \
             any(want >= 0 and got != want for got, want in zip(shape, spec.shape)):
         raise BadInfer(f"input {tensor.name!r} has shape {list(shape)}, the model takes {list(spec.shape)}")
     count = math.prod(shape)
@@ -129,7 +130,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except BadInfer as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
-        outputs = await asyncio.wrap_future(self.batcher.submit(model, arrays))
+        try:
+            outputs = await asyncio.wrap_future(self.batcher.submit(model, arrays))
+        except RefusedInput as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
         specs = {s.name: s for s in model.outputs}
         for name in wanted:

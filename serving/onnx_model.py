@@ -51,9 +51,19 @@ class OnnxModel(Loaded):
     max_batch_size: int  # 0: no batch dimension
 
     def infer(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every declared input by name -> every declared output by name."""
+        """Every declared input by name -> every declared output by name; `RefusedInput` where onnxruntime
+        refuses the values (an index outside a table, a size the graph fixes otherwise)."""
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
         names = [o.name for o in self.outputs]
-        return dict(zip(names, self.session.run(names, arrays)))
+        try:
+            return dict(zip(names, self.session.run(names, arrays)))
+        except InvalidArgument as e:
+            raise RefusedInput(f"{self.name}: the model refused the inputs: {' '.join(str(e).split())}") from None
+
+
+class RefusedInput(ValueError):
+    """Inputs of the declared types and shapes that the graph refuses: the caller's values, not the server."""
 
 
 def read_config(config: dict) -> tuple[list[TensorSpec], list[TensorSpec], int]:

@@ -82,6 +82,34 @@ def test_waiting_infer_calls_share_a_vision_forward_and_get_what_each_would_alon
         np.testing.assert_allclose(got["logits"], alone["logits"].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_request_that_fails_a_joined_forward_fails_alone():
+    """Requests waiting together share a forward; when one request's values make the forward fail (an id outside
+    an ONNX model's table), each request is run again alone: the others get their results, it gets the error
+    (before, every request of the forward got it: other clients' valid calls failed)."""
+    running, release, sizes = threading.Event(), threading.Event(), []
+
+    def run(model, requests):
+        if model == "slow":
+            running.set()
+            release.wait(10)
+        sizes.append(len(requests))
+        if "bad" in requests:
+            raise ValueError("index out of range")
+        return [r.upper() for r in requests]
+
+    batcher = ForwardBatcher(threads=1, forward=Forward(run=run, size=lambda request: 1, budget=lambda model: 8))
+    batcher.start()
+    slow = batcher.submit("slow", "s")
+    assert running.wait(10)
+    waiting = [batcher.submit("m", r) for r in ("a", "bad", "c")]
+    release.set()
+    assert slow.result(timeout=10) == "S" and [waiting[i].result(timeout=10) for i in (0, 2)] == ["A", "C"]
+    with pytest.raises(ValueError, match="out of range"):
+        waiting[1].result(timeout=10)
+    assert sizes == [1, 3, 1, 1, 1]  # joined once, then each alone
+    batcher.close()
+
+
 def test_close_answers_every_call_submitted_before_it():
     """Calls of two models wait behind a running forward when the batcher is closed: the forward that takes the
     first call meets the other model's call and then the stop; both are still answered before the thread ends

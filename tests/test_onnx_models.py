@@ -119,6 +119,18 @@ def _graph(path, node: str, inputs: list, output: list, constant: float | None =
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
+def _table(path):
+    """A graph that looks ids "x" [n] up in a table of 10 rows of 2: "y" [n, 2]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+                              [numpy_helper.from_array(np.arange(20, dtype=np.float32).reshape(10, 2), "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
 def test_models_at_the_edges_of_a_config(features_job, tmp_path):
     """A graph with a fixed batch is not added with batching (joined calls failed in onnxruntime); a model with a
     scalar input is served (it ended the forward threads: no ModelInfer of any model was answered after it); a
@@ -131,8 +143,9 @@ def test_models_at_the_edges_of_a_config(features_job, tmp_path):
     _graph(tmp_path / "scalar.onnx", "Mul", [TensorProto.FLOAT, []], [TensorProto.FLOAT, []], constant=2.0)
     _graph(tmp_path / "bytes.onnx", "Cast", [TensorProto.UINT8, ["n", 4]], [TensorProto.FLOAT, ["n", 4]],
            to=TensorProto.FLOAT)
+    _table(tmp_path / "table.onnx")
     configs = {"fixed": (4, "FP32", [4], "FP32", [4]), "scalar": (0, "FP32", [], "FP32", []),
-               "bytes": (4, "UINT8", [4], "FP32", [4])}
+               "bytes": (4, "UINT8", [4], "FP32", [4]), "table": (8, "INT64", [], "FP32", [2])}
     for name, (batch, in_type, in_dims, out_type, out_dims) in configs.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
             "max_batch_size": batch, "inputs": [{"name": "x", "datatype": in_type, "dims": in_dims}],
@@ -153,9 +166,19 @@ def test_models_at_the_edges_of_a_config(features_job, tmp_path):
         sent = triton.InferInput("x", [1, 4], "UINT8")
         sent.set_data_from_numpy(np.array([[1, 255, 0, 7]], np.uint8))
         assert client.infer("bytes", [sent]).as_numpy("y").tolist() == [[1.0, 255.0, 0.0, 7.0]]
-        with pytest.raises(InferenceServerException) as e:
-            client.infer("bytes", [sent], model_version="²")
-        assert "StatusCode.INVALID_ARGUMENT" == e.value.status() and "not a number" in e.value.message()
+        # a version that is no number, or too long for one (int() refuses over 4,300 digits: it was UNKNOWN), an
+        # empty dimension (a reshape failed: UNKNOWN), values the graph refuses (an index past a table: UNKNOWN)
+        empty = triton.InferInput("x", [0, 4], "UINT8")
+        empty.set_data_from_numpy(np.zeros((0, 4), np.uint8))
+        index = triton.InferInput("x", [1], "INT64")
+        index.set_data_from_numpy(np.array([100], np.int64))
+        for model, sent_input, version, message in (("bytes", sent, "²", "not a version number"),
+                                                    ("bytes", sent, "1" * 5000, "not a version number"),
+                                                    ("bytes", empty, "", "has shape [0, 4]"),
+                                                    ("table", index, "", "the model refused the inputs")):
+            with pytest.raises(InferenceServerException) as e:
+                client.infer(model, [sent_input], model_version=version)
+            assert "StatusCode.INVALID_ARGUMENT" == e.value.status() and message in e.value.message(), e.value.message()
     finally:
         code, err = running.stop()
     assert code == 0, err
