@@ -61,3 +61,9 @@ class ServerConfig:
     behaviour_log: Path | None = None  # log folder ingested behaviours go to (None: Ingest is refused)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+
+    def __post_init__(self):
+        ports = [f"{name} {port}" for name, port in (("port", self.port), ("metrics_port", self.metrics_port))
+                 if not 0 <= port <= 65535]
+        if ports:  # (gRPC would listen on the port modulo 65536)
+            raise ValueError(f"{', '.join(ports)}: a port is 0 (any free one) to 65535")

@@ -22,12 +22,13 @@ import pyarrow as pa
 from features import contract, sequences
 from features.validate import check_arrays
 
-# BehaviourEvent fields by the contract's column names; ids read 0 (event ids: a negative one) and cells ""
-# as unknown (null): the contract then refuses a required one as null
+# BehaviourEvent fields by the contract's column names; ids read 0 (event ids and actions: a negative one) and
+# cells "" as unknown (null): the contract then refuses a required one as null
 _INTS = {"event_id": "event_id", "user_id": "user_id", "ts": "ts_ms", "action": "action", "shop_id": "shop_id",
          "item_id": "item_id", "category_1_id": "category_id", "brand_id": "brand_id", "shop_aoi_id": "shop_aoi_id",
          "aoi_id": "aoi_id", "city_id": "city_id"}
 _CELLS = {"shop_geohash_6": "shop_geohash", "geohash_6": "geohash"}
+_NEGATIVE_UNKNOWN = ("event_id", "action")  # where 0 is a value (an id, a click), a negative one is unknown
 _FIELDS = operator.attrgetter(*_INTS.values(), "price", *_CELLS.values())
 _WINDOW_START_MS = 946_684_800_000  # 2000-01-01: earlier times are typing errors, not behaviour
 _FUTURE_MS = 86_400_000  # times up to a day ahead of the server's clock are accepted (clock skew)
@@ -50,7 +51,7 @@ def message_columns(messages, utc_offset_hours: float) -> dict[str, np.ndarray]:
     columns = {}
     for i, name in enumerate(_INTS):
         ids = np.array(values[i], np.int64)
-        unknown = ids < 0 if name == "event_id" else np.zeros(ids.size, bool) if name in ("ts", "action") else ids <= 0
+        unknown = ids < 0 if name in _NEGATIVE_UNKNOWN else np.zeros(ids.size, bool) if name == "ts" else ids <= 0
         columns[name] = np.ma.masked_array(ids, unknown)
     columns["price"] = np.ma.masked_array(np.array(values[len(_INTS)], np.float64), np.zeros(len(messages), bool))
     for i, name in enumerate(_CELLS):
@@ -147,7 +148,9 @@ def behaviour_events(rows: pl.DataFrame) -> list:
     what a client of Ingest sends, e.g. `fin ingest` replaying a log folder."""
     from serving.pb import ctr_scoring_pb2 as pb
 
-    ints = rows.select(*[pl.col(c).cast(pl.Int64).fill_null(0).alias(f) for c, f in _INTS.items()])
+    # (an unknown event id or action is -1 on the wire: 0 is an id, and a click)
+    ints = rows.select(*[pl.col(c).cast(pl.Int64).fill_null(-1 if c in _NEGATIVE_UNKNOWN else 0).alias(f)
+                         for c, f in _INTS.items()])
     cells = rows.select(*[pl.col(c).fill_null("").alias(f) for c, f in _CELLS.items()])
     prices = rows["price"].cast(pl.Float64).fill_null(0.0).to_list()
     return [pb.BehaviourEvent(**i, **c, price=p)

@@ -26,7 +26,8 @@ class ServingMetrics:
         self.degraded = Counter("fin_degraded_requests", "requests scored without the online store", registry=r)
         self.cold_start = Counter("fin_cold_start_requests", "requests of users without a stored timeline",
                                   registry=r)
-        self.model_version = Gauge("fin_model_version", "newest loaded version per model", ["model"], registry=r)
+        self.model_version = Gauge("fin_model_version", "the version each model serves unpinned (its promoted one, "
+                                   "else its newest loaded)", ["model"], registry=r)
         self.model_compiled = Gauge("fin_model_compiled", "1 when a loaded CTR version scores through its compiled "
                                     "package, 0 when eagerly", ["model", "version"], registry=r)
         self.reload_failures = Counter("fin_model_reload_failures", "model versions refused", ["model"], registry=r)

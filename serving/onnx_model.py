@@ -163,6 +163,11 @@ def add_onnx(models: str | Path, name: str, onnx_file: str | Path, config: dict,
     models, onnx_file = Path(models), Path(onnx_file)
     if not onnx_file.is_file():
         raise ArtifactError(f"{onnx_file} is not a file")
+    # what the server's scan loads: a folder name of MODELS, and a version folder of ASCII digits
+    if not name or name.startswith(".") or Path(name).name != name:
+        raise ArtifactError(f"model name {name!r} is not one folder name (no '/', not starting with '.')")
+    if version is not None and version < 1:
+        raise ArtifactError(f"version {version} is not a version: versions are 1 and up")
     version = version if version is not None else max(versions(models, name), default=0) + 1
     folder = models / name / str(version)
     if folder.exists():

@@ -12,7 +12,7 @@ from features import contract, logio, sequences
 from features.behaviour_log import BehaviourLog
 from features.realtime import SqliteRealtime
 from features.validate import validate_table
-from serving.ingest import _FUTURE_MS, _WINDOW_START_MS, behaviour_rows, check_events, ingest_calls
+from serving.ingest import _FUTURE_MS, _WINDOW_START_MS, behaviour_events, behaviour_rows, check_events, ingest_calls
 from serving.pb import ctr_scoring_pb2 as pb
 
 NOW = 1_780_000_000_000
@@ -71,6 +71,16 @@ def test_a_repeated_event_id_in_one_call_is_one_event_and_unknown_ids_are_each_r
     checked = check_events([first, again, later, later], 8.0, now_ms=NOW)
     assert checked.repeats == 1 and checked.behaviours["price"].to_pylist() == [3.0]
     assert checked.refused == [(2, "null:event_id"), (3, "null:event_id")]
+
+
+def test_a_log_row_without_an_event_id_or_action_is_sent_as_unknown_and_refused():
+    """A log row's null event id or action goes on the wire as unknown (-1), so the server refuses it as the
+    features job quarantines it (before, both were sent as 0: an id, and a click, and the event was accepted)."""
+    row = dict(event_id=1, user_id=1, ts=NOW - 1000, action=1, shop_id=5, category_1_id=2, shop_geohash_6="wtw3sj")
+    rows = pl.DataFrame([row, dict(row, event_id=2, action=None), dict(row, event_id=None)])
+    rows = pl.from_arrow(contract.BEHAVIOURS.schema.empty_table()).drop(rows.columns).clear(rows.height).hstack(rows)
+    checked = check_events(behaviour_events(rows), 8.0, now_ms=NOW)
+    assert checked.refused == [(1, "null:action"), (2, "null:event_id")] and len(checked.checked) == 1
 
 
 def test_a_refused_event_keeps_no_later_copy_of_its_id_from_being_stored(tmp_path):

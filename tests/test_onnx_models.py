@@ -6,6 +6,7 @@ Like tests/test_inference_protocol.py, this module must not import `serving.pb.i
 (tritonclient registers the same protocol messages in the process-wide protobuf pool)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -67,6 +68,21 @@ def test_a_model_whose_config_does_not_fit_its_graph_is_not_added(exported, tmp_
                   "--onnx", str(exported / "fusion.onnx"), "--config", str(tmp_path / "typed.yaml"))
     assert out.returncode != 0 and "'fused' is tensor(float) in the graph, declared INT64" in out.stderr
     assert not any((tmp_path / "models" / "fusion").glob("[0-9]*"))  # nothing half-added
+    (tmp_path / "right.yaml").write_text(yaml.safe_dump(CONFIG))
+    # what the server's scan would never load is not added (before, it was "added")
+    for name, version, message in (("team/fusion", "1", "not one folder name"), (".fusion", "1", "not one folder name"),
+                                   ("fusion", "-1", "versions are 1 and up")):
+        out = run_fin("add-onnx", "--models", str(tmp_path / "models"), "--name", name, "--version", version,
+                      "--onnx", str(exported / "fusion.onnx"), "--config", str(tmp_path / "right.yaml"))
+        assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_a_port_past_65535_is_refused():
+    """gRPC listens on a port modulo 65536: `fin serve --port 70000` listened on 4464."""
+    from serving.config import ServerConfig
+
+    with pytest.raises(ValueError, match="port 70000: a port is 0"):
+        ServerConfig(models=Path(), feast_repo=Path(), port=70000)
 
 
 def test_triton_client_infers_what_onnxruntime_computes(exported, features_job, tmp_path):
