@@ -42,7 +42,7 @@ class ModelNotFound(LookupError):
 
 @dataclass(frozen=True)
 class Change:
-    action: str  # "loaded", "refused" or "promoted"
+    action: str  # "loaded", "refused", "promoted" or "unloaded" (its folder was removed)
     name: str
     version: int
     reason: str = ""
@@ -135,7 +135,8 @@ class ModelRepository:
             changes, models = [], {n: dict(v) for n, v in self.serving.models.items()}
             defaults = dict(self.serving.defaults)
             for name in sorted(p.name for p in self.root.glob("*") if p.is_dir() and not p.name.startswith(".")):
-                wanted = set(versions(self.root, name)[-self.keep_versions:])
+                on_disk = versions(self.root, name)
+                wanted = set(on_disk[-self.keep_versions:])
                 chosen = promoted(self.root, name)
                 if chosen is not None:
                     wanted.add(chosen)
@@ -147,10 +148,17 @@ class ModelRepository:
                     defaults[name] = chosen
                     changes.append(Change("promoted", name, chosen))
                     log.info("model %s version %s is the default (promoted)", name, chosen)
-            for name, loaded in models.items():  # keep the newest few versions of each model, and its default
-                for old in sorted(loaded)[:-self.keep_versions]:
-                    if old != defaults.get(name):
-                        del loaded[old]
+                # keep what is wanted and the default; a version whose folder was removed (a rollback by deleting
+                # the newest) goes too, unless nothing else of the model is loaded. (Evicting by age instead, a
+                # removed newest made each scan load an older version and evict it again.)
+                loaded = models.get(name, {})
+                for version in sorted(loaded):
+                    gone = version not in on_disk
+                    if (gone or version not in wanted) and version != defaults.get(name) and len(loaded) > 1:
+                        del loaded[version]
+                        if gone:
+                            changes.append(Change("unloaded", name, version))
+                            log.info("model %s version %s unloaded: its folder is gone", name, version)
             self.serving = _Serving(models, defaults)  # the swap: one reference
             return changes
 
@@ -176,6 +184,9 @@ class ModelRepository:
             self.refused[(name, version)] = _stamp(folder)
             log.error("refused model %s version %s: %s", name, version, e)
             return Change("refused", name, version, str(e))
+        # named as it is served, by its folder (a version copied under another name keeps its artifact.json,
+        # whose name would answer calls to the copy), as its number is (`fin.versions.Loaded.version`)
+        artifact.meta = {**artifact.meta, "name": name}
         models.setdefault(name, {})[version] = artifact
         self.refused.pop((name, version), None)
         log.info("loaded model %s version %s (%s%s)", name, version, artifact.meta["model"],

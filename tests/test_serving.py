@@ -433,3 +433,27 @@ def test_processes_share_the_port(trained_models, features_job):
         code, err = running.stop()
     assert code == 0, err
     assert err.count("shutting down") == 2  # both processes drained
+
+
+def test_a_version_whose_folder_is_removed_is_unloaded_and_a_copy_is_named_by_its_folder(tmp_path):
+    """Rolling back by removing the newest version's folder: the repository unloads it and keeps the two newest
+    left (before, each scan loaded the older version, evicted it by age in the same scan and failed on it; the
+    removed version kept serving)."""
+    from serving.repository import ModelRepository
+    from serving.vision import write_example
+
+    for version in (1, 2, 3):
+        write_example(tmp_path, "small_cnn", version=version, seed=version)
+    repository = ModelRepository(tmp_path)
+    try:
+        assert [c.action for c in repository.refresh()] == ["loaded", "loaded"]  # the two newest
+        shutil.rmtree(tmp_path / "small_cnn" / "3")
+        changes = [(c.action, c.version) for c in repository.refresh()]
+        assert changes == [("loaded", 1), ("unloaded", 3)] and repository.versions("small_cnn") == [1, 2]
+        assert repository.refresh() == [] and repository.get("small_cnn").version == 2  # settled
+        # a version copied under another name is served by that name (before, by its artifact.json's)
+        shutil.copytree(tmp_path / "small_cnn" / "2", tmp_path / "other_cnn" / "1")
+        repository.refresh()
+        assert repository.get("other_cnn").name == "other_cnn" and repository.get("small_cnn").name == "small_cnn"
+    finally:
+        repository.close()
