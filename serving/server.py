@@ -33,7 +33,7 @@ from features.realtime import open_realtime, realtime_location
 from fin.artifact import Artifact
 from serving.batching import ForwardBatcher, model_forward, score_forward
 from serving.config import ServerConfig
-from serving.creatives import CreativeEmbeddings, RequestCreatives
+from serving.creatives import BadCreative, CreativeEmbeddings, RequestCreatives
 from serving.inference_protocol import InferenceService
 from serving.ingest_worker import IngestSettings, IngestUnavailable, IngestWorker
 from serving.metrics import ServingMetrics
@@ -73,17 +73,19 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         widths = [spec.shape[-1] for spec in model.outputs if spec.name == EMBEDDING]
         return model if widths == [width] else None
 
-    async def _creatives(self, request: pb.ScoreRequest, inputs, timeline, width: int) -> RequestCreatives:
-        """The request's creative embeddings (`serving.creatives`), read and embedded on a store thread; if
-        the store cannot be read, none (every candidate scored without an image and said so)."""
+    async def _creatives(self, request: pb.ScoreRequest, inputs, timeline, width: int,
+                         degraded: bool) -> RequestCreatives:
+        """The request's creative embeddings (`serving.creatives`), read and embedded on a store thread; while
+        the store is down (the request's features were `degraded`), from the cache alone; if the store cannot
+        be read, none (every candidate scored without an image and said so)."""
         items = inputs.candidates["item_id"]
         history = timeline["item_id"] if timeline is not None else np.zeros(0, np.int64)
         pngs = [c.creative_png for c in request.candidates]
         try:
             return await asyncio.wait_for(asyncio.to_thread(
-                self.creatives.for_request, items, pngs, history, width, self._encoder(width)),
+                self.creatives.for_request, items, pngs, history, width, self._encoder(width), not degraded),
                 self.config.online.read_timeout_s + 1.0)
-        except ValueError as e:  # a creative that is not a PNG of the encoder's size
+        except BadCreative as e:  # a creative that is not a PNG of the encoder's size
             raise BadRequest(str(e)) from None
         except Exception:  # noqa: BLE001 - a store failure or timeout scores without images
             return RequestCreatives(ItemEmbeddings.of(np.zeros(0, np.int64), np.zeros((0, width), np.float32)),
@@ -132,7 +134,8 @@ class CtrScoring(pb_grpc.CtrScoringServicer):
         creatives = None
         if artifact.model.config.image_dim:
             try:
-                creatives = await self._creatives(request, inputs, features.timeline, artifact.model.config.image_dim)
+                creatives = await self._creatives(request, inputs, features.timeline, artifact.model.config.image_dim,
+                                                  features.degraded)
             except BadRequest as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             scored = dataclasses.replace(scored, images=creatives.embeddings)

@@ -196,3 +196,20 @@ def test_no_creatives_write_an_empty_view_source(tmp_path):
     write_embeddings(tmp_path / "item_creative.parquet", np.zeros(0, np.int64), np.zeros((0, 0), np.float32), 0)
     empty = ItemEmbeddings.read(tmp_path / "item_creative.parquet")
     assert empty.dim == 0 and empty.rows(np.array([5, 6])).tolist() == [0, 0]
+
+
+def test_models_of_two_embedding_widths_each_read_their_own_cached_rows():
+    """Two creative models of different widths served at once (a retrained encoder's beside the last one's): each
+    width keeps its own cache (before, one cache was replaced whenever the width changed, so a request's rows
+    went into the other width's cache and valid requests were refused as bad creatives). While the store is
+    down, rows come from the cache alone (the store is not asked: here it is None)."""
+    from serving.creatives import CreativeEmbeddings
+
+    creatives = CreativeEmbeddings(store=None)
+    items = np.array([3, 5])
+    creatives._cache(16).put(items, np.full((2, 16), 1.0, np.float32))
+    creatives._cache(32).put(items[:1], np.full((1, 32), 2.0, np.float32))
+    rows, found = creatives.read(items, 16, store=False)
+    assert found.all() and rows.shape == (2, 16) and (rows == 1.0).all()
+    rows, found = creatives.read(items, 32, store=False)
+    assert found.tolist() == [True, False] and (rows[0] == 2.0).all()
