@@ -76,6 +76,10 @@ def request_inputs(request, config: ScoringConfig) -> RequestInputs:
         bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
         if bad.size:
             raise BadRequest(f"candidates[{bad[0]}].{field} must be a finite number >= 0, got {values[bad[0]]}")
+    bad = np.flatnonzero(numbers["bid"] > MAX_BID)
+    if bad.size:
+        raise BadRequest(f"candidates[{bad[0]}].bid {numbers['bid'][bad[0]]:g} is more than {MAX_BID:g}: its eCPM "
+                         f"would not fit the response's float")
     ids |= {name: numbers[name] for name in MODEL_NUMBERS}  # price and distance are model inputs, the bid is not
     return RequestInputs(user_id=int(request.user_id), context=context, candidates=ids, bids=numbers["bid"])
 
@@ -84,8 +88,12 @@ def _context(ctx, config: ScoringConfig) -> dict[str, int]:
     if ctx.ts_ms <= 0:
         raise BadRequest("context.ts_ms is required (UTC milliseconds since the epoch)")
     if ctx.geohash:
-        if len(ctx.geohash) < GEOHASH6:
-            raise BadRequest(f"context.geohash {ctx.geohash!r} is shorter than {GEOHASH6} characters")
+        if not GEOHASH6 <= len(ctx.geohash) <= 12:
+            raise BadRequest(f"context.geohash {ctx.geohash[:16]!r} is not {GEOHASH6} to 12 characters")
+        try:  # every character, not only the cell's 6 ("wtw3sjq!@#" was read as wtw3sj)
+            geohash.code_of(ctx.geohash)
+        except ValueError:
+            raise BadRequest(f"context.geohash {ctx.geohash!r} is not a geohash") from None
         cell = ctx.geohash[:GEOHASH6]
     elif ctx.HasField("lat") and ctx.HasField("lon"):
         if not (math.isfinite(ctx.lat) and math.isfinite(ctx.lon) and abs(ctx.lat) <= 90 and abs(ctx.lon) <= 180):
@@ -119,6 +127,9 @@ def score(artifact: Artifact, inputs: RequestInputs, timeline: dict[str, np.ndar
           stats: np.ndarray | None, images: ItemEmbeddings | None = None) -> np.ndarray:
     """pCTR [B] of one request's candidates."""
     return score_requests(artifact, [inputs.with_features(timeline, stats, images)])[0]
+
+
+MAX_BID = float(np.finfo(np.float32).max) / 1000  # eCPM = 1000 pCTR bid must fit the response's float
 
 
 def ecpm(pctr: np.ndarray, bids: np.ndarray) -> np.ndarray:

@@ -94,8 +94,10 @@ def test_concurrent_calls_score_as_sequential_ones(server):
     (_bad(user_id=0), "user_id"),
     (_bad(context=None), "context is required"),
     (_bad(**{"context.ts_ms": 0}), "ts_ms"),
-    (_bad(**{"context.geohash": "wtw"}), "shorter"),
+    (_bad(**{"context.geohash": "wtw"}), "is not 6 to 12 characters"),
     (_bad(**{"context.geohash": "wtw3!!"}), "not a geohash"),
+    (_bad(**{"context.geohash": "wtw3sjq!@#"}), "not a geohash"),  # junk after the cell (it was read as wtw3sj)
+    (_bad(**{"candidate.bid": 3.4e38}), "its eCPM would not fit"),  # (its eCPM was infinite)
     (_bad(**{"context.geohash": "", "context.lat": 91.0, "context.lon": 10.0}), "not a place"),
     (_bad(**{"context.geohash": ""}), "geohash or lat and lon"),
     (_bad(candidates=None), "empty"),
