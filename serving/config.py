@@ -21,6 +21,10 @@ class ScoringConfig:
     batch_candidates: int = 2000  # per forward: requests waiting together share one forward up to this
     utc_offset_hours: float = 8.0  # local time of the served city: meal slot, weekday and hour come from it
 
+    def __post_init__(self):
+        if not -14 <= self.utc_offset_hours <= 14:  # (NaN too: every Score failed reading its local time)
+            raise ValueError(f"utc_offset_hours {self.utc_offset_hours} is not a UTC offset (-14 to 14 hours)")
+
 
 @dataclass(frozen=True)
 class OnlineConfig:

@@ -110,12 +110,15 @@ class Running:
 
     def __init__(self, models: Path, feast_repo: Path, *args: str, credentials=None):
         fin = Path(sys.executable).parent / "fin"
+        # (stderr to a file, not a pipe: a server that logs more than a pipe holds before the test reads it would
+        # block on its next log line)
+        self.stderr = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([str(fin), "serve", "--models", str(models), "--feast-repo", str(feast_repo),
                                       "--port", "0", "--poll-s", "0.3", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         Running.started.append(self)
         line = self.proc.stdout.readline()
-        assert line.startswith("serving on 127.0.0.1:"), line + self.proc.stderr.read()
+        assert line.startswith("serving on 127.0.0.1:"), line + self.logged()
         self.addr = line.split()[2].rstrip(";")
         self.metrics_urls = line.split("metrics on ")[1].split()  # one per server process
         self.channel = (grpc.secure_channel(f"localhost:{self.addr.rsplit(':', 1)[1]}", credentials) if credentials
@@ -133,10 +136,15 @@ class Running:
     def stop(self, close_channel: bool = True) -> tuple[int, str]:
         """SIGTERM, as an orchestrator stops the server; its exit status and stderr."""
         self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=30)
+        self.proc.communicate(timeout=30)
         if close_channel:
             self.channel.close()
-        return self.proc.returncode, err
+        return self.proc.returncode, self.logged()
+
+    def logged(self) -> str:
+        """What the server wrote to stderr so far."""
+        self.stderr.seek(0)
+        return self.stderr.read()
 
 
 @pytest.fixture(autouse=True)

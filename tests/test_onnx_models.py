@@ -77,12 +77,15 @@ def test_a_model_whose_config_does_not_fit_its_graph_is_not_added(exported, tmp_
         assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
-def test_a_port_past_65535_is_refused():
-    """gRPC listens on a port modulo 65536: `fin serve --port 70000` listened on 4464."""
-    from serving.config import ServerConfig
+def test_server_settings_out_of_range_are_refused():
+    """gRPC listens on a port modulo 65536 (`fin serve --port 70000` listened on 4464); a UTC offset of NaN
+    started a server whose every Score failed."""
+    from serving.config import ScoringConfig, ServerConfig
 
     with pytest.raises(ValueError, match="port 70000: a port is 0"):
         ServerConfig(models=Path(), feast_repo=Path(), port=70000)
+    with pytest.raises(ValueError, match="is not a UTC offset"):
+        ScoringConfig(utc_offset_hours=float("nan"))
 
 
 def test_triton_client_infers_what_onnxruntime_computes(exported, features_job, tmp_path):
@@ -148,7 +151,8 @@ def _table(path):
 
 
 def test_models_at_the_edges_of_a_config(features_job, tmp_path):
-    """A graph with a fixed batch is not added with batching (joined calls failed in onnxruntime); a model with a
+    """A graph with a fixed batch is not added with batching (joined calls failed in onnxruntime), nor one whose
+    fixed size is declared as any (calls of another size failed in onnxruntime); a model with a
     scalar input is served (it ended the forward threads: no ModelInfer of any model was answered after it); a
     UINT8 input is served, and a version that is no number is INVALID_ARGUMENT (a version like "²" was an
     internal error)."""
@@ -160,7 +164,8 @@ def test_models_at_the_edges_of_a_config(features_job, tmp_path):
     _graph(tmp_path / "bytes.onnx", "Cast", [TensorProto.UINT8, ["n", 4]], [TensorProto.FLOAT, ["n", 4]],
            to=TensorProto.FLOAT)
     _table(tmp_path / "table.onnx")
-    configs = {"fixed": (4, "FP32", [4], "FP32", [4]), "scalar": (0, "FP32", [], "FP32", []),
+    _graph(tmp_path / "narrow.onnx", "Relu", [TensorProto.FLOAT, ["n", 1]], [TensorProto.FLOAT, ["n", 1]])
+    configs = {"narrow": (4, "FP32", [-1], "FP32", [-1]),  # declared any size where the graph fixes 1"fixed": (4, "FP32", [4], "FP32", [4]), "scalar": (0, "FP32", [], "FP32", []),
                "bytes": (4, "UINT8", [4], "FP32", [4]), "table": (8, "INT64", [], "FP32", [2])}
     for name, (batch, in_type, in_dims, out_type, out_dims) in configs.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
@@ -168,7 +173,7 @@ def test_models_at_the_edges_of_a_config(features_job, tmp_path):
             "outputs": [{"name": "y", "datatype": out_type, "dims": out_dims}]}))
         added = run_fin("add-onnx", "--models", str(models), "--name", name, "--onnx", str(tmp_path / f"{name}.onnx"),
                         "--config", str(tmp_path / f"{name}.yaml"))
-        assert (added.returncode != 0) == (name == "fixed"), added.stderr
+        assert (added.returncode != 0) == (name in ("fixed", "narrow")), added.stderr
     assert "has a fixed batch of 1 in the graph" in run_fin(
         "add-onnx", "--models", str(models), "--name", "fixed", "--onnx", str(tmp_path / "fixed.onnx"),
         "--config", str(tmp_path / "fixed.yaml")).stderr
