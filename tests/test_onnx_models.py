@@ -165,7 +165,8 @@ def test_models_at_the_edges_of_a_config(features_job, tmp_path):
            to=TensorProto.FLOAT)
     _table(tmp_path / "table.onnx")
     _graph(tmp_path / "narrow.onnx", "Relu", [TensorProto.FLOAT, ["n", 1]], [TensorProto.FLOAT, ["n", 1]])
-    configs = {"narrow": (4, "FP32", [-1], "FP32", [-1]),  # declared any size where the graph fixes 1"fixed": (4, "FP32", [4], "FP32", [4]), "scalar": (0, "FP32", [], "FP32", []),
+    configs = {"narrow": (4, "FP32", [-1], "FP32", [-1]),  # declared any size where the graph fixes 1
+               "fixed": (4, "FP32", [4], "FP32", [4]), "scalar": (0, "FP32", [], "FP32", []),
                "bytes": (4, "UINT8", [4], "FP32", [4]), "table": (8, "INT64", [], "FP32", [2])}
     for name, (batch, in_type, in_dims, out_type, out_dims) in configs.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
