@@ -55,19 +55,25 @@ def encode_png(images: np.ndarray) -> list[bytes]:
     return [header + _chunk(b"IDAT", _deflate(f.tobytes())) + _END for f in filtered]
 
 
-def _open(blob: bytes | None) -> tuple[np.ndarray | None, str]:
-    """(pixels, "") of an 8-bit RGB PNG, else (None, what is wrong with it)."""
+MAX_SIDE = 4096  # pixels a side of a creative decoded to check it
+
+
+def _open(blob: bytes | None, max_side: int = MAX_SIDE) -> tuple[np.ndarray | None, str]:
+    """(pixels, "") of an 8-bit RGB PNG of at most `max_side` pixels a side, else (None, what is wrong with it).
+    The size is read from the header before any row is decoded: a small file may declare a huge image."""
     if not isinstance(blob, (bytes, bytearray, memoryview)) or not bytes(blob[:8]) == _SIGNATURE:
         return None, "not a PNG"
     if not bytes(blob[-len(_END):]) == _END:  # truncated, whatever Pillow's LOAD_TRUNCATED_IMAGES says
         return None, "truncated (no IEND chunk at its end)"
     try:
         with Image.open(io.BytesIO(blob), formats=("PNG",)) as img:
+            if max(img.size) > max_side:
+                return None, f"{img.width}x{img.height}, more than {max_side} pixels a side"
             img.load()  # decodes every row: a truncated or corrupt stream fails here
             if img.mode != "RGB":
                 return None, f"mode {img.mode}, not RGB"
             return np.asarray(img), ""
-    except (OSError, ValueError, SyntaxError, struct.error, zlib.error) as e:
+    except (OSError, ValueError, SyntaxError, struct.error, zlib.error, Image.DecompressionBombError) as e:
         return None, f"not a decodable PNG ({e})"
 
 
@@ -76,7 +82,7 @@ def decode_pngs(blobs: Sequence[bytes], size: int = CREATIVE_SIZE, names: Sequen
     RGB PNG of size x size: by `names[i]` when given (the caller's name for it), else "creative i"."""
     out = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     for i, blob in enumerate(blobs):  # one codec call per image
-        pixels, problem = _open(blob)
+        pixels, problem = _open(blob, size)
         name = names[i] if names is not None else f"creative {i}"
         if pixels is None:
             raise ValueError(f"{name}: {problem}")

@@ -249,3 +249,24 @@ def test_files_of_one_table_with_other_column_types_change_no_value(tmp_path):
     clean = t.clean.sort("event_id")
     assert t.quarantine.height == 0
     assert clean["brand_id"].to_list() == [2**60 + 1, None] and clean["price"].to_list() == [12.0, 12.5]
+
+
+def test_a_png_declaring_a_huge_image_is_refused_from_its_header():
+    """A few hundred bytes may declare an image of billions of pixels: the size is read from the header and the
+    PNG refused before any row is decoded (before, it was decoded in full, or Pillow's bomb error escaped)."""
+    import struct
+    import zlib
+
+    from features.creatives import check_pngs
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def declaring(side: int) -> bytes:
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+    for side in (10_000, 100_000):
+        with pytest.raises(ValueError, match="creative 0: .*(more than 64 pixels a side|decompression bomb)"):
+            decode_pngs([declaring(side)], 64)
+        assert check_pngs([declaring(side)], np.array([side]), np.array([side]))[0] == "bad_png"
