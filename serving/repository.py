@@ -148,17 +148,19 @@ class ModelRepository:
                     defaults[name] = chosen
                     changes.append(Change("promoted", name, chosen))
                     log.info("model %s version %s is the default (promoted)", name, chosen)
-                # keep what is wanted and the default; a version whose folder was removed (a rollback by deleting
-                # the newest) goes too, unless nothing else of the model is loaded. (Evicting by age instead, a
-                # removed newest made each scan load an older version and evict it again.)
+                # a version whose folder was removed (a rollback by deleting the newest) is unloaded, unless nothing
+                # else of the model is loaded (left loaded, a removed newest made each scan load an older version
+                # that the eviction by age below dropped again)
                 loaded = models.get(name, {})
-                for version in sorted(loaded):
-                    gone = version not in on_disk
-                    if (gone or version not in wanted) and version != defaults.get(name) and len(loaded) > 1:
+                for version in [v for v in sorted(loaded) if v not in on_disk and v != defaults.get(name)]:
+                    if len(loaded) > 1:
                         del loaded[version]
-                        if gone:
-                            changes.append(Change("unloaded", name, version))
-                            log.info("model %s version %s unloaded: its folder is gone", name, version)
+                        changes.append(Change("unloaded", name, version))
+                        log.info("model %s version %s unloaded: its folder is gone", name, version)
+            for name, loaded in models.items():  # keep the newest few versions of each model, and its default
+                for old in sorted(loaded)[:-self.keep_versions]:
+                    if old != defaults.get(name):
+                        del loaded[old]
             self.serving = _Serving(models, defaults)  # the swap: one reference
             return changes
 
