@@ -420,7 +420,11 @@ def _fingerprint(data: Path, config: TrainConfig, world: int, init_from: Path | 
     files = sorted({*parts, *map(dataset.timeline_part, parts), *(dataset.stats_source(key) for key in STAT_KEYS)})
     identity = hashlib.sha256("\n".join(f"{p.relative_to(dataset.root)} {p.stat().st_size} {p.stat().st_mtime_ns}"
                                          for p in files if p.exists()).encode()).hexdigest()
-    return {"data": str(dataset.root.resolve()), "data_files": identity, "config": to_dict(config), "world": world,
+    # (what is done after training or only paces it may change on a rerun: `--no-compile` after a failed
+    # compile, other threads, would otherwise throw the trained epochs away)
+    trained = dataclasses.replace(config, compile=TrainConfig.compile, check_requests=TrainConfig.check_requests,
+                                  threads=TrainConfig.threads)
+    return {"data": str(dataset.root.resolve()), "data_files": identity, "config": to_dict(trained), "world": world,
             "init_from": None if init_from is None else str(init_from.resolve())}
 
 

@@ -318,6 +318,9 @@ def test_one_training_of_a_name_at_a_time_and_checkpoints_of_this_data_only(feat
     shutil.copytree(out, data)
     config = _config()
     assert _fingerprint(data, config, 1) == _fingerprint(data / "data", config, 1)
+    # a rerun with --no-compile (after a failed compile) or other threads resumes the epochs trained
+    assert _fingerprint(data, config, 1) == _fingerprint(data, _config(compile=True, threads=1), 1)
+    assert _fingerprint(data, config, 1) != _fingerprint(data, _config(lr=0.5), 1)
     before = _fingerprint(data / "data", config, 1)
     part = Dataset.at(data).parts(EXAMPLES, "train")[0]
     pl.read_parquet(part).head(5).write_parquet(part)  # the day's rebuild
