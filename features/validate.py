@@ -323,9 +323,9 @@ def write_report(report: ValidationReport, out: str | Path) -> Path:
     out = Path(out)
     qdir = out / "quarantine"
     qdir.mkdir(parents=True, exist_ok=True)
-    for name, result in report.tables.items():
-        path = qdir / f"{name}.parquet"
-        if result.quarantine.height:
+    for name in contract.TABLES:  # (a table absent this time leaves no quarantine of an earlier run behind)
+        result, path = report.tables.get(name), qdir / f"{name}.parquet"
+        if result is not None and result.quarantine.height:
             tmp = path.with_suffix(".parquet.tmp")
             result.quarantine.write_parquet(tmp)
             tmp.replace(path)

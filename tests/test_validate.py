@@ -214,10 +214,15 @@ def test_bad_creatives_are_quarantined_with_their_reason(logs, tmp_path):
     assert q.drop("reason").filter(pl.col("item_id") != 10**9).equals(rows.filter(pl.col("item_id").is_in(list(expected))))
 
 
-def test_logs_without_creatives_are_valid(logs):
+def test_logs_without_creatives_are_valid(logs, tmp_path):
+    (tmp_path / "report" / "quarantine").mkdir(parents=True)
+    (tmp_path / "report" / "quarantine" / "creatives.parquet").write_bytes(b"an earlier run's")
     (logs / f"{contract.CREATIVES.name}.parquet").unlink()
     report = validate_logs(logs)
     assert report.passed and contract.CREATIVES.name not in report.tables
+    # a table absent this time leaves no quarantine of an earlier run behind (it stayed, to be taken for this one's)
+    write_report(report, tmp_path / "report")
+    assert not (tmp_path / "report" / "quarantine" / "creatives.parquet").exists()
 
 
 def test_a_list_column_given_as_text_is_quarantined_not_a_crash():
