@@ -39,21 +39,23 @@ class Loaded:
 
     @property
     def name(self) -> str:
-        return self.meta["name"]
+        """The model folder's name, what a request names (a version copied under another name keeps the
+        artifact.json of the model it was copied from), as `version` is the version folder's."""
+        return self.path.parent.name if is_version(self.path.name) else self.meta["name"]
 
     @property
     def version(self) -> int:
         """The version folder's number, what a request pins (a folder copied to roll back keeps the artifact.json
         of the version it was copied from: that number named a version not loaded)."""
-        return int(self.path.name) if _is_version(self.path.name) else int(self.meta["version"])
+        return int(self.path.name) if is_version(self.path.name) else int(self.meta["version"])
 
 
 def versions(models: Path, name: str) -> list[int]:
     folder = Path(models) / name
-    return sorted(int(p.name) for p in folder.glob("*") if p.is_dir() and _is_version(p.name)) if folder.is_dir() else []
+    return sorted(int(p.name) for p in folder.glob("*") if p.is_dir() and is_version(p.name)) if folder.is_dir() else []
 
 
-def _is_version(name: str) -> bool:
+def is_version(name: str) -> bool:
     """A version folder's name: ASCII digits ("²" is a digit to `str.isdigit` and no number to `int`)."""
     return name.isascii() and name.isdigit()
 

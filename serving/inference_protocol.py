@@ -15,6 +15,7 @@ import math
 import grpc
 import numpy as np
 
+from fin.versions import is_version
 from serving.batching import ForwardBatcher
 from serving.metrics import ServingMetrics
 from serving.onnx_model import OnnxModel, RefusedInput
@@ -38,8 +39,8 @@ class BadInfer(ValueError):
 def _version(text: str) -> int | None:
     if not text:
         return None
-    # ("²" is a digit to str.isdigit, not to int; int() refuses over 4,300 digits, no version has 19)
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+    # (int() refuses over 4,300 digits; no version has 19)
+    if not is_version(text) or len(text) > 18:
         raise BadInfer(f"model version {text[:40]!r} is not a version number")
     return int(text)
 

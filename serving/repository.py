@@ -186,9 +186,6 @@ class ModelRepository:
             self.refused[(name, version)] = _stamp(folder)
             log.error("refused model %s version %s: %s", name, version, e)
             return Change("refused", name, version, str(e))
-        # named as it is served, by its folder (a version copied under another name keeps its artifact.json,
-        # whose name would answer calls to the copy), as its number is (`fin.versions.Loaded.version`)
-        artifact.meta = {**artifact.meta, "name": name}
         models.setdefault(name, {})[version] = artifact
         self.refused.pop((name, version), None)
         log.info("loaded model %s version %s (%s%s)", name, version, artifact.meta["model"],
