@@ -90,21 +90,16 @@ def _context(ctx, config: ScoringConfig) -> dict[str, int]:
     if ctx.geohash:
         if not GEOHASH6 <= len(ctx.geohash) <= 12:
             raise BadRequest(f"context.geohash {ctx.geohash[:16]!r} is not {GEOHASH6} to 12 characters")
-        try:  # every character, not only the cell's 6 ("wtw3sjq!@#" was read as wtw3sj)
-            geohash.code_of(ctx.geohash)
+        try:  # every character read, not only the cell's 6 ("wtw3sjq!@#" was read as wtw3sj); the cell's code
+            code = geohash.code_of(ctx.geohash) >> 5 * (len(ctx.geohash) - GEOHASH6)  # is the first 6 digits'
         except ValueError:
             raise BadRequest(f"context.geohash {ctx.geohash!r} is not a geohash") from None
-        cell = ctx.geohash[:GEOHASH6]
     elif ctx.HasField("lat") and ctx.HasField("lon"):
         if not (math.isfinite(ctx.lat) and math.isfinite(ctx.lon) and abs(ctx.lat) <= 90 and abs(ctx.lon) <= 180):
             raise BadRequest(f"context.lat/lon ({ctx.lat}, {ctx.lon}) is not a place on Earth")
-        cell = str(geohash.encode(ctx.lat, ctx.lon, GEOHASH6)[0])
+        code = geohash.code_of(str(geohash.encode(ctx.lat, ctx.lon, GEOHASH6)[0]))
     else:
         raise BadRequest("context needs a geohash or lat and lon")
-    try:
-        code = geohash.code_of(cell)
-    except ValueError:
-        raise BadRequest(f"context.geohash {ctx.geohash!r} is not a geohash") from None
     local = contract.local_time_fields(np.array([ctx.ts_ms]), config.utc_offset_hours)
     return {"ts": int(ctx.ts_ms), "geohash6": code,
             "aoi_id": int(ctx.aoi_id) if ctx.HasField("aoi_id") and ctx.aoi_id > 0 else MISSING,
