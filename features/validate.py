@@ -171,9 +171,10 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
     copies = np.zeros(raw.height, bool)
     if spec.key in raw.columns:
         repeated, copies = _repeated_ids(clean, spec.key, ~bad_rows, seen_elsewhere)
-        checks.append((f"duplicate_id:{spec.key}", None))
-        masks.append(pl.Series(f"_check{len(masks)}", repeated & ~copies))
-        bad_rows |= repeated & ~copies
+        duplicates = repeated & ~copies
+        checks.append((f"duplicate_id:{spec.key}", None))  # (found above, not by an expression: named only)
+        masks.append(pl.Series(f"_check{len(masks)}", duplicates))
+        bad_rows |= duplicates
         if copies.any():
             notes.append(f"dropped {int(copies.sum())} exact copies of kept rows (a delivery retried)")
     if bad_rows.any():
@@ -189,7 +190,7 @@ def validate_table(raw: pl.DataFrame, spec: TableSpec, *, window: tuple[int, int
 
 
 def _repeated_ids(typed: pl.DataFrame, key: str, passing: np.ndarray,
-                  seen_elsewhere: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                  seen_elsewhere: pl.Series | None) -> tuple[np.ndarray, np.ndarray]:
     """Which rows repeat the id of an earlier row that passes every other check (or of one outside the table,
     `seen_elsewhere`), and which of those are exact copies of that row (a delivery retried: the same event
     twice). A failing row does not claim its id: its corrected re-send is kept, as ingestion keeps it."""

@@ -56,7 +56,8 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--no-materialize", dest="materialize", action="store_false",
                    help="write the view's source only; leave the online store as it is")
-    p.add_argument("--chunk", type=int, default=field_default(EmbedConfig, "chunk"), help=f"creatives per Ray task (default {field_default(EmbedConfig, 'chunk')})")
+    chunk = field_default(EmbedConfig, "chunk")
+    p.add_argument("--chunk", type=int, default=chunk, help=f"creatives per Ray task (default {chunk})")
     add_json_flag(p)
 
 
